@@ -1,0 +1,405 @@
+"""SGMV: many LoRA adapters applied to one batch in two launches (shrink, then expand).
+
+Semantics (Punica's SGMV), for every token t whose adapter slot a_t is not -1:
+    shrink:  v[t]  = x[t] @ A[a_t].T                    (A: [rank, in])
+    expand:  y[t] += (v[t] @ B[a_t].T) * scale[a_t]     (B: [out, rank])
+Tokens with slot -1 are never read or written.
+
+Adapter weights are NOT passed as stacked per-adapter tensors. They live in one flat storage tensor
+and a location table says where: `locations[s, slot] = (a_offset, b_offset, rank)` in elements of
+`weights`, `scales[s, slot]` the LoRA scale. A later page pool can hand out storage without a copy,
+and memory is proportional to each adapter's real rank. `s` indexes slices: several projections
+that share their input (q/k/v, gate/up) run in one launch. rank 0 means "this adapter does not
+target this slice": its tokens get nothing added.
+
+Tokens are grouped by adapter once per forward (`plan_sgmv`); every layer reuses the plan. The
+kernels work on tiles of up to `block_m` tokens of one adapter, so a long prefill segment uses
+tensor-core tiles and decode (one token per row, all adapters distinct) costs one small tile per
+row. Shrink splits its reduction over the input dimension when there are too few tiles to fill
+the GPU, writing one partial per split; expand sums the partials (no atomics, no zero fill).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+LOCATION_FIELDS = 3  # a_offset, b_offset, rank
+RANK_TILE = 16  # tensor-core granularity of the rank dimension; compute rounds ranks up to this
+_TARGET_PROGRAMS = 512  # enough programs in flight to cover ~132 SMs a few times
+
+
+@dataclass(frozen=True)
+class SgmvPlan:
+    """Per-forward token grouping, shared by every LoRA layer of the model.
+
+    `tiles` rows are (slot, start, end): the tile covers sorted_tokens[start : min(start+block_m, end)].
+    """
+
+    num_tokens: int
+    token_slots: torch.Tensor  # [T] int32, adapter slot of each token, -1 for none
+    sorted_tokens: torch.Tensor  # [T_active] int32, token indices grouped by slot
+    tiles: torch.Tensor  # [3, num_tiles] int32
+    num_tiles: int
+    block_m: int
+    max_rank: int
+    slots: tuple[int, ...]  # distinct slots present in the batch
+
+
+def plan_sgmv(
+    row_slots: Sequence[int], tokens_per_row: int, max_rank: int, device: torch.device | str
+) -> SgmvPlan:
+    """Group the tokens of a [rows, tokens_per_row] batch by adapter slot.
+
+    Built on the host from host-known row slots, then moved with ONE pinned, non-blocking copy:
+    no device->host synchronisation.
+    """
+    if tokens_per_row < 0:
+        raise ValueError(f"tokens_per_row must be >= 0, got {tokens_per_row}")
+    slots = torch.tensor(list(row_slots), dtype=torch.int64)
+    n_rows = slots.numel()
+    per_token = torch.arange(tokens_per_row, dtype=torch.int64)
+    token_slots = slots.repeat_interleave(tokens_per_row)
+
+    order = torch.argsort(slots, stable=True)
+    order = order[slots[order] >= 0]
+    sorted_tokens = (order[:, None] * tokens_per_row + per_token).reshape(-1)
+    present, rows_per_slot = torch.unique_consecutive(slots[order], return_counts=True)
+    seg_len = rows_per_slot * tokens_per_row
+    longest = int(seg_len.max()) if seg_len.numel() else 0
+    block_m = 16 if longest <= 16 else 32 if longest <= 32 else 64
+
+    seg_end = torch.cumsum(seg_len, 0)
+    seg_start = seg_end - seg_len
+    tiles_per_seg = (seg_len + block_m - 1) // block_m
+    tile_seg = torch.repeat_interleave(torch.arange(present.numel()), tiles_per_seg)
+    first_tile = torch.cumsum(tiles_per_seg, 0) - tiles_per_seg
+    tile_in_seg = torch.arange(tile_seg.numel()) - first_tile[tile_seg]
+    tiles = torch.stack([present[tile_seg], seg_start[tile_seg] + tile_in_seg * block_m, seg_end[tile_seg]])
+
+    packed = torch.cat([token_slots, sorted_tokens, tiles.reshape(-1)]).to(torch.int32)
+    if torch.device(device).type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    n_tokens, n_active, n_tiles = n_rows * tokens_per_row, sorted_tokens.numel(), tile_seg.numel()
+    return SgmvPlan(
+        num_tokens=n_tokens,
+        token_slots=packed[:n_tokens],
+        sorted_tokens=packed[n_tokens : n_tokens + n_active],
+        tiles=packed[n_tokens + n_active :].view(3, n_tiles),
+        num_tiles=n_tiles,
+        block_m=block_m,
+        max_rank=max_rank,
+        slots=tuple(present.tolist()),
+    )
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _sgmv_shrink_kernel(
+    x_ptr,
+    w_ptr,
+    loc_ptr,
+    tiles_ptr,
+    sorted_ptr,
+    v_ptr,
+    num_tiles,
+    K,
+    k_per_split,
+    x_stride,
+    loc_stride_s,
+    loc_stride_slot,
+    v_stride_split,
+    v_stride_s,
+    v_stride_t,
+    v_width,
+    NUM_SLICES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    s = tl.program_id(1) % NUM_SLICES
+    split = tl.program_id(1) // NUM_SLICES
+    r_block = tl.program_id(2)
+
+    slot = tl.load(tiles_ptr + tile)
+    loc = loc_ptr + s * loc_stride_s + slot.to(tl.int64) * loc_stride_slot
+    rank = tl.minimum(tl.load(loc + 2).to(tl.int32), v_width)  # memory safety if max_rank was too small
+    if r_block * BLOCK_R >= rank:
+        return
+    a_ptr = w_ptr + tl.load(loc)
+    start = tl.load(tiles_ptr + num_tiles + tile)
+    end = tl.load(tiles_ptr + 2 * num_tiles + tile)
+
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    tok = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_begin = split * k_per_split
+    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x_tile = tl.load(
+            x_ptr + tok[:, None] * x_stride + offs_k[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        a_tile = tl.load(
+            a_ptr + offs_r[None, :].to(tl.int64) * K + offs_k[:, None],
+            mask=k_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        if DOT_IN_FP32:
+            acc += tl.dot(x_tile.to(tl.float32), a_tile.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x_tile, a_tile)
+
+    v_out = v_ptr + split * v_stride_split + s * v_stride_s + tok[:, None] * v_stride_t + offs_r[None, :]
+    tl.store(v_out, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _sgmv_expand_kernel(
+    y_ptr,
+    v_ptr,
+    w_ptr,
+    loc_ptr,
+    scale_ptr,
+    tiles_ptr,
+    sorted_ptr,
+    slice_offsets_ptr,
+    num_tiles,
+    num_splits,
+    y_stride,
+    v_stride_split,
+    v_stride_s,
+    v_stride_t,
+    v_width,
+    loc_stride_s,
+    loc_stride_slot,
+    scale_stride_s,
+    scale_stride_slot,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    s = tl.program_id(1)
+    n_block = tl.program_id(2)
+
+    n_begin = tl.load(slice_offsets_ptr + s)
+    width = tl.load(slice_offsets_ptr + s + 1) - n_begin
+    if n_block * BLOCK_N >= width:
+        return
+    slot = tl.load(tiles_ptr + tile).to(tl.int64)
+    loc = loc_ptr + s * loc_stride_s + slot * loc_stride_slot
+    rank = tl.minimum(tl.load(loc + 2).to(tl.int32), v_width)
+    if rank == 0:
+        return
+    b_ptr = w_ptr + tl.load(loc + 1)
+    scale = tl.load(scale_ptr + s * scale_stride_s + slot * scale_stride_slot)
+    start = tl.load(tiles_ptr + num_tiles + tile)
+    end = tl.load(tiles_ptr + 2 * num_tiles + tile)
+
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    tok = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < width
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        v_tile = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        v_rows = v_ptr + s * v_stride_s + tok[:, None] * v_stride_t + offs_r[None, :]
+        for split in range(num_splits):
+            v_tile += tl.load(
+                v_rows + split * v_stride_split, mask=m_mask[:, None] & r_mask[None, :], other=0.0
+            )
+        b_tile = tl.load(
+            b_ptr + offs_n[None, :].to(tl.int64) * rank + offs_r[:, None],
+            mask=r_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        if DOT_IN_FP32:
+            acc += tl.dot(
+                v_tile.to(b_tile.dtype).to(tl.float32), b_tile.to(tl.float32), input_precision="ieee"
+            )
+        else:
+            acc += tl.dot(v_tile.to(b_tile.dtype), b_tile)
+
+    y_tile_ptr = y_ptr + tok[:, None] * y_stride + n_begin + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    y_tile = tl.load(y_tile_ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_tile_ptr, (y_tile + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check_inputs(x: torch.Tensor, weights: torch.Tensor, locations: torch.Tensor) -> None:
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(
+            f"expected a 2-D row-major activation, got shape {tuple(x.shape)} stride {x.stride()}"
+        )
+    if weights.dim() != 1 or weights.dtype != x.dtype:
+        raise ValueError(f"weights must be 1-D of the activation dtype {x.dtype}, got {weights.dtype}")
+    if locations.dim() != 3 or locations.shape[2] != LOCATION_FIELDS or locations.dtype != torch.int64:
+        raise ValueError(f"locations must be int64 [slices, slots, {LOCATION_FIELDS}], got {locations.shape}")
+
+
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    """fp32 inputs get exact (IEEE) products rather than tf32. The Triton interpreter computes bf16
+    dots wrongly (seen with triton 3.9), so there bf16 tiles are widened first; the rounding points
+    stay those of the compiled kernel."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _shrink_split(num_programs: int, k_blocks: int) -> int:
+    split = 1
+    while num_programs * split * 2 <= _TARGET_PROGRAMS and split * 2 <= min(k_blocks, 16):
+        split *= 2
+    return split
+
+
+def sgmv_shrink(
+    x: torch.Tensor, weights: torch.Tensor, locations: torch.Tensor, plan: SgmvPlan
+) -> torch.Tensor:
+    """v = x @ A[slot].T for every slice; returns fp32 partials [splits, slices, T, max_rank].
+
+    Entries of tokens without adapter, or beyond an adapter's rank, are left unwritten.
+    """
+    _check_inputs(x, weights, locations)
+    n_tokens, k = x.shape
+    n_slices = locations.shape[0]
+    width = max(plan.max_rank, 1)
+    block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
+    r_blocks = triton.cdiv(width, RANK_TILE)
+    split = _shrink_split(plan.num_tiles * n_slices * r_blocks, triton.cdiv(k, block_k))
+    v = torch.empty((split, n_slices, n_tokens, width), dtype=torch.float32, device=x.device)
+    if plan.num_tiles == 0:
+        return v
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    _sgmv_shrink_kernel[(plan.num_tiles, split * n_slices, r_blocks)](
+        x, weights, locations, plan.tiles, plan.sorted_tokens, v,
+        plan.num_tiles, k, k_per_split, x.stride(0),
+        locations.stride(0), locations.stride(1),
+        v.stride(0), v.stride(1), v.stride(2), width,
+        NUM_SLICES=n_slices, BLOCK_M=plan.block_m, BLOCK_K=block_k, BLOCK_R=RANK_TILE,
+        DOT_IN_FP32=_dot_in_fp32(x.dtype),
+        num_warps=4,
+    )  # fmt: skip
+    return v
+
+
+@lru_cache(maxsize=256)
+def _device_offsets(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def _slice_offsets(y: torch.Tensor, slice_offsets: Sequence[int] | None, n_slices: int) -> tuple[int, ...]:
+    offsets = (0, y.shape[1]) if slice_offsets is None else tuple(slice_offsets)
+    if len(offsets) != n_slices + 1 or offsets[-1] > y.shape[1] or list(offsets) != sorted(offsets):
+        raise ValueError(
+            f"slice_offsets {offsets} do not describe {n_slices} slices of y's {y.shape[1]} columns"
+        )
+    return offsets
+
+
+def sgmv_expand(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    weights: torch.Tensor,
+    locations: torch.Tensor,
+    scales: torch.Tensor,
+    plan: SgmvPlan,
+    slice_offsets: Sequence[int] | None = None,
+) -> None:
+    """y[t, cols of slice s] += (sum of v partials)[s, t] @ B[slot].T * scale, in place.
+
+    `slice_offsets` (host ints, slices+1 of them) gives each slice's columns in y; default: one
+    slice spanning all of y.
+    """
+    _check_inputs(y, weights, locations)
+    n_slices = locations.shape[0]
+    offsets = _slice_offsets(y, slice_offsets, n_slices)
+    if plan.num_tiles == 0:
+        return
+    widest = max(b - a for a, b in zip(offsets, offsets[1:], strict=False))
+    block_n = 128 if widest >= 128 else max(16, triton.next_power_of_2(widest))
+    _sgmv_expand_kernel[(plan.num_tiles, n_slices, triton.cdiv(widest, block_n))](
+        y, v, weights, locations, scales, plan.tiles, plan.sorted_tokens, _device_offsets(offsets, y.device),
+        plan.num_tiles, v.shape[0], y.stride(0),
+        v.stride(0), v.stride(1), v.stride(2), v.shape[3],
+        locations.stride(0), locations.stride(1), scales.stride(0), scales.stride(1),
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE,
+        DOT_IN_FP32=_dot_in_fp32(y.dtype),
+        num_warps=4,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _token_groups(plan: SgmvPlan) -> list[tuple[int, torch.Tensor]]:
+    token_slots = plan.token_slots.long()
+    return [(slot, (token_slots == slot).nonzero().squeeze(1)) for slot in plan.slots]
+
+
+def sgmv_shrink_reference(
+    x: torch.Tensor, weights: torch.Tensor, locations: torch.Tensor, plan: SgmvPlan
+) -> torch.Tensor:
+    """Plain-PyTorch shrink: a loop over the adapters present, fp32 products. Same contract as
+    `sgmv_shrink` (one split; unwritten entries are zero)."""
+    _check_inputs(x, weights, locations)
+    n_tokens, k = x.shape
+    v = torch.zeros(
+        (1, locations.shape[0], n_tokens, max(plan.max_rank, 1)), dtype=torch.float32, device=x.device
+    )
+    table = locations.tolist()
+    for slot, rows in _token_groups(plan):
+        for s, (a_offset, _, rank) in enumerate(row[slot] for row in table):
+            if rank:
+                a = weights[a_offset : a_offset + rank * k].view(rank, k)
+                v[0, s, rows, :rank] = x[rows].float() @ a.float().T
+    return v
+
+
+def sgmv_expand_reference(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    weights: torch.Tensor,
+    locations: torch.Tensor,
+    scales: torch.Tensor,
+    plan: SgmvPlan,
+    slice_offsets: Sequence[int] | None = None,
+) -> None:
+    """Plain-PyTorch expand with the same contract and rounding points as `sgmv_expand`:
+    v is rounded to the weight dtype before the second product, y is updated once."""
+    _check_inputs(y, weights, locations)
+    offsets = _slice_offsets(y, slice_offsets, locations.shape[0])
+    table, scale_table = locations.tolist(), scales.tolist()
+    v_sum = v.sum(0)
+    for slot, rows in _token_groups(plan):
+        for s, (_, b_offset, rank) in enumerate(row[slot] for row in table):
+            if rank:
+                n_begin, n_end = offsets[s], offsets[s + 1]
+                b = weights[b_offset : b_offset + (n_end - n_begin) * rank].view(n_end - n_begin, rank)
+                delta = v_sum[s, rows, :rank].to(weights.dtype).float() @ b.float().T * scale_table[s][slot]
+                y[rows, n_begin:n_end] = (y[rows, n_begin:n_end].float() + delta).to(y.dtype)

@@ -1,0 +1,155 @@
+"""SGMV Triton kernels against their plain-PyTorch references, and the references against a
+per-token float64 oracle. On CPU the kernels run under TRITON_INTERPRET=1 (see conftest)."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from hf_multilora.kernels.sgmv import (
+    plan_sgmv,
+    sgmv_expand,
+    sgmv_expand_reference,
+    sgmv_shrink,
+    sgmv_shrink_reference,
+)
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
+
+
+def make_adapters(ranks, in_features, slice_widths, dtype, seed, untargeted=()):
+    """Random adapters packed in shuffled order with gaps into one flat storage.
+
+    ranks[slot] is the adapter's rank; (slot, slice) pairs in `untargeted` get rank 0.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_slots, n_slices = len(ranks), len(slice_widths)
+    pieces, locations = [], torch.zeros(n_slices, n_slots, 3, dtype=torch.int64)
+    offset = 0
+    for slot in torch.randperm(n_slots, generator=gen).tolist():
+        for s, width in enumerate(slice_widths):
+            rank = 0 if (slot, s) in untargeted else ranks[slot]
+            a = torch.randn(rank * in_features, generator=gen) / in_features**0.5
+            b = torch.randn(width * rank, generator=gen) / max(rank, 1) ** 0.5
+            gap = torch.randn(int(torch.randint(0, 7, (1,), generator=gen)), generator=gen)
+            locations[s, slot] = torch.tensor([offset + gap.numel(), offset + gap.numel() + a.numel(), rank])
+            pieces += [gap, a, b]
+            offset += gap.numel() + a.numel() + b.numel()
+    weights = torch.cat(pieces).to(dtype)
+    scales = (torch.rand(n_slices, n_slots, generator=gen) * 2 + 0.25).float()
+    return weights.to(DEVICE), locations.to(DEVICE), scales.to(DEVICE)
+
+
+def oracle(x, y, weights, locations, scales, token_slots, offsets):
+    """float64, one token at a time: what SGMV means."""
+    k = x.shape[1]
+    out = y.double().cpu().clone()
+    w, loc = weights.double().cpu(), locations.cpu().tolist()
+    for t, slot in enumerate(token_slots):
+        if slot < 0:
+            continue
+        for s in range(len(offsets) - 1):
+            a_off, b_off, rank = loc[s][slot]
+            if rank:
+                width = offsets[s + 1] - offsets[s]
+                a = w[a_off : a_off + rank * k].view(rank, k)
+                b = w[b_off : b_off + width * rank].view(width, rank)
+                out[t, offsets[s] : offsets[s + 1]] += (b @ (a @ x[t].double().cpu())) * scales[
+                    s, slot
+                ].item()
+    return out
+
+
+CASES = {
+    # name: (row_slots, tokens_per_row, ranks, in_features, slice_widths, untargeted)
+    "all_rows_none": ([-1, -1, -1], 5, [16, 8], 64, [48], ()),
+    "one_adapter_prefill": ([0, 0, 0], 37, [16], 96, [80], ()),
+    "all_distinct_decode": ([3, 0, 5, 1, 4, 2, 6], 1, [8, 16, 32, 64, 16, 8, 24], 72, [40], ()),
+    "mixed_ranks_repeats_and_base": ([2, -1, 0, 2, 1, -1, 0], 3, [5, 64, 24], 136, [104], ()),
+    "multi_slice_gqa": ([1, 0, -1, 1, 2], 4, [16, 8, 32], 64, [64, 16, 16], ((0, 1), (2, 2))),
+    "odd_tokens_long_segments": ([0, 1, 0], 45, [16, 48], 40, [24, 56], ()),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_match_reference(case, dtype):
+    row_slots, tokens_per_row, ranks, k, widths, untargeted = CASES[case]
+    seed = sum(map(ord, case)) + int(dtype.itemsize)
+    weights, locations, scales = make_adapters(ranks, k, widths, dtype, seed, untargeted)
+    gen = torch.Generator().manual_seed(seed + 1)
+    n_tokens = len(row_slots) * tokens_per_row
+    x = torch.randn(n_tokens, k, generator=gen).to(dtype).to(DEVICE)
+    y0 = torch.randn(n_tokens, sum(widths), generator=gen).to(dtype).to(DEVICE)
+    offsets = [0, *torch.tensor(widths).cumsum(0).tolist()]
+    plan = plan_sgmv(row_slots, tokens_per_row, max(ranks), DEVICE)
+
+    v = sgmv_shrink(x, weights, locations, plan)
+    v_ref = sgmv_shrink_reference(x, weights, locations, plan)
+    token_slots = plan.token_slots.tolist()
+    loc = locations.cpu().tolist()
+    for t, slot in enumerate(token_slots):
+        for s in range(len(widths)):
+            rank = loc[s][slot][2] if slot >= 0 else 0
+            if rank:
+                torch.testing.assert_close(
+                    v.sum(0)[s, t, :rank].cpu(), v_ref[0, s, t, :rank].cpu(), rtol=TOLERANCE[dtype], atol=1e-3
+                )
+
+    y, y_ref = y0.clone(), y0.clone()
+    sgmv_expand(y, v, weights, locations, scales, plan, offsets)
+    sgmv_expand_reference(y_ref, v_ref, weights, locations, scales, plan, offsets)
+    expected = oracle(x, y0, weights, locations, scales, token_slots, offsets)
+
+    untouched = torch.tensor([s < 0 for s in token_slots])
+    assert torch.equal(y.cpu()[untouched], y0.cpu()[untouched]), "rows without adapter must be left untouched"
+    for got in (y, y_ref):
+        err = (got.double().cpu() - expected).norm() / (expected - y0.double().cpu()).norm().clamp_min(1e-12)
+        assert err < TOLERANCE[dtype], f"relative error {err:.2e} of the LoRA delta"
+
+
+def test_plan_groups_tokens_by_slot_in_tiles():
+    plan = plan_sgmv([2, -1, 0, 2], 20, 16, "cpu")
+    assert plan.slots == (0, 2)
+    assert plan.token_slots.tolist() == [2] * 20 + [-1] * 20 + [0] * 20 + [2] * 20
+    assert plan.sorted_tokens.tolist() == list(range(40, 60)) + list(range(0, 20)) + list(range(60, 80))
+    assert plan.block_m == 64
+    slots, starts, ends = plan.tiles.tolist()
+    assert (slots, starts, ends) == ([0, 2], [0, 20], [20, 60])
+
+
+def test_plan_decode_uses_small_tiles():
+    plan = plan_sgmv(list(range(40)), 1, 16, "cpu")
+    assert plan.block_m == 16 and plan.num_tiles == 40
+
+
+def test_shrink_rejects_mismatched_dtype():
+    weights, locations, _ = make_adapters([8], 32, [32], torch.float32, 0)
+    plan = plan_sgmv([0], 2, 8, DEVICE)
+    with pytest.raises(ValueError, match="dtype"):
+        sgmv_shrink(torch.randn(2, 32, dtype=torch.float16, device=DEVICE), weights, locations, plan)
+
+
+def test_expand_rejects_bad_slice_offsets():
+    weights, locations, scales = make_adapters([8], 32, [16], torch.float32, 0)
+    plan = plan_sgmv([0], 2, 8, DEVICE)
+    y = torch.randn(2, 16, device=DEVICE)
+    v = sgmv_shrink(torch.randn(2, 32, device=DEVICE), weights, locations, plan)
+    with pytest.raises(ValueError, match="slice_offsets"):
+        sgmv_expand(y, v, weights, locations, scales, plan, [0, 8, 32])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_llama_shapes_on_gpu():
+    """Real Triton at serving shapes: 32 distinct rank-16 adapters, decode and prefill, bf16."""
+    weights, locations, scales = make_adapters([16] * 32, 4096, [4096, 1024, 1024], torch.bfloat16, 7)
+    for tokens_per_row in (1, 128):
+        plan = plan_sgmv(list(range(32)), tokens_per_row, 16, DEVICE)
+        x = torch.randn(32 * tokens_per_row, 4096, device=DEVICE, dtype=torch.bfloat16)
+        y0 = torch.randn(32 * tokens_per_row, 6144, device=DEVICE, dtype=torch.bfloat16)
+        offsets = [0, 4096, 5120, 6144]
+        y, y_ref = y0.clone(), y0.clone()
+        sgmv_expand(y, sgmv_shrink(x, weights, locations, plan), weights, locations, scales, plan, offsets)
+        v_ref = sgmv_shrink_reference(x, weights, locations, plan)
+        sgmv_expand_reference(y_ref, v_ref, weights, locations, scales, plan, offsets)
+        delta, delta_ref = (y.float() - y0.float()), (y_ref.float() - y0.float())
+        assert ((delta - delta_ref).norm() / delta_ref.norm()) < 2e-2
