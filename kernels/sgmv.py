@@ -21,6 +21,7 @@ the GPU, writing one partial per split; expand sums the partials (no atomics, no
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -341,7 +342,7 @@ def sgmv_expand(
     offsets = _slice_offsets(y, slice_offsets, n_slices)
     if plan.num_tiles == 0:
         return
-    widest = max(b - a for a, b in zip(offsets, offsets[1:], strict=False))
+    widest = max(b - a for a, b in itertools.pairwise(offsets))
     block_n = 128 if widest >= 128 else max(16, triton.next_power_of_2(widest))
     _sgmv_expand_kernel[(plan.num_tiles, n_slices, triton.cdiv(widest, block_n))](
         y, v, weights, locations, scales, plan.tiles, plan.sorted_tokens, _device_offsets(offsets, y.device),
