@@ -1,0 +1,17 @@
+"""Serve many LoRA adapters on one Hugging Face base model: one batched generate(), an adapter per row."""
+
+from .adapters.loading import AdapterLoadError, AdapterShapeError, UnsupportedAdapterError
+from .memory.device_store import DeviceMemoryError
+from .model import MultiLoraModel
+from .peft_integration import disable, enable
+
+__all__ = [
+    "AdapterLoadError",
+    "AdapterShapeError",
+    "DeviceMemoryError",
+    "MultiLoraModel",
+    "UnsupportedAdapterError",
+    "disable",
+    "enable",
+]
+__version__ = "0.1.0"

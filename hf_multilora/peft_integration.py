@@ -1,0 +1,133 @@
+"""hf_multilora.enable(peft_model): PEFT's own mixed-batch API, computed by the SGMV kernels.
+
+PEFT hands `adapter_names` to every LoRA layer through forward pre-hooks and then loops over the
+adapters of the batch in Python. `enable` replaces the forward of each PEFT LoRA `Linear` by one
+that runs the base layer and one SGMV shrink/expand for all rows. Calls without `adapter_names`,
+merged or disabled adapters, and layers holding an adapter we cannot compute exactly (DoRA and
+other LoRA variants, `lora_bias`) keep PEFT's own forward, so results are always PEFT's.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+from .adapters.host_store import HostAdapter, ModuleLora
+from .layers import LoraRuntime
+from .routing import BASE_ADAPTER
+
+logger = logging.getLogger(__name__)
+_STATE = "_hf_multilora_state"
+
+
+def enable(peft_model: torch.nn.Module) -> torch.nn.Module:
+    """Route `peft_model.generate(..., adapter_names=[...])` and forward through the kernels.
+
+    Call it after loading the adapters; adapters added later are picked up at their first use.
+    Returns the same model.
+    """
+    if getattr(peft_model, _STATE, None) is not None:
+        disable(peft_model)
+    layers = {name: m for name, m in peft_model.named_modules() if isinstance(m, PeftLoraLinear)}
+    if not layers:
+        raise ValueError("enable() found no PEFT LoRA Linear layer in this model; is it a PEFT LoRA model?")
+    supported = {name: m for name, m in layers.items() if not _unsupported_adapters(m)}
+    skipped = sorted(set(layers) - set(supported))
+    if skipped:
+        logger.warning(
+            "hf_multilora: %d LoRA layers keep PEFT's own forward (adapters there use DoRA, lora_bias or "
+            "another LoRA variant), e.g. %s",
+            len(skipped),
+            skipped[0],
+        )
+    if not supported:
+        raise ValueError(
+            "every LoRA layer of this model uses a feature the kernels do not compute (DoRA, lora_bias)"
+        )
+    state = _PeftState(supported)
+    for layer in supported.values():
+        layer.forward = types.MethodType(_make_forward(state), layer)
+    setattr(peft_model, _STATE, state)
+    return peft_model
+
+
+def disable(peft_model: torch.nn.Module) -> torch.nn.Module:
+    """Give every patched layer its PEFT forward back."""
+    state = getattr(peft_model, _STATE, None)
+    if state is None:
+        return peft_model
+    for layer in state.layers:
+        del layer.forward
+    delattr(peft_model, _STATE)
+    return peft_model
+
+
+def _unsupported_adapters(layer: PeftLoraLinear) -> list[str]:
+    variants = getattr(layer, "lora_variant", {})
+    biases = getattr(layer, "lora_bias", {})
+    return [n for n in layer.lora_A if n in variants or biases.get(n, False) or layer.use_dora.get(n, False)]
+
+
+class _PeftState:
+    """The runtime of one enabled PEFT model, and which device slot holds which adapter."""
+
+    def __init__(self, layers: dict[str, PeftLoraLinear]) -> None:
+        self.layers = list(layers.values())
+        self.index = {id(layer): i for i, layer in enumerate(self.layers)}
+        weight = self.layers[0].base_layer.weight
+        self.runtime = LoraRuntime(list(layers), weight.device, weight.dtype)
+        self._names = list(layers)
+        self._route_key: tuple | None = None
+
+    def route(self, adapter_names: Sequence[str], x: torch.Tensor) -> None:
+        """Plan the forward for these rows; the first layer plans, the others find it ready."""
+        tokens_per_row = x[0].numel() // x.shape[-1] if x.shape[0] else 0
+        key = (tuple(adapter_names), tokens_per_row)
+        if key == self._route_key:
+            return
+        wanted = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
+        self._import([n for n in wanted if self.runtime.store.resident(n) is None])
+        slots = {n: r.slot for n in wanted if (r := self.runtime.store.resident(n)) is not None}
+        self.runtime.set_rows([slots.get(n, -1) for n in adapter_names], tokens_per_row)
+        self._route_key = key
+
+    def _import(self, names: list[str]) -> None:
+        """Copy adapters from the PEFT layers into the device store (once per adapter)."""
+        store = self.runtime.store
+        for name in names:
+            pieces, modules, offset = [], {}, 0
+            for layer_name, layer in zip(self._names, self.layers, strict=True):
+                if name not in layer.lora_A:
+                    continue
+                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                rank = a.shape[0]
+                modules[layer_name] = ModuleLora(
+                    offset, offset + a.numel(), rank, float(layer.scaling[name]), a.shape[1], b.shape[0]
+                )
+                pieces += [a.detach().reshape(-1), b.detach().reshape(-1)]
+                offset += a.numel() + b.numel()
+            if modules:
+                flat = torch.cat([p.to(device=store.device, dtype=store.dtype) for p in pieces])
+                store.ensure([HostAdapter(name, "peft", {}, flat, modules)])
+
+
+def _make_forward(state: _PeftState):
+    def forward(self: PeftLoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None or self.disable_adapters or self.merged:
+            return type(self).forward(self, x, *args, **kwargs)
+        self._check_forward_args(x, *args, **kwargs)
+        kwargs.pop("adapter_names")
+        result = self.base_layer(x, *args, **kwargs)
+        state.route(adapter_names, x)
+        module = state.index[id(self)]
+        if state.runtime.targets(module):
+            state.runtime.apply(module, x, result)
+        return result
+
+    return forward
