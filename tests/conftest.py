@@ -1,7 +1,8 @@
 """Test-wide settings: no network, and Triton kernels run in the interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here, before
-the test modules import hf_multilora.kernels.
+the test modules import hf_multilora.kernels. HF_HUB_OFFLINE must be set before huggingface_hub
+is imported, hence the imports below the settings.
 """
 
 import os
@@ -12,4 +13,115 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import copy
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+VOCAB = 128
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+# Adapters that differ in rank, alpha, target set, and PEFT options, for Llama-style models.
+LLAMA_ADAPTERS = {
+    "attn_r8": dict(r=8, lora_alpha=16, target_modules=ATTN),
+    "qv_r4": dict(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
+    "mlp_r16": dict(r=16, lora_alpha=8, target_modules=MLP),
+    "patterns": dict(
+        r=8,
+        lora_alpha=8,
+        target_modules=ATTN + MLP,
+        rank_pattern={"down_proj": 2, "layers.1.self_attn.q_proj": 12},
+        alpha_pattern={"v_proj": 64},
+    ),
+    "rslora": dict(r=16, lora_alpha=4, target_modules=ATTN + MLP, use_rslora=True),
+}
+GPT2_ADAPTERS = {
+    "attn": dict(r=8, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True),
+    "all": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+}
+
+
+def build_base(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4,
+        )  # fmt: skip
+        return LlamaForCausalLM(config).eval()
+    if kind == "qwen2":
+        config = Qwen2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2,
+        )  # fmt: skip
+        return Qwen2ForCausalLM(config).eval()
+    if kind == "gpt2":
+        return GPT2LMHeadModel(
+            GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+        ).eval()
+    raise ValueError(kind)
+
+
+def save_adapter(base, directory: Path, seed: int, **lora_kwargs) -> Path:
+    """A PEFT adapter with random non-zero A and B, saved in PEFT's format."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **lora_kwargs))
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+class Zoo:
+    """A tiny base model with its adapters saved to disk, plus PEFT references per adapter."""
+
+    def __init__(self, kind: str, specs: dict, root: Path):
+        self.kind, self.base = kind, build_base(kind)
+        self.paths = {
+            name: save_adapter(self.base, root / kind / name, seed=i + 1, **spec)
+            for i, (name, spec) in enumerate(specs.items())
+        }
+        self._peft: dict[str, PeftModel] = {}
+
+    def fresh_base(self):
+        return copy.deepcopy(self.base)
+
+    def peft(self, name: str) -> PeftModel:
+        """PEFT with only this adapter loaded and active: the reference for rows using it."""
+        if name not in self._peft:
+            self._peft[name] = PeftModel.from_pretrained(self.fresh_base(), self.paths[name]).eval()
+        return self._peft[name]
+
+    def peft_all(self) -> PeftModel:
+        """One PEFT model holding every adapter, for PEFT's own mixed-batch path."""
+        names = list(self.paths)
+        model = PeftModel.from_pretrained(self.fresh_base(), self.paths[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(self.paths[name], adapter_name=name)
+        return model.eval()
+
+
+@pytest.fixture(scope="session")
+def llama_zoo(tmp_path_factory):
+    return Zoo("llama", LLAMA_ADAPTERS, tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_zoo(tmp_path_factory):
+    return Zoo("qwen2", LLAMA_ADAPTERS, tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_zoo(tmp_path_factory):
+    return Zoo("gpt2", GPT2_ADAPTERS, tmp_path_factory.mktemp("zoo"))

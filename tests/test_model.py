@@ -1,0 +1,204 @@
+"""MultiLoraModel against PEFT: every row of a mixed batch must equal PEFT with only that row's
+adapter active (logits and greedy tokens), whatever the mix of adapters, ranks and target sets."""
+
+import pytest
+import torch
+from conftest import VOCAB
+from transformers.generation.streamers import BaseStreamer
+
+from hf_multilora import MultiLoraModel
+
+ZOOS = ["llama_zoo", "qwen2_zoo", "gpt2_zoo"]
+
+
+def multi(zoo, **kwargs) -> MultiLoraModel:
+    return MultiLoraModel.from_pretrained(zoo.fresh_base(), adapters=zoo.paths, **kwargs)
+
+
+def mixed_rows(zoo) -> list:
+    """Base rows, every adapter, and repeats, in an order that is not grouped by adapter."""
+    names = list(zoo.paths)
+    return [names[0], None, *names[1:], names[0], None, names[-1]]
+
+
+def reference_logits(zoo, name, input_ids):
+    model = zoo.base if name is None else zoo.peft(name)
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+def prompts(rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("zoo_name", ZOOS)
+def test_mixed_batch_logits_match_peft_per_row(zoo_name, request):
+    zoo = request.getfixturevalue(zoo_name)
+    model = multi(zoo)
+    rows = mixed_rows(zoo)
+    input_ids = prompts(len(rows), 9)
+    logits = model(input_ids, adapter_ids=rows).logits
+    base_logits = reference_logits(zoo, None, input_ids)
+    for i, name in enumerate(rows):
+        expected = reference_logits(zoo, name, input_ids[i : i + 1])[0]
+        torch.testing.assert_close(logits[i], expected, rtol=1e-4, atol=1e-5, msg=f"row {i} ({name})")
+        if name is not None:  # the adapter really changes this row
+            assert (expected - base_logits[i]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("zoo_name", ZOOS)
+def test_greedy_generate_matches_peft_per_row(zoo_name, request):
+    zoo = request.getfixturevalue(zoo_name)
+    model = multi(zoo)
+    rows = mixed_rows(zoo)
+    input_ids = prompts(len(rows), 6, seed=1)
+    out = model.generate(input_ids, adapter_ids=rows, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for i, name in enumerate(rows):
+        ref_model = zoo.base if name is None else zoo.peft(name)
+        expected = ref_model.generate(
+            input_ids=input_ids[i : i + 1], max_new_tokens=8, do_sample=False, pad_token_id=0
+        )
+        assert out[i].tolist() == expected[0].tolist(), f"row {i} ({name})"
+
+
+def test_left_padded_ragged_prompts(llama_zoo):
+    model = multi(llama_zoo)
+    input_ids = prompts(3, 7, seed=2)
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    input_ids[mask == 0] = 0
+    rows = ["attn_r8", None, "mlp_r16"]
+    out = model.generate(
+        input_ids, attention_mask=mask, adapter_ids=rows, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
+    for i, name in enumerate(rows):
+        keep = mask[i].bool()
+        ref_model = llama_zoo.base if name is None else llama_zoo.peft(name)
+        expected = ref_model.generate(
+            input_ids=input_ids[i : i + 1, keep], max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+        assert out[i, -6:].tolist() == expected[0, -6:].tolist(), f"row {i} ({name})"
+
+
+def test_beam_search_rows_keep_their_adapter(llama_zoo):
+    model = multi(llama_zoo)
+    rows = ["qv_r4", None, "rslora"]
+    input_ids = prompts(3, 5, seed=3)
+    kwargs = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    out = model.generate(input_ids, adapter_ids=rows, **kwargs)
+    assert out.shape[0] == 6
+    for i, name in enumerate(rows):
+        ref_model = llama_zoo.base if name is None else llama_zoo.peft(name)
+        expected = ref_model.generate(input_ids=input_ids[i : i + 1], **kwargs)
+        assert out[2 * i : 2 * i + 2].tolist() == expected.tolist(), f"row {i} ({name})"
+
+
+def test_seeded_sampling_matches_peft_and_return_sequences_follow_rows(llama_zoo):
+    model = multi(llama_zoo)
+    input_ids = prompts(2, 5, seed=4)
+    kwargs = dict(max_new_tokens=6, do_sample=True, top_k=0, temperature=1.0, pad_token_id=0)
+    torch.manual_seed(123)
+    ours = model.generate(input_ids, adapter_ids=["patterns", "patterns"], **kwargs)
+    torch.manual_seed(123)
+    expected = llama_zoo.peft("patterns").generate(input_ids=input_ids, **kwargs)
+    assert ours.tolist() == expected.tolist()
+
+    # top_k=1 sampling is deterministic: each returned sequence equals its row's greedy output.
+    out = model.generate(
+        input_ids, adapter_ids=["qv_r4", None], num_return_sequences=3, **{**kwargs, "top_k": 1}
+    )
+    for i, name in enumerate(["qv_r4", None]):
+        ref_model = llama_zoo.base if name is None else llama_zoo.peft(name)
+        greedy = ref_model.generate(
+            input_ids=input_ids[i : i + 1], max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+        assert out[3 * i : 3 * i + 3].tolist() == greedy.tolist() * 3
+
+
+class _Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.chunks.append("end")
+
+
+def test_streamer_sees_the_generated_tokens(llama_zoo):
+    model = multi(llama_zoo)
+    input_ids = prompts(1, 4, seed=5)
+    streamer = _Collect()
+    out = model.generate(
+        input_ids,
+        adapter_ids=["mlp_r16"],
+        max_new_tokens=5,
+        do_sample=False,
+        streamer=streamer,
+        pad_token_id=0,
+    )
+    assert streamer.chunks[-1] == "end"
+    streamed = torch.cat([c.reshape(-1) for c in streamer.chunks[1:-1]])
+    assert streamed.tolist() == out[0, 4:].tolist()
+
+
+def test_peft_keyword_int_ids_and_base_calls(llama_zoo):
+    model = multi(llama_zoo)
+    input_ids = prompts(3, 5, seed=6)
+    by_name = model(input_ids, adapter_ids=["attn_r8", None, "rslora"]).logits
+    by_peft_kw = model(input_ids, adapter_names=["attn_r8", "__base__", "rslora"]).logits
+    names = model.adapter_names
+    by_index = model(input_ids, adapter_ids=[names.index("attn_r8"), None, names.index("rslora")]).logits
+    torch.testing.assert_close(by_peft_kw, by_name, rtol=0, atol=0)
+    torch.testing.assert_close(by_index, by_name, rtol=0, atol=0)
+    # No adapter_ids at all: exactly the base model, and the hooks leave no state behind.
+    torch.testing.assert_close(
+        model(input_ids).logits, reference_logits(llama_zoo, None, input_ids), rtol=0, atol=0
+    )
+
+
+def test_triton_kernels_in_the_model_match_the_reference_path(llama_zoo, monkeypatch):
+    """The full model through the Triton kernels (interpreted on CPU) equals the torch path."""
+    model = multi(llama_zoo)
+    rows = mixed_rows(llama_zoo)
+    input_ids = prompts(len(rows), 5, seed=7)
+    reference = model(input_ids, adapter_ids=rows).logits
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
+    kernels = model(input_ids, adapter_ids=rows).logits
+    torch.testing.assert_close(kernels, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_device_budget_evicts_least_recently_used(llama_zoo):
+    names = list(llama_zoo.paths)
+    sizes = {
+        n: MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters={n: llama_zoo.paths[n]})
+        for n in names
+    }
+    nbytes = {n: m._registry[n].nbytes for n, m in sizes.items()}
+    budget = sorted(nbytes.values())[-1] + sorted(nbytes.values())[-2]  # any two fit, not all
+    model = multi(llama_zoo, device_adapter_bytes=budget)
+    unbounded = multi(llama_zoo)
+    input_ids = prompts(2, 5, seed=8)
+    for step in range(2 * len(names)):
+        rows = [names[step % len(names)], names[(step + 1) % len(names)]]
+        torch.testing.assert_close(
+            model(input_ids, adapter_ids=rows).logits,
+            unbounded(input_ids, adapter_ids=rows).logits,
+            rtol=0,
+            atol=0,
+        )
+    stats = model.memory_stats()
+    assert stats["evictions"] > 0 and len(stats["adapters_resident"]) <= 2
+    assert stats["bytes_copied_to_device"] > sum(nbytes.values())
+
+
+def test_call_that_does_not_fit_the_budget_fails_cleanly(llama_zoo):
+    names = list(llama_zoo.paths)
+    model = multi(llama_zoo, device_adapter_bytes=1024)
+    input_ids = prompts(2, 5, seed=9)
+    with pytest.raises(RuntimeError, match="budget"):
+        model(input_ids, adapter_ids=names[:2])
+    assert model.memory_stats()["adapters_resident"] == []
+    torch.testing.assert_close(model(input_ids).logits, reference_logits(llama_zoo, None, input_ids))
