@@ -159,6 +159,7 @@ def test_peft_keyword_int_ids_and_base_calls(llama_zoo):
     )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; on CUDA test_gpu.py covers it")
 def test_triton_kernels_in_the_model_match_the_reference_path(llama_zoo, monkeypatch):
     """The full model through the Triton kernels (interpreted on CPU) equals the torch path."""
     model = multi(llama_zoo)
