@@ -1,5 +1,7 @@
 """The whole model on CUDA with the compiled Triton kernels (run on the device: pytest -m gpu)."""
 
+import copy
+
 import pytest
 import torch
 from conftest import VOCAB
@@ -12,6 +14,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def prompts(rows, length, seed=0):
     return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def on_cuda(model, dtype=torch.float32):
+    """A CUDA copy: the zoo's CPU references are shared by other tests and must stay fp32."""
+    return copy.deepcopy(model).to("cuda", dtype)
 
 
 def rel_err(got, expected):
@@ -28,11 +35,9 @@ def test_mixed_batch_on_cuda_matches_peft(zoo_name, dtype, request):
     input_ids = prompts(len(rows), 11)
     logits = model(input_ids, adapter_ids=rows).logits
     for i, name in enumerate(rows):
-        ref = zoo.base if name is None else zoo.peft(name)
-        ref = ref.to("cuda", dtype)
+        ref = on_cuda(zoo.base if name is None else zoo.peft(name), dtype)
         with torch.no_grad():
             expected = ref(input_ids[i : i + 1]).logits[0]
-        ref.to("cpu", torch.float32)
         limit = 1e-5 if dtype == torch.float32 else 2e-2
         assert rel_err(logits[i], expected) < limit, f"row {i} ({name})"
 
@@ -45,9 +50,8 @@ def test_greedy_generate_on_cuda_matches_peft(llama_zoo):
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     out = model.generate(input_ids, adapter_ids=rows, **kwargs)
     for i, name in enumerate(rows):
-        ref = (llama_zoo.base if name is None else llama_zoo.peft(name)).cuda()
+        ref = on_cuda(llama_zoo.base if name is None else llama_zoo.peft(name))
         expected = ref.generate(input_ids=input_ids[i : i + 1], **kwargs)
-        ref.cpu()
         assert out[i].tolist() == expected[0].tolist(), f"row {i} ({name})"
     assert model.memory_stats()["adapters_resident"]
 
