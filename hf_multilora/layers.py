@@ -54,6 +54,14 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("HF_MULTILORA_KERNELS") == "triton"
 
 
+@dataclass
+class _Recipe:
+    """Everything one module's LoRA step needs under the current plan, prepared on first use."""
+
+    shrink: sgmv.ShrinkCall  # the group's multi-slice shrink (shared by its members)
+    expand: sgmv.ExpandCall
+
+
 class LoraRuntime:
     def __init__(self, module_names: Sequence[str], device: torch.device, dtype: torch.dtype, **store_kwargs):
         self.module_names = list(module_names)
@@ -62,66 +70,116 @@ class LoraRuntime:
         self.plan: sgmv.SgmvPlan | None = None
         self.module_mask = 0
         self._plan_key: tuple | None = None
-        self._shrunk: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (input, group first, v)
+        self._recipes: dict[int, _Recipe] = {}
+        self._workspace: torch.Tensor | None = None  # every group's shrink output, one group at a time
+        self._kernels = False
+        self._shrunk: tuple[torch.Tensor, int] | None = (
+            None  # (input, group first) whose v is in the workspace
+        )
 
     def set_rows(self, row_slots: Sequence[int] | None, tokens_per_row: int) -> None:
         """Plan the coming forward. `row_slots[i]` is the device slot of row i's adapter (-1: none).
 
-        Decode steps repeat the same rows with one token each, so the plan is reused across them.
+        Decode steps repeat the same rows with one token each, so the plan and the per-module
+        recipes prepared under it are reused across them.
         """
         if row_slots is None or all(s < 0 for s in row_slots):
-            self.plan, self.module_mask, self._plan_key = None, 0, None
+            self.clear()
             return
-        key = (tuple(row_slots), tokens_per_row, self.store.locations.data_ptr())
+        store = self.store
+        key = (tuple(row_slots), tokens_per_row, store.locations.data_ptr(), store.weights.data_ptr())
         if key == self._plan_key:
             return
-        residents = {r.slot: r for r in (self.store.resident(n) for n in self.store.resident_names)}
+        residents = {r.slot: r for r in (store.resident(n) for n in store.resident_names)}
         used = [residents[s] for s in set(row_slots) if s >= 0]
-        max_rank = max(r.max_rank for r in used)
-        self.module_mask = 0
+        self.clear()
         for r in used:
             self.module_mask |= r.module_mask
-        self.plan = sgmv.plan_sgmv(row_slots, tokens_per_row, max_rank, self.store.device)
+        self.plan = sgmv.plan_sgmv(row_slots, tokens_per_row, max(r.max_rank for r in used), store.device)
         self._plan_key = key
+        self._kernels = _use_triton(store.weights)
+        if self._kernels:
+            sizes = {g.size for g in self.groups}
+            need = max(sgmv.shrink_workspace_numel(self.plan, size) for size in sizes)
+            self._workspace = torch.empty(need, dtype=torch.float32, device=store.device)
 
     def clear(self) -> None:
         self.plan, self.module_mask, self._plan_key, self._shrunk = None, 0, None, None
+        self._recipes, self._workspace = {}, None
 
     def targets(self, module: int) -> bool:
         return self.plan is not None and bool(self.module_mask >> module & 1)
 
     def apply(self, module: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Add the LoRA delta of module `module` to y (the base layer's output for input x)."""
-        plan = self.plan
+        """Add the LoRA delta of module `module` to y (the base layer's output for input x), in place."""
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] != plan.num_tokens:
+        if x2.shape[0] != self.plan.num_tokens:
             raise RuntimeError(
                 f"layer {self.module_names[module]} got {x2.shape[0]} tokens but the batch was planned "
-                f"for {plan.num_tokens}; pass adapter_ids with the call that runs this forward"
+                f"for {self.plan.num_tokens}; pass adapter_ids with the call that runs this forward"
             )
         if x2.dtype != self.store.dtype:
             x2 = x2.to(self.store.dtype)
         out = y if y.is_contiguous() and y.dtype == self.store.dtype else y.contiguous().to(self.store.dtype)
         out2 = out.view(-1, out.shape[-1])
-
-        triton = _use_triton(x2)
-        shrink = sgmv.sgmv_shrink if triton else sgmv.sgmv_shrink_reference
-        expand = sgmv.sgmv_expand if triton else sgmv.sgmv_expand_reference
-        store = self.store
-        group = self.groups[module]
-        if (
-            group.size > 1
-            and self._shrunk is not None
-            and self._shrunk[0] is x
-            and self._shrunk[1] == group.first
-        ):
-            v = self._shrunk[2]
+        if self._kernels:
+            self._apply_kernels(module, x, x2, out2)
         else:
-            v = shrink(x2, store.weights, store.locations[group.first : group.first + group.size], plan)
-            self._shrunk = (x, group.first, v) if group.size > 1 else None
-        position = module - group.first
-        m = slice(module, module + 1)
-        expand(out2, v[:, position : position + 1], store.weights, store.locations[m], store.scales[m], plan)
+            self._apply_reference(module, x2, out2)
         if out is not y:
             y.copy_(out)
         return y
+
+    def _apply_kernels(self, module: int, x: torch.Tensor, x2: torch.Tensor, out2: torch.Tensor) -> None:
+        recipe = self._recipes.get(module) or self._prepare(module, x2, out2)
+        group = self.groups[module]
+        shrunk = (x, group.first)
+        if (
+            group.size == 1
+            or self._shrunk is None
+            or self._shrunk[0] is not x
+            or self._shrunk[1] != group.first
+        ):
+            recipe.shrink(x2)
+            self._shrunk = shrunk if group.size > 1 else None
+        recipe.expand(out2)
+
+    def _prepare(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> _Recipe:
+        """Plan once, run many: the launches of this module under the current plan. All groups share
+        one shrink workspace: a group's v is used by its members before any other shrink runs."""
+        store, plan, group = self.store, self.plan, self.groups[module]
+        first = self._recipes.get(group.first) if group.first != module else None
+        shrink = (
+            first.shrink
+            if first
+            else sgmv.ShrinkCall(
+                x2,
+                store.weights,
+                store.locations[group.first : group.first + group.size],
+                plan,
+                out=self._workspace,
+            )
+        )
+        position = module - group.first
+        m = slice(module, module + 1)
+        expand = sgmv.ExpandCall(
+            out2,
+            shrink.v[:, position : position + 1],
+            store.weights,
+            store.locations[m],
+            store.scales[m],
+            plan,
+        )
+        self._recipes[module] = _Recipe(shrink, expand)
+        return self._recipes[module]
+
+    def _apply_reference(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> None:
+        store, group = self.store, self.groups[module]
+        v = sgmv.sgmv_shrink_reference(
+            x2, store.weights, store.locations[group.first : group.first + group.size], self.plan
+        )
+        position = module - group.first
+        m = slice(module, module + 1)
+        sgmv.sgmv_expand_reference(
+            out2, v[:, position : position + 1], store.weights, store.locations[m], store.scales[m], self.plan
+        )

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import BoundLaunch
+
 LOCATION_FIELDS = 3  # a_offset, b_offset, rank
 RANK_TILE = 16  # tensor-core granularity of the rank dimension; compute rounds ranks up to this
 _TARGET_PROGRAMS = 512  # enough programs in flight to cover ~132 SMs a few times
@@ -279,34 +281,74 @@ def _shrink_split(num_programs: int, k_blocks: int) -> int:
     return split
 
 
-def sgmv_shrink(
-    x: torch.Tensor, weights: torch.Tensor, locations: torch.Tensor, plan: SgmvPlan
-) -> torch.Tensor:
-    """v = x @ A[slot].T for every slice; returns fp32 partials [splits, slices, T, max_rank].
-
-    Entries of tokens without adapter, or beyond an adapter's rank, are left unwritten.
-    """
-    _check_inputs(x, weights, locations)
-    n_tokens, k = x.shape
-    n_slices = locations.shape[0]
+def _shrink_geometry(plan: SgmvPlan, n_slices: int, k: int) -> tuple[int, int, int, int]:
+    """(block_k, rank blocks, splits, v width) of a shrink launch."""
     width = max(plan.max_rank, 1)
     block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
     r_blocks = triton.cdiv(width, RANK_TILE)
     split = _shrink_split(plan.num_tiles * n_slices * r_blocks, triton.cdiv(k, block_k))
-    v = torch.empty((split, n_slices, n_tokens, width), dtype=torch.float32, device=x.device)
-    if plan.num_tiles == 0:
-        return v
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    _sgmv_shrink_kernel[(plan.num_tiles, split * n_slices, r_blocks)](
-        x, weights, locations, plan.tiles, plan.sorted_tokens, v,
-        plan.num_tiles, k, k_per_split, x.stride(0),
-        locations.stride(0), locations.stride(1),
-        v.stride(0), v.stride(1), v.stride(2), width,
-        NUM_SLICES=n_slices, BLOCK_M=plan.block_m, BLOCK_K=block_k, BLOCK_R=RANK_TILE,
-        DOT_IN_FP32=_dot_in_fp32(x.dtype),
-        num_warps=4,
-    )  # fmt: skip
-    return v
+    return block_k, r_blocks, split, width
+
+
+def shrink_workspace_numel(plan: SgmvPlan, n_slices: int, in_features: int | None = None) -> int:
+    """fp32 elements a shrink of this plan needs for its output (see ShrinkCall's `out`); without
+    `in_features`, the most any input width needs."""
+    _, _, split, width = _shrink_geometry(plan, n_slices, in_features or 16 * 128)
+    return split * n_slices * plan.num_tokens * width
+
+
+class ShrinkCall:
+    """A shrink planned once for (plan, weights, locations, input width); calling it with an input
+    launches: v = x @ A[slot].T for every slice, as fp32 partials [splits, slices, T, max_rank].
+
+    Entries of tokens without adapter, or beyond an adapter's rank, are left unwritten. `out`, a
+    flat fp32 workspace of at least `shrink_workspace_numel` elements, holds v when given.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        locations: torch.Tensor,
+        plan: SgmvPlan,
+        out: torch.Tensor | None = None,
+    ) -> None:
+        _check_inputs(x, weights, locations)
+        n_tokens, k = x.shape
+        n_slices = locations.shape[0]
+        block_k, r_blocks, split, width = _shrink_geometry(plan, n_slices, k)
+        shape = (split, n_slices, n_tokens, width)
+        if out is None:
+            self.v = torch.empty(shape, dtype=torch.float32, device=x.device)
+        else:
+            self.v = out[: split * n_slices * n_tokens * width].view(shape)
+        self._launch = None
+        if plan.num_tiles:
+            k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+            args = (
+                x, weights, locations, plan.tiles, plan.sorted_tokens, self.v,
+                plan.num_tiles, k, k_per_split, x.stride(0),
+                locations.stride(0), locations.stride(1),
+                self.v.stride(0), self.v.stride(1), self.v.stride(2), width,
+            )  # fmt: skip
+            constexprs = dict(
+                NUM_SLICES=n_slices, BLOCK_M=plan.block_m, BLOCK_K=block_k, BLOCK_R=RANK_TILE,
+                DOT_IN_FP32=_dot_in_fp32(x.dtype),
+            )  # fmt: skip
+            grid = (plan.num_tiles, split * n_slices, r_blocks)
+            self._launch = BoundLaunch(_sgmv_shrink_kernel, grid, args, constexprs, num_warps=4)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._launch is not None:
+            self._launch(x)
+        return self.v
+
+
+def sgmv_shrink(
+    x: torch.Tensor, weights: torch.Tensor, locations: torch.Tensor, plan: SgmvPlan
+) -> torch.Tensor:
+    """One-shot shrink; see ShrinkCall."""
+    return ShrinkCall(x, weights, locations, plan)(x)
 
 
 @lru_cache(maxsize=256)
@@ -323,6 +365,48 @@ def _slice_offsets(y: torch.Tensor, slice_offsets: Sequence[int] | None, n_slice
     return offsets
 
 
+class ExpandCall:
+    """An expand planned once; calling it with y adds, in place,
+    y[t, cols of slice s] += (sum of v partials)[s, t] @ B[slot].T * scale.
+
+    `slice_offsets` (host ints, slices+1 of them) gives each slice's columns in y; default: one
+    slice spanning all of y.
+    """
+
+    def __init__(
+        self,
+        y: torch.Tensor,
+        v: torch.Tensor,
+        weights: torch.Tensor,
+        locations: torch.Tensor,
+        scales: torch.Tensor,
+        plan: SgmvPlan,
+        slice_offsets: Sequence[int] | None = None,
+    ) -> None:
+        _check_inputs(y, weights, locations)
+        n_slices = locations.shape[0]
+        offsets = _slice_offsets(y, slice_offsets, n_slices)
+        self._launch = None
+        if plan.num_tiles:
+            widest = max(b - a for a, b in itertools.pairwise(offsets))
+            block_n = 128 if widest >= 128 else max(16, triton.next_power_of_2(widest))
+            args = (
+                y, v, weights, locations, scales, plan.tiles, plan.sorted_tokens, _device_offsets(offsets, y.device),
+                plan.num_tiles, v.shape[0], y.stride(0),
+                v.stride(0), v.stride(1), v.stride(2), v.shape[3],
+                locations.stride(0), locations.stride(1), scales.stride(0), scales.stride(1),
+            )  # fmt: skip
+            constexprs = dict(
+                BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE, DOT_IN_FP32=_dot_in_fp32(y.dtype)
+            )
+            grid = (plan.num_tiles, n_slices, triton.cdiv(widest, block_n))
+            self._launch = BoundLaunch(_sgmv_expand_kernel, grid, args, constexprs, num_warps=4)
+
+    def __call__(self, y: torch.Tensor) -> None:
+        if self._launch is not None:
+            self._launch(y)
+
+
 def sgmv_expand(
     y: torch.Tensor,
     v: torch.Tensor,
@@ -332,27 +416,8 @@ def sgmv_expand(
     plan: SgmvPlan,
     slice_offsets: Sequence[int] | None = None,
 ) -> None:
-    """y[t, cols of slice s] += (sum of v partials)[s, t] @ B[slot].T * scale, in place.
-
-    `slice_offsets` (host ints, slices+1 of them) gives each slice's columns in y; default: one
-    slice spanning all of y.
-    """
-    _check_inputs(y, weights, locations)
-    n_slices = locations.shape[0]
-    offsets = _slice_offsets(y, slice_offsets, n_slices)
-    if plan.num_tiles == 0:
-        return
-    widest = max(b - a for a, b in itertools.pairwise(offsets))
-    block_n = 128 if widest >= 128 else max(16, triton.next_power_of_2(widest))
-    _sgmv_expand_kernel[(plan.num_tiles, n_slices, triton.cdiv(widest, block_n))](
-        y, v, weights, locations, scales, plan.tiles, plan.sorted_tokens, _device_offsets(offsets, y.device),
-        plan.num_tiles, v.shape[0], y.stride(0),
-        v.stride(0), v.stride(1), v.stride(2), v.shape[3],
-        locations.stride(0), locations.stride(1), scales.stride(0), scales.stride(1),
-        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE,
-        DOT_IN_FP32=_dot_in_fp32(y.dtype),
-        num_warps=4,
-    )  # fmt: skip
+    """One-shot expand; see ExpandCall."""
+    ExpandCall(y, v, weights, locations, scales, plan, slice_offsets)(y)
 
 
 # ----------------------------------------------------------------------------- references

@@ -153,3 +153,30 @@ def test_llama_shapes_on_gpu():
         sgmv_expand_reference(y_ref, v_ref, weights, locations, scales, plan, offsets)
         delta, delta_ref = (y.float() - y0.float()), (y_ref.float() - y0.float())
         assert ((delta - delta_ref).norm() / delta_ref.norm()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prepared_calls_relaunch_correctly_on_new_inputs():
+    """ShrinkCall/ExpandCall launch through the compiled launcher after the first call; new inputs,
+    including a misaligned one (which must go back through Triton's own path), stay correct."""
+    from hf_multilora.kernels.sgmv import ExpandCall, ShrinkCall
+
+    weights, locations, scales = make_adapters([16, 8, 32], 256, [192], torch.bfloat16, 11)
+    plan = plan_sgmv([2, 0, -1, 1, 2], 3, 32, DEVICE)
+    storage = torch.randn(15 * 256 + 1, device=DEVICE, dtype=torch.bfloat16)
+    inputs = [torch.randn(15, 256, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
+    inputs.append(storage[1:].view(15, 256))  # 2-byte offset: not 16-byte aligned
+    shrink = ShrinkCall(inputs[0], weights, locations, plan)
+    y_template = torch.empty(15, 192, device=DEVICE, dtype=torch.bfloat16)
+    expand = ExpandCall(y_template, shrink.v, weights, locations, scales, plan)
+    for x in inputs * 2:
+        y0 = torch.randn(15, 192, device=DEVICE, dtype=torch.bfloat16)
+        y, y_ref = y0.clone(), y0.clone()
+        shrink(x)
+        expand(y)
+        sgmv_expand_reference(
+            y_ref, sgmv_shrink_reference(x, weights, locations, plan), weights, locations, scales, plan
+        )
+        delta, delta_ref = y.float() - y0.float(), y_ref.float() - y0.float()
+        assert ((delta - delta_ref).norm() / delta_ref.norm()) < 2e-2
