@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .adapters.host_store import HostAdapter
 from .adapters.loading import load_peft_adapter, lora_target_modules
-from .layers import LoraRuntime
+from .layers import LoraRuntime, add_lora_to_forward
 from .routing import BASE_ADAPTER, batch_rows, expand_rows, forward_shape, resolve_adapter_ids
 
 
@@ -40,7 +40,7 @@ class MultiLoraModel(torch.nn.Module):
         self._module_names = list(targets)
         self._modules_by_name = dict(base_model.named_modules())
         self._registry: dict[str, HostAdapter] = {}
-        self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._hooks: dict[int, Callable[[], None]] = {}  # module index -> undo of its LoRA forward
         self._lock = threading.RLock()
         self._row_slots: list[int] | None = None
         self._device_adapter_bytes = device_adapter_bytes
@@ -105,21 +105,14 @@ class MultiLoraModel(torch.nn.Module):
             self._sync_hooks()
 
     def _sync_hooks(self) -> None:
-        """Hook exactly the modules some registered adapter targets."""
+        """LoRA forwards on exactly the modules some registered adapter targets."""
         index = {name: i for i, name in enumerate(self._module_names)}
         wanted = {index[n] for a in self._registry.values() for n in a.modules}
         for m in set(self._hooks) - wanted:
-            self._hooks.pop(m).remove()
+            self._hooks.pop(m)()
         for m in sorted(wanted - set(self._hooks)):
             module = self._modules_by_name[self._module_names[m]]
-            self._hooks[m] = module.register_forward_hook(self._lora_hook(m))
-
-    def _lora_hook(self, module_index: int):
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            runtime = self._runtime
-            return runtime.apply(module_index, args[0], output) if runtime.targets(module_index) else output
-
-        return hook
+            self._hooks[m] = add_lora_to_forward(module, m, lambda: self._runtime)
 
     # ------------------------------------------------------------------ calls
 

@@ -20,11 +20,13 @@ import triton
 
 
 def _launch_hooks_set() -> bool:
+    """Whether a profiler asked Triton for launch callbacks (then every launch takes Triton's path).
+
+    Triton >= 3.5 keeps them in an always-present HookChain that is active only when non-empty.
+    """
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    return runtime is not None and (
-        getattr(runtime, "launch_enter_hook", None) is not None
-        or getattr(runtime, "launch_exit_hook", None) is not None
-    )
+    hooks = [getattr(runtime, name, None) for name in ("launch_enter_hook", "launch_exit_hook")]
+    return any(h is not None and bool(getattr(h, "calls", True)) for h in hooks)
 
 
 class BoundLaunch:

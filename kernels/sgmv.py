@@ -186,7 +186,6 @@ def _sgmv_expand_kernel(
     sorted_ptr,
     slice_offsets_ptr,
     num_tiles,
-    num_splits,
     y_stride,
     v_stride_split,
     v_stride_s,
@@ -196,6 +195,7 @@ def _sgmv_expand_kernel(
     loc_stride_slot,
     scale_stride_s,
     scale_stride_slot,
+    NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -229,12 +229,15 @@ def _sgmv_expand_kernel(
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        v_tile = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        # All split-K partials in one load, then a register reduction: a loop of dependent loads
+        # here made decode expands latency-bound.
         v_rows = v_ptr + s * v_stride_s + tok[:, None] * v_stride_t + offs_r[None, :]
-        for split in range(num_splits):
-            v_tile += tl.load(
-                v_rows + split * v_stride_split, mask=m_mask[:, None] & r_mask[None, :], other=0.0
-            )
+        splits = tl.arange(0, NUM_SPLITS)
+        v_mask = (m_mask[:, None] & r_mask[None, :])[None, :, :]
+        v_tile = tl.sum(
+            tl.load(v_rows[None, :, :] + splits[:, None, None] * v_stride_split, mask=v_mask, other=0.0),
+            axis=0,
+        )
         b_tile = tl.load(
             b_ptr + offs_n[None, :].to(tl.int64) * rank + offs_r[:, None],
             mask=r_mask[:, None] & n_mask[None, :],
@@ -392,13 +395,14 @@ class ExpandCall:
             block_n = 128 if widest >= 128 else max(16, triton.next_power_of_2(widest))
             args = (
                 y, v, weights, locations, scales, plan.tiles, plan.sorted_tokens, _device_offsets(offsets, y.device),
-                plan.num_tiles, v.shape[0], y.stride(0),
+                plan.num_tiles, y.stride(0),
                 v.stride(0), v.stride(1), v.stride(2), v.shape[3],
                 locations.stride(0), locations.stride(1), scales.stride(0), scales.stride(1),
             )  # fmt: skip
             constexprs = dict(
-                BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE, DOT_IN_FP32=_dot_in_fp32(y.dtype)
-            )
+                NUM_SPLITS=v.shape[0], BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE,
+                DOT_IN_FP32=_dot_in_fp32(y.dtype),
+            )  # fmt: skip
             grid = (plan.num_tiles, n_slices, triton.cdiv(widest, block_n))
             self._launch = BoundLaunch(_sgmv_expand_kernel, grid, args, constexprs, num_warps=4)
 
