@@ -143,9 +143,6 @@ class LoraRuntime:
         self.plan, self.module_mask, self._plan_key, self._shrunk = None, 0, None, None
         self._recipes, self._workspace = {}, None
 
-    def targets(self, module: int) -> bool:
-        return self.plan is not None and bool(self.module_mask >> module & 1)
-
     def apply(self, module: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add the LoRA delta of module `module` to y (the base layer's output for input x), in place."""
         recipe = self._recipes.get(module)

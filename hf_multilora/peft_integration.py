@@ -52,6 +52,7 @@ def enable(peft_model: torch.nn.Module) -> torch.nn.Module:
     state = _PeftState(supported)
     for layer in supported.values():
         layer.forward = types.MethodType(_make_forward(state), layer)
+    state.forward_hook = _transformer(peft_model).register_forward_pre_hook(state.new_forward)
     setattr(peft_model, _STATE, state)
     return peft_model
 
@@ -63,8 +64,15 @@ def disable(peft_model: torch.nn.Module) -> torch.nn.Module:
         return peft_model
     for layer in state.layers:
         del layer.forward
+    state.forward_hook.remove()
     delattr(peft_model, _STATE)
     return peft_model
+
+
+def _transformer(peft_model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside: generate() calls its forward once per step."""
+    get_base = getattr(peft_model, "get_base_model", None)
+    return get_base() if get_base is not None else getattr(peft_model, "model", peft_model)
 
 
 def _unsupported_adapters(layer: PeftLoraLinear) -> list[str]:
@@ -83,18 +91,26 @@ class _PeftState:
         self.runtime = LoraRuntime(list(layers), weight.device, weight.dtype)
         self._names = list(layers)
         self._route_key: tuple | None = None
+        self.routed_names: Sequence[str] | None = None  # the adapter_names this forward was routed for
+        self.routed_shape: torch.Size | None = None
+
+    def new_forward(self, *_: Any) -> None:
+        """A model forward starts: its first LoRA layer routes again (the list may have changed)."""
+        self.routed_names = None
 
     def route(self, adapter_names: Sequence[str], x: torch.Tensor) -> None:
         """Plan the forward for these rows; the first layer plans, the others find it ready."""
         tokens_per_row = x[0].numel() // x.shape[-1] if x.shape[0] else 0
         key = (tuple(adapter_names), tokens_per_row)
         if key == self._route_key:
+            self.routed_names, self.routed_shape = adapter_names, x.shape[:-1]
             return
         wanted = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
         self._import([n for n in wanted if self.runtime.store.resident(n) is None])
         slots = {n: r.slot for n in wanted if (r := self.runtime.store.resident(n)) is not None}
         self.runtime.set_rows([slots.get(n, -1) for n in adapter_names], tokens_per_row)
         self._route_key = key
+        self.routed_names, self.routed_shape = adapter_names, x.shape[:-1]
 
     def _import(self, names: list[str]) -> None:
         """Copy adapters from the PEFT layers into the device store (once per adapter)."""
@@ -121,13 +137,16 @@ def _make_forward(state: _PeftState):
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None or self.disable_adapters or self.merged:
             return type(self).forward(self, x, *args, **kwargs)
-        self._check_forward_args(x, *args, **kwargs)
+        if adapter_names is not state.routed_names or x.shape[:-1] != state.routed_shape:
+            # First LoRA layer of this forward: PEFT's checks and the plan, once for all layers.
+            self._check_forward_args(x, *args, **kwargs)
+            state.route(adapter_names, x)
         kwargs.pop("adapter_names")
         result = self.base_layer(x, *args, **kwargs)
-        state.route(adapter_names, x)
         module = state.index[id(self)]
-        if state.runtime.targets(module):
-            state.runtime.apply(module, x, result)
+        runtime = state.runtime
+        if runtime.plan is not None and runtime.module_mask >> module & 1:
+            runtime.apply(module, x, result)
         return result
 
     return forward

@@ -117,3 +117,20 @@ def test_enable_twice_is_idempotent(llama_zoo):
         hf_multilora.enable(hf_multilora.enable(peft_model))
         got = peft_model(input_ids, adapter_names=["default", "__base__"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_same_list_mutated_between_calls_is_routed_again(llama_zoo):
+    """PEFT hands layers the caller's own list; a list edited in place must not reuse a stale plan."""
+    peft_model = llama_zoo.peft_all()
+    names = list(llama_zoo.paths)
+    rows = [names[0], "__base__"]
+    input_ids = prompts(2, 5, seed=4)
+    with torch.no_grad():
+        hf_multilora.enable(peft_model)
+        first = peft_model(input_ids, adapter_names=rows).logits
+        rows[0] = names[3]
+        second = peft_model(input_ids, adapter_names=rows).logits
+        hf_multilora.disable(peft_model)
+        expected = peft_model(input_ids, adapter_names=rows).logits
+    torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(first, second)

@@ -1,0 +1,123 @@
+"""Helpers shared by the benchmark scripts: environment facts, host timing, memory, tables, JSON.
+
+Importing this module also puts the Hugging Face hub in offline mode (unless the caller chose
+otherwise): the GPU machine has no network, and a hub lookup there would wait on timeouts instead of
+failing fast. Import it before transformers/peft for that to take effect.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+try:
+    import hf_multilora.kernels  # noqa: F401  (the package maps kernels/ into it: needs an install)
+except ModuleNotFoundError as err:
+    raise SystemExit(
+        "hf_multilora is not importable here; from the repository root run "
+        "`pip install --no-deps --no-build-isolation -e .` first"
+    ) from err
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """'1,4,8' -> (1, 4, 8), for comma-separated CLI options."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a host clock read after it covers that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory() -> None:
+    """Return cached blocks after the caller dropped its references, so phases do not stack up."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def host_seconds(fn: Callable[[], Any], calls: int) -> list[float]:
+    """Host wall time of each of `calls` calls (no device synchronisation: pure host cost)."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device name and library versions, stored with every result so numbers stay comparable."""
+    import peft
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover - triton missing off Linux
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {target}")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain fixed-width table: first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        first = row[0].ljust(widths[0])
+        rest = (value.rjust(width) for value, width in zip(row[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest])
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
