@@ -63,6 +63,7 @@ CASES = {
     "all_rows_none": ([-1, -1, -1], 5, [16, 8], 64, [48], ()),
     "one_adapter_prefill": ([0, 0, 0], 37, [16], 96, [80], ()),
     "all_distinct_decode": ([3, 0, 5, 1, 4, 2, 6], 1, [8, 16, 32, 64, 16, 8, 24], 72, [40], ()),
+    "decode_small_segments": ([0, 2, 0, -1, 1, 0], 1, [24, 16, 8], 160, [96, 32], ((2, 1),)),
     "mixed_ranks_repeats_and_base": ([2, -1, 0, 2, 1, -1, 0], 3, [5, 64, 24], 136, [104], ()),
     "multi_slice_gqa": ([1, 0, -1, 1, 2], 4, [16, 8, 32], 64, [64, 16, 16], ((0, 1), (2, 2))),
     "odd_tokens_long_segments": ([0, 1, 0], 45, [16, 48], 40, [24, 56], ()),
@@ -118,7 +119,7 @@ def test_plan_groups_tokens_by_slot_in_tiles():
 
 def test_plan_decode_uses_small_tiles():
     plan = plan_sgmv(list(range(40)), 1, 16, "cpu")
-    assert plan.block_m == 16 and plan.num_tiles == 40
+    assert plan.block_m == 1 and plan.num_tiles == 40
 
 
 def test_shrink_rejects_mismatched_dtype():
