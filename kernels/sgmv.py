@@ -37,7 +37,7 @@ LOCATION_FIELDS = 3  # a_offset, b_offset, rank
 RANK_TILE = 16  # tensor-core granularity of the rank dimension; compute rounds ranks up to this
 _TARGET_PROGRAMS = 512  # enough programs in flight to cover ~132 SMs a few times
 _GEMV_SEGMENT = 4  # adapters with at most this many tokens in a batch go through 1-token (GEMV) tiles
-MAX_SPLIT = 4  # most split-K partials a shrink writes; expand sums them (4 measured best at decode on H100)
+MAX_SPLIT = 16  # most split-K partials a shrink writes; expand sums them in one load
 
 
 @dataclass(frozen=True)
