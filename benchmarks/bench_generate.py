@@ -290,6 +290,7 @@ def run_setup(
         multi = MultiLoraModel.from_pretrained(base, adapters=paths)
         print(f"[{setup.name}] MultiLoraModel loaded in {time.perf_counter() - started:.1f} s", flush=True)
     rows += multilora_rows(multi, names, distinct, work)
+    rows += interleaved_rows(multi, names, max(distinct), work, args.pairs)
     for name in names:  # removes the per-layer hooks: the last base row runs the plain model
         multi.unload_adapter(name)
     rows.append(measure("base (last)", "base_last", None, work, base.generate, repeats=work.repeats))
@@ -354,6 +355,36 @@ def multilora_rows(
     return rows
 
 
+def interleaved_rows(
+    multi: MultiLoraModel, names: list[str], distinct: int, work: Workload, pairs: int
+) -> list[Row]:
+    """The base and hf_multilora timed alternately on the same model object.
+
+    Host speed on the lent machines drifts by up to ~25% within one run (base first vs base last),
+    which swamps a ratio of rows measured minutes apart; alternating exposes both to the same drift.
+    The base runs are the same wrapped model called without adapter_ids.
+    """
+    ids = row_adapters(names, distinct, work.batch)
+    device = work.input_ids.device
+    base_s: list[float] = []
+    multi_s: list[float] = []
+    for _ in range(pairs):
+        for seconds, extra in ((base_s, {}), (multi_s, {"adapter_ids": ids})):
+            common.synchronize(device)
+            start = time.perf_counter()
+            multi.generate(**work.kwargs(), **extra)
+            common.synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    tokens = work.batch * work.new_tokens
+    rows = [
+        Row("base (interleaved)", "base_interleaved", None, base_s, tokens),
+        Row(f"multilora x{distinct} (interleaved)", "multilora_interleaved", distinct, multi_s, tokens),
+    ]
+    for row in rows:
+        print(f"  {row.name:<22} {row.tok_s:10.1f} tok/s  median {row.median_s:.3f} s of {pairs}", flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
@@ -397,6 +428,17 @@ def targets(rows: list[Row]) -> list[dict[str, Any]]:
             (f"{row.name} / {peft.name}", row.tok_s / peft.tok_s, TARGET_VS_PEFT),
         ):
             found.append({"what": label, "value": value, "target": goal, "met": value >= goal})
+    paired = [r for r in rows if r.kind in ("base_interleaved", "multilora_interleaved")]
+    if len(paired) == 2:
+        value = paired[1].tok_s / paired[0].tok_s
+        found.append(
+            {
+                "what": f"{paired[1].name} / {paired[0].name}",
+                "value": value,
+                "target": TARGET_VS_BASE,
+                "met": value >= TARGET_VS_BASE,
+            }
+        )
     return found
 
 
@@ -433,6 +475,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--distinct", default=None, help="distinct adapter counts (default 1,4,8,32; tiny 1,2,4)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median reported)")
+    parser.add_argument(
+        "--pairs", type=int, default=5, help="alternating base / hf_multilora runs (drift-robust ratio)"
+    )
     parser.add_argument(
         "--peft-repeats", type=int, default=1, help="timed runs for the slow PEFT adapter_names rows"
     )

@@ -1,12 +1,18 @@
 """Serve many LoRA adapters on one Hugging Face base model: one batched generate(), an adapter per row."""
 
-from .adapters.loading import AdapterLoadError, AdapterShapeError, UnsupportedAdapterError
+from .adapters.loading import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    AdapterShapeError,
+    UnsupportedAdapterError,
+)
 from .memory.device_store import DeviceMemoryError
 from .model import MultiLoraModel
 from .peft_integration import disable, enable
 
 __all__ = [
     "AdapterLoadError",
+    "AdapterNotFoundError",
     "AdapterShapeError",
     "DeviceMemoryError",
     "MultiLoraModel",

@@ -32,6 +32,10 @@ class MultiLoraModel(torch.nn.Module):
         super().__init__()
         self.base_model = base_model
         targets = lora_target_modules(base_model)
+        if not targets:
+            raise ValueError(
+                f"{type(base_model).__name__} has no Linear or Conv1D layer a LoRA adapter could target"
+            )
         devices = {m.weight.device for n, m in base_model.named_modules() if n in targets}
         if len(devices) > 1:
             raise ValueError(

@@ -91,6 +91,7 @@ class _PeftState:
         self.runtime = LoraRuntime(list(layers), weight.device, weight.dtype)
         self._names = list(layers)
         self._route_key: tuple | None = None
+        self._sources: dict[str, tuple[PeftLoraLinear, torch.Tensor]] = {}  # adapter -> (a layer, its A then)
         self.routed_names: Sequence[str] | None = None  # the adapter_names this forward was routed for
         self.routed_shape: torch.Size | None = None
 
@@ -101,22 +102,34 @@ class _PeftState:
     def route(self, adapter_names: Sequence[str], x: torch.Tensor) -> None:
         """Plan the forward for these rows; the first layer plans, the others find it ready."""
         tokens_per_row = x[0].numel() // x.shape[-1] if x.shape[0] else 0
+        wanted = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
+        stale = [n for n in wanted if self.runtime.store.resident(n) is not None and not self._current(n)]
+        for name in stale:
+            self.runtime.store.drop(name)
         key = (tuple(adapter_names), tokens_per_row)
-        if key == self._route_key:
+        if key == self._route_key and not stale:
             self.routed_names, self.routed_shape = adapter_names, x.shape[:-1]
             return
-        wanted = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
         self._import([n for n in wanted if self.runtime.store.resident(n) is None])
         slots = {n: r.slot for n in wanted if (r := self.runtime.store.resident(n)) is not None}
         self.runtime.set_rows([slots.get(n, -1) for n in adapter_names], tokens_per_row)
         self._route_key = key
         self.routed_names, self.routed_shape = adapter_names, x.shape[:-1]
 
+    def _current(self, name: str) -> bool:
+        """Whether the device copy of `name` was made from the weights PEFT holds now (a deleted and
+        reloaded adapter has new parameters)."""
+        layer, weight = self._sources[name]
+        return name in layer.lora_A and layer.lora_A[name].weight is weight
+
     def _import(self, names: list[str]) -> None:
-        """Copy adapters from the PEFT layers into the device store (once per adapter)."""
+        """Copy adapters from the PEFT layers into the device store (once per adapter version)."""
         store = self.runtime.store
         for name in names:
             pieces, modules, offset = [], {}, 0
+            source = next((layer for layer in self.layers if name in layer.lora_A), None)
+            if source is not None:
+                self._sources[name] = (source, source.lora_A[name].weight)
             for layer_name, layer in zip(self._names, self.layers, strict=True):
                 if name not in layer.lora_A:
                     continue

@@ -134,3 +134,22 @@ def test_same_list_mutated_between_calls_is_routed_again(llama_zoo):
         expected = peft_model(input_ids, adapter_names=rows).logits
     torch.testing.assert_close(second, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(first, second)
+
+
+def test_deleted_and_reloaded_adapter_is_not_served_stale(llama_zoo):
+    names = list(llama_zoo.paths)
+    peft_model = PeftModel.from_pretrained(
+        llama_zoo.fresh_base(), llama_zoo.paths[names[0]], adapter_name="x"
+    )
+    peft_model.load_adapter(llama_zoo.paths[names[1]], adapter_name="other")
+    peft_model.eval()
+    input_ids = prompts(2, 5, seed=5)
+    with torch.no_grad():
+        hf_multilora.enable(peft_model)
+        peft_model(input_ids, adapter_names=["x", "__base__"])
+        peft_model.delete_adapter("x")
+        peft_model.load_adapter(llama_zoo.paths[names[2]], adapter_name="x")
+        got = peft_model(input_ids, adapter_names=["x", "__base__"]).logits
+        hf_multilora.disable(peft_model)
+        expected = peft_model(input_ids, adapter_names=["x", "__base__"]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
