@@ -45,21 +45,42 @@ class BoundLaunch:
         self._first_key: tuple | None = None
         first = self._args[0]
         self._stream_device = first.device.index if first.is_cuda else None
+        # The fixed arguments as the compiled launcher takes them: tensors as their addresses (it
+        # accepts ints for pointers, which skips a data_ptr() call and a driver pointer check per
+        # tensor per launch). self._args keeps the tensors themselves alive.
+        self._tail = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._args[1:])
+        self._tail += tuple(constexprs.values())
 
     def __call__(self, first: torch.Tensor) -> None:
-        args = self._args
-        args[0] = first
-        key = (first.dtype, first.data_ptr() % 16 == 0)
+        address = first.data_ptr()
+        key = (first.dtype, address % 16 == 0)
         if self._compiled is not None and key == self._first_key:
             run, function, metadata = self._compiled
             stream = torch._C._cuda_getCurrentRawStream(self._stream_device)
-            run(*self._grid, stream, function, metadata, None, None, None, *args, *self._constexprs.values())
+            run(*self._grid, stream, function, metadata, None, None, None, address, *self._tail)
             return
-        kernel = self._fn[self._grid](*args, num_warps=self._num_warps, **self._constexprs)
-        if self._direct and self._stream_device is not None and not _launch_hooks_set():
-            self._compiled = (
-                kernel.run,
+        self._args[0] = first
+        if not self._direct or self._stream_device is None or _launch_hooks_set():
+            self._fn[self._grid](*self._args, num_warps=self._num_warps, **self._constexprs)
+            return
+        # Compile (no launch), then launch exactly once through the compiled launcher.
+        kernel = self._fn.warmup(*self._args, grid=self._grid, num_warps=self._num_warps, **self._constexprs)
+        run = kernel.run  # first: it loads the module and sets kernel.function
+        stream = torch._C._cuda_getCurrentRawStream(self._stream_device)
+        try:
+            run(
+                *self._grid,
+                stream,
                 kernel.function,
                 kernel.packed_metadata,
-            )  # .run first: it loads the module
-            self._first_key = key
+                None,
+                None,
+                None,
+                address,
+                *self._tail,
+            )
+        except (TypeError, ValueError, OverflowError):  # rejected while parsing arguments, before any launch
+            self._fn[self._grid](*self._args, num_warps=self._num_warps, **self._constexprs)
+            return
+        self._compiled = (run, kernel.function, kernel.packed_metadata)
+        self._first_key = key
