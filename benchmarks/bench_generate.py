@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -304,35 +305,35 @@ def peft_rows(peft_model: PeftModel, names: list[str], distinct: Sequence[int], 
     """PEFT's own paths, then the same adapter_names calls through hf_multilora.enable()."""
     print("  (PEFT adapter_names rows are slow: short warm-up, --peft-repeats runs)", flush=True)
     rows = [measure("peft active", "peft_active", 1, work, peft_model.generate, repeats=work.repeats)]
-    for d in distinct:
-        mixed = row_adapters(names, d, work.batch)
-        rows.append(
-            measure(
-                f"peft names x{d}",
-                "peft_names",
-                d,
-                work,
-                lambda mixed=mixed, **kw: peft_model.generate(adapter_names=mixed, **kw),
-                repeats=work.peft_repeats,
-                warmup_tokens=work.peft_warmup_tokens or None,
-            )
-        )
+    rows += adapter_names_rows(
+        peft_model, names, distinct, work, "peft names", "peft_names",
+        repeats=work.peft_repeats, warmup_tokens=work.peft_warmup_tokens or None,
+    )  # fmt: skip
     enable(peft_model)
     try:
-        for d in distinct:
-            mixed = row_adapters(names, d, work.batch)
-            rows.append(
-                measure(
-                    f"dropin names x{d}",
-                    "dropin",
-                    d,
-                    work,
-                    lambda mixed=mixed, **kw: peft_model.generate(adapter_names=mixed, **kw),
-                    repeats=work.repeats,
-                )
-            )
+        rows += adapter_names_rows(
+            peft_model, names, distinct, work, "dropin names", "dropin", repeats=work.repeats
+        )
     finally:
         disable(peft_model)
+    return rows
+
+
+def adapter_names_rows(
+    peft_model: PeftModel,
+    names: list[str],
+    distinct: Sequence[int],
+    work: Workload,
+    label: str,
+    kind: str,
+    **measure_kwargs: Any,
+) -> list[Row]:
+    """peft_model.generate(adapter_names=...) at each distinct count."""
+    rows = []
+    for d in distinct:
+        mixed = row_adapters(names, d, work.batch)
+        generate = partial(peft_model.generate, adapter_names=mixed)
+        rows.append(measure(f"{label} x{d}", kind, d, work, generate, **measure_kwargs))
     return rows
 
 
