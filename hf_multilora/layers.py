@@ -233,12 +233,8 @@ class LoraRuntime:
         return self._recipes[module]
 
     def _apply_reference(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> None:
-        store, group = self.store, self.groups[module]
-        v = sgmv.sgmv_shrink_reference(
-            x2, store.weights, store.locations[group.first : group.first + group.size], self.plan
-        )
-        position = module - group.first
-        m = slice(module, module + 1)
-        sgmv.sgmv_expand_reference(
-            out2, v[:, position : position + 1], store.weights, store.locations[m], store.scales[m], self.plan
-        )
+        """The plain-PyTorch path (CPU): per module, since sharing a group's shrink buys nothing
+        without launch costs."""
+        store, m = self.store, slice(module, module + 1)
+        v = sgmv.sgmv_shrink_reference(x2, store.weights, store.locations[m], self.plan)
+        sgmv.sgmv_expand_reference(out2, v, store.weights, store.locations[m], store.scales[m], self.plan)

@@ -23,6 +23,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -68,6 +70,12 @@ def build_base(kind: str, seed: int = 0):
             num_attention_heads=4, num_key_value_heads=2,
         )  # fmt: skip
         return Qwen2ForCausalLM(config).eval()
+    if kind == "mistral":
+        config = MistralConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+        )  # fmt: skip
+        return MistralForCausalLM(config).eval()
     if kind == "gpt2":
         return GPT2LMHeadModel(
             GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
@@ -120,6 +128,11 @@ def llama_zoo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen2_zoo(tmp_path_factory):
     return Zoo("qwen2", LLAMA_ADAPTERS, tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def mistral_zoo(tmp_path_factory):
+    return Zoo("mistral", LLAMA_ADAPTERS, tmp_path_factory.mktemp("zoo"))
 
 
 @pytest.fixture(scope="session")

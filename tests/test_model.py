@@ -8,7 +8,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from hf_multilora import MultiLoraModel
 
-ZOOS = ["llama_zoo", "qwen2_zoo", "gpt2_zoo"]
+ZOOS = ["llama_zoo", "qwen2_zoo", "mistral_zoo", "gpt2_zoo"]
 
 
 def multi(zoo, **kwargs) -> MultiLoraModel:
