@@ -109,9 +109,8 @@ class LoraRuntime:
         self._recipes: dict[int, _Recipe] = {}
         self._workspace: torch.Tensor | None = None  # every group's shrink output, one group at a time
         self._kernels = False
-        self._shrunk: tuple[torch.Tensor, int] | None = (
-            None  # (input, group first) whose v is in the workspace
-        )
+        # (input, group first) whose v the workspace holds: siblings reuse it until another shrink
+        self._shrunk: tuple[torch.Tensor, int] | None = None
 
     def set_rows(self, row_slots: Sequence[int] | None, tokens_per_row: int) -> None:
         """Plan the coming forward. `row_slots[i]` is the device slot of row i's adapter (-1: none).
@@ -192,15 +191,10 @@ class LoraRuntime:
         self, module: int, recipe: _Recipe, x: torch.Tensor, x2: torch.Tensor, out2: torch.Tensor
     ) -> None:
         group = self.groups[module]
-        shrunk = (x, group.first)
-        if (
-            group.size == 1
-            or self._shrunk is None
-            or self._shrunk[0] is not x
-            or self._shrunk[1] != group.first
-        ):
+        reusable = self._shrunk is not None and self._shrunk[0] is x and self._shrunk[1] == group.first
+        if group.size == 1 or not reusable:
             recipe.shrink(x2)
-            self._shrunk = shrunk if group.size > 1 else None
+            self._shrunk = (x, group.first) if group.size > 1 else None
         recipe.expand(out2)
 
     def _prepare(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> _Recipe:
