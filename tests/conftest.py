@@ -56,31 +56,30 @@ GPT2_ADAPTERS = {
 }
 
 
+# Llama-style decoders: (config class, model class, what differs), all tiny.
+_DECODERS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=4)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2)),  # GQA
+    "mistral": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=8)),
+}
+
+
 def build_base(kind: str, seed: int = 0):
     torch.manual_seed(seed)
-    if kind == "llama":
-        config = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=4,
-        )  # fmt: skip
-        return LlamaForCausalLM(config).eval()
-    if kind == "qwen2":
-        config = Qwen2Config(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2,
-        )  # fmt: skip
-        return Qwen2ForCausalLM(config).eval()
-    if kind == "mistral":
-        config = MistralConfig(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-        )  # fmt: skip
-        return MistralForCausalLM(config).eval()
     if kind == "gpt2":
         return GPT2LMHeadModel(
             GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
         ).eval()
-    raise ValueError(kind)
+    config_cls, model_cls, specific = _DECODERS[kind]
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        **specific,
+    )
+    return model_cls(config).eval()
 
 
 def save_adapter(base, directory: Path, seed: int, **lora_kwargs) -> Path:
