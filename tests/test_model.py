@@ -203,3 +203,30 @@ def test_call_that_does_not_fit_the_budget_fails_cleanly(llama_zoo):
         model(input_ids, adapter_ids=names[:2])
     assert model.memory_stats()["adapters_resident"] == []
     torch.testing.assert_close(model(input_ids).logits, reference_logits(llama_zoo, None, input_ids))
+
+
+def test_concurrent_generate_calls_from_threads_are_safe(llama_zoo):
+    """Calls on one model are serialised (each holds the routing for its whole generate)."""
+    import threading
+
+    model = multi(llama_zoo)
+    names = list(llama_zoo.paths)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    jobs = [
+        ([names[i % len(names)], None, names[(i + 2) % len(names)]], prompts(3, 5, seed=20 + i))
+        for i in range(6)
+    ]
+    expected = [model.generate(ids, adapter_ids=rows, **kwargs) for rows, ids in jobs]
+    results: dict[int, torch.Tensor] = {}
+
+    def run(i: int) -> None:
+        rows, ids = jobs[i]
+        results[i] = model.generate(ids, adapter_ids=rows, **kwargs)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, out in enumerate(expected):
+        assert results[i].tolist() == out.tolist(), f"job {i}"
