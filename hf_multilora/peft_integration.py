@@ -89,7 +89,6 @@ class _PeftState:
         self.index = {id(layer): i for i, layer in enumerate(self.layers)}
         weight = self.layers[0].base_layer.weight
         self.runtime = LoraRuntime(list(layers), weight.device, weight.dtype)
-        self._names = list(layers)
         self._route_key: tuple | None = None
         self._sources: dict[str, tuple[PeftLoraLinear, torch.Tensor]] = {}  # adapter -> (a layer, its A then)
         self.routed_names: Sequence[str] | None = None  # the adapter_names this forward was routed for
@@ -130,7 +129,7 @@ class _PeftState:
             source = next((layer for layer in self.layers if name in layer.lora_A), None)
             if source is not None:
                 self._sources[name] = (source, source.lora_A[name].weight)
-            for layer_name, layer in zip(self._names, self.layers, strict=True):
+            for layer_name, layer in zip(self.runtime.module_names, self.layers, strict=True):
                 if name not in layer.lora_A:
                     continue
                 a, b = layer.lora_A[name].weight, layer.lora_B[name].weight

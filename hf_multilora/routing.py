@@ -52,20 +52,27 @@ def _resolve_one(row: int, entry: Any, known: Sequence[str]) -> str | None:
     return entry
 
 
-def batch_rows(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
-    """Rows of the batch a generate()/forward() call was given, or None when it cannot be told."""
+def _batch_tensor(args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The [rows, tokens, ...] tensor a generate()/forward() call was given: the first positional
+    argument, `input_ids`, generate's `inputs`, or `inputs_embeds`."""
     for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs"), kwargs.get("inputs_embeds")):
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            return value.shape[0]
+            return value
     return None
+
+
+def batch_rows(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
+    """Rows of the batch a generate()/forward() call was given, or None when it cannot be told."""
+    batch = _batch_tensor(args, kwargs)
+    return None if batch is None else batch.shape[0]
 
 
 def forward_shape(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int, int]:
     """(rows, tokens per row) of one model forward."""
-    for value in (kwargs.get("input_ids"), *args[:1], kwargs.get("inputs_embeds")):
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            return value.shape[0], value.shape[1]
-    raise ValueError("cannot route adapters: the forward got neither input_ids nor inputs_embeds")
+    batch = _batch_tensor(args, kwargs)
+    if batch is None:
+        raise ValueError("cannot route adapters: the forward got neither input_ids nor inputs_embeds")
+    return batch.shape[0], batch.shape[1]
 
 
 def expand_rows(row_slots: Sequence[int], rows: int) -> list[int]:
