@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from .adapters.host_store import HostAdapter, ModuleLora
+from .adapters.host_store import pack_adapter
 from .layers import LoraRuntime
 from .routing import BASE_ADAPTER
 
@@ -125,23 +125,16 @@ class _PeftState:
         """Copy adapters from the PEFT layers into the device store (once per adapter version)."""
         store = self.runtime.store
         for name in names:
-            pieces, modules, offset = [], {}, 0
+            loras = {}
             source = next((layer for layer in self.layers if name in layer.lora_A), None)
             if source is not None:
                 self._sources[name] = (source, source.lora_A[name].weight)
             for layer_name, layer in zip(self.runtime.module_names, self.layers, strict=True):
-                if name not in layer.lora_A:
-                    continue
-                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-                rank = a.shape[0]
-                modules[layer_name] = ModuleLora(
-                    offset, offset + a.numel(), rank, float(layer.scaling[name]), a.shape[1], b.shape[0]
-                )
-                pieces += [a.detach().reshape(-1), b.detach().reshape(-1)]
-                offset += a.numel() + b.numel()
-            if modules:
-                flat = torch.cat([p.to(device=store.device, dtype=store.dtype) for p in pieces])
-                store.ensure([HostAdapter(name, "peft", {}, flat, modules)])
+                if name in layer.lora_A:
+                    a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+                    loras[layer_name] = (a, b, float(layer.scaling[name]))
+            if loras:
+                store.ensure([pack_adapter(name, "peft", {}, loras, store.dtype, store.device)])
 
 
 def _make_forward(state: _PeftState):

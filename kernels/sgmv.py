@@ -8,15 +8,21 @@ Tokens with slot -1 are never read or written.
 Adapter weights are NOT passed as stacked per-adapter tensors. They live in one flat storage tensor
 and a location table says where: `locations[s, slot] = (a_offset, b_offset, rank)` in elements of
 `weights`, `scales[s, slot]` the LoRA scale. A later page pool can hand out storage without a copy,
-and memory is proportional to each adapter's real rank. `s` indexes slices: several projections
+and memory is proportional to each adapter's real rank. Both matrices are stored rank-row-major:
+A as [rank, in] and B transposed, as [rank, out], so every rank row is one contiguous feature
+vector. Offsets are multiples of WEIGHT_ALIGN elements: the kernels then read weights with 16-byte
+vector loads (an offset loaded from memory otherwise counts as unaligned, and every weight would
+be read one element per instruction). `s` indexes slices: several projections
 that share their input (q/k/v, gate/up) run in one launch. rank 0 means "this adapter does not
 target this slice": its tokens get nothing added.
 
 Tokens are grouped by adapter once per forward (`plan_sgmv`); every layer reuses the plan. The
 kernels work on tiles of up to `block_m` tokens of one adapter, so a long prefill segment uses
 tensor-core tiles and decode (one token per row, all adapters distinct) costs one small tile per
-row. Shrink splits its reduction over the input dimension when there are too few tiles to fill
-the GPU, writing one partial per split; expand sums the partials (no atomics, no zero fill).
+row. A decode shrink gives each program one rank row of A to read whole (long contiguous reads,
+no partials); a prefill shrink splits its reduction over the input dimension when there are too
+few tiles to fill the GPU, writing one partial per split that expand sums (no atomics, no zero
+fill).
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ RANK_TILE = 16  # tensor-core granularity of the rank dimension; compute rounds 
 _TARGET_PROGRAMS = 512  # enough programs in flight to cover ~132 SMs a few times
 _GEMV_SEGMENT = 4  # adapters with at most this many tokens in a batch go through 1-token (GEMV) tiles
 MAX_SPLIT = 16  # most split-K partials a shrink writes; expand sums them in one load
+WEIGHT_ALIGN = 8  # elements; every a_offset / b_offset in a location table is a multiple of this
+_GEMV_BLOCK_K = 4096  # decode shrink: one program reads a whole rank row of A in one sweep
+
+
+def align_up(n: int) -> int:
+    """The first offset >= n at which a matrix may start in the flat weight storage."""
+    return -(-n // WEIGHT_ALIGN) * WEIGHT_ALIGN
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,7 @@ def _sgmv_shrink_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     tile = tl.program_id(0)
     s = tl.program_id(1) % NUM_SLICES
@@ -155,7 +169,7 @@ def _sgmv_shrink_kernel(
     rank = tl.minimum(tl.load(loc + 2).to(tl.int32), v_width)  # memory safety if max_rank was too small
     if r_block * BLOCK_R >= rank:
         return
-    a_ptr = w_ptr + tl.load(loc)
+    a_ptr = w_ptr + tl.multiple_of(tl.load(loc), ALIGN)
     start = tl.load(tiles_ptr + num_tiles + tile)
     end = tl.load(tiles_ptr + 2 * num_tiles + tile)
 
@@ -211,13 +225,15 @@ def _sgmv_expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    ALIGN: tl.constexpr,
+    SLICE_ALIGN: tl.constexpr,
 ):
     tile = tl.program_id(0)
     s = tl.program_id(1)
     n_block = tl.program_id(2)
 
-    n_begin = tl.load(slice_offsets_ptr + s)
-    width = tl.load(slice_offsets_ptr + s + 1) - n_begin
+    n_begin = tl.multiple_of(tl.load(slice_offsets_ptr + s), SLICE_ALIGN)
+    width = tl.multiple_of(tl.load(slice_offsets_ptr + s + 1) - n_begin, SLICE_ALIGN)
     if n_block * BLOCK_N >= width:
         return
     slot = tl.load(tiles_ptr + tile).to(tl.int64)
@@ -225,7 +241,7 @@ def _sgmv_expand_kernel(
     rank = tl.minimum(tl.load(loc + 2).to(tl.int32), v_width)
     if rank == 0:
         return
-    b_ptr = w_ptr + tl.load(loc + 1)
+    b_ptr = w_ptr + tl.multiple_of(tl.load(loc + 1), ALIGN)
     scale = tl.load(scale_ptr + s * scale_stride_s + slot * scale_stride_slot)
     start = tl.load(tiles_ptr + num_tiles + tile)
     end = tl.load(tiles_ptr + 2 * num_tiles + tile)
@@ -250,16 +266,11 @@ def _sgmv_expand_kernel(
             axis=0,
         )
         b_tile = tl.load(
-            b_ptr + offs_n[None, :].to(tl.int64) * rank + offs_r[:, None],
+            b_ptr + offs_r[:, None].to(tl.int64) * width + offs_n[None, :],
             mask=r_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
-        if DOT_IN_FP32:
-            acc += tl.dot(
-                v_tile.to(b_tile.dtype).to(tl.float32), b_tile.to(tl.float32), input_precision="ieee"
-            )
-        else:
-            acc += tl.dot(v_tile.to(b_tile.dtype), b_tile)
+        acc += _matmul(v_tile.to(b_tile.dtype), b_tile, DOT_IN_FP32)
 
     y_tile_ptr = y_ptr + tok[:, None] * y_stride + n_begin + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
@@ -295,20 +306,34 @@ def _shrink_split(num_programs: int, k_blocks: int) -> int:
     return split
 
 
-def _shrink_geometry(plan: SgmvPlan, n_slices: int, k: int) -> tuple[int, int, int, int]:
-    """(block_k, rank blocks, splits, v width) of a shrink launch."""
+@dataclass(frozen=True)
+class _ShrinkGeometry:
+    block_k: int
+    block_r: int  # rank rows per program
+    splits: int  # split-K partials written
+    width: int  # v's last dimension (the plan's max rank)
+    num_warps: int
+
+
+def _shrink_geometry(plan: SgmvPlan, n_slices: int, k: int) -> _ShrinkGeometry:
+    """Decode tiles (one token) give each program one rank row of A to read whole: long contiguous
+    reads, no partials. Longer tiles use tensor-core tiles of RANK_TILE rows, split over K when
+    there are too few tiles to fill the GPU."""
     width = max(plan.max_rank, 1)
+    if plan.block_m == 1:
+        block_k = min(_GEMV_BLOCK_K, max(16, triton.next_power_of_2(k)))
+        return _ShrinkGeometry(block_k, 1, 1, width, num_warps=8)
     block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
     r_blocks = triton.cdiv(width, RANK_TILE)
     split = _shrink_split(plan.num_tiles * n_slices * r_blocks, triton.cdiv(k, block_k))
-    return block_k, r_blocks, split, width
+    return _ShrinkGeometry(block_k, RANK_TILE, split, width, num_warps=4)
 
 
 def shrink_workspace_numel(plan: SgmvPlan, n_slices: int, in_features: int | None = None) -> int:
     """fp32 elements a shrink of this plan needs for its output (see ShrinkCall's `out`); without
     `in_features`, the most any input width needs."""
-    _, _, split, width = _shrink_geometry(plan, n_slices, in_features or 16 * 128)
-    return split * n_slices * plan.num_tokens * width
+    geometry = _shrink_geometry(plan, n_slices, in_features or 16 * 128)
+    return geometry.splits * n_slices * plan.num_tokens * geometry.width
 
 
 class ShrinkCall:
@@ -330,27 +355,27 @@ class ShrinkCall:
         _check_inputs(x, weights, locations)
         n_tokens, k = x.shape
         n_slices = locations.shape[0]
-        block_k, r_blocks, split, width = _shrink_geometry(plan, n_slices, k)
-        shape = (split, n_slices, n_tokens, width)
+        g = _shrink_geometry(plan, n_slices, k)
+        shape = (g.splits, n_slices, n_tokens, g.width)
         if out is None:
             self.v = torch.empty(shape, dtype=torch.float32, device=x.device)
         else:
-            self.v = out[: split * n_slices * n_tokens * width].view(shape)
+            self.v = out[: g.splits * n_slices * n_tokens * g.width].view(shape)
         self._launch = None
         if plan.num_tiles:
-            k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+            k_per_split = triton.cdiv(triton.cdiv(k, g.splits), g.block_k) * g.block_k
             args = (
                 x, weights, locations, plan.tiles, plan.sorted_tokens, self.v,
                 plan.num_tiles, k, k_per_split, x.stride(0),
                 locations.stride(0), locations.stride(1),
-                self.v.stride(0), self.v.stride(1), self.v.stride(2), width,
+                self.v.stride(0), self.v.stride(1), self.v.stride(2), g.width,
             )  # fmt: skip
             constexprs = dict(
-                NUM_SLICES=n_slices, BLOCK_M=plan.block_m, BLOCK_K=block_k, BLOCK_R=RANK_TILE,
-                DOT_IN_FP32=_dot_in_fp32(x.dtype),
+                NUM_SLICES=n_slices, BLOCK_M=plan.block_m, BLOCK_K=g.block_k, BLOCK_R=g.block_r,
+                DOT_IN_FP32=_dot_in_fp32(x.dtype), ALIGN=WEIGHT_ALIGN,
             )  # fmt: skip
-            grid = (plan.num_tiles, split * n_slices, r_blocks)
-            self._launch = BoundLaunch(_sgmv_shrink_kernel, grid, args, constexprs, num_warps=4)
+            grid = (plan.num_tiles, g.splits * n_slices, triton.cdiv(g.width, g.block_r))
+            self._launch = BoundLaunch(_sgmv_shrink_kernel, grid, args, constexprs, g.num_warps)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._launch is not None:
@@ -412,10 +437,13 @@ class ExpandCall:
             )  # fmt: skip
             constexprs = dict(
                 NUM_SPLITS=v.shape[0], BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE,
-                DOT_IN_FP32=_dot_in_fp32(y.dtype),
+                DOT_IN_FP32=_dot_in_fp32(y.dtype), ALIGN=WEIGHT_ALIGN,
+                SLICE_ALIGN=WEIGHT_ALIGN if all(o % WEIGHT_ALIGN == 0 for o in offsets) else 1,
             )  # fmt: skip
             grid = (plan.num_tiles, n_slices, triton.cdiv(widest, block_n))
-            self._launch = BoundLaunch(_sgmv_expand_kernel, grid, args, constexprs, num_warps=4)
+            # A decode tile is one row: a single warp per 128 columns keeps the most loads in flight.
+            num_warps = 1 if plan.block_m == 1 else 4
+            self._launch = BoundLaunch(_sgmv_expand_kernel, grid, args, constexprs, num_warps)
 
     def __call__(self, y: torch.Tensor) -> None:
         if self._launch is not None:
@@ -438,6 +466,18 @@ def sgmv_expand(
 # ----------------------------------------------------------------------------- references
 
 
+def _location_table(locations: torch.Tensor) -> list[list[list[int]]]:
+    """The table on the host, checked against the alignment the kernels assume."""
+    table = locations.tolist()
+    for row in table:
+        for a_offset, b_offset, rank in row:
+            if rank and (a_offset % WEIGHT_ALIGN or b_offset % WEIGHT_ALIGN):
+                raise ValueError(
+                    f"weight offsets ({a_offset}, {b_offset}) are not multiples of {WEIGHT_ALIGN} elements"
+                )
+    return table
+
+
 def _token_groups(plan: SgmvPlan) -> list[tuple[int, torch.Tensor]]:
     token_slots = plan.token_slots.long()
     return [(slot, (token_slots == slot).nonzero().squeeze(1)) for slot in plan.slots]
@@ -453,7 +493,7 @@ def sgmv_shrink_reference(
     v = torch.zeros(
         (1, locations.shape[0], n_tokens, max(plan.max_rank, 1)), dtype=torch.float32, device=x.device
     )
-    table = locations.tolist()
+    table = _location_table(locations)
     for slot, rows in _token_groups(plan):
         for s, (a_offset, _, rank) in enumerate(row[slot] for row in table):
             if rank:
@@ -475,12 +515,12 @@ def sgmv_expand_reference(
     v is rounded to the weight dtype before the second product, y is updated once."""
     _check_inputs(y, weights, locations)
     offsets = _slice_offsets(y, slice_offsets, locations.shape[0])
-    table, scale_table = locations.tolist(), scales.tolist()
+    table, scale_table = _location_table(locations), scales.tolist()
     v_sum = v.sum(0)
     for slot, rows in _token_groups(plan):
         for s, (_, b_offset, rank) in enumerate(row[slot] for row in table):
             if rank:
                 n_begin, n_end = offsets[s], offsets[s + 1]
-                b = weights[b_offset : b_offset + (n_end - n_begin) * rank].view(n_end - n_begin, rank)
-                delta = v_sum[s, rows, :rank].to(weights.dtype).float() @ b.float().T * scale_table[s][slot]
+                b_t = weights[b_offset : b_offset + rank * (n_end - n_begin)].view(rank, n_end - n_begin)
+                delta = v_sum[s, rows, :rank].to(weights.dtype).float() @ b_t.float() * scale_table[s][slot]
                 y[rows, n_begin:n_end] = (y[rows, n_begin:n_end].float() + delta).to(y.dtype)

@@ -5,6 +5,8 @@ import pytest
 import torch
 from conftest import DEVICE
 from hf_multilora.kernels.sgmv import (
+    WEIGHT_ALIGN,
+    align_up,
     plan_sgmv,
     sgmv_expand,
     sgmv_expand_reference,
@@ -16,7 +18,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
 
 def make_adapters(ranks, in_features, slice_widths, dtype, seed, untargeted=()):
-    """Random adapters packed in shuffled order with gaps into one flat storage.
+    """Random adapters packed in shuffled order, with gaps and random (never-read) padding up to the
+    kernels' alignment, into one flat storage; A is [rank, in], B is stored as [rank, out].
 
     ranks[slot] is the adapter's rank; (slot, slice) pairs in `untargeted` get rank 0.
     """
@@ -29,10 +32,13 @@ def make_adapters(ranks, in_features, slice_widths, dtype, seed, untargeted=()):
             rank = 0 if (slot, s) in untargeted else ranks[slot]
             a = torch.randn(rank * in_features, generator=gen) / in_features**0.5
             b = torch.randn(width * rank, generator=gen) / max(rank, 1) ** 0.5
-            gap = torch.randn(int(torch.randint(0, 7, (1,), generator=gen)), generator=gen)
-            locations[s, slot] = torch.tensor([offset + gap.numel(), offset + gap.numel() + a.numel(), rank])
-            pieces += [gap, a, b]
-            offset += gap.numel() + a.numel() + b.numel()
+            gap = torch.randn(WEIGHT_ALIGN * int(torch.randint(0, 3, (1,), generator=gen)), generator=gen)
+            a_pad = torch.randn(align_up(a.numel()) - a.numel(), generator=gen)
+            b_pad = torch.randn(align_up(b.numel()) - b.numel(), generator=gen)
+            a_offset = offset + gap.numel()
+            locations[s, slot] = torch.tensor([a_offset, a_offset + a.numel() + a_pad.numel(), rank])
+            pieces += [gap, a, a_pad, b, b_pad]
+            offset += sum(p.numel() for p in pieces[-5:])
     weights = torch.cat(pieces).to(dtype)
     scales = (torch.rand(n_slices, n_slots, generator=gen) * 2 + 0.25).float()
     return weights.to(DEVICE), locations.to(DEVICE), scales.to(DEVICE)
@@ -51,7 +57,7 @@ def oracle(x, y, weights, locations, scales, token_slots, offsets):
             if rank:
                 width = offsets[s + 1] - offsets[s]
                 a = w[a_off : a_off + rank * k].view(rank, k)
-                b = w[b_off : b_off + width * rank].view(width, rank)
+                b = w[b_off : b_off + rank * width].view(rank, width).T
                 out[t, offsets[s] : offsets[s + 1]] += (b @ (a @ x[t].double().cpu())) * scales[
                     s, slot
                 ].item()
@@ -67,6 +73,7 @@ CASES = {
     "mixed_ranks_repeats_and_base": ([2, -1, 0, 2, 1, -1, 0], 3, [5, 64, 24], 136, [104], ()),
     "multi_slice_gqa": ([1, 0, -1, 1, 2], 4, [16, 8, 32], 64, [64, 16, 16], ((0, 1), (2, 2))),
     "odd_tokens_long_segments": ([0, 1, 0], 45, [16, 48], 40, [24, 56], ()),
+    "unaligned_widths_and_input": ([0, 1, -1, 0, 1], 2, [8, 16], 50, [37, 21, 13], ((1, 2),)),
 }
 
 
@@ -127,6 +134,14 @@ def test_shrink_rejects_mismatched_dtype():
     plan = plan_sgmv([0], 2, 8, DEVICE)
     with pytest.raises(ValueError, match="dtype"):
         sgmv_shrink(torch.randn(2, 32, dtype=torch.float16, device=DEVICE), weights, locations, plan)
+
+
+def test_references_reject_unaligned_weight_offsets():
+    """The kernels read weights with aligned vector loads; the CPU path enforces the same contract."""
+    weights, locations, _ = make_adapters([8], 32, [32], torch.float32, 0)
+    locations[0, 0, 0] += 1
+    with pytest.raises(ValueError, match="multiples of"):
+        sgmv_shrink_reference(torch.randn(2, 32, device=DEVICE), weights, locations, plan_sgmv([0], 2, 8, DEVICE))
 
 
 def test_expand_rejects_bad_slice_offsets():

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_multilora.adapters.host_store import HostAdapter, ModuleLora
+from hf_multilora.adapters.host_store import HostAdapter, pack_adapter
 
 __all__ = [
     "AdapterLoadError",
@@ -118,7 +118,8 @@ def load_peft_adapter(
     """Load a PEFT LoRA adapter as one flat host tensor laid out for the batched kernels.
 
     `flat` holds, for each targeted module in sorted name order, A ([rank, in] row-major) then B
-    ([out, rank] row-major), converted to `dtype`; offsets in `ModuleLora` are element offsets into it.
+    transposed ([rank, out] row-major), converted to `dtype`, each starting at a multiple of the
+    kernels' WEIGHT_ALIGN; offsets in `ModuleLora` are element offsets into it.
     Everything is validated before the flat tensor is allocated and nothing outside the returned object is
     touched (in particular not `model`), so a failed load leaves no trace.
 
@@ -138,18 +139,13 @@ def load_peft_adapter(
     _check_config(name, config)
     state_dict = _read_weights(name, weights_path)
     pairs, stray_keys = _collect_lora_pairs(name, state_dict, weights_path)
-    modules = _check_modules(name, config, pairs, model)
+    loras = _check_modules(name, config, pairs, model)
     if stray_keys:
         raise _stray_error(name, stray_keys)
 
-    total = sum(m.rank * (m.in_features + m.out_features) for m in modules.values())
-    flat = torch.empty(total, dtype=dtype, device="cpu", pin_memory=pin_memory and _can_pin())
-    for module_name, lora in modules.items():
-        a, b = pairs[module_name]
-        flat[lora.a_offset : lora.a_offset + a.numel()].copy_(a.reshape(-1))
-        flat[lora.b_offset : lora.b_offset + b.numel()].copy_(b.reshape(-1))
-
-    return HostAdapter(name=name, source=str(directory), config=config, flat=flat, modules=modules)
+    return pack_adapter(
+        name, str(directory), config, loras, dtype, pin_memory=pin_memory and _can_pin()
+    )
 
 
 # --------------------------------------------------------------------------------------------- source
@@ -433,8 +429,8 @@ def _check_modules(
     config: dict[str, Any],
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
     model: nn.Module,
-) -> dict[str, ModuleLora]:
-    """Validate every target against the base model and lay the modules out in sorted name order."""
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Validate every target against the base model; (A, B, scale) per module in sorted name order."""
     targets = lora_target_modules(model)
     all_modules = dict(model.named_modules())
     output_embedding = _output_embedding(model)
@@ -444,8 +440,7 @@ def _check_modules(
     alpha_pattern = config.get("alpha_pattern") or {}
     use_rslora = bool(config.get("use_rslora", False))
 
-    modules: dict[str, ModuleLora] = {}
-    offset = 0
+    loras: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module_name in sorted(pairs):
         a, b = pairs[module_name]
         module = all_modules.get(module_name)
@@ -501,18 +496,8 @@ def _check_modules(
             )
         # Exactly PEFT's LoraLayer.update_layer arithmetic, so the served output matches PEFT's.
         scale = alpha / math.sqrt(r_cfg) if use_rslora else alpha / r_cfg
-        a_offset = offset
-        b_offset = a_offset + rank * in_features
-        offset = b_offset + out_features * rank
-        modules[module_name] = ModuleLora(
-            a_offset=a_offset,
-            b_offset=b_offset,
-            rank=rank,
-            scale=float(scale),
-            in_features=in_features,
-            out_features=out_features,
-        )
-    return modules
+        loras[module_name] = (a, b, float(scale))
+    return loras
 
 
 def _pattern_value(name: str, pattern: Any, module_name: str, default: Any, field_name: str) -> Any:

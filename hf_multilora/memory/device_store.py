@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..adapters.host_store import HostAdapter
-from ..kernels.sgmv import LOCATION_FIELDS
+from ..kernels.sgmv import LOCATION_FIELDS, align_up
 
 
 class DeviceMemoryError(RuntimeError):
@@ -68,7 +68,7 @@ class DeviceAdapterStore:
         needed = {a.name for a in adapters}
         missing = [a for a in {a.name: a for a in adapters}.values() if a.name not in self._resident]
         if self.max_bytes is not None:
-            want = sum(a.flat.numel() for a in missing) * self.weights.element_size()
+            want = sum(align_up(a.flat.numel()) for a in missing) * self.weights.element_size()
             budget = self.max_bytes - self._used_elements() * self.weights.element_size()
             evictable = sum(r.length for n, r in self._resident.items() if n not in needed)
             if want > budget + evictable * self.weights.element_size():
@@ -104,7 +104,7 @@ class DeviceAdapterStore:
         return sum(r.length for r in self._resident.values())
 
     def _place(self, adapter: HostAdapter, protect: Iterable[str]) -> None:
-        length = adapter.flat.numel()
+        length = align_up(adapter.flat.numel())  # keeps every range, so every offset, aligned
         if self.max_bytes is not None:
             protect = set(protect)
             while (self._used_elements() + length) * self.weights.element_size() > self.max_bytes:
@@ -113,8 +113,8 @@ class DeviceAdapterStore:
                 self.evictions += 1
         offset = self._allocate(length)
         slot = self._take_slot()
-        self.weights[offset : offset + length].copy_(adapter.flat, non_blocking=True)
-        self.bytes_copied += length * self.weights.element_size()
+        self.weights[offset : offset + adapter.flat.numel()].copy_(adapter.flat, non_blocking=True)
+        self.bytes_copied += adapter.nbytes
 
         column = torch.zeros(len(self.module_index), LOCATION_FIELDS, dtype=torch.int64)
         scales = torch.zeros(len(self.module_index), dtype=torch.float32)
