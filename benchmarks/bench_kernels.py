@@ -42,10 +42,15 @@ from hf_multilora.kernels.sgmv import (
     sgmv_shrink,
     sgmv_shrink_reference,
 )
+from hf_multilora.memory.page_pool import PagePool
+
+from hf_multilora.adapters.host_store import pack_adapter
+from hf_multilora.memory.adapter_cache import AdapterCache, page_layout
 
 TOLERANCE = 2e-2  # relative error of bf16 kernel outputs against the fp32-product references
 TARGET_DECODE_RATIO = 0.5  # (shrink + expand) / base GEMM at decode
 HOST_CALLS = 200
+PAGE_ELEMS = 131072  # the pool page of Llama-2-7B: one layer's K and V for 16 tokens
 
 Timer = Callable[[Callable[[], Any]], float]  # fn -> milliseconds
 
@@ -73,7 +78,8 @@ class Case:
 class Operands:
     """One independent set of everything a timed call reads or writes."""
 
-    weights: torch.Tensor
+    weights: torch.Tensor  # a page pool's storage
+    rows: torch.Tensor
     locations: torch.Tensor
     scales: torch.Tensor
     base: list[torch.Tensor]  # one [width, in] base weight per slice
@@ -95,36 +101,48 @@ def pack_adapters(
     widths: Sequence[int],
     dtype: torch.dtype,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random adapters in the kernels' layout: one flat tensor, A [rank, in] then B stored as
-    [rank, width] per (adapter, slice), located by locations[slice, slot] = (a_offset, b_offset, rank)."""
-    if rank * in_features != align_up(rank * in_features) or rank * min(widths) != align_up(rank * min(widths)):
-        raise SystemExit("rank x features must be a multiple of the kernels' weight alignment here")
-    locations = torch.zeros(len(widths), n_adapters, 3, dtype=torch.int64)
-    pieces, offset = [], 0
-    for slot in range(n_adapters):
-        for s, width in enumerate(widths):
-            a = torch.randn(rank * in_features, device=device) / in_features**0.5
-            b = torch.randn(rank * width, device=device) / rank**0.5
-            locations[s, slot] = torch.tensor([offset, offset + a.numel(), rank])
-            pieces += [a, b]
-            offset += a.numel() + b.numel()
-    weights = torch.cat(pieces).to(dtype)
-    scales = torch.rand(len(widths), n_adapters, device=device) * 2 + 0.25
-    return weights, locations.to(device), scales
+) -> AdapterCache:
+    """Random adapters laid out exactly as the runtime lays them out: host tensors packed by
+    `pack_adapter`, their rank rows copied into pages of a pool by an AdapterCache (one module per
+    slice), all resident."""
+    modules = [f"slice{s}" for s in range(len(widths))]
+    adapters = [
+        pack_adapter(
+            f"adapter{i}",
+            "bench",
+            {},
+            {
+                m: (
+                    torch.randn(rank, in_features) / in_features**0.5,
+                    torch.randn(width, rank) / rank**0.5,
+                    float(torch.rand(()) * 2 + 0.25),
+                )
+                for m, width in zip(modules, widths, strict=True)
+            },
+            dtype,
+        )
+        for i in range(n_adapters)
+    ]
+    page_elems = align_up(max(PAGE_ELEMS, in_features, *widths))
+    pages = sum(len(page_layout(a, page_elems).ranges) for a in adapters)
+    cache = AdapterCache(modules, PagePool(pages, page_elems, dtype, device))
+    cache.acquire(adapters)
+    if [cache.resident(a.name).slot for a in adapters] != list(range(n_adapters)):
+        raise SystemExit("expected adapter i in slot i (make_plan relies on it)")
+    return cache
 
 
 def make_operands(
     case: Case, n_adapters: int, rank: int, dtype: torch.dtype, device: torch.device
 ) -> Operands:
-    weights, locations, scales = pack_adapters(n_adapters, rank, case.in_features, case.widths, dtype, device)
+    cache = pack_adapters(n_adapters, rank, case.in_features, case.widths, dtype, device)
     base = [
         torch.randn(w, case.in_features, device=device, dtype=dtype) / case.in_features**0.5
         for w in case.widths
     ]
     x = torch.randn(case.tokens, case.in_features, device=device, dtype=dtype)
     y = torch.randn(case.tokens, sum(case.widths), device=device, dtype=dtype)
-    return Operands(weights, locations, scales, base, x, y)
+    return Operands(cache.pool.storage, cache.rows, cache.locations, cache.scales, base, x, y)
 
 
 def make_plan(case: Case, n_adapters: int, rank: int, device: torch.device) -> SgmvPlan:
@@ -160,15 +178,15 @@ def check_case(
     ops = make_operands(case, n_adapters, rank, dtype, device)
     plan = make_plan(case, n_adapters, rank, device)
     offsets = case.offsets
-    v = sgmv_shrink(ops.x, ops.weights, ops.locations, plan)
-    v_ref = sgmv_shrink_reference(ops.x, ops.weights, ops.locations, plan)
+    v = sgmv_shrink(ops.x, ops.weights, ops.rows, ops.locations, plan)
+    v_ref = sgmv_shrink_reference(ops.x, ops.weights, ops.rows, ops.locations, plan)
 
     y_ref = ops.y.clone()
-    sgmv_expand_reference(y_ref, v_ref, ops.weights, ops.locations, ops.scales, plan, offsets)
+    sgmv_expand_reference(y_ref, v_ref, ops.weights, ops.rows, ops.locations, ops.scales, plan, offsets)
     y_expand = ops.y.clone()
-    sgmv_expand(y_expand, v_ref, ops.weights, ops.locations, ops.scales, plan, offsets)
+    sgmv_expand(y_expand, v_ref, ops.weights, ops.rows, ops.locations, ops.scales, plan, offsets)
     y_both = ops.y.clone()
-    sgmv_expand(y_both, v, ops.weights, ops.locations, ops.scales, plan, offsets)
+    sgmv_expand(y_both, v, ops.weights, ops.rows, ops.locations, ops.scales, plan, offsets)
 
     delta_ref = y_ref.float() - ops.y.float()
     return {
@@ -225,12 +243,12 @@ def time_case(
     offsets = case.offsets
     slices = list(itertools.pairwise(offsets))
     for s in sets:
-        s.shrink = ShrinkCall(s.x, s.weights, s.locations, plan)
+        s.shrink = ShrinkCall(s.x, s.weights, s.rows, s.locations, plan)
         s.v = s.shrink(s.x)
-        s.expand = ExpandCall(s.y, s.v, s.weights, s.locations, s.scales, plan, offsets)
+        s.expand = ExpandCall(s.y, s.v, s.weights, s.rows, s.locations, s.scales, plan, offsets)
         s.per_slice = [
             ExpandCall(
-                s.y[:, lo:hi], s.v[:, i : i + 1], s.weights, s.locations[i : i + 1], s.scales[i : i + 1], plan
+                s.y[:, lo:hi], s.v[:, i : i + 1], s.weights, s.rows, s.locations[i : i + 1], s.scales[i : i + 1], plan
             )
             for i, (lo, hi) in enumerate(slices)
         ]

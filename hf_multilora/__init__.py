@@ -6,7 +6,7 @@ from .adapters.loading import (
     AdapterShapeError,
     UnsupportedAdapterError,
 )
-from .memory.device_store import DeviceMemoryError
+from .memory.page_pool import PagePool, PoolExhaustedError
 from .model import MultiLoraModel
 from .peft_integration import disable, enable
 
@@ -14,8 +14,9 @@ __all__ = [
     "AdapterLoadError",
     "AdapterNotFoundError",
     "AdapterShapeError",
-    "DeviceMemoryError",
     "MultiLoraModel",
+    "PagePool",
+    "PoolExhaustedError",
     "UnsupportedAdapterError",
     "disable",
     "enable",

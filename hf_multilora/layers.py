@@ -1,7 +1,7 @@
 """The LoRA step of one targeted linear layer: y = base(x), then y += SGMV delta, in place.
 
-One `LoraRuntime` is shared by every LoRA layer of a model. It holds the device weights and the
-plan of the current forward (built once by routing, reused by every layer), and picks Triton on
+One `LoraRuntime` is shared by every LoRA layer of a model. It holds the adapter cache (adapter
+rows in pool pages) and the plan of the current forward (built once by routing, reused by every layer), and picks Triton on
 CUDA and the plain-PyTorch reference elsewhere. Projections that read the same input (q/k/v,
 gate/up) are siblings: the first one's shrink covers all of them in one multi-slice launch and the
 others reuse it.
@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .kernels import sgmv
-from .memory.device_store import DeviceAdapterStore
+from .memory.adapter_cache import AdapterCache
+from .memory.page_pool import PagePool
 
 _SIBLING_SETS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"})
 
@@ -71,7 +72,7 @@ class _Recipe:
 
 
 def add_lora_to_forward(
-    module: torch.nn.Module, index: int, runtime_of: Callable[[], LoraRuntime]
+    module: torch.nn.Module, index: int, runtime_of: Callable[[], LoraRuntime | None]
 ) -> Callable[[], None]:
     """Make `module` add the LoRA delta of the current plan to its output; returns the undo.
 
@@ -84,7 +85,7 @@ def add_lora_to_forward(
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = base_forward(x, *args, **kwargs)
         runtime = runtime_of()
-        if runtime.plan is not None and runtime.module_mask >> index & 1:
+        if runtime is not None and runtime.plan is not None and runtime.module_mask >> index & 1:
             runtime.apply(index, x, y)
         return y
 
@@ -99,9 +100,9 @@ def add_lora_to_forward(
 
 
 class LoraRuntime:
-    def __init__(self, module_names: Sequence[str], device: torch.device, dtype: torch.dtype, **store_kwargs):
+    def __init__(self, module_names: Sequence[str], pool: PagePool) -> None:
         self.module_names = list(module_names)
-        self.store = DeviceAdapterStore(self.module_names, device, dtype, **store_kwargs)
+        self.cache = AdapterCache(self.module_names, pool)
         self.groups = sibling_groups(self.module_names)
         self.plan: sgmv.SgmvPlan | None = None
         self.module_mask = 0
@@ -121,22 +122,21 @@ class LoraRuntime:
         if row_slots is None or all(s < 0 for s in row_slots):
             self.clear()
             return
-        store = self.store
-        key = (tuple(row_slots), tokens_per_row, store.locations.data_ptr(), store.weights.data_ptr())
+        cache = self.cache
+        key = (tuple(row_slots), tokens_per_row, cache.version)
         if key == self._plan_key:
             return
-        residents = {r.slot: r for r in (store.resident(n) for n in store.resident_names)}
-        used = [residents[s] for s in set(row_slots) if s >= 0]
+        used = [cache.resident_at(s) for s in set(row_slots) if s >= 0]
         self.clear()
         for r in used:
             self.module_mask |= r.module_mask
-        self.plan = sgmv.plan_sgmv(row_slots, tokens_per_row, max(r.max_rank for r in used), store.device)
+        self.plan = sgmv.plan_sgmv(row_slots, tokens_per_row, max(r.max_rank for r in used), cache.device)
         self._plan_key = key
-        self._kernels = _use_triton(store.weights)
+        self._kernels = _use_triton(cache.pool.storage)
         if self._kernels:
             sizes = {g.size for g in self.groups}
             need = max(sgmv.shrink_workspace_numel(self.plan, size) for size in sizes)
-            self._workspace = torch.empty(need, dtype=torch.float32, device=store.device)
+            self._workspace = torch.empty(need, dtype=torch.float32, device=cache.device)
 
     def clear(self) -> None:
         self.plan, self.module_mask, self._plan_key, self._shrunk = None, 0, None, None
@@ -165,9 +165,10 @@ class LoraRuntime:
                 f"layer {self.module_names[module]} got {x2.shape[0]} tokens but the batch was planned "
                 f"for {self.plan.num_tokens}; pass adapter_ids with the call that runs this forward"
             )
-        if x2.dtype != self.store.dtype:
-            x2 = x2.to(self.store.dtype)
-        out = y if y.is_contiguous() and y.dtype == self.store.dtype else y.contiguous().to(self.store.dtype)
+        dtype = self.cache.dtype
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        out = y if y.is_contiguous() and y.dtype == dtype else y.contiguous().to(dtype)
         out2 = out.view(-1, out.shape[-1])
         if self._kernels:
             self._apply_kernels(module, x, x2, out2)
@@ -200,15 +201,16 @@ class LoraRuntime:
     def _prepare(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> _Recipe:
         """Plan once, run many: the launches of this module under the current plan. All groups share
         one shrink workspace: a group's v is used by its members before any other shrink runs."""
-        store, plan, group = self.store, self.plan, self.groups[module]
+        cache, plan, group = self.cache, self.plan, self.groups[module]
         first = self._recipes.get(group.first) if group.first != module else None
         shrink = (
             first.shrink
             if first
             else sgmv.ShrinkCall(
                 x2,
-                store.weights,
-                store.locations[group.first : group.first + group.size],
+                cache.pool.storage,
+                cache.rows,
+                cache.locations[group.first : group.first + group.size],
                 plan,
                 out=self._workspace,
             )
@@ -218,9 +220,10 @@ class LoraRuntime:
         expand = sgmv.ExpandCall(
             out2,
             shrink.v[:, position : position + 1],
-            store.weights,
-            store.locations[m],
-            store.scales[m],
+            cache.pool.storage,
+            cache.rows,
+            cache.locations[m],
+            cache.scales[m],
             plan,
         )
         self._recipes[module] = _Recipe(shrink, expand, x2.dtype, tuple(x2.shape), tuple(out2.shape))
@@ -229,6 +232,7 @@ class LoraRuntime:
     def _apply_reference(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> None:
         """The plain-PyTorch path (CPU): per module, since sharing a group's shrink buys nothing
         without launch costs."""
-        store, m = self.store, slice(module, module + 1)
-        v = sgmv.sgmv_shrink_reference(x2, store.weights, store.locations[m], self.plan)
-        sgmv.sgmv_expand_reference(out2, v, store.weights, store.locations[m], store.scales[m], self.plan)
+        cache, m = self.cache, slice(module, module + 1)
+        weights, rows = cache.pool.storage, cache.rows
+        v = sgmv.sgmv_shrink_reference(x2, weights, rows, cache.locations[m], self.plan)
+        sgmv.sgmv_expand_reference(out2, v, weights, rows, cache.locations[m], cache.scales[m], self.plan)

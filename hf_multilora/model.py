@@ -1,14 +1,16 @@
 """MultiLoraModel: one HF base model, many LoRA adapters, one batched generate() with an adapter per row.
 
-The base model is left as it is: targeted linear layers get a forward hook that adds the SGMV delta
-of the current plan, and a pre-forward hook on the model plans each forward once. Adapters live in
-a host store (pinned when CUDA is there); a call copies the ones it needs into device memory.
+The base model is left as it is: targeted linear layers get a forward that adds the SGMV delta of
+the current plan, and a pre-forward hook on the model plans each forward once. Adapters live in a
+host store (pinned when CUDA is there); a call copies the rank rows of the ones it needs into pages
+of the model's unified page pool, which is created on the first call on the base model's device.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -17,21 +19,41 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .adapters.host_store import HostAdapter
-from .adapters.loading import load_peft_adapter, lora_target_modules
+from .adapters.loading import AdapterSource, ModelTargets, check_peft_adapter, load_peft_adapter
+from .kernels.sgmv import align_up
 from .layers import LoraRuntime, add_lora_to_forward
+from .memory.page_pool import PagePool
 from .routing import BASE_ADAPTER, batch_rows, expand_rows, forward_shape, resolve_adapter_ids
+
+KV_BLOCK_SIZE = 16  # tokens per KV block: with the model's KV width it sets the pool's page size
+DEFAULT_POOL_FRACTION = 0.5  # of the device memory free at the first call, when no size is given
+DEFAULT_CPU_POOL_BYTES = 256 * 2**20
 
 
 class MultiLoraModel(torch.nn.Module):
-    def __init__(self, base_model: PreTrainedModel, *, device_adapter_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        *,
+        pool_bytes: int | None = None,
+        pool_fraction: float | None = None,
+        host_cache_bytes: int | None = None,
+    ) -> None:
         """Wrap an already loaded base model.
 
-        `device_adapter_bytes` caps the device memory held by adapter weights; past it, adapters
-        the running call does not use are evicted least recently used first (None: no cap).
+        The unified page pool (adapter weights and, through PagedCache, KV blocks) takes
+        `pool_bytes`, or `pool_fraction` of the device memory free at the first call (default
+        0.5 on CUDA; 256 MiB on CPU). Adapters the running call does not use are evicted least
+        recently used first when pages run out.
+
+        Registering an adapter checks it without reading its weights; they are read at first use
+        into a host copy (pinned on CUDA). `host_cache_bytes` bounds those copies (None: keep all):
+        past it the least recently used are dropped and read from disk again when needed.
         """
         super().__init__()
         self.base_model = base_model
-        targets = lora_target_modules(base_model)
+        self._targets = ModelTargets.of(base_model)
+        targets = self._targets.targets
         if not targets:
             raise ValueError(
                 f"{type(base_model).__name__} has no Linear or Conv1D layer a LoRA adapter could target"
@@ -43,12 +65,15 @@ class MultiLoraModel(torch.nn.Module):
             )
         self._module_names = list(targets)
         self._modules_by_name = dict(base_model.named_modules())
-        self._registry: dict[str, HostAdapter] = {}
+        self._registry: dict[str, AdapterSource] = {}
+        self._hosts: OrderedDict[str, HostAdapter] = OrderedDict()  # host copies, LRU order
+        self._host_cache_bytes = _positive_or_none("host_cache_bytes", host_cache_bytes)
+        self._host_loads = 0
         self._hooks: dict[int, Callable[[], None]] = {}  # module index -> undo of its LoRA forward
         self._lock = threading.RLock()
         self._row_slots: list[int] | None = None
-        self._device_adapter_bytes = device_adapter_bytes
-        self._runtime = self._new_runtime()
+        self._pool_size = _pool_size(pool_bytes, pool_fraction)
+        self._runtime: LoraRuntime | None = None  # built on the first call, on the base's device
         self._plan_hook = base_model.register_forward_pre_hook(self._plan_forward, with_kwargs=True)
 
     @classmethod
@@ -57,7 +82,9 @@ class MultiLoraModel(torch.nn.Module):
         base: str | os.PathLike | PreTrainedModel,
         adapters: Mapping[str, str | os.PathLike] | None = None,
         *,
-        device_adapter_bytes: int | None = None,
+        pool_bytes: int | None = None,
+        pool_fraction: float | None = None,
+        host_cache_bytes: int | None = None,
         **hf_kwargs: Any,
     ) -> MultiLoraModel:
         """Load the base (path, hub id or a loaded PreTrainedModel) and register `adapters`
@@ -68,7 +95,7 @@ class MultiLoraModel(torch.nn.Module):
             model = base
         else:
             model = AutoModelForCausalLM.from_pretrained(base, **hf_kwargs)
-        multi = cls(model, device_adapter_bytes=device_adapter_bytes)
+        multi = cls(model, pool_bytes=pool_bytes, pool_fraction=pool_fraction, host_cache_bytes=host_cache_bytes)
         for name, source in (adapters or {}).items():
             multi.load_adapter(source, name)
         return multi
@@ -81,7 +108,8 @@ class MultiLoraModel(torch.nn.Module):
         return list(self._registry)
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str, *, replace: bool = False) -> None:
-        """Register a PEFT LoRA adapter (folder or hub id). A failure leaves the registry as it was."""
+        """Register a PEFT LoRA adapter (folder or hub id): config, tensor names and shapes are
+        checked now, the weights are read at first use. A failure leaves the registry as it was."""
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER:
             raise ValueError(f"invalid adapter name {adapter_name!r}")
         with self._lock:
@@ -89,24 +117,57 @@ class MultiLoraModel(torch.nn.Module):
                 raise ValueError(
                     f"adapter {adapter_name!r} is already loaded; pass replace=True to replace it"
                 )
-            adapter = load_peft_adapter(
-                adapter_name,
-                path,
-                self.base_model,
-                self.base_model.dtype,
-                pin_memory=torch.cuda.is_available(),
-            )
-            self._runtime.store.drop(adapter_name)
-            self._registry[adapter_name] = adapter
+            source = check_peft_adapter(adapter_name, path, self._targets)
+            self._forget_copies(adapter_name)
+            self._registry[adapter_name] = source
             self._sync_hooks()
 
     def unload_adapter(self, adapter_name: str) -> None:
         with self._lock:
             if adapter_name not in self._registry:
                 raise KeyError(f"unknown adapter {adapter_name!r}; known adapters: {self.adapter_names}")
-            self._runtime.store.drop(adapter_name)
+            self._forget_copies(adapter_name)
             del self._registry[adapter_name]
             self._sync_hooks()
+
+    def prefetch_adapters(self, adapter_names: Sequence[str]) -> None:
+        """Read these adapters into host memory if needed and start copying them into the pool
+        (on a side CUDA stream), so that a later call finds them resident."""
+        with self._lock:
+            unknown = [n for n in adapter_names if n not in self._registry]
+            if unknown:
+                raise KeyError(f"unknown adapters {unknown}; known adapters: {self.adapter_names}")
+            names = list(dict.fromkeys(adapter_names))
+            self._follow_base_placement().cache.prefetch(self._host_adapters(names))
+
+    def _forget_copies(self, adapter_name: str) -> None:
+        self._hosts.pop(adapter_name, None)
+        if self._runtime is not None:
+            self._runtime.cache.drop(adapter_name)
+
+    def _host_adapters(self, names: list[str]) -> list[HostAdapter]:
+        """Host copies of `names`, read from disk when not cached; then the cache is trimmed to
+        host_cache_bytes, least recently used first, never dropping these."""
+        hosts = []
+        for name in names:
+            host = self._hosts.pop(name, None)
+            if host is None:
+                host = load_peft_adapter(
+                    name,
+                    self._registry[name].directory,
+                    self._targets,
+                    self.base_model.dtype,
+                    pin_memory=torch.cuda.is_available(),
+                )
+                self._host_loads += 1
+            self._hosts[name] = host
+            hosts.append(host)
+        if self._host_cache_bytes is not None:
+            for old in [n for n in self._hosts if n not in names]:
+                if sum(h.nbytes for h in self._hosts.values()) <= self._host_cache_bytes:
+                    break
+                del self._hosts[old]
+        return hosts
 
     def _sync_hooks(self) -> None:
         """LoRA forwards on exactly the modules some registered adapter targets."""
@@ -153,51 +214,64 @@ class MultiLoraModel(torch.nn.Module):
             names = resolve_adapter_ids(
                 adapter_ids, adapter_names, self.adapter_names, batch_rows(args, kwargs)
             )
-            self._follow_base_placement()
-            self._row_slots = self._make_resident(names) if names is not None else None
+            runtime = self._follow_base_placement()
+            distinct = list(dict.fromkeys(n for n in names or () if n is not None))
+            residents = runtime.cache.acquire(self._host_adapters(distinct))
+            slot_of = {n: r.slot for n, r in zip(distinct, residents, strict=True)}
+            self._row_slots = [slot_of[n] if n is not None else -1 for n in names] if names else None
             try:
                 yield
             finally:
                 self._row_slots = None
-                self._runtime.clear()
-
-    def _make_resident(self, names: list[str | None]) -> list[int]:
-        distinct = list(dict.fromkeys(n for n in names if n is not None))
-        residents = self._runtime.store.ensure([self._registry[n] for n in distinct])
-        slot_of = {n: r.slot for n, r in zip(distinct, residents, strict=True)}
-        return [slot_of[n] if n is not None else -1 for n in names]
+                runtime.clear()
+                runtime.cache.release(distinct)
 
     def _plan_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self._row_slots is None:
-            self._runtime.clear()
+            if self._runtime is not None:
+                self._runtime.clear()
             return
         rows, tokens_per_row = forward_shape(args, kwargs)
         self._runtime.set_rows(expand_rows(self._row_slots, rows), tokens_per_row)
 
-    def _follow_base_placement(self) -> None:
-        """After base_model.to(device/dtype), device copies are rebuilt from the host store."""
+    def _follow_base_placement(self) -> LoraRuntime:
+        """The runtime on the base's device and dtype: built at the first call, and again (with a
+        new pool, copies rebuilt from the host store) after base_model.to(another device/dtype)."""
         weight = self._modules_by_name[self._module_names[0]].weight
-        store = self._runtime.store
-        if (weight.device, weight.dtype) != (store.device, store.dtype):
-            self._runtime = self._new_runtime()
+        runtime = self._runtime
+        if runtime is None or (weight.device, weight.dtype) != (runtime.cache.device, runtime.cache.dtype):
+            self._runtime = runtime = None  # frees the old pool before the new one is sized
+            runtime = self._runtime = LoraRuntime(self._module_names, self._new_pool(weight))
+        return runtime
 
-    def _new_runtime(self) -> LoraRuntime:
-        weight = self._modules_by_name[self._module_names[0]].weight
-        return LoraRuntime(
-            self._module_names, weight.device, weight.dtype, max_bytes=self._device_adapter_bytes
-        )
+    def _new_pool(self, weight: torch.Tensor) -> PagePool:
+        page_elems = align_up(max(self._widest_row(), _kv_block_elems(self.base_model.config)))
+        pool_bytes, fraction = self._pool_size
+        if pool_bytes is None and fraction is None:
+            if weight.device.type == "cuda":
+                fraction = DEFAULT_POOL_FRACTION
+            else:
+                pool_bytes = DEFAULT_CPU_POOL_BYTES
+        return PagePool.for_device(page_elems, weight.dtype, weight.device, pool_bytes=pool_bytes, fraction=fraction)
+
+    def _widest_row(self) -> int:
+        return max(align_up(max(m.weight.shape)) for m in map(self._modules_by_name.get, self._module_names))
 
     # ------------------------------------------------------------------ plumbing
 
     def memory_stats(self) -> dict[str, Any]:
-        """Adapters registered / resident on the device, evictions and host->device bytes copied."""
-        store = self._runtime.store
-        return {
+        """Pool pages (total / free / KV / adapter), adapters registered and resident, residency
+        hits, misses and evictions, host->device bytes copied. Before the first call (no pool yet)
+        only `adapters_registered`."""
+        stats: dict[str, Any] = {
             "adapters_registered": len(self._registry),
-            "adapters_resident": store.resident_names,
-            "evictions": store.evictions,
-            "bytes_copied_to_device": store.bytes_copied,
+            "adapters_in_host_memory": len(self._hosts),
+            "host_bytes": sum(h.nbytes for h in self._hosts.values()),
+            "host_loads": self._host_loads,
         }
+        if self._runtime is not None:
+            stats.update(self._runtime.cache.stats())
+        return stats
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -206,3 +280,27 @@ class MultiLoraModel(torch.nn.Module):
             if name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+
+def _positive_or_none(what: str, value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def _pool_size(pool_bytes: int | None, fraction: float | None) -> tuple[int | None, float | None]:
+    if pool_bytes is not None and fraction is not None:
+        raise ValueError("give pool_bytes or pool_fraction, not both")
+    _positive_or_none("pool_bytes", pool_bytes)
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"pool_fraction must be in (0, 1], got {fraction!r}")
+    return pool_bytes, fraction
+
+
+def _kv_block_elems(config: Any) -> int:
+    """Elements of one layer's K and V for KV_BLOCK_SIZE tokens: the pool's pages hold one."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * KV_BLOCK_SIZE * kv_heads * head_dim

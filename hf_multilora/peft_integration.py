@@ -18,17 +18,24 @@ import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 from .adapters.host_store import pack_adapter
+from .kernels.sgmv import align_up
 from .layers import LoraRuntime
+from .memory.page_pool import PagePool
 from .routing import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
 _STATE = "_hf_multilora_state"
+_MIN_PAGE_ELEMS = 32768  # the drop-in's pool holds adapter rows only: pages of 64 KiB (bf16) or more
+_SPARE_PAGES = 64
 
 
-def enable(peft_model: torch.nn.Module) -> torch.nn.Module:
+def enable(peft_model: torch.nn.Module, *, pool_bytes: int | None = None) -> torch.nn.Module:
     """Route `peft_model.generate(..., adapter_names=[...])` and forward through the kernels.
 
     Call it after loading the adapters; adapters added later are picked up at their first use.
+    Device copies of the adapters live in a page pool of `pool_bytes` (default: twice the bytes of
+    the adapters loaded now, plus some pages); when a forward needs more than it holds, the least
+    recently used adapters are evicted and re-copied from PEFT's weights at their next use.
     Returns the same model.
     """
     if getattr(peft_model, _STATE, None) is not None:
@@ -49,7 +56,7 @@ def enable(peft_model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(
             "every LoRA layer of this model uses a feature the kernels do not compute (DoRA, lora_bias)"
         )
-    state = _PeftState(supported)
+    state = _PeftState(supported, pool_bytes)
     for layer in supported.values():
         layer.forward = types.MethodType(_make_forward(state), layer)
     state.forward_hook = _transformer(peft_model).register_forward_pre_hook(state.new_forward)
@@ -84,11 +91,10 @@ def _unsupported_adapters(layer: PeftLoraLinear) -> list[str]:
 class _PeftState:
     """The runtime of one enabled PEFT model, and which device slot holds which adapter."""
 
-    def __init__(self, layers: dict[str, PeftLoraLinear]) -> None:
+    def __init__(self, layers: dict[str, PeftLoraLinear], pool_bytes: int | None) -> None:
         self.layers = list(layers.values())
         self.index = {id(layer): i for i, layer in enumerate(self.layers)}
-        weight = self.layers[0].base_layer.weight
-        self.runtime = LoraRuntime(list(layers), weight.device, weight.dtype)
+        self.runtime = LoraRuntime(list(layers), _pool_for(self.layers, pool_bytes))
         self._route_key: tuple | None = None
         self._sources: dict[str, tuple[PeftLoraLinear, torch.Tensor]] = {}  # adapter -> (a layer, its A then)
         self.routed_names: Sequence[str] | None = None  # the adapter_names this forward was routed for
@@ -102,15 +108,16 @@ class _PeftState:
         """Plan the forward for these rows; the first layer plans, the others find it ready."""
         tokens_per_row = x[0].numel() // x.shape[-1] if x.shape[0] else 0
         wanted = [n for n in dict.fromkeys(adapter_names) if n != BASE_ADAPTER]
-        stale = [n for n in wanted if self.runtime.store.resident(n) is not None and not self._current(n)]
+        cache = self.runtime.cache
+        stale = [n for n in wanted if cache.resident(n) is not None and not self._current(n)]
         for name in stale:
-            self.runtime.store.drop(name)
+            cache.drop(name)
         key = (tuple(adapter_names), tokens_per_row)
         if key == self._route_key and not stale:
             self.routed_names, self.routed_shape = adapter_names, x.shape[:-1]
             return
-        self._import([n for n in wanted if self.runtime.store.resident(n) is None])
-        slots = {n: r.slot for n in wanted if (r := self.runtime.store.resident(n)) is not None}
+        self._import(wanted)
+        slots = {n: r.slot for n in wanted if (r := cache.resident(n)) is not None}
         self.runtime.set_rows([slots.get(n, -1) for n in adapter_names], tokens_per_row)
         self._route_key = key
         self.routed_names, self.routed_shape = adapter_names, x.shape[:-1]
@@ -121,10 +128,13 @@ class _PeftState:
         layer, weight = self._sources[name]
         return name in layer.lora_A and layer.lora_A[name].weight is weight
 
-    def _import(self, names: list[str]) -> None:
-        """Copy adapters from the PEFT layers into the device store (once per adapter version)."""
-        store = self.runtime.store
-        for name in names:
+    def _import(self, wanted: list[str]) -> None:
+        """Copy the adapters of this forward that are not resident from the PEFT layers into the
+        pool (once per adapter version), keeping the resident ones pinned meanwhile."""
+        cache = self.runtime.cache
+        resident = [n for n in wanted if cache.resident(n) is not None]
+        missing = []
+        for name in (n for n in wanted if cache.resident(n) is None):
             loras = {}
             source = next((layer for layer in self.layers if name in layer.lora_A), None)
             if source is not None:
@@ -134,7 +144,13 @@ class _PeftState:
                     a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
                     loras[layer_name] = (a, b, float(layer.scaling[name]))
             if loras:
-                store.ensure([pack_adapter(name, "peft", {}, loras, store.dtype, store.device)])
+                missing.append(pack_adapter(name, "peft", {}, loras, cache.dtype, cache.device))
+        cache.pin(resident)
+        try:
+            cache.acquire(missing)
+            cache.release([a.name for a in missing])
+        finally:
+            cache.release(resident)
 
 
 def _make_forward(state: _PeftState):
@@ -155,3 +171,12 @@ def _make_forward(state: _PeftState):
         return result
 
     return forward
+
+
+def _pool_for(layers: list[PeftLoraLinear], pool_bytes: int | None) -> PagePool:
+    weight = layers[0].base_layer.weight
+    page_elems = align_up(max(_MIN_PAGE_ELEMS, *(max(la.in_features, la.out_features) for la in layers)))
+    if pool_bytes is None:
+        loaded = sum(p.numel() for la in layers for d in (la.lora_A, la.lora_B) for p in d.parameters())
+        pool_bytes = (2 * loaded + _SPARE_PAGES * page_elems) * weight.element_size()
+    return PagePool.for_device(page_elems, weight.dtype, weight.device, pool_bytes=pool_bytes)

@@ -5,18 +5,21 @@ Semantics (Punica's SGMV), for every token t whose adapter slot a_t is not -1:
     expand:  y[t] += (v[t] @ B[a_t].T) * scale[a_t]     (B: [out, rank])
 Tokens with slot -1 are never read or written.
 
-Adapter weights are NOT passed as stacked per-adapter tensors. They live in one flat storage tensor
-and a location table says where: `locations[s, slot] = (a_offset, b_offset, rank)` in elements of
-`weights`, `scales[s, slot]` the LoRA scale. A later page pool can hand out storage without a copy,
-and memory is proportional to each adapter's real rank. Both matrices are stored rank-row-major:
-A as [rank, in] and B transposed, as [rank, out], so every rank row is one contiguous feature
-vector. Offsets are multiples of WEIGHT_ALIGN elements: the kernels then read weights with 16-byte
-vector loads (an offset loaded from memory otherwise counts as unaligned, and every weight would
-be read one element per instruction). `s` indexes slices: several projections
+Adapter weights are NOT passed as stacked per-adapter tensors. Both matrices are stored
+rank-row-major -- A as [rank, in], B transposed as [rank, out] -- and each rank row is one
+contiguous vector somewhere in one flat storage tensor `weights` (in practice: the pages of the
+unified page pool). `rows[i]` is the element offset of row i; `locations[s, slot] = (a_row, b_row,
+rank)` says that row r of the adapter's A is `rows[a_row + r]` (B likewise); `scales[s, slot]` is
+the LoRA scale. So pages can be handed out without a copy, an adapter takes memory in proportion to
+its real rank, and rows need not be adjacent. Row offsets are multiples of WEIGHT_ALIGN elements:
+the kernels then read weights with 16-byte vector loads (an offset loaded from memory otherwise
+counts as unaligned, and every weight would be read one element per instruction). `s` indexes slices: several projections
 that share their input (q/k/v, gate/up) run in one launch. rank 0 means "this adapter does not
 target this slice": its tokens get nothing added.
 
-Tokens are grouped by adapter once per forward (`plan_sgmv`); every layer reuses the plan. The
+Tokens are grouped by adapter once per forward (`plan_sgmv`); every layer reuses the plan, and a
+prepared call (ShrinkCall / ExpandCall) resolves the location table per tile once, so a kernel
+program finds its adapter's rows without first looking up its slot. The
 kernels work on tiles of up to `block_m` tokens of one adapter, so a long prefill segment uses
 tensor-core tiles and decode (one token per row, all adapters distinct) costs one small tile per
 row. A decode shrink gives each program one rank row of A to read whole (long contiguous reads,
@@ -135,9 +138,25 @@ def _matmul(a, b, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def _tile_tokens(tiles_ptr, sorted_ptr, tile, num_tiles, BLOCK_M: tl.constexpr):
+    """Token indices of a tile and their mask. One-token tiles follow sorted order one token each,
+    so tile i's token is sorted[i]: decode skips a dependent load of the tile's start."""
+    if BLOCK_M == 1:
+        start = tile
+        end = tile + 1
+    else:
+        start = tl.load(tiles_ptr + num_tiles + tile)
+        end = tl.load(tiles_ptr + 2 * num_tiles + tile)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    return tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64), m_mask
+
+
+@triton.jit
 def _sgmv_shrink_kernel(
     x_ptr,
     w_ptr,
+    rows_ptr,
     loc_ptr,
     tiles_ptr,
     sorted_ptr,
@@ -147,7 +166,7 @@ def _sgmv_shrink_kernel(
     k_per_split,
     x_stride,
     loc_stride_s,
-    loc_stride_slot,
+    loc_stride_tile,
     v_stride_split,
     v_stride_s,
     v_stride_t,
@@ -164,20 +183,14 @@ def _sgmv_shrink_kernel(
     split = tl.program_id(1) // NUM_SLICES
     r_block = tl.program_id(2)
 
-    slot = tl.load(tiles_ptr + tile)
-    loc = loc_ptr + s * loc_stride_s + slot.to(tl.int64) * loc_stride_slot
+    loc = loc_ptr + s * loc_stride_s + tile * loc_stride_tile
     rank = tl.minimum(tl.load(loc + 2).to(tl.int32), v_width)  # memory safety if max_rank was too small
     if r_block * BLOCK_R >= rank:
         return
-    a_ptr = w_ptr + tl.multiple_of(tl.load(loc), ALIGN)
-    start = tl.load(tiles_ptr + num_tiles + tile)
-    end = tl.load(tiles_ptr + 2 * num_tiles + tile)
-
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    tok = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    tok, m_mask = _tile_tokens(tiles_ptr, sorted_ptr, tile, num_tiles, BLOCK_M)
     offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
+    a_rows = tl.multiple_of(tl.load(rows_ptr + tl.load(loc) + offs_r, mask=r_mask, other=0), ALIGN)
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_begin = split * k_per_split
@@ -190,7 +203,7 @@ def _sgmv_shrink_kernel(
             other=0.0,
         )
         a_tile = tl.load(
-            a_ptr + offs_r[None, :].to(tl.int64) * K + offs_k[:, None],
+            w_ptr + a_rows[None, :] + offs_k[:, None],
             mask=k_mask[:, None] & r_mask[None, :],
             other=0.0,
         )
@@ -205,6 +218,7 @@ def _sgmv_expand_kernel(
     y_ptr,
     v_ptr,
     w_ptr,
+    rows_ptr,
     loc_ptr,
     scale_ptr,
     tiles_ptr,
@@ -217,9 +231,9 @@ def _sgmv_expand_kernel(
     v_stride_t,
     v_width,
     loc_stride_s,
-    loc_stride_slot,
+    loc_stride_tile,
     scale_stride_s,
-    scale_stride_slot,
+    scale_stride_tile,
     NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -236,19 +250,13 @@ def _sgmv_expand_kernel(
     width = tl.multiple_of(tl.load(slice_offsets_ptr + s + 1) - n_begin, SLICE_ALIGN)
     if n_block * BLOCK_N >= width:
         return
-    slot = tl.load(tiles_ptr + tile).to(tl.int64)
-    loc = loc_ptr + s * loc_stride_s + slot * loc_stride_slot
+    loc = loc_ptr + s * loc_stride_s + tile * loc_stride_tile
     rank = tl.minimum(tl.load(loc + 2).to(tl.int32), v_width)
     if rank == 0:
         return
-    b_ptr = w_ptr + tl.multiple_of(tl.load(loc + 1), ALIGN)
-    scale = tl.load(scale_ptr + s * scale_stride_s + slot * scale_stride_slot)
-    start = tl.load(tiles_ptr + num_tiles + tile)
-    end = tl.load(tiles_ptr + 2 * num_tiles + tile)
-
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    tok = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    b_first = tl.load(loc + 1)
+    scale = tl.load(scale_ptr + s * scale_stride_s + tile * scale_stride_tile)
+    tok, m_mask = _tile_tokens(tiles_ptr, sorted_ptr, tile, num_tiles, BLOCK_M)
     offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < width
 
@@ -265,8 +273,9 @@ def _sgmv_expand_kernel(
             tl.load(v_rows[None, :, :] + splits[:, None, None] * v_stride_split, mask=v_mask, other=0.0),
             axis=0,
         )
+        b_rows = tl.multiple_of(tl.load(rows_ptr + b_first + offs_r, mask=r_mask, other=0), ALIGN)
         b_tile = tl.load(
-            b_ptr + offs_r[:, None].to(tl.int64) * width + offs_n[None, :],
+            w_ptr + b_rows[:, None] + offs_n[None, :],
             mask=r_mask[:, None] & n_mask[None, :],
             other=0.0,
         )
@@ -281,7 +290,7 @@ def _sgmv_expand_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _check_inputs(x: torch.Tensor, weights: torch.Tensor, locations: torch.Tensor) -> None:
+def _check_inputs(x: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, locations: torch.Tensor) -> None:
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(
             f"expected a 2-D row-major activation, got shape {tuple(x.shape)} stride {x.stride()}"
@@ -290,6 +299,14 @@ def _check_inputs(x: torch.Tensor, weights: torch.Tensor, locations: torch.Tenso
         raise ValueError(f"weights must be 1-D of the activation dtype {x.dtype}, got {weights.dtype}")
     if locations.dim() != 3 or locations.shape[2] != LOCATION_FIELDS or locations.dtype != torch.int64:
         raise ValueError(f"locations must be int64 [slices, slots, {LOCATION_FIELDS}], got {locations.shape}")
+    if rows.dim() != 1 or rows.dtype != torch.int64:
+        raise ValueError(f"rows must be a 1-D int64 tensor of row offsets, got {rows.dtype} {tuple(rows.shape)}")
+
+
+def tile_view(table: torch.Tensor, plan: SgmvPlan) -> torch.Tensor:
+    """`table[s, slot, ...]` resolved per tile of the plan: `[s, tile, ...]` (a device gather, no
+    sync). Prepared calls keep this snapshot, so the slots they use must not change under them."""
+    return table.index_select(1, plan.tiles[0])
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -348,11 +365,12 @@ class ShrinkCall:
         self,
         x: torch.Tensor,
         weights: torch.Tensor,
+        rows: torch.Tensor,
         locations: torch.Tensor,
         plan: SgmvPlan,
         out: torch.Tensor | None = None,
     ) -> None:
-        _check_inputs(x, weights, locations)
+        _check_inputs(x, weights, rows, locations)
         n_tokens, k = x.shape
         n_slices = locations.shape[0]
         g = _shrink_geometry(plan, n_slices, k)
@@ -364,10 +382,11 @@ class ShrinkCall:
         self._launch = None
         if plan.num_tiles:
             k_per_split = triton.cdiv(triton.cdiv(k, g.splits), g.block_k) * g.block_k
+            tile_locations = tile_view(locations, plan)
             args = (
-                x, weights, locations, plan.tiles, plan.sorted_tokens, self.v,
+                x, weights, rows, tile_locations, plan.tiles, plan.sorted_tokens, self.v,
                 plan.num_tiles, k, k_per_split, x.stride(0),
-                locations.stride(0), locations.stride(1),
+                tile_locations.stride(0), tile_locations.stride(1),
                 self.v.stride(0), self.v.stride(1), self.v.stride(2), g.width,
             )  # fmt: skip
             constexprs = dict(
@@ -384,10 +403,10 @@ class ShrinkCall:
 
 
 def sgmv_shrink(
-    x: torch.Tensor, weights: torch.Tensor, locations: torch.Tensor, plan: SgmvPlan
+    x: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, locations: torch.Tensor, plan: SgmvPlan
 ) -> torch.Tensor:
     """One-shot shrink; see ShrinkCall."""
-    return ShrinkCall(x, weights, locations, plan)(x)
+    return ShrinkCall(x, weights, rows, locations, plan)(x)
 
 
 @lru_cache(maxsize=256)
@@ -417,23 +436,25 @@ class ExpandCall:
         y: torch.Tensor,
         v: torch.Tensor,
         weights: torch.Tensor,
+        rows: torch.Tensor,
         locations: torch.Tensor,
         scales: torch.Tensor,
         plan: SgmvPlan,
         slice_offsets: Sequence[int] | None = None,
     ) -> None:
-        _check_inputs(y, weights, locations)
+        _check_inputs(y, weights, rows, locations)
         n_slices = locations.shape[0]
         offsets = _slice_offsets(y, slice_offsets, n_slices)
         self._launch = None
         if plan.num_tiles:
             widest = max(b - a for a, b in itertools.pairwise(offsets))
             block_n = 128 if widest >= 128 else max(16, triton.next_power_of_2(widest))
+            tile_locations, tile_scales = tile_view(locations, plan), tile_view(scales, plan)
             args = (
-                y, v, weights, locations, scales, plan.tiles, plan.sorted_tokens, _device_offsets(offsets, y.device),
-                plan.num_tiles, y.stride(0),
+                y, v, weights, rows, tile_locations, tile_scales, plan.tiles, plan.sorted_tokens,
+                _device_offsets(offsets, y.device), plan.num_tiles, y.stride(0),
                 v.stride(0), v.stride(1), v.stride(2), v.shape[3],
-                locations.stride(0), locations.stride(1), scales.stride(0), scales.stride(1),
+                tile_locations.stride(0), tile_locations.stride(1), tile_scales.stride(0), tile_scales.stride(1),
             )  # fmt: skip
             constexprs = dict(
                 NUM_SPLITS=v.shape[0], BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE,
@@ -454,28 +475,25 @@ def sgmv_expand(
     y: torch.Tensor,
     v: torch.Tensor,
     weights: torch.Tensor,
+    rows: torch.Tensor,
     locations: torch.Tensor,
     scales: torch.Tensor,
     plan: SgmvPlan,
     slice_offsets: Sequence[int] | None = None,
 ) -> None:
     """One-shot expand; see ExpandCall."""
-    ExpandCall(y, v, weights, locations, scales, plan, slice_offsets)(y)
+    ExpandCall(y, v, weights, rows, locations, scales, plan, slice_offsets)(y)
 
 
 # ----------------------------------------------------------------------------- references
 
 
-def _location_table(locations: torch.Tensor) -> list[list[list[int]]]:
-    """The table on the host, checked against the alignment the kernels assume."""
-    table = locations.tolist()
-    for row in table:
-        for a_offset, b_offset, rank in row:
-            if rank and (a_offset % WEIGHT_ALIGN or b_offset % WEIGHT_ALIGN):
-                raise ValueError(
-                    f"weight offsets ({a_offset}, {b_offset}) are not multiples of {WEIGHT_ALIGN} elements"
-                )
-    return table
+def _matrix(weights: torch.Tensor, rows: torch.Tensor, first: int, rank: int, width: int) -> torch.Tensor:
+    """[rank, width] gathered from its rows, checked against the alignment the kernels assume."""
+    starts = rows[first : first + rank].to(weights.device)
+    if bool((starts % WEIGHT_ALIGN != 0).any()):
+        raise ValueError(f"row offsets {starts.tolist()} are not all multiples of {WEIGHT_ALIGN} elements")
+    return weights[starts[:, None] + torch.arange(width, device=weights.device)]
 
 
 def _token_groups(plan: SgmvPlan) -> list[tuple[int, torch.Tensor]]:
@@ -484,21 +502,21 @@ def _token_groups(plan: SgmvPlan) -> list[tuple[int, torch.Tensor]]:
 
 
 def sgmv_shrink_reference(
-    x: torch.Tensor, weights: torch.Tensor, locations: torch.Tensor, plan: SgmvPlan
+    x: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, locations: torch.Tensor, plan: SgmvPlan
 ) -> torch.Tensor:
     """Plain-PyTorch shrink: a loop over the adapters present, fp32 products. Same contract as
     `sgmv_shrink` (one split; unwritten entries are zero)."""
-    _check_inputs(x, weights, locations)
+    _check_inputs(x, weights, rows, locations)
     n_tokens, k = x.shape
     v = torch.zeros(
         (1, locations.shape[0], n_tokens, max(plan.max_rank, 1)), dtype=torch.float32, device=x.device
     )
-    table = _location_table(locations)
-    for slot, rows in _token_groups(plan):
-        for s, (a_offset, _, rank) in enumerate(row[slot] for row in table):
+    table = locations.tolist()
+    for slot, tokens in _token_groups(plan):
+        for s, (a_row, _, rank) in enumerate(row[slot] for row in table):
             if rank:
-                a = weights[a_offset : a_offset + rank * k].view(rank, k)
-                v[0, s, rows, :rank] = x[rows].float() @ a.float().T
+                a = _matrix(weights, rows, a_row, rank, k)
+                v[0, s, tokens, :rank] = x[tokens].float() @ a.float().T
     return v
 
 
@@ -506,6 +524,7 @@ def sgmv_expand_reference(
     y: torch.Tensor,
     v: torch.Tensor,
     weights: torch.Tensor,
+    rows: torch.Tensor,
     locations: torch.Tensor,
     scales: torch.Tensor,
     plan: SgmvPlan,
@@ -513,14 +532,14 @@ def sgmv_expand_reference(
 ) -> None:
     """Plain-PyTorch expand with the same contract and rounding points as `sgmv_expand`:
     v is rounded to the weight dtype before the second product, y is updated once."""
-    _check_inputs(y, weights, locations)
+    _check_inputs(y, weights, rows, locations)
     offsets = _slice_offsets(y, slice_offsets, locations.shape[0])
-    table, scale_table = _location_table(locations), scales.tolist()
+    table, scale_table = locations.tolist(), scales.tolist()
     v_sum = v.sum(0)
-    for slot, rows in _token_groups(plan):
-        for s, (_, b_offset, rank) in enumerate(row[slot] for row in table):
+    for slot, tokens in _token_groups(plan):
+        for s, (_, b_row, rank) in enumerate(row[slot] for row in table):
             if rank:
                 n_begin, n_end = offsets[s], offsets[s + 1]
-                b_t = weights[b_offset : b_offset + rank * (n_end - n_begin)].view(rank, n_end - n_begin)
-                delta = v_sum[s, rows, :rank].to(weights.dtype).float() @ b_t.float() * scale_table[s][slot]
-                y[rows, n_begin:n_end] = (y[rows, n_begin:n_end].float() + delta).to(y.dtype)
+                b_t = _matrix(weights, rows, b_row, rank, n_end - n_begin)
+                delta = v_sum[s, tokens, :rank].to(weights.dtype).float() @ b_t.float() * scale_table[s][slot]
+                y[tokens, n_begin:n_end] = (y[tokens, n_begin:n_end].float() + delta).to(y.dtype)

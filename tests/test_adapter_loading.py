@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_multilora.kernels.sgmv import align_up
+from hf_multilora.kernels.sgmv import WEIGHT_ALIGN, align_up
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import get_pattern_key
@@ -90,15 +90,16 @@ def assert_matches_peft(host: HostAdapter, ref, dtype: torch.dtype = torch.float
         m = host.modules[name]
         assert (m.rank, m.in_features) == tuple(a_ref.shape)
         assert (m.out_features, m.rank) == tuple(b_ref.shape)
-        assert m.a_offset == align_up(offset)
-        assert m.b_offset == align_up(m.a_offset + m.rank * m.in_features)
-        offset = m.b_offset + m.out_features * m.rank
-        a = host.flat[m.a_offset : m.a_offset + m.rank * m.in_features].view(m.rank, m.in_features)
-        b_t = host.flat[m.b_offset : m.b_offset + m.out_features * m.rank].view(m.rank, m.out_features)
+        assert m.a_offset == offset
+        assert m.b_offset == offset + m.rank * align_up(m.in_features)
+        offset = m.b_offset + m.rank * align_up(m.out_features)
+        a = torch.stack([host.flat[o : o + m.in_features] for o in m.row_starts()[: m.rank]])
+        b_t = torch.stack([host.flat[o : o + m.out_features] for o in m.row_starts()[m.rank :]])
+        assert all(o % WEIGHT_ALIGN == 0 for o in m.row_starts())
         torch.testing.assert_close(a, a_ref.to(dtype), rtol=0, atol=0)
         torch.testing.assert_close(b_t.T, b_ref.to(dtype), rtol=0, atol=0)
         assert m.scale == scale_ref, name
-    assert host.flat.numel() == align_up(offset)
+    assert host.flat.numel() == offset
 
 
 @pytest.fixture(scope="module")

@@ -171,40 +171,6 @@ def test_triton_kernels_in_the_model_match_the_reference_path(llama_zoo, monkeyp
     torch.testing.assert_close(kernels, reference, rtol=1e-4, atol=1e-5)
 
 
-def test_device_budget_evicts_least_recently_used(llama_zoo):
-    names = list(llama_zoo.paths)
-    sizes = {
-        n: MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters={n: llama_zoo.paths[n]})
-        for n in names
-    }
-    nbytes = {n: m._registry[n].nbytes for n, m in sizes.items()}
-    budget = sorted(nbytes.values())[-1] + sorted(nbytes.values())[-2]  # any two fit, not all
-    model = multi(llama_zoo, device_adapter_bytes=budget)
-    unbounded = multi(llama_zoo)
-    input_ids = prompts(2, 5, seed=8)
-    for step in range(2 * len(names)):
-        rows = [names[step % len(names)], names[(step + 1) % len(names)]]
-        torch.testing.assert_close(
-            model(input_ids, adapter_ids=rows).logits,
-            unbounded(input_ids, adapter_ids=rows).logits,
-            rtol=0,
-            atol=0,
-        )
-    stats = model.memory_stats()
-    assert stats["evictions"] > 0 and len(stats["adapters_resident"]) <= 2
-    assert stats["bytes_copied_to_device"] > sum(nbytes.values())
-
-
-def test_call_that_does_not_fit_the_budget_fails_cleanly(llama_zoo):
-    names = list(llama_zoo.paths)
-    model = multi(llama_zoo, device_adapter_bytes=1024)
-    input_ids = prompts(2, 5, seed=9)
-    with pytest.raises(RuntimeError, match="budget"):
-        model(input_ids, adapter_ids=names[:2])
-    assert model.memory_stats()["adapters_resident"] == []
-    torch.testing.assert_close(model(input_ids).logits, reference_logits(llama_zoo, None, input_ids))
-
-
 def test_concurrent_generate_calls_from_threads_are_safe(llama_zoo):
     """Calls on one model are serialised (each holds the routing for its whole generate)."""
     import threading

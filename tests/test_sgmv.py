@@ -18,47 +18,55 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
 
 def make_adapters(ranks, in_features, slice_widths, dtype, seed, untargeted=()):
-    """Random adapters packed in shuffled order, with gaps and random (never-read) padding up to the
-    kernels' alignment, into one flat storage; A is [rank, in], B is stored as [rank, out].
+    """Random adapters whose rank rows sit in shuffled, non-adjacent places of one flat storage (as
+    in pool pages), found through a row table; A is [rank, in], B is stored as [rank, out]. Gaps
+    and row padding hold random values that must never be read.
 
     ranks[slot] is the adapter's rank; (slot, slice) pairs in `untargeted` get rank 0.
+    Returns (weights, rows, locations, scales).
     """
     gen = torch.Generator().manual_seed(seed)
     n_slots, n_slices = len(ranks), len(slice_widths)
-    pieces, locations = [], torch.zeros(n_slices, n_slots, 3, dtype=torch.int64)
-    offset = 0
-    for slot in torch.randperm(n_slots, generator=gen).tolist():
+    locations = torch.zeros(n_slices, n_slots, 3, dtype=torch.int64)
+    row_values: list[torch.Tensor] = []
+    for slot in range(n_slots):
         for s, width in enumerate(slice_widths):
             rank = 0 if (slot, s) in untargeted else ranks[slot]
-            a = torch.randn(rank * in_features, generator=gen) / in_features**0.5
-            b = torch.randn(width * rank, generator=gen) / max(rank, 1) ** 0.5
-            gap = torch.randn(WEIGHT_ALIGN * int(torch.randint(0, 3, (1,), generator=gen)), generator=gen)
-            a_pad = torch.randn(align_up(a.numel()) - a.numel(), generator=gen)
-            b_pad = torch.randn(align_up(b.numel()) - b.numel(), generator=gen)
-            a_offset = offset + gap.numel()
-            locations[s, slot] = torch.tensor([a_offset, a_offset + a.numel() + a_pad.numel(), rank])
-            pieces += [gap, a, a_pad, b, b_pad]
-            offset += sum(p.numel() for p in pieces[-5:])
+            a = torch.randn(rank, in_features, generator=gen) / in_features**0.5
+            b_t = torch.randn(rank, width, generator=gen) / max(rank, 1) ** 0.5
+            locations[s, slot] = torch.tensor([len(row_values), len(row_values) + rank, rank])
+            row_values += [*a, *b_t]
+    pieces, starts, offset = [], [0] * len(row_values), 0
+    for i in torch.randperm(len(row_values), generator=gen).tolist():
+        gap = WEIGHT_ALIGN * int(torch.randint(0, 3, (1,), generator=gen))
+        row = row_values[i]
+        pieces += [torch.randn(gap, generator=gen), row, torch.randn(align_up(row.numel()) - row.numel(), generator=gen)]
+        starts[i] = offset + gap
+        offset += gap + align_up(row.numel())
     weights = torch.cat(pieces).to(dtype)
+    rows = torch.tensor(starts, dtype=torch.int64)
     scales = (torch.rand(n_slices, n_slots, generator=gen) * 2 + 0.25).float()
-    return weights.to(DEVICE), locations.to(DEVICE), scales.to(DEVICE)
+    return weights.to(DEVICE), rows.to(DEVICE), locations.to(DEVICE), scales.to(DEVICE)
 
 
-def oracle(x, y, weights, locations, scales, token_slots, offsets):
+def oracle(x, y, weights, rows, locations, scales, token_slots, offsets):
     """float64, one token at a time: what SGMV means."""
     k = x.shape[1]
     out = y.double().cpu().clone()
-    w, loc = weights.double().cpu(), locations.cpu().tolist()
+    w, row_starts, loc = weights.double().cpu(), rows.cpu().tolist(), locations.cpu().tolist()
+
+    def matrix(first, rank, width):
+        return torch.stack([w[o : o + width] for o in row_starts[first : first + rank]])
+
     for t, slot in enumerate(token_slots):
         if slot < 0:
             continue
         for s in range(len(offsets) - 1):
-            a_off, b_off, rank = loc[s][slot]
+            a_row, b_row, rank = loc[s][slot]
             if rank:
                 width = offsets[s + 1] - offsets[s]
-                a = w[a_off : a_off + rank * k].view(rank, k)
-                b = w[b_off : b_off + rank * width].view(rank, width).T
-                out[t, offsets[s] : offsets[s + 1]] += (b @ (a @ x[t].double().cpu())) * scales[
+                a, b_t = matrix(a_row, rank, k), matrix(b_row, rank, width)
+                out[t, offsets[s] : offsets[s + 1]] += (b_t.T @ (a @ x[t].double().cpu())) * scales[
                     s, slot
                 ].item()
     return out
@@ -82,7 +90,7 @@ CASES = {
 def test_kernels_match_reference(case, dtype):
     row_slots, tokens_per_row, ranks, k, widths, untargeted = CASES[case]
     seed = sum(map(ord, case)) + int(dtype.itemsize)
-    weights, locations, scales = make_adapters(ranks, k, widths, dtype, seed, untargeted)
+    weights, rows, locations, scales = make_adapters(ranks, k, widths, dtype, seed, untargeted)
     gen = torch.Generator().manual_seed(seed + 1)
     n_tokens = len(row_slots) * tokens_per_row
     x = torch.randn(n_tokens, k, generator=gen).to(dtype).to(DEVICE)
@@ -90,8 +98,8 @@ def test_kernels_match_reference(case, dtype):
     offsets = [0, *torch.tensor(widths).cumsum(0).tolist()]
     plan = plan_sgmv(row_slots, tokens_per_row, max(ranks), DEVICE)
 
-    v = sgmv_shrink(x, weights, locations, plan)
-    v_ref = sgmv_shrink_reference(x, weights, locations, plan)
+    v = sgmv_shrink(x, weights, rows, locations, plan)
+    v_ref = sgmv_shrink_reference(x, weights, rows, locations, plan)
     token_slots = plan.token_slots.tolist()
     loc = locations.cpu().tolist()
     for t, slot in enumerate(token_slots):
@@ -103,9 +111,9 @@ def test_kernels_match_reference(case, dtype):
                 )
 
     y, y_ref = y0.clone(), y0.clone()
-    sgmv_expand(y, v, weights, locations, scales, plan, offsets)
-    sgmv_expand_reference(y_ref, v_ref, weights, locations, scales, plan, offsets)
-    expected = oracle(x, y0, weights, locations, scales, token_slots, offsets)
+    sgmv_expand(y, v, weights, rows, locations, scales, plan, offsets)
+    sgmv_expand_reference(y_ref, v_ref, weights, rows, locations, scales, plan, offsets)
+    expected = oracle(x, y0, weights, rows, locations, scales, token_slots, offsets)
 
     untouched = torch.tensor([s < 0 for s in token_slots])
     assert torch.equal(y.cpu()[untouched], y0.cpu()[untouched]), "rows without adapter must be left untouched"
@@ -130,43 +138,43 @@ def test_plan_decode_uses_small_tiles():
 
 
 def test_shrink_rejects_mismatched_dtype():
-    weights, locations, _ = make_adapters([8], 32, [32], torch.float32, 0)
+    weights, rows, locations, _ = make_adapters([8], 32, [32], torch.float32, 0)
     plan = plan_sgmv([0], 2, 8, DEVICE)
     with pytest.raises(ValueError, match="dtype"):
-        sgmv_shrink(torch.randn(2, 32, dtype=torch.float16, device=DEVICE), weights, locations, plan)
+        sgmv_shrink(torch.randn(2, 32, dtype=torch.float16, device=DEVICE), weights, rows, locations, plan)
 
 
-def test_references_reject_unaligned_weight_offsets():
+def test_references_reject_unaligned_rows():
     """The kernels read weights with aligned vector loads; the CPU path enforces the same contract."""
-    weights, locations, _ = make_adapters([8], 32, [32], torch.float32, 0)
-    locations[0, 0, 0] += 1
+    weights, rows, locations, _ = make_adapters([8], 32, [32], torch.float32, 0)
+    rows[3] += 1
     with pytest.raises(ValueError, match="multiples of"):
-        sgmv_shrink_reference(torch.randn(2, 32, device=DEVICE), weights, locations, plan_sgmv([0], 2, 8, DEVICE))
+        sgmv_shrink_reference(torch.randn(2, 32, device=DEVICE), weights, rows, locations, plan_sgmv([0], 2, 8, DEVICE))
 
 
 def test_expand_rejects_bad_slice_offsets():
-    weights, locations, scales = make_adapters([8], 32, [16], torch.float32, 0)
+    weights, rows, locations, scales = make_adapters([8], 32, [16], torch.float32, 0)
     plan = plan_sgmv([0], 2, 8, DEVICE)
     y = torch.randn(2, 16, device=DEVICE)
-    v = sgmv_shrink(torch.randn(2, 32, device=DEVICE), weights, locations, plan)
+    v = sgmv_shrink(torch.randn(2, 32, device=DEVICE), weights, rows, locations, plan)
     with pytest.raises(ValueError, match="slice_offsets"):
-        sgmv_expand(y, v, weights, locations, scales, plan, [0, 8, 32])
+        sgmv_expand(y, v, weights, rows, locations, scales, plan, [0, 8, 32])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_llama_shapes_on_gpu():
     """Real Triton at serving shapes: 32 distinct rank-16 adapters, decode and prefill, bf16."""
-    weights, locations, scales = make_adapters([16] * 32, 4096, [4096, 1024, 1024], torch.bfloat16, 7)
+    weights, rows, locations, scales = make_adapters([16] * 32, 4096, [4096, 1024, 1024], torch.bfloat16, 7)
     for tokens_per_row in (1, 128):
         plan = plan_sgmv(list(range(32)), tokens_per_row, 16, DEVICE)
         x = torch.randn(32 * tokens_per_row, 4096, device=DEVICE, dtype=torch.bfloat16)
         y0 = torch.randn(32 * tokens_per_row, 6144, device=DEVICE, dtype=torch.bfloat16)
         offsets = [0, 4096, 5120, 6144]
         y, y_ref = y0.clone(), y0.clone()
-        sgmv_expand(y, sgmv_shrink(x, weights, locations, plan), weights, locations, scales, plan, offsets)
-        v_ref = sgmv_shrink_reference(x, weights, locations, plan)
-        sgmv_expand_reference(y_ref, v_ref, weights, locations, scales, plan, offsets)
+        sgmv_expand(y, sgmv_shrink(x, weights, rows, locations, plan), weights, rows, locations, scales, plan, offsets)
+        v_ref = sgmv_shrink_reference(x, weights, rows, locations, plan)
+        sgmv_expand_reference(y_ref, v_ref, weights, rows, locations, scales, plan, offsets)
         delta, delta_ref = (y.float() - y0.float()), (y_ref.float() - y0.float())
         assert ((delta - delta_ref).norm() / delta_ref.norm()) < 2e-2
 
@@ -178,21 +186,21 @@ def test_prepared_calls_relaunch_correctly_on_new_inputs():
     including a misaligned one (which must go back through Triton's own path), stay correct."""
     from hf_multilora.kernels.sgmv import ExpandCall, ShrinkCall
 
-    weights, locations, scales = make_adapters([16, 8, 32], 256, [192], torch.bfloat16, 11)
+    weights, rows, locations, scales = make_adapters([16, 8, 32], 256, [192], torch.bfloat16, 11)
     plan = plan_sgmv([2, 0, -1, 1, 2], 3, 32, DEVICE)
     storage = torch.randn(15 * 256 + 1, device=DEVICE, dtype=torch.bfloat16)
     inputs = [torch.randn(15, 256, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
     inputs.append(storage[1:].view(15, 256))  # 2-byte offset: not 16-byte aligned
-    shrink = ShrinkCall(inputs[0], weights, locations, plan)
+    shrink = ShrinkCall(inputs[0], weights, rows, locations, plan)
     y_template = torch.empty(15, 192, device=DEVICE, dtype=torch.bfloat16)
-    expand = ExpandCall(y_template, shrink.v, weights, locations, scales, plan)
+    expand = ExpandCall(y_template, shrink.v, weights, rows, locations, scales, plan)
     for x in inputs * 2:
         y0 = torch.randn(15, 192, device=DEVICE, dtype=torch.bfloat16)
         y, y_ref = y0.clone(), y0.clone()
         shrink(x)
         expand(y)
         sgmv_expand_reference(
-            y_ref, sgmv_shrink_reference(x, weights, locations, plan), weights, locations, scales, plan
+            y_ref, sgmv_shrink_reference(x, weights, rows, locations, plan), weights, rows, locations, scales, plan
         )
         delta, delta_ref = y.float() - y0.float(), y_ref.float() - y0.float()
         assert ((delta - delta_ref).norm() / delta_ref.norm()) < 2e-2

@@ -1,7 +1,9 @@
 """Host-side adapter weights: the single source of truth that device copies are made from.
 
 Each adapter is ONE flat host tensor holding, for every module it targets, A ([rank, in], row-major)
-followed by B transposed ([rank, out], row-major), each at an offset aligned for the kernels. One flat tensor means one host->device copy per adapter,
+followed by B transposed ([rank, out], row-major). Every rank row starts at a multiple of the
+kernels' WEIGHT_ALIGN (rows are padded to it), so the rows can be scattered into pool pages and
+still be read with vector loads. One flat tensor means one host->device copy per adapter,
 and the per-module offsets below become the kernels' location table once a device base offset is
 added.
 """
@@ -26,6 +28,19 @@ class ModuleLora:
     scale: float
     in_features: int
     out_features: int
+
+    @property
+    def a_stride(self) -> int:
+        return align_up(self.in_features)
+
+    @property
+    def b_stride(self) -> int:
+        return align_up(self.out_features)
+
+    def row_starts(self) -> list[int]:
+        """Offset in the flat tensor of every rank row: A's rows, then B's."""
+        a = [self.a_offset + r * self.a_stride for r in range(self.rank)]
+        return a + [self.b_offset + r * self.b_stride for r in range(self.rank)]
 
 
 @dataclass
@@ -58,12 +73,13 @@ def pack_adapter(
     as one flat tensor in the kernels' layout."""
     modules, offset = {}, 0
     for module_name, (a, b, scale) in loras.items():
-        a_offset = align_up(offset)
-        b_offset = align_up(a_offset + a.numel())
-        modules[module_name] = ModuleLora(a_offset, b_offset, a.shape[0], scale, a.shape[1], b.shape[0])
-        offset = b_offset + b.numel()
-    flat = torch.zeros(align_up(offset), dtype=dtype, device=device, pin_memory=pin_memory)
+        rank, in_features, out_features = a.shape[0], a.shape[1], b.shape[0]
+        a_offset = offset
+        b_offset = a_offset + rank * align_up(in_features)
+        modules[module_name] = ModuleLora(a_offset, b_offset, rank, scale, in_features, out_features)
+        offset = b_offset + rank * align_up(out_features)
+    flat = torch.zeros(offset, dtype=dtype, device=device, pin_memory=pin_memory)
     for m, (a, b, _) in zip(modules.values(), loras.values(), strict=True):
-        flat[m.a_offset : m.a_offset + a.numel()].copy_(a.reshape(-1))
-        flat[m.b_offset : m.b_offset + b.numel()].view(m.rank, m.out_features).copy_(b.T)
+        flat[m.a_offset : m.b_offset].view(m.rank, m.a_stride)[:, : m.in_features].copy_(a)
+        flat[m.b_offset : m.b_offset + m.rank * m.b_stride].view(m.rank, m.b_stride)[:, : m.out_features].copy_(b.T)
     return HostAdapter(name=name, source=source, config=config, flat=flat, modules=modules)

@@ -19,6 +19,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from hf_multilora.adapters.host_store import HostAdapter, pack_adapter
+from hf_multilora.kernels.sgmv import align_up
 
 __all__ = [
     "AdapterLoadError",
@@ -108,10 +110,60 @@ def lora_target_modules(model: nn.Module) -> dict[str, tuple[int, int]]:
     return targets
 
 
+@dataclass(frozen=True)
+class ModelTargets:
+    """What adapter validation needs to know about a base model, computed once per model (it scans
+    every module, which registering thousands of adapters must not repeat)."""
+
+    targets: dict[str, tuple[int, int]]
+    types: dict[str, str]  # every module: name -> class name
+    embeddings: frozenset[str]
+    output_embedding: str | None
+
+    @classmethod
+    def of(cls, model: nn.Module | ModelTargets) -> ModelTargets:
+        if isinstance(model, ModelTargets):
+            return model
+        output_embedding = _output_embedding(model)
+        named = dict(model.named_modules())
+        return cls(
+            lora_target_modules(model),
+            {n: type(m).__name__ for n, m in named.items()},
+            frozenset(n for n, m in named.items() if isinstance(m, nn.Embedding)),
+            next((n for n, m in named.items() if m is output_embedding), None),
+        )
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """A registered adapter, checked but not read: where it is and what it targets."""
+
+    name: str
+    directory: Path
+    modules: tuple[str, ...]
+    elements: int  # of its host tensor (rank rows padded to the kernels' alignment)
+
+
+def check_peft_adapter(name: str, source: str | os.PathLike, model: nn.Module | ModelTargets) -> AdapterSource:
+    """Every check of `load_peft_adapter` without reading the weights: config, tensor names and
+    shapes come from the safetensors header (a `.bin` has none and is read whole). Registering
+    thousands of adapters this way takes seconds; `load_peft_adapter` reads the weights at first use."""
+    directory, config_path, weights_path = _resolve_source(name, source)
+    config = _read_config(name, config_path)
+    _check_config(name, config)
+    tensors = _read_shapes(name, weights_path)
+    pairs, stray_keys = _collect_lora_pairs(name, tensors, weights_path)
+    loras = _check_modules(name, config, pairs, model)
+    if stray_keys:
+        raise _stray_error(name, stray_keys)
+    elements = sum(a.shape[0] * (align_up(a.shape[1]) + align_up(b.shape[0])) for a, b, _ in loras.values())
+    return AdapterSource(name, directory, tuple(loras), elements)
+
+
 def load_peft_adapter(
     name: str,
     source: str | os.PathLike,
-    model: nn.Module,
+    model: nn.Module | ModelTargets,
     dtype: torch.dtype,
     pin_memory: bool = False,
 ) -> HostAdapter:
@@ -268,6 +320,29 @@ def _read_config(name: str, config_path: Path) -> dict[str, Any]:
             f"adapter '{name}': '{config_path}' must hold a JSON object, got {type(config).__name__}"
         )
     return config
+
+
+@dataclass(frozen=True)
+class _HeaderTensor:
+    """A tensor known by its shape only (from a safetensors header)."""
+
+    shape: torch.Size
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def _read_shapes(name: str, weights_path: Path) -> dict[str, Any]:
+    if not weights_path.name.endswith(".safetensors"):
+        return _read_weights(name, weights_path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights_path), framework="pt") as f:
+            return {k: _HeaderTensor(torch.Size(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise AdapterLoadError(f"adapter '{name}': cannot read weights file '{weights_path}': {exc}") from exc
 
 
 def _read_weights(name: str, weights_path: Path) -> dict[str, torch.Tensor]:
@@ -428,12 +503,11 @@ def _check_modules(
     name: str,
     config: dict[str, Any],
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    model: nn.Module,
+    model: nn.Module | ModelTargets,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """Validate every target against the base model; (A, B, scale) per module in sorted name order."""
-    targets = lora_target_modules(model)
-    all_modules = dict(model.named_modules())
-    output_embedding = _output_embedding(model)
+    described = ModelTargets.of(model)
+    targets = described.targets
     r_default = config.get("r", 8)  # LoraConfig defaults, for hand-written configs that omit them
     alpha_default = config.get("lora_alpha", 8)
     rank_pattern = config.get("rank_pattern") or {}
@@ -443,24 +517,24 @@ def _check_modules(
     loras: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module_name in sorted(pairs):
         a, b = pairs[module_name]
-        module = all_modules.get(module_name)
-        if module is None:
+        type_name = described.types.get(module_name)
+        if type_name is None:
             raise AdapterShapeError(
                 f"adapter '{name}' targets module '{module_name}', which the base model does not have "
                 "(trained on another model?)"
             )
-        if module is output_embedding:
+        if module_name == described.output_embedding:
             raise UnsupportedAdapterError(
                 f"adapter '{name}' uses lm_head LoRA (on the output embedding '{module_name}'), which "
                 "hf_multilora cannot serve"
             )
-        if isinstance(module, nn.Embedding):
+        if module_name in described.embeddings:
             raise UnsupportedAdapterError(
                 f"adapter '{name}' uses embedding LoRA (on '{module_name}'), which hf_multilora cannot serve"
             )
         if module_name not in targets:
             raise UnsupportedAdapterError(
-                f"adapter '{name}' targets module '{module_name}' of type {type(module).__name__}; only "
+                f"adapter '{name}' targets module '{module_name}' of type {type_name}; only "
                 "nn.Linear and Conv1D modules can be served"
             )
         in_features, out_features = targets[module_name]

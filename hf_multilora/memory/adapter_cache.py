@@ -1,0 +1,273 @@
+"""Device residency of adapters: their rank rows live in pages of the unified pool.
+
+The host store is the source of truth; this is a cache of it. A resident adapter has
+- pages of the pool (kind "adapter"), filled with its rank rows in host order, so a page holds one
+  contiguous range of the host tensor and placing an adapter costs one copy per page;
+- a range of the row table `rows` (element offset of each of its rank rows in the pool storage);
+- a slot: a column of the location and scale tables [modules, slots] that the kernels index.
+
+Copies run on a side CUDA stream; a call's stream waits on the copy event of each adapter it uses,
+so nothing synchronises with the host. Adapters a running call uses are pinned and never evicted;
+the others are evicted least recently used when the pool needs pages, for adapters or for KV
+blocks (this object is the pool's reclaimer).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..adapters.host_store import HostAdapter
+from ..kernels.sgmv import LOCATION_FIELDS
+from .page_pool import PagePool, PoolExhaustedError
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Where an adapter's rows go: page i receives host elements [start, start + length) of
+    `ranges[i]`; row j (in ModuleLora.row_starts order, module by module) sits in page
+    `row_page[j]` at element `row_offset[j]`."""
+
+    ranges: list[tuple[int, int]]
+    row_page: list[int]
+    row_offset: list[int]
+
+
+def page_layout(adapter: HostAdapter, page_elems: int) -> PageLayout:
+    """Greedy in host order: a row that does not fit the current page opens the next one."""
+    ranges: list[list[int]] = []
+    row_page, row_offset = [], []
+    for name, m in adapter.modules.items():
+        widths = [m.a_stride] * m.rank + [m.b_stride] * m.rank
+        for start, width in zip(m.row_starts(), widths, strict=True):
+            if width > page_elems:
+                raise ValueError(
+                    f"adapter {adapter.name!r} module {name!r}: a rank row of {width} elements does not "
+                    f"fit a page of {page_elems}"
+                )
+            if not ranges or start + width - ranges[-1][0] > page_elems:
+                ranges.append([start, 0])
+            ranges[-1][1] = start + width - ranges[-1][0]
+            row_page.append(len(ranges) - 1)
+            row_offset.append(start - ranges[-1][0])
+    return PageLayout([(s, n) for s, n in ranges], row_page, row_offset)
+
+
+@dataclass
+class Resident:
+    slot: int
+    pages: list[int]
+    row_base: int  # first entry of its range in the row table
+    n_rows: int
+    max_rank: int
+    module_mask: int  # bit m set when the adapter targets module m
+    ready: Any = None  # CUDA event recorded after its copies (None: already usable)
+    host: torch.Tensor | None = None  # the copied host tensor, kept alive until `ready`
+
+
+class AdapterCache:
+    def __init__(self, module_names: Sequence[str], pool: PagePool) -> None:
+        self.module_index = {name: i for i, name in enumerate(module_names)}
+        self.pool = pool
+        self.device, self.dtype = pool.device, pool.dtype
+        n = len(module_names)
+        self.locations = torch.zeros(n, 0, LOCATION_FIELDS, dtype=torch.int64, device=self.device)
+        self.scales = torch.zeros(n, 0, dtype=torch.float32, device=self.device)
+        self.rows = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._free_row_ranges: list[tuple[int, int]] = []  # (start, length), sorted, coalesced
+        self._rows_end = 0
+        self._free_slots: list[int] = []
+        self._resident: OrderedDict[str, Resident] = OrderedDict()  # LRU order, oldest first
+        self._by_slot: dict[int, Resident] = {}
+        self._in_use: Counter[str] = Counter()
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.version = 0  # bumped whenever a table or slot changes: prepared launches key on it
+        self.hits = self.misses = self.evictions = self.bytes_copied = 0
+        pool.set_reclaimer(self)
+
+    # ------------------------------------------------------------------ calls
+
+    def acquire(self, adapters: Sequence[HostAdapter]) -> list[Resident]:
+        """Make `adapters` resident and pin them until `release`. Raises PoolExhaustedError before
+        changing anything when they cannot all be placed, even after evicting unpinned adapters."""
+        distinct = list({a.name: a for a in adapters}.values())
+        missing = [a for a in distinct if a.name not in self._resident]
+        layouts = {a.name: page_layout(a, self.pool.page_elems) for a in missing}
+        needed = sum(len(layout.ranges) for layout in layouts.values())
+        protected = {a.name for a in distinct}
+        available = self.pool.num_free + self._reclaimable(protected)
+        if needed > available:
+            raise PoolExhaustedError(needed=needed, available=available, kind="adapter")
+        self._in_use.update(dict.fromkeys(protected, 1))
+        try:
+            for adapter in missing:
+                self._place(adapter, layouts[adapter.name])
+        except BaseException:
+            self._in_use.subtract(dict.fromkeys(protected, 1))
+            self._in_use += Counter()
+            raise
+        self.hits += len(distinct) - len(missing)
+        stream = torch.cuda.current_stream(self.device) if self._copy_stream is not None else None
+        for adapter in distinct:
+            self._resident.move_to_end(adapter.name)
+            resident = self._resident[adapter.name]
+            if resident.ready is not None and stream is not None:
+                stream.wait_event(resident.ready)
+        return [self._resident[a.name] for a in adapters]
+
+    def pin(self, names: Sequence[str]) -> None:
+        """Keep resident adapters from eviction until `release` (as `acquire` does)."""
+        unknown = [n for n in names if n not in self._resident]
+        if unknown:
+            raise KeyError(f"adapters {unknown} are not resident")
+        self._in_use.update(dict.fromkeys(names, 1))
+
+    def release(self, names: Sequence[str]) -> None:
+        """Unpin what `acquire` pinned (names as given to it, repeats allowed)."""
+        self._in_use.subtract({n: 1 for n in dict.fromkeys(names)})
+        self._in_use += Counter()  # drops zero counts
+
+    def prefetch(self, adapters: Sequence[HostAdapter]) -> None:
+        """Start copying `adapters` in (side stream) so a later call finds them resident."""
+        self.acquire(adapters)
+        self.release([a.name for a in adapters])
+
+    def drop(self, name: str) -> None:
+        if self._in_use[name]:
+            raise RuntimeError(f"adapter {name!r} is in use by a running call")
+        if name in self._resident:
+            self._evict(name)
+
+    # ------------------------------------------------------------------ queries
+
+    def resident(self, name: str) -> Resident | None:
+        return self._resident.get(name)
+
+    def resident_at(self, slot: int) -> Resident:
+        return self._by_slot[slot]
+
+    @property
+    def resident_names(self) -> list[str]:
+        return list(self._resident)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.pool.stats(),
+            "adapters_resident": self.resident_names,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "bytes_copied_to_device": self.bytes_copied,
+        }
+
+    # ------------------------------------------------------------------ pool reclaimer
+
+    def reclaimable_pages(self) -> int:
+        return self._reclaimable(set())
+
+    def reclaim(self, n: int) -> None:
+        """Evict unpinned adapters, least recently used first, until `n` pages were freed."""
+        freed = 0
+        for name in [m for m in self._resident if not self._in_use[m]]:
+            if freed >= n:
+                break
+            freed += len(self._resident[name].pages)
+            self._evict(name)
+            self.evictions += 1
+
+    # ------------------------------------------------------------------ internals
+
+    def _reclaimable(self, protected: set[str]) -> int:
+        return sum(
+            len(r.pages) for n, r in self._resident.items() if not self._in_use[n] and n not in protected
+        )
+
+    def _place(self, adapter: HostAdapter, layout: PageLayout) -> None:
+        pages = self.pool.allocate(len(layout.ranges), "adapter")
+        page_elems, storage = self.pool.page_elems, self.pool.storage
+        ready = None
+        if self._copy_stream is not None:
+            # Pages may have held data that work already queued still reads: copy after it.
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._copy_stream):
+                for page, (start, length) in zip(pages, layout.ranges, strict=True):
+                    dst = storage[page * page_elems : page * page_elems + length]
+                    dst.copy_(adapter.flat[start : start + length], non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self._copy_stream)
+        else:
+            for page, (start, length) in zip(pages, layout.ranges, strict=True):
+                storage[page * page_elems : page * page_elems + length].copy_(adapter.flat[start : start + length])
+        self.bytes_copied += sum(n for _, n in layout.ranges) * storage.element_size()
+        self.misses += 1
+
+        n_rows = len(layout.row_page)
+        row_base = self._allocate_rows(n_rows)
+        page_ids = torch.tensor(pages, dtype=torch.int64)
+        addresses = page_ids[torch.tensor(layout.row_page, dtype=torch.int64)] * page_elems
+        addresses += torch.tensor(layout.row_offset, dtype=torch.int64)
+        self.rows[row_base : row_base + n_rows] = addresses.to(self.device)
+
+        slot = self._take_slot()
+        column = torch.zeros(len(self.module_index), LOCATION_FIELDS, dtype=torch.int64)
+        scales = torch.zeros(len(self.module_index), dtype=torch.float32)
+        mask, row = 0, row_base
+        for module_name, m in adapter.modules.items():
+            i = self.module_index[module_name]
+            column[i] = torch.tensor([row, row + m.rank, m.rank])
+            scales[i] = m.scale
+            mask |= 1 << i
+            row += 2 * m.rank
+        self.locations[:, slot] = column.to(self.device)
+        self.scales[:, slot] = scales.to(self.device)
+        resident = Resident(slot, pages, row_base, n_rows, adapter.max_rank, mask, ready, adapter.flat)
+        self._resident[adapter.name] = self._by_slot[slot] = resident
+        self.version += 1
+
+    def _evict(self, name: str) -> None:
+        resident = self._resident.pop(name)
+        del self._by_slot[resident.slot]
+        self.locations[:, resident.slot, 2] = 0
+        self._free_slots.append(resident.slot)
+        self._release_rows(resident.row_base, resident.n_rows)
+        self.pool.free(resident.pages)
+        self.version += 1
+
+    def _take_slot(self) -> int:
+        if not self._free_slots:
+            old = self.locations.shape[1]
+            new = max(8, 2 * old)
+            grown = torch.zeros(self.locations.shape[0], new, LOCATION_FIELDS, dtype=torch.int64, device=self.device)
+            grown[:, :old] = self.locations
+            scales = torch.zeros(self.scales.shape[0], new, dtype=torch.float32, device=self.device)
+            scales[:, :old] = self.scales
+            self.locations, self.scales = grown, scales
+            self._free_slots = list(range(new - 1, old - 1, -1))
+        return self._free_slots.pop()
+
+    def _allocate_rows(self, n: int) -> int:
+        for i, (start, free) in enumerate(self._free_row_ranges):
+            if free >= n:
+                self._free_row_ranges[i : i + 1] = [(start + n, free - n)] if free > n else []
+                return start
+        start, self._rows_end = self._rows_end, self._rows_end + n
+        if self._rows_end > self.rows.numel():
+            grown = torch.zeros(max(self._rows_end, 2 * self.rows.numel()), dtype=torch.int64, device=self.device)
+            grown[: self.rows.numel()] = self.rows
+            self.rows = grown
+        return start
+
+    def _release_rows(self, start: int, n: int) -> None:
+        merged: list[tuple[int, int]] = []
+        for s, size in sorted([*self._free_row_ranges, (start, n)]):
+            if merged and merged[-1][0] + merged[-1][1] == s:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((s, size))
+        if merged and merged[-1][0] + merged[-1][1] == self._rows_end:
+            self._rows_end = merged.pop()[0]
+        self._free_row_ranges = merged

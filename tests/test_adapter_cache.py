@@ -1,0 +1,173 @@
+"""Adapter residency in pool pages: the row layout, swapping through a small pool, pinning and
+exhaustion."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import DEVICE
+from hf_multilora.kernels.sgmv import WEIGHT_ALIGN
+from hf_multilora.memory.page_pool import PagePool
+from safetensors.torch import load_file, save_file
+from test_model import prompts
+
+from hf_multilora import MultiLoraModel, PoolExhaustedError
+from hf_multilora.adapters.host_store import pack_adapter
+from hf_multilora.memory.adapter_cache import AdapterCache, page_layout
+
+
+def random_adapter(name: str, shapes: dict, seed: int, dtype=torch.float32):
+    """shapes: module -> (rank, in, out)."""
+    gen = torch.Generator().manual_seed(seed)
+    loras = {
+        m: (torch.randn(r, i, generator=gen), torch.randn(o, r, generator=gen), 0.5 + seed % 3)
+        for m, (r, i, o) in shapes.items()
+    }
+    return pack_adapter(name, "test", {}, loras, dtype), loras
+
+
+SHAPES = {"a.q": (8, 37, 21), "a.v": (5, 16, 64), "b.q": (16, 37, 21)}
+
+
+def test_page_layout_keeps_rows_whole_aligned_and_in_host_order():
+    adapter, loras = random_adapter("x", SHAPES, seed=1)
+    page_elems = 160
+    layout = page_layout(adapter, page_elems)
+    storage = torch.full((len(layout.ranges) * page_elems,), float("nan"))
+    for page, (start, length) in enumerate(layout.ranges):
+        assert 0 < length <= page_elems
+        storage[page * page_elems : page * page_elems + length] = adapter.flat[start : start + length]
+    j = 0
+    for name, m in adapter.modules.items():
+        a, b, _ = loras[name]
+        for r in range(2 * m.rank):
+            width = m.in_features if r < m.rank else m.out_features
+            offset = layout.row_page[j] * page_elems + layout.row_offset[j]
+            assert offset % WEIGHT_ALIGN == 0
+            expected = a[r] if r < m.rank else b[:, r - m.rank]
+            torch.testing.assert_close(storage[offset : offset + width], expected, rtol=0, atol=0)
+            j += 1
+    rows_elems = sum(m.rank * (m.a_stride + m.b_stride) for m in adapter.modules.values())
+    assert len(layout.ranges) <= 2 * rows_elems // page_elems + 1  # pages follow the real rank
+
+
+def test_page_layout_refuses_rows_wider_than_a_page():
+    adapter, _ = random_adapter("x", {"m": (4, 300, 8)}, seed=2)
+    with pytest.raises(ValueError, match="does not fit a page"):
+        page_layout(adapter, 256)
+
+
+def cache_with_pages(n_pages: int, page_elems: int = 256) -> AdapterCache:
+    pool = PagePool(n_pages, page_elems, torch.float32, DEVICE)
+    return AdapterCache(sorted(SHAPES), pool)
+
+
+def test_adapters_in_use_are_never_evicted_and_exhaustion_changes_nothing():
+    adapters = [random_adapter(f"x{i}", SHAPES, seed=i)[0] for i in range(4)]
+    per_adapter = len(page_layout(adapters[0], 256).ranges)
+    cache = cache_with_pages(2 * per_adapter)
+    cache.acquire(adapters[:1])  # pinned: a running call uses it
+    cache.acquire(adapters[1:2])
+    cache.release(["x1"])
+    cache.acquire(adapters[2:3])  # evicts x1 (unpinned), never x0
+    assert set(cache.resident_names) == {"x0", "x2"} and cache.evictions == 1
+    before = (cache.resident_names, cache.pool.num_free, cache.version)
+    with pytest.raises(PoolExhaustedError) as err:
+        cache.acquire(adapters[1:2] + adapters[3:4])  # x2 is pinned too: no room for two more
+    assert err.value.needed == 2 * per_adapter and err.value.available == 0
+    assert (cache.resident_names, cache.pool.num_free, cache.version) == before
+    with pytest.raises(RuntimeError, match="in use"):
+        cache.drop("x0")
+    cache.release(["x0", "x2"])
+    cache.acquire(adapters[1:2] + adapters[3:4])
+    assert set(cache.resident_names) == {"x1", "x3"}
+    assert cache.stats()["pages_adapter"] == 2 * per_adapter
+
+
+def fresh_adapters(zoo, root, count: int) -> dict:
+    """`count` distinct adapters shaped like the zoo's first one (random weights, same config)."""
+    template = next(iter(zoo.paths.values()))
+    weights = load_file(template / "adapter_model.safetensors")
+    config = json.loads((template / "adapter_config.json").read_text())
+    paths = {}
+    for i in range(count):
+        gen = torch.Generator().manual_seed(1000 + i)
+        folder = root / f"a{i}"
+        folder.mkdir()
+        save_file({k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in weights.items()}, folder / "adapter_model.safetensors")
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        paths[f"a{i}"] = folder
+    return paths
+
+
+def test_swapping_200_adapters_through_a_pool_of_8(llama_zoo, tmp_path):
+    """Batches cycling through 200 registered adapters, with room for 8 in the pool, give the
+    outputs of a model that keeps them all resident; the stats show the swaps."""
+    paths = fresh_adapters(llama_zoo, tmp_path, 200)
+    roomy = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=paths)
+    input_ids = prompts(4, 6, seed=3)
+    roomy(input_ids, adapter_ids=["a0", None, "a1", "a2"])
+    stats = roomy.memory_stats()
+    pages_per_adapter = stats["pages_adapter"] // 3
+    small = MultiLoraModel.from_pretrained(
+        llama_zoo.fresh_base(), adapters=paths, pool_bytes=8 * pages_per_adapter * stats["page_bytes"]
+    )
+    names = list(paths)
+    for step in range(0, 200, 4):
+        rows = [names[(step * 7 + i * 13) % 200] for i in range(4)]
+        torch.testing.assert_close(
+            small(input_ids, adapter_ids=rows).logits, roomy(input_ids, adapter_ids=rows).logits, rtol=0, atol=0
+        )
+    stats = small.memory_stats()
+    assert len(stats["adapters_resident"]) <= 8
+    assert stats["evictions"] >= 200 - 8 and stats["misses"] >= 200
+    assert stats["pages_adapter"] <= 8 * pages_per_adapter
+    assert stats["bytes_copied_to_device"] > 0
+    shutil.rmtree(tmp_path)
+
+
+def test_call_that_cannot_fit_the_pool_fails_cleanly(llama_zoo):
+    names = list(llama_zoo.paths)
+    input_ids = prompts(2, 5, seed=9)
+    probe = MultiLoraModel(llama_zoo.fresh_base())
+    probe(input_ids)
+    one_page = probe.memory_stats()["page_bytes"]
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths, pool_bytes=one_page)
+    with pytest.raises(PoolExhaustedError, match="pages"):
+        model(input_ids, adapter_ids=names[:2])
+    assert model.memory_stats()["adapters_resident"] == []
+    base = llama_zoo.base(input_ids).logits
+    torch.testing.assert_close(model(input_ids).logits, base)
+
+
+def test_registration_reads_no_weights_and_host_budget_rereads_from_disk(llama_zoo, tmp_path):
+    paths = fresh_adapters(llama_zoo, tmp_path, 12)
+    roomy = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=paths)
+    assert roomy.memory_stats()["host_loads"] == 0 and roomy.memory_stats()["adapters_in_host_memory"] == 0
+    input_ids = prompts(2, 4, seed=5)
+    roomy(input_ids, adapter_ids=["a0", "a1"])
+    stats = roomy.memory_stats()
+    assert stats["host_loads"] == 2 and stats["adapters_in_host_memory"] == 2
+    budget = stats["host_bytes"]  # room for two host copies
+    small = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=paths, host_cache_bytes=budget)
+    names = list(paths)
+    for step in range(12):
+        rows = [names[step], names[(step + 5) % 12]]
+        torch.testing.assert_close(
+            small(input_ids, adapter_ids=rows).logits, roomy(input_ids, adapter_ids=rows).logits, rtol=0, atol=0
+        )
+        assert small.memory_stats()["host_bytes"] <= budget
+    assert small.memory_stats()["host_loads"] > 12
+
+
+def test_prefetch_makes_adapters_resident_before_the_call(llama_zoo):
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+    names = list(llama_zoo.paths)
+    with pytest.raises(KeyError, match="unknown"):
+        model.prefetch_adapters(["nope"])
+    model.prefetch_adapters(names[:2])
+    stats = model.memory_stats()
+    assert sorted(stats["adapters_resident"]) == sorted(names[:2]) and stats["misses"] == 2
+    model(prompts(2, 4, seed=6), adapter_ids=names[:2])
+    assert model.memory_stats()["misses"] == 2 and model.memory_stats()["hits"] >= 2
