@@ -42,10 +42,10 @@ from hf_multilora.kernels.sgmv import (
     sgmv_shrink,
     sgmv_shrink_reference,
 )
-from hf_multilora.memory.page_pool import PagePool
 
 from hf_multilora.adapters.host_store import pack_adapter
 from hf_multilora.memory.adapter_cache import AdapterCache, page_layout
+from hf_multilora.memory.page_pool import PagePool
 
 TOLERANCE = 2e-2  # relative error of bf16 kernel outputs against the fp32-product references
 TARGET_DECODE_RATIO = 0.5  # (shrink + expand) / base GEMM at decode

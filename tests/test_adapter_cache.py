@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import DEVICE
 from hf_multilora.kernels.sgmv import WEIGHT_ALIGN
-from hf_multilora.memory.page_pool import PagePool
 from safetensors.torch import load_file, save_file
 from test_model import prompts
 
 from hf_multilora import MultiLoraModel, PoolExhaustedError
 from hf_multilora.adapters.host_store import pack_adapter
 from hf_multilora.memory.adapter_cache import AdapterCache, page_layout
+from hf_multilora.memory.page_pool import PagePool
 
 
 def random_adapter(name: str, shapes: dict, seed: int, dtype=torch.float32):
