@@ -51,7 +51,7 @@ def _split(name: str) -> tuple[str, str]:
     return parent, leaf
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
     """Triton on CUDA; HF_MULTILORA_KERNELS=triton forces it elsewhere (the interpreter, in tests)."""
     return t.is_cuda or os.environ.get("HF_MULTILORA_KERNELS") == "triton"
 
@@ -132,7 +132,7 @@ class LoraRuntime:
             self.module_mask |= r.module_mask
         self.plan = sgmv.plan_sgmv(row_slots, tokens_per_row, max(r.max_rank for r in used), cache.device)
         self._plan_key = key
-        self._kernels = _use_triton(cache.pool.storage)
+        self._kernels = use_triton(cache.pool.storage)
         if self._kernels:
             sizes = {g.size for g in self.groups}
             need = max(sgmv.shrink_workspace_numel(self.plan, size) for size in sizes)

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .adapters.host_store import HostAdapter
 from .adapters.loading import AdapterSource, ModelTargets, check_peft_adapter, load_peft_adapter
+from .cache import PagedCache, set_attention, use_paged_attention
 from .kernels.sgmv import align_up
 from .layers import LoraRuntime, add_lora_to_forward
 from .memory.page_pool import PagePool
@@ -202,9 +203,22 @@ class MultiLoraModel(torch.nn.Module):
         """The base model's generate(); row i uses adapter_ids[i] (a name, an int, or None for the base).
 
         Beam search and num_return_sequences expand the batch; each copy keeps its row's adapter.
+        Unless `past_key_values` is given (or `use_cache=False`), the KV cache is a PagedCache in
+        the model's page pool, read in place by the paged attention kernel, and its pages return
+        to the pool when the call ends; `paged_cache=False` keeps transformers' default cache.
         """
+        paged = kwargs.pop("paged_cache", True) and "past_key_values" not in kwargs and kwargs.get("use_cache", True)
         with self._routed(args, kwargs, adapter_ids, adapter_names):
-            return self.base_model.generate(*args, **kwargs)
+            if not paged:
+                return self.base_model.generate(*args, **kwargs)
+            cache = PagedCache(self._runtime.cache.pool, self.base_model.config)
+            previous = self.base_model.config._attn_implementation
+            use_paged_attention(self.base_model)
+            try:
+                return self.base_model.generate(*args, past_key_values=cache, **kwargs)
+            finally:
+                set_attention(self.base_model, previous)
+                cache.release()
 
     @contextmanager
     def _routed(

@@ -196,3 +196,26 @@ def test_concurrent_generate_calls_from_threads_are_safe(llama_zoo):
         t.join()
     for i, out in enumerate(expected):
         assert results[i].tolist() == out.tolist(), f"job {i}"
+
+
+def test_generate_runs_on_a_paged_cache_and_gives_its_pages_back(llama_zoo, monkeypatch):
+    from hf_multilora.cache import PagedCache
+
+    kv_pages_at_release = []
+    release = PagedCache.release
+
+    def spy(self):
+        kv_pages_at_release.append(self.pool.num_kv)
+        release(self)
+
+    monkeypatch.setattr(PagedCache, "release", spy)
+    model = multi(llama_zoo)
+    implementation = model.base_model.config._attn_implementation
+    rows = mixed_rows(llama_zoo)
+    input_ids = prompts(len(rows), 7, seed=21)
+    paged = model.generate(input_ids, adapter_ids=rows, max_new_tokens=6, do_sample=False)
+    assert kv_pages_at_release and kv_pages_at_release[0] > 0
+    assert model.memory_stats()["pages_kv"] == 0
+    assert model.base_model.config._attn_implementation == implementation
+    dense = model.generate(input_ids, adapter_ids=rows, max_new_tokens=6, do_sample=False, paged_cache=False)
+    assert torch.equal(paged, dense) and not any(kv_pages_at_release[1:])  # later: idempotent re-releases

@@ -1,0 +1,377 @@
+"""PagedCache: a transformers ``Cache`` whose K/V live in pages of a :class:`PagePool`, read in place by a
+registered paged attention function.
+
+Enabling it on a plain HF decoder (Llama, Qwen2, Mistral, ... anything calling ``past_key_values.update`` then
+``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``)::
+
+    from hf_multilora.cache import PagedCache, use_paged_attention
+    use_paged_attention(model)               # sets model's attention implementation to PAGED_ATTENTION
+    cache = PagedCache(pool, model.config)   # pool: a PagePool with the model's device and dtype
+    try:
+        out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32)
+    finally:
+        cache.release()                      # pages back to the pool (garbage collection does it too, later)
+
+``MultiLoraModel.generate`` builds its own ``PagedCache`` and calls ``release()`` when the call ends.
+
+Why it is built this way:
+
+- **One page = one block of ``block_size`` tokens of one layer**, K ``[block_size, kv_heads, head_dim]`` then V
+  (the layout of ``hf_multilora.kernels.paged_attention``). Each row has a page table per layer.
+- **Lengths live on the host.** HF batches are rectangular: every row gains the same ``q_len`` tokens per
+  forward (left padding included, hidden by the key mask), so the host knows every length and a decode step
+  runs ``write_kv`` and ``paged_attention`` with host ints and a device page table that changes only when a
+  block is added (every ``block_size`` steps, one pinned non-blocking upload): no device-to-host sync.
+- **How attention finds the cache.** HF mask functions are not given the cache, so the mask is only the 2-D
+  padding mask (``PagedAttentionMask``). ``update()`` writes the new K/V into pages, returns them unchanged,
+  records ``(layer_idx, key tensor)`` as pending and puts a weak reference to the cache in a ``ContextVar``
+  (per thread / task). The attention function, called next by the same layer with the same tensors, takes
+  the cache from there and checks ``module.layer_idx`` and the key's identity before reading pages; without
+  a pending update (``use_cache=False``, a ``DynamicCache``) it computes dense attention instead. An update
+  whose pages no attention read (the model does not use ``PAGED_ATTENTION``) makes the next update raise
+  rather than attend silently to the new tokens only.
+- **Sharing by reference counting.** Beam search reorders rows, so rows share pages; a page is in use while
+  some table entry names it (the tables are the reference counts) and returns to the pool when none does.
+  Rows only write into their last, partial block: after a reorder / select / repeat / crop, a partial last
+  block that several rows share is copied (copy-on-write, all layers in one allocation).
+- **Atomic allocation**: new blocks for all layers of all rows are taken in one ``pool.allocate`` call, which
+  raises ``PoolExhaustedError`` (``needed``, ``available``) before anything changes: cache and pool stay
+  consistent and usable.
+- **Sliding window**: every page is kept; the kernel applies the window, so results equal ``DynamicCache``.
+
+Limitations: inference only (no dropout, no gradients); causal or sliding-window causal text decoders
+(no softcap, attention sinks, custom 4-D masks or mask overlays); beam search reorders the tables on the
+host, one device-to-host copy of ``beam_idx`` per step (beam search synchronises there anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
+
+from .kernels.paged_attention import (
+    paged_attention,
+    paged_attention_reference,
+    write_kv,
+    write_kv_reference,
+)
+from .layers import use_triton
+from .memory.page_pool import PagePool
+
+PAGED_ATTENTION = "hf_multilora_paged"
+"""The name under which the attention and mask functions are registered (``config._attn_implementation``)."""
+
+_ACTIVE: ContextVar[weakref.ref | None] = ContextVar("hf_multilora_paged_cache", default=None)
+
+
+@dataclass(frozen=True)
+class PagedAttentionMask:
+    """What the mask function gives the attention layers: the padding mask, not a dense [B, 1, Q, K] mask.
+
+    ``key_mask``: bool ``[batch, tokens so far]``, True = real token; None when no attention mask was given.
+    """
+
+    key_mask: torch.Tensor | None
+
+
+def paged_mask(
+    batch_size: int, q_length: int, kv_length: int, attention_mask: torch.Tensor | None = None, **kwargs: Any
+) -> PagedAttentionMask:
+    """Mask function registered for ``PAGED_ATTENTION``: causality and the window are applied by the kernel."""
+    return PagedAttentionMask(attention_mask)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention function registered for ``PAGED_ATTENTION``; returns ``[batch, q_len, heads, head_dim]``."""
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("paged attention supports neither logit softcapping nor attention sinks")
+    if attention_mask is not None and not isinstance(attention_mask, PagedAttentionMask):
+        raise NotImplementedError(
+            f"{PAGED_ATTENTION} takes the padding mask from its own mask function, "
+            f"not a {type(attention_mask).__name__}"
+        )
+    key_mask = attention_mask.key_mask if attention_mask is not None else None
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    ref = _ACTIVE.get()
+    cache = ref() if ref is not None else None
+    step = cache._take_step(module.layer_idx, key) if cache is not None else None
+    if step is None:
+        return _dense_attention(query, key, value, key_mask, scale, sliding_window), None
+    table, kv_lens, length = step
+    if key_mask is not None and key_mask.shape[-1] < length:
+        raise ValueError(f"the attention mask covers {key_mask.shape[-1]} positions, the cache {length}")
+    pool = cache.pool
+    attend = paged_attention if use_triton(query) else paged_attention_reference
+    out = attend(
+        query.transpose(1, 2),
+        pool.storage,
+        pool.page_elems,
+        table,
+        kv_lens,
+        cache.block_size,
+        cache.kv_heads,
+        scale,
+        key_mask=key_mask,
+        sliding_window=sliding_window,
+    )
+    return out, None
+
+
+def _dense_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Plain attention over contiguous K/V, for forwards without a PagedCache (HF's causal/window semantics)."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+    k_pos = torch.arange(kv_len, device=query.device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (k_pos > q_pos - sliding_window)
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, -kv_len:]
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # padding queries see everything: no NaN rows
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
+AttentionInterface.register(PAGED_ATTENTION, paged_attention_forward)
+AttentionMaskInterface.register(PAGED_ATTENTION, paged_mask)
+
+
+def use_paged_attention(model: torch.nn.Module) -> None:
+    """Make ``model`` (a transformers model) attend through ``PAGED_ATTENTION``: a ``PagedCache`` needs it."""
+    set_attention(model, PAGED_ATTENTION)
+
+
+def set_attention(model: torch.nn.Module, implementation: str) -> None:
+    """Switch ``model``'s attention implementation (e.g. back to what it was before a paged call)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:
+        model.config._attn_implementation = implementation
+
+
+class _PagedLayer(CacheLayerMixin):
+    """Per-layer face of a PagedCache for HF code that looks at ``cache.layers``; the state is on the cache."""
+
+    is_croppable = True
+    supports_early_init = False
+
+    def __init__(self, cache: PagedCache, layer_idx: int) -> None:
+        super().__init__()
+        self._cache, self.layer_idx = weakref.ref(cache), layer_idx  # weak: `del cache` releases at once
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return self._cache().update(key_states, value_states, self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._cache().get_mask_sizes(query_length, self.layer_idx)
+
+    def get_seq_length(self) -> int:
+        return self._cache().get_seq_length(self.layer_idx)
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PagedCache(Cache):
+    """K/V cache in pages of ``pool`` (``kind="kv"``), one page table per layer and row; see the module doc.
+
+    ``config``: the model's config (layers, KV heads, head size). ``block_size``: tokens per page; default, the
+    largest power of two whose K and V fit in one page. Call ``release()`` when done with it.
+    """
+
+    def __init__(self, pool: PagePool, config: Any, block_size: int | None = None) -> None:
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        self.pool, self.num_layers = pool, config.num_hidden_layers
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        token_elems = 2 * self.kv_heads * self.head_dim
+        if block_size is None:
+            block_size = 1 << max((pool.page_elems // token_elems).bit_length() - 1, 0)
+        if block_size < 1 or block_size & (block_size - 1) or block_size * token_elems > pool.page_elems:
+            raise ValueError(
+                f"block_size must be a power of two whose K and V fit in a page: {block_size} token(s) of "
+                f"{token_elems} elements, pages of {pool.page_elems}"
+            )
+        self.block_size = block_size
+        super().__init__(layers=[_PagedLayer(self, i) for i in range(self.num_layers)])
+        self._weak_self = weakref.ref(self)
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._host: torch.Tensor | None = None  # int32 [layers, batch, blocks] page ids, the source of truth
+        self._table: torch.Tensor | None = None  # its copy on the pool's device, what the kernels read
+        self._kv_lens: torch.Tensor | None = None  # int32 [batch] on the device, all equal to _kv_lens_end
+        self._kv_lens_end = -1
+        self._lens = [0] * self.num_layers  # tokens per row, per layer (layers update one after another)
+        self._pending: tuple[int, torch.Tensor] | None = None
+
+    # -- what attention layers call -------------------------------------------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new K/V ``[batch, kv_heads, new, head_dim]`` into pages; returns them unchanged."""
+        if self._pending is not None:
+            raise RuntimeError(
+                f"PagedCache: no paged attention read layer {self._pending[0]}'s update; "
+                f"call use_paged_attention(model) (attention implementation {PAGED_ATTENTION!r})"
+            )
+        batch, heads, new, head_dim = key_states.shape
+        pool, device = self.pool, self.pool.storage.device
+        got = (heads, head_dim, key_states.dtype, key_states.device)
+        if got != (self.kv_heads, self.head_dim, pool.dtype, device):
+            raise ValueError(
+                f"PagedCache: K/V of (kv heads, head_dim, dtype, device) {got}; the cache and its pool hold "
+                f"{(self.kv_heads, self.head_dim, pool.dtype, device)}"
+            )
+        if self._host is None:
+            self._host = torch.empty(self.num_layers, batch, 0, dtype=torch.int32)
+        elif batch != self._host.shape[1]:
+            raise ValueError(f"PagedCache holds {self._host.shape[1]} rows, got K/V for {batch}")
+        start = self._lens[layer_idx]
+        end = start + new
+        missing = -(-end // self.block_size) - self._host.shape[2]
+        if missing > 0:  # a new block for every layer and row, in one allocation
+            pages = pool.allocate(self.num_layers * batch * missing, "kv")
+            fresh = torch.tensor(pages, dtype=torch.int32).view(self.num_layers, batch, missing)
+            self._set_table(torch.cat([self._host, fresh], dim=2))
+        if self._table is None:
+            host = self._host.pin_memory() if device.type == "cuda" else self._host.clone()
+            self._table = host.to(device, non_blocking=True)
+        if self._kv_lens is None or self._kv_lens_end != end:
+            self._kv_lens = torch.full((batch,), end, dtype=torch.int32, device=device)
+            self._kv_lens_end = end
+        write = write_kv if use_triton(key_states) else write_kv_reference
+        k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [batch, new, kv_heads, head_dim]
+        write(pool.storage, pool.page_elems, self._table[layer_idx], start, k, v, self.block_size)
+        self._lens[layer_idx] = end
+        self._pending = (layer_idx, key_states)
+        _ACTIVE.set(self._weak_self)
+        return key_states, value_states
+
+    def _take_step(self, layer_idx: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(layer's page table, kv_lens, length) if ``key`` is what ``update`` just wrote for ``layer_idx``."""
+        if self._pending is None or self._pending[1] is not key or self._pending[0] != layer_idx:
+            return None
+        self._pending = None
+        return self._table[layer_idx], self._kv_lens, self._lens[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._lens[layer_idx] if layer_idx < self.num_layers else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length(layer_idx) + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    # -- what generate() and users call between forwards -----------------------------------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i becomes old row ``beam_idx[i]`` (pages shared, copy-on-write of partial blocks)."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices`` (ints or a bool mask), in that order; rows may repeat."""
+        if self._host is None:
+            return
+        indices = torch.as_tensor(indices).cpu()
+        indices = indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
+        self._replace(self._host.index_select(1, indices), self._length())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each row ``repeats`` times in place (beams / ``num_return_sequences``), sharing its pages."""
+        if self._host is not None:
+            rows = torch.arange(self._host.shape[1]).repeat_interleave(repeats)
+            self._replace(self._host.index_select(1, rows), self._length())
+
+    def crop(self, max_length: int) -> None:
+        """HF semantics: ``crop(-n)`` drops the last n tokens, ``crop(n > 0)`` keeps the first n, 0 does nothing."""
+        length = self._length()
+        keep = max(length + max_length, 0) if max_length < 0 else min(max_length or length, length)
+        if self._host is not None and keep != length:
+            self._replace(self._host[:, :, : -(-keep // self.block_size)], keep)
+
+    def reset(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give every page back to the pool and empty the cache (idempotent; the cache stays usable)."""
+        if getattr(self, "_host", None) is not None:
+            self.pool.free(self._host.unique().tolist())
+        self._reset_state()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit the pool may already be gone
+            self.release()
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def _length(self) -> int:
+        if len(set(self._lens)) != 1:
+            raise RuntimeError("PagedCache: layers hold different lengths (a forward is under way)")
+        return self._lens[0]
+
+    def _set_table(self, host: torch.Tensor) -> None:
+        self._host, self._table = host, None
+        if self._kv_lens is not None and self._kv_lens.shape[0] != host.shape[1]:
+            self._kv_lens = None
+
+    def _replace(self, table: torch.Tensor, length: int) -> None:
+        """Install ``table`` (rows picked / blocks cut from the current one) holding ``length`` tokens per row.
+
+        Rows only ever write into the block at ``length``; where that block is partial and shared by several
+        rows, every row but the first gets a copy. Then pages no entry names any more go back to the pool.
+        """
+        copies: list[tuple[int, int, int]] = []  # (layer, row, page to copy)
+        last = length // self.block_size
+        if length % self.block_size:
+            seen: set[int] = set()
+            for flat, page in enumerate(table[:, :, last].flatten().tolist()):
+                if page in seen:
+                    copies.append((*divmod(flat, table.shape[1]), page))
+                seen.add(page)
+        fresh = self.pool.allocate(len(copies), "kv") if copies else []  # raises before any change
+        if copies:
+            table = table.clone()
+            used = 2 * self.block_size * self.kv_heads * self.head_dim
+            pages = self.pool.storage[: self.pool.num_pages * self.pool.page_elems].view(
+                self.pool.num_pages, -1
+            )
+            src = torch.tensor([page for *_, page in copies], device=self.pool.storage.device)
+            pages[torch.tensor(fresh, device=self.pool.storage.device), :used] = pages[src, :used]
+            for (layer, row, _), page in zip(copies, fresh, strict=True):
+                table[layer, row, last] = page
+        unused = set(self._host.unique().tolist()) - set(table.unique().tolist())
+        self.pool.free(sorted(unused))
+        self._set_table(table.contiguous())
+        self._lens = [length] * self.num_layers

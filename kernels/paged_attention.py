@@ -1,0 +1,606 @@
+"""Paged attention: attention over KV blocks that live in one flat page pool, read through a block table.
+
+Layout (shared with the paged KV cache; do not change it here alone). `storage` is a 1-D tensor; page
+p is `storage[p * page_elems : (p + 1) * page_elems]` and holds one block of `block_size` tokens of
+ONE layer: the K block first, [block_size, kv_heads, head_dim] contiguous, then the V block right
+after it (element offset block_size * kv_heads * head_dim in the page). `page_elems` may exceed the
+two blocks (the pool's page size is shared with LoRA weights); the rest of a page is never touched.
+`block_table[b, j]` (int32) is the page of row b's logical block j; entries past a row's length are
+never read, so they may hold anything (-1, stale ids).
+
+Semantics (those of a HF decoder's eager attention with a causal mask): `kv_lens[b]` tokens are cached
+for row b, INCLUDING the q_len new ones, so query i sits at position kv_lens[b] - q_len + i. It
+attends to keys at positions <= its own; with `sliding_window` w only to keys with position > its
+own - w (transformers' `sliding_window_overlay`: w keys, itself included); with `key_mask` only to
+keys whose key_mask[b, pos] is True (left padding). A query that sees no key gets zeros. Softmax and
+accumulation are fp32; the output has q's dtype.
+
+One kernel serves decode and prefill. A program takes one (row, kv head, query tile, context split)
+and packs the tile's queries x the kv head's GQA group of query heads into the rows of one tile
+(row r = query r // group_pad, head r % group_pad): each K/V block is loaded once for the whole group
+and the products are tensor-core dots even in decode, where the tile is the group alone (padded
+to the 16 rows a dot needs). Keys are walked FlashAttention-style (online softmax, in the log2
+domain) in tiles of BLOCK_N positions; a key's address comes from its page id, so the cache is
+never gathered. The walk covers only the tile's causal range -- from the sliding-window start of its
+first query to its last query -- so prefill tiles early in a sequence and windowed layers read less.
+
+Decode has one program per (row, kv head): at batch 8 with 8 kv heads that is 64 programs for ~132
+SMs, each streaming its whole context. Then the key range is split ("flash-decoding"): each split
+writes fp32 partials (running max, sum, unnormalised accumulator) and a small combine kernel merges
+them. The split count is picked on the host without reading kv_lens (no device->host sync): from
+the number of programs and the context capacity of the block table (max_blocks * block_size), so
+splits past a short row's end just write empty partials. `num_splits=` overrides it (tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .sgmv import _dot_in_fp32
+
+MAX_SPLITS = 16  # most context splits a launch uses; the combine kernel loads them all at once
+_TARGET_PROGRAMS = 512  # enough attention programs in flight to cover ~132 SMs a few times
+_MIN_KEYS_PER_SPLIT = 256  # a split shorter than this costs more in partials than it gains
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _dot(a, b, DOT_IN_FP32: tl.constexpr):
+    """a @ b with fp32 accumulation; fp32 inputs get IEEE products, not tf32 (see `_dot_in_fp32`)."""
+    if DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    storage_ptr,
+    block_table_ptr,
+    kv_lens_ptr,
+    key_mask_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    batch,
+    q_len,
+    page_elems,
+    window,
+    qk_scale,  # softmax scale * log2(e): scores live in the log2 domain
+    q_stride_b,
+    q_stride_t,
+    q_stride_h,
+    q_stride_d,
+    o_stride_b,
+    o_stride_t,
+    o_stride_h,
+    o_stride_d,
+    bt_stride_b,
+    km_stride_b,
+    km_stride_t,
+    KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
+    TOKEN_ELEMS: tl.constexpr = KV_HEADS * HEAD_DIM
+    V_OFFSET: tl.constexpr = BLOCK_SIZE * KV_HEADS * HEAD_DIM
+    b = tl.program_id(0) // KV_HEADS
+    kv_head = tl.program_id(0) % KV_HEADS
+    q_tile = tl.program_id(1)
+    split = tl.program_id(2)
+
+    kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
+    q_first = q_tile * BLOCK_Q
+    q_last = tl.minimum(q_len, q_first + BLOCK_Q) - 1
+    # Keys the tile can see: [lo, hi). lo is rounded down to a key tile so that tiles start on
+    # page boundaries (BLOCK_N is a multiple of block_size or divides it).
+    hi = tl.minimum(kv_len - q_len + q_last + 1, kv_len)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(kv_len - q_len + q_first - window + 1, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    n_tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    start = lo + split * tiles_per_split * BLOCK_N
+    end = tl.minimum(hi, start + tiles_per_split * BLOCK_N)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    q_idx = q_first + offs_m // GROUP_PAD
+    g = offs_m % GROUP_PAD
+    row_ok = (q_idx < q_len) & (g < GROUP)
+    head = kv_head * GROUP + g
+    q_pos = kv_len - q_len + q_idx
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    b64 = b.to(tl.int64)
+    q_rows = q_ptr + b64 * q_stride_b + q_idx.to(tl.int64) * q_stride_t + head * q_stride_h
+    q = tl.load(
+        q_rows[:, None] + offs_d[None, :] * q_stride_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0
+    )
+
+    # The running max of a row that has seen no key is finite, so exp2(m_i - m_new) is never NaN:
+    # fully masked rows keep (m=-1e30, l=0, acc=0) and end as zeros.
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    table = block_table_ptr + b64 * bt_stride_b
+    for n0 in range(start, end, BLOCK_N):
+        k_pos = n0 + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < end  # never read a block-table entry or a page past the row's length
+        page = tl.load(table + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        key = storage_ptr + page * page_elems + (k_pos % BLOCK_SIZE) * TOKEN_ELEMS + kv_head * HEAD_DIM
+        k_t = tl.load(key[None, :] + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        s = _dot(q, k_t, DOT_IN_FP32) * qk_scale
+
+        seen = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+        if HAS_KEY_MASK:
+            real = tl.load(key_mask_ptr + b64 * km_stride_b + k_pos * km_stride_t, mask=k_ok, other=0)
+            seen = seen & (real != 0)[None, :]
+        s = tl.where(seen, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(key[:, None] + V_OFFSET + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_IN_FP32)
+        m_i = m_new
+
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        denom = tl.where(l_i > 0, l_i, 1.0)
+        o_rows = out_ptr + b64 * o_stride_b + q_idx.to(tl.int64) * o_stride_t + head * o_stride_h
+        o_tile = o_rows[:, None] + offs_d[None, :] * o_stride_d
+        tl.store(o_tile, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Partials, contiguous: acc [splits, batch, q_len, heads, head_dim], max/sum [2, splits, batch, q_len, heads].
+        n_rows = batch * q_len * (KV_HEADS * GROUP)
+        row = ((split * batch + b64) * q_len + q_idx) * (KV_HEADS * GROUP) + head
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
+        tl.store(part_ml_ptr + row, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + NUM_SPLITS * n_rows + row, l_i, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_acc_ptr,
+    part_ml_ptr,
+    out_ptr,
+    q_len,
+    n_rows,
+    o_stride_b,
+    o_stride_t,
+    o_stride_h,
+    o_stride_d,
+    HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """One (row, query, head): out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp2(m_s - max m).
+    Empty splits carry (m=-1e30, l=0, acc=0) and weigh nothing; all empty gives zeros."""
+    row = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m = tl.load(part_ml_ptr + splits * n_rows + row)
+    l_s = tl.load(part_ml_ptr + (NUM_SPLITS + splits) * n_rows + row)
+    w = tl.exp2(m - tl.max(m, axis=0))
+    denom = tl.sum(w * l_s, axis=0)
+    acc = tl.load(
+        part_acc_ptr + (splits[:, None] * n_rows + row) * HEAD_DIM + offs_d[None, :],
+        mask=d_ok[None, :],
+        other=0.0,
+    )
+    o = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    head = row % HEADS
+    t = (row // HEADS) % q_len
+    b = row // (HEADS * q_len)
+    o_ptr = out_ptr + b * o_stride_b + t * o_stride_t + head * o_stride_h + offs_d * o_stride_d
+    tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    storage_ptr,
+    block_table_ptr,
+    start_ptr,
+    start_value,
+    new_len,
+    page_elems,
+    k_stride_b,
+    k_stride_t,
+    k_stride_h,
+    k_stride_d,
+    v_stride_b,
+    v_stride_t,
+    v_stride_h,
+    v_stride_d,
+    bt_stride_b,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    START_IS_TENSOR: tl.constexpr,
+):
+    """BLOCK_T new tokens of one row: each token's K (all kv heads, one contiguous run of
+    kv_heads * head_dim elements in its page) and its V, at the same offset in the V block."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < new_len
+    start = tl.load(start_ptr + b).to(tl.int64) if START_IS_TENSOR else start_value
+    pos = start + t
+    page = tl.load(block_table_ptr + b * bt_stride_b + pos // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
+    dst = storage_ptr + page * page_elems + (pos % BLOCK_SIZE) * (KV_HEADS * HEAD_DIM)
+    e = tl.arange(0, BLOCK_E)  # (kv head, dim) flattened, as in the page
+    h = e // HEAD_DIM
+    d = e % HEAD_DIM
+    mask = t_ok[:, None] & (e < KV_HEADS * HEAD_DIM)[None, :]
+    k_src = (
+        k_ptr + b * k_stride_b + t[:, None] * k_stride_t + h[None, :] * k_stride_h + d[None, :] * k_stride_d
+    )
+    v_src = (
+        v_ptr + b * v_stride_b + t[:, None] * v_stride_t + h[None, :] * v_stride_h + d[None, :] * v_stride_d
+    )
+    tl.store(dst[:, None] + e[None, :], tl.load(k_src, mask=mask), mask=mask)
+    tl.store(
+        dst[:, None] + BLOCK_SIZE * KV_HEADS * HEAD_DIM + e[None, :], tl.load(v_src, mask=mask), mask=mask
+    )
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_pool(
+    storage: torch.Tensor,
+    page_elems: int,
+    block_table: torch.Tensor,
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+) -> None:
+    if storage.dim() != 1:
+        raise ValueError(f"storage must be a 1-D page pool, got shape {tuple(storage.shape)}")
+    if block_size <= 0 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if page_elems < 2 * block_size * kv_heads * head_dim:
+        raise ValueError(
+            f"page_elems {page_elems} cannot hold a K and a V block of {block_size}x{kv_heads}x{head_dim}"
+        )
+    if block_table.dim() != 2 or block_table.dtype != torch.int32:
+        raise ValueError(
+            f"block_table must be int32 [batch, max_blocks], got {block_table.dtype} {tuple(block_table.shape)}"
+        )
+
+
+def _check_attention(
+    q: torch.Tensor,
+    storage: torch.Tensor,
+    page_elems: int,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_size: int,
+    kv_heads: int,
+    key_mask: torch.Tensor | None,
+    sliding_window: int | None,
+) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, q_len, heads, head_dim], got shape {tuple(q.shape)}")
+    batch, _, heads, head_dim = q.shape
+    if kv_heads <= 0 or heads % kv_heads:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if storage.dtype != q.dtype:
+        raise ValueError(f"storage dtype {storage.dtype} differs from q's {q.dtype}")
+    _check_pool(storage, page_elems, block_table, block_size, kv_heads, head_dim)
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table has {block_table.shape[0]} rows for a batch of {batch}")
+    if kv_lens.shape != (batch,) or kv_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"kv_lens must be int32 [batch], got {kv_lens.dtype} {tuple(kv_lens.shape)}")
+    if key_mask is not None and (
+        key_mask.dim() != 2 or key_mask.dtype != torch.bool or key_mask.shape[0] != batch
+    ):
+        raise ValueError(
+            f"key_mask must be bool [batch, kv_len], got {key_mask.dtype} {tuple(key_mask.shape)}"
+        )
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+
+
+def _tiles(q_len: int, group: int, head_dim: int, block_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Decode packs just the GQA group (>= 16 rows for a
+    dot); prefill packs 64 rows of queries x group heads. A key tile spans whole pages when pages
+    are small, part of one when they are large. Measured on an H100 (bf16, head_dim 128, triton
+    3.6): decode tiles of 32-128 keys and 4-8 warps are within noise of each other; prefill gains
+    ~7% from 32-key tiles."""
+    group_pad = triton.next_power_of_2(group)
+    decode = q_len <= max(1, 16 // group_pad)
+    block_m = max(16, group_pad) if decode else max(64, group_pad)
+    block_n = 32 if head_dim > 128 or (head_dim == 128 and not decode) else 64
+    return block_m, max(block_n, min(block_size, 128)), 4, 3
+
+
+def num_splits_for(
+    batch: int,
+    kv_heads: int,
+    q_tiles: int,
+    max_context: int,
+    sliding_window: int | None = None,
+    q_len: int = 1,
+) -> int:
+    """Context splits for a launch of batch * kv_heads * q_tiles programs: doubled while the GPU
+    is under-filled and each split keeps >= _MIN_KEYS_PER_SPLIT keys of the longest possible context."""
+    if sliding_window is not None:
+        max_context = min(max_context, sliding_window + q_len)
+    programs, splits = batch * kv_heads * q_tiles, 1
+    while (
+        programs * splits * 2 <= _TARGET_PROGRAMS
+        and max_context >= 2 * splits * _MIN_KEYS_PER_SPLIT
+        and splits * 2 <= MAX_SPLITS
+    ):
+        splits *= 2
+    return splits
+
+
+def paged_attention(
+    q: torch.Tensor,
+    storage: torch.Tensor,
+    page_elems: int,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_size: int,
+    kv_heads: int,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of q [batch, q_len, heads, head_dim] over each row's paged K/V (see the module doc).
+
+    Returns `out` (allocated like q when not given) [batch, q_len, heads, head_dim] in q's dtype.
+    `num_splits` (a power of two <= MAX_SPLITS) forces the context split; default: `num_splits_for`.
+    No device->host synchronisation. On a CPU without the Triton interpreter it runs the reference.
+    """
+    _check_attention(
+        q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, key_mask, sliding_window
+    )
+    batch, q_len, heads, head_dim = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
+    if batch == 0 or q_len == 0:
+        return out
+    if not _use_triton(q):
+        return paged_attention_reference(
+            q,
+            storage,
+            page_elems,
+            block_table,
+            kv_lens,
+            block_size,
+            kv_heads,
+            scale,
+            key_mask,
+            sliding_window,
+            out,
+        )
+    group = heads // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, block_size)
+    q_tiles = triton.cdiv(q_len, block_m // group_pad)
+    if num_splits is None:
+        max_context = block_table.shape[1] * block_size
+        num_splits = num_splits_for(batch, kv_heads, q_tiles, max_context, sliding_window, q_len)
+    elif num_splits < 1 or num_splits > MAX_SPLITS or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two in [1, {MAX_SPLITS}], got {num_splits}")
+
+    if num_splits > 1:
+        n_rows = batch * q_len * heads
+        part_acc = torch.empty(num_splits * n_rows * head_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(2 * num_splits * n_rows, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    if key_mask is None:
+        mask_arg, km_strides = kv_lens, (0, 0)  # unused
+    else:
+        mask_arg, km_strides = key_mask.view(torch.uint8), key_mask.stride()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    _paged_attention_kernel[(batch * kv_heads, q_tiles, num_splits)](
+        q, storage, block_table, kv_lens, mask_arg, out, part_acc, part_ml,
+        batch, q_len, page_elems, sliding_window or 0, scale * 1.4426950408889634,
+        *q.stride(), *out.stride(), block_table.stride(0), *km_strides,
+        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, HAS_KEY_MASK=key_mask is not None,
+        DOT_IN_FP32=_dot_in_fp32(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        _combine_splits_kernel[(batch * q_len * heads,)](
+            part_acc, part_ml, out, q_len, batch * q_len * heads, *out.stride(),
+            HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=1,
+        )  # fmt: skip
+    return out
+
+
+def _positions(start: torch.Tensor | int, batch: int, new_len: int, device: torch.device) -> torch.Tensor:
+    """[batch, new_len] int64 logical positions of the new tokens."""
+    offsets = torch.arange(new_len, device=device)
+    if isinstance(start, torch.Tensor):
+        return start.to(device=device, dtype=torch.int64)[:, None] + offsets
+    return (start + offsets).expand(batch, new_len)
+
+
+def write_kv(
+    storage: torch.Tensor,
+    page_elems: int,
+    block_table: torch.Tensor,
+    start: torch.Tensor | int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+) -> None:
+    """Write k, v [batch, new_len, kv_heads, head_dim] (any strides) into the pages: token i of row b
+    goes to logical position start (or start[b]) + i. One launch, no sync; on a CPU without the
+    Triton interpreter, `write_kv_reference` does it with torch index ops."""
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"k and v must both be [batch, new_len, kv_heads, head_dim], got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    batch, new_len, kv_heads, head_dim = k.shape
+    _check_pool(storage, page_elems, block_table, block_size, kv_heads, head_dim)
+    if k.dtype != storage.dtype or v.dtype != storage.dtype:
+        raise ValueError(f"k/v dtypes {k.dtype}/{v.dtype} differ from the pool's {storage.dtype}")
+    if isinstance(start, torch.Tensor) and (
+        start.shape != (batch,) or start.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(
+            f"start must be an int or an int32/int64 [batch] tensor, got {start.dtype} {tuple(start.shape)}"
+        )
+    if batch == 0 or new_len == 0:
+        return
+    if not _use_triton(storage):
+        write_kv_reference(storage, page_elems, block_table, start, k, v, block_size)
+        return
+    block_e = triton.next_power_of_2(kv_heads * head_dim)
+    block_t = min(triton.next_power_of_2(new_len), max(1, 8192 // block_e))
+    start_is_tensor = isinstance(start, torch.Tensor)
+    _write_kv_kernel[(batch, triton.cdiv(new_len, block_t))](
+        k, v, storage, block_table, start if start_is_tensor else block_table, 0 if start_is_tensor else int(start),
+        new_len, page_elems, *k.stride(), *v.stride(), block_table.stride(0),
+        KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_E=block_e, BLOCK_T=block_t, BLOCK_SIZE=block_size,
+        START_IS_TENSOR=start_is_tensor, num_warps=4,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def write_kv_reference(
+    storage: torch.Tensor,
+    page_elems: int,
+    block_table: torch.Tensor,
+    start: torch.Tensor | int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+) -> None:
+    """`write_kv` with torch index ops (computed on k's device, no sync)."""
+    batch, new_len, kv_heads, head_dim = k.shape
+    pos = _positions(start, batch, new_len, storage.device)
+    page = block_table.long().gather(1, pos // block_size)
+    token_elems = kv_heads * head_dim
+    index = (page * page_elems + pos % block_size * token_elems)[..., None] + torch.arange(
+        token_elems, device=storage.device
+    )
+    storage[index.reshape(-1)] = k.reshape(-1).to(storage.dtype)
+    storage[(index + block_size * token_elems).reshape(-1)] = v.reshape(-1).to(storage.dtype)
+
+
+def gather_kv(
+    storage: torch.Tensor,
+    page_elems: int,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's K and V as [batch, max_blocks * block_size, kv_heads, head_dim], read from its pages;
+    positions at or past kv_lens[b] are zeros (their block-table entries are not used)."""
+    batch, max_blocks = block_table.shape
+    device = storage.device
+    pos = torch.arange(max_blocks * block_size, device=device)
+    valid = pos[None, :] < kv_lens.to(device)[:, None].long()
+    page = torch.where(valid, block_table.long().repeat_interleave(block_size, dim=1), 0)
+    token_elems = kv_heads * head_dim
+    index = (page * page_elems + pos % block_size * token_elems)[..., None] + torch.arange(
+        token_elems, device=device
+    )
+    shape = (batch, max_blocks * block_size, kv_heads, head_dim)
+    keep = valid[..., None]
+    k = torch.where(keep, storage[index], 0).view(shape)
+    v = torch.where(keep, storage[index + block_size * token_elems], 0).view(shape)
+    return k, v
+
+
+def attention_mask(
+    kv_lens: torch.Tensor, q_len: int, n_keys: int, key_mask: torch.Tensor | None, sliding_window: int | None
+) -> torch.Tensor:
+    """bool [batch, q_len, n_keys]: which key positions each query sees (causal, window, key_mask)."""
+    device = kv_lens.device
+    k_pos = torch.arange(n_keys, device=device)
+    q_pos = kv_lens.long()[:, None] - q_len + torch.arange(q_len, device=device)  # [batch, q_len]
+    seen = (k_pos <= q_pos[..., None]) & (k_pos < kv_lens.long()[:, None, None])
+    if sliding_window is not None:
+        seen &= k_pos > q_pos[..., None] - sliding_window
+    if key_mask is not None:
+        real = torch.zeros(kv_lens.shape[0], n_keys, dtype=torch.bool, device=device)
+        width = min(n_keys, key_mask.shape[1])
+        real[:, :width] = key_mask[:, :width].to(device)
+        seen &= real[:, None, :]
+    return seen
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    storage: torch.Tensor,
+    page_elems: int,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_size: int,
+    kv_heads: int,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch, same contract as `paged_attention` (num_splits is ignored): gathers every
+    row's pages to contiguous K/V, masked softmax in fp32. Vectorised over the batch, no sync."""
+    _check_attention(
+        q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, key_mask, sliding_window
+    )
+    _, q_len, heads, head_dim = q.shape
+    k, v = gather_kv(storage, page_elems, block_table, kv_lens, block_size, kv_heads, head_dim)
+    group = heads // kv_heads
+    k = k.float().repeat_interleave(group, dim=2)  # head h reads kv head h // group (HF repeat_kv)
+    v = v.float().repeat_interleave(group, dim=2)
+    seen = attention_mask(kv_lens, q_len, k.shape[1], key_mask, sliding_window)[:, None]  # [b, 1, q, keys]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * scale
+    scores = scores.masked_fill(~seen, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    p = torch.exp(scores - torch.where(torch.isfinite(row_max), row_max, 0.0))  # masked keys: exp(-inf) = 0
+    denom = p.sum(dim=-1, keepdim=True)
+    result = torch.einsum("bhqk,bkhd->bqhd", p / torch.where(denom > 0, denom, 1.0), v).to(q.dtype)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out

@@ -1,0 +1,314 @@
+"""Paged attention and write_kv against their plain-PyTorch references, and both against an
+independent float64 oracle on contiguous K/V. On CPU the kernels run under TRITON_INTERPRET=1.
+
+Pools are adversarial: pages in shuffled order among spare pages, pages larger than a K+V block,
+and every element that no live token owns (spare pages, page tails, slots past a row's length) is
+NaN, so reading anything but a row's own tokens poisons the result. Block-table entries past a
+row's length are garbage (-1 or other rows' pages)."""
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE
+from hf_multilora.kernels import paged_attention as pa
+from hf_multilora.kernels.paged_attention import (
+    gather_kv,
+    num_splits_for,
+    paged_attention,
+    paged_attention_reference,
+    write_kv,
+    write_kv_reference,
+)
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+class Pool:
+    """A page pool holding random K/V for rows of `kv_lens` tokens; `ks[b]`/`vs[b]` ([len, kv_heads,
+    head_dim]) are the same values, contiguous, for the oracle."""
+
+    def __init__(self, kv_lens, kv_heads, head_dim, block_size, dtype, seed, spare_pages=5, page_pad=24):
+        gen = torch.Generator().manual_seed(seed)
+        self.block_size, self.kv_heads, self.head_dim, self.dtype = block_size, kv_heads, head_dim, dtype
+        self.token_elems = kv_heads * head_dim
+        self.page_elems = 2 * block_size * self.token_elems + page_pad
+        blocks = [math.ceil(n / block_size) for n in kv_lens]
+        n_pages = sum(blocks) + spare_pages
+        self.storage = torch.full((n_pages * self.page_elems,), float("nan"), dtype=dtype)
+        free = torch.randperm(n_pages, generator=gen).tolist()
+        # garbage past each row's length: -1 or any page id, including pages of other rows
+        self.block_table = torch.randint(-1, n_pages, (len(kv_lens), max(blocks) + 1), generator=gen).int()
+        self.ks, self.vs = [], []
+        for b, n in enumerate(kv_lens):
+            k = torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype)
+            v = torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype)
+            for j in range(blocks[b]):
+                page = free.pop()
+                self.block_table[b, j] = page
+                lo, hi = j * block_size, min(n, (j + 1) * block_size)
+                k_at = page * self.page_elems
+                v_at = k_at + block_size * self.token_elems
+                self.storage[k_at : k_at + (hi - lo) * self.token_elems] = k[lo:hi].reshape(-1)
+                self.storage[v_at : v_at + (hi - lo) * self.token_elems] = v[lo:hi].reshape(-1)
+            self.ks.append(k)
+            self.vs.append(v)
+        self.kv_lens = torch.tensor(kv_lens, dtype=torch.int32)
+
+    def args(self):
+        """(storage, page_elems, block_table, kv_lens, block_size, kv_heads) on DEVICE."""
+        return (
+            self.storage.to(DEVICE), self.page_elems, self.block_table.to(DEVICE), self.kv_lens.to(DEVICE),
+            self.block_size, self.kv_heads,
+        )  # fmt: skip
+
+
+def oracle(q, ks, vs, kv_lens, scale, window=None, key_mask=None):
+    """float64, one (row, query, head) at a time, on the contiguous K/V: what paged attention means."""
+    batch, q_len, heads, head_dim = q.shape
+    out = torch.zeros(batch, q_len, heads, head_dim, dtype=torch.float64)
+    q = q.double().cpu()
+    for b, n in enumerate(kv_lens):
+        group = heads // ks[b].shape[1]
+        for i in range(q_len):
+            q_pos = n - q_len + i
+            keys = [
+                j
+                for j in range(n)
+                if j <= q_pos
+                and (window is None or j > q_pos - window)  # transformers' sliding_window_overlay
+                and (key_mask is None or bool(key_mask[b, j]))
+            ]
+            if not keys:
+                continue  # sees nothing: zeros
+            for h in range(heads):
+                k = ks[b][keys, h // group].double()
+                v = vs[b][keys, h // group].double()
+                out[b, i, h] = torch.softmax(k @ q[b, i, h] * scale, dim=0) @ v
+    return out
+
+
+def left_pad_mask(kv_lens, pads, width):
+    """bool [batch, width]: the first pads[b] positions of row b are padding."""
+    mask = torch.ones(len(kv_lens), width, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        mask[b, :p] = False
+    return mask
+
+
+CASES = {
+    # name: (kv_lens, q_len, heads, kv_heads, head_dim, block_size, window, pads, num_splits, dtype)
+    "decode_gqa_ragged": ([37, 5, 64, 17, 0], 1, 4, 2, 16, 16, None, None, None, torch.float32),
+    "decode_mha_split4": ([100, 3, 64], 1, 2, 2, 32, 8, None, None, 4, torch.float32),
+    "decode_group3_split16": ([150, 40], 1, 6, 2, 16, 16, None, None, 16, torch.float32),
+    "decode_bf16_split8": ([90, 33, 128], 1, 4, 2, 32, 16, None, None, 8, torch.bfloat16),
+    "decode_window_split2": ([50, 33, 9], 1, 4, 2, 16, 16, 12, None, 2, torch.float32),
+    "speculative_q3_mqa": ([45, 20], 3, 8, 1, 16, 32, None, None, None, torch.float32),
+    "prefill_gqa": ([40, 40], 40, 4, 2, 16, 16, None, None, None, torch.float32),
+    "prefill_left_pad": ([19, 19, 19], 19, 4, 2, 16, 8, None, [0, 5, 18], None, torch.float32),
+    "decode_left_pad_fp16": ([24, 24, 24], 1, 4, 2, 16, 16, None, [0, 7, 23], 2, torch.float16),
+    "prefill_window_bf16": ([36, 36], 36, 2, 2, 32, 16, 8, None, None, torch.bfloat16),
+    "chunked_prefill_fp16": ([40, 29], 7, 4, 2, 16, 16, None, None, 2, torch.float16),
+    "chunked_window_pad": ([70, 45], 9, 4, 2, 16, 16, 20, [3, 30], 2, torch.float32),
+    "prefill_head_dim_128": ([40], 20, 2, 1, 128, 16, None, None, None, torch.float32),
+    "decode_block_size_128": ([300, 129], 1, 4, 2, 16, 128, None, None, 2, torch.float32),
+    "head_dim_24": ([30, 18], 2, 4, 2, 24, 16, None, None, None, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_paged_attention(case):
+    kv_lens, q_len, heads, kv_heads, head_dim, block_size, window, pads, num_splits, dtype = CASES[case]
+    pool = Pool(kv_lens, kv_heads, head_dim, block_size, dtype, seed=len(case))
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(len(kv_lens), q_len, heads, head_dim, generator=gen).to(dtype)
+    key_mask = None if pads is None else left_pad_mask(kv_lens, pads, max(kv_lens) + 3)
+    scale = head_dim**-0.5
+    kwargs = dict(key_mask=None if key_mask is None else key_mask.to(DEVICE), sliding_window=window)
+
+    got = paged_attention(q.to(DEVICE), *pool.args(), scale, num_splits=num_splits, **kwargs)
+    ref = paged_attention_reference(q.to(DEVICE), *pool.args(), scale, **kwargs)
+    expected = oracle(q, pool.ks, pool.vs, kv_lens, scale, window, key_mask)
+
+    assert got.dtype == dtype and got.shape == q.shape
+    assert torch.isfinite(got).all() and torch.isfinite(ref).all()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float().cpu(), ref.float().cpu(), atol=tol, rtol=tol)
+    torch.testing.assert_close(ref.double().cpu(), expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(got.double().cpu(), expected, atol=tol, rtol=tol)
+    if window is not None or pads is not None:  # the masks under test do change the result
+        unmasked = oracle(q, pool.ks, pool.vs, kv_lens, scale)
+        assert not torch.allclose(unmasked, expected, atol=10 * tol)
+
+
+def test_query_that_sees_nothing_gives_zeros():
+    """A row with no cached token and a left-padded query before its first real token."""
+    pool = Pool([0, 12], 2, 16, 16, torch.float32, seed=3)
+    q = torch.randn(2, 2, 4, 16)
+    key_mask = left_pad_mask([0, 12], [0, 11], 12)  # row 1: query at position 10 sees only padding
+    for splits in (1, 4):
+        got = paged_attention(
+            q.to(DEVICE), *pool.args(), 0.25, key_mask=key_mask.to(DEVICE), num_splits=splits
+        )
+        assert torch.isfinite(got).all()
+        assert (got[0] == 0).all() and (got[1, 0] == 0).all() and (got[1, 1] != 0).any()
+
+
+def test_split_count_does_not_change_the_result():
+    pool = Pool([300, 17, 64, 1], 2, 16, 16, torch.float32, seed=4)
+    q = torch.randn(4, 1, 4, 16).to(DEVICE)
+    outputs = [paged_attention(q, *pool.args(), 0.25, num_splits=s) for s in (1, 2, 8, 16)]
+    for got in outputs[1:]:
+        torch.testing.assert_close(got, outputs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_split_policy():
+    # serving decode: 64 programs, long contexts -> split; large batches or short contexts -> not
+    assert num_splits_for(8, 8, 1, 4096) == 8
+    assert num_splits_for(64, 8, 1, 4096) == 1
+    assert num_splits_for(8, 8, 1, 300) == 1
+    assert num_splits_for(1, 1, 1, 1 << 20) == pa.MAX_SPLITS
+    assert num_splits_for(1, 8, 1, 1 << 20, sliding_window=512) == 2  # the window bounds the keys read
+
+
+def test_strided_q_and_out():
+    """HF hands q as [batch, heads, q_len, head_dim] transposed; out may be a strided view."""
+    pool = Pool([25, 40], 2, 16, 16, torch.float32, seed=5)
+    q = torch.randn(2, 4, 3, 16).to(DEVICE).transpose(1, 2)
+    buffer = torch.zeros(2, 4, 3, 16, device=DEVICE)
+    out = buffer.transpose(1, 2)
+    result = paged_attention(q, *pool.args(), 0.25, out=out)
+    assert result is out
+    expected = oracle(q.cpu(), pool.ks, pool.vs, [25, 40], 0.25)
+    torch.testing.assert_close(buffer.transpose(1, 2).double().cpu(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_bad_arguments():
+    pool = Pool([5], 2, 16, 16, torch.float32, seed=6)
+    storage, page_elems, block_table, kv_lens, block_size, kv_heads = pool.args()
+    q = torch.randn(1, 1, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        paged_attention(q[:, :, :3], storage, page_elems, block_table, kv_lens, block_size, kv_heads, 1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_attention(q.half(), storage, page_elems, block_table, kv_lens, block_size, kv_heads, 1.0)
+    with pytest.raises(ValueError, match="page_elems"):
+        paged_attention(q, storage, 100, block_table, kv_lens, block_size, kv_heads, 1.0)
+    with pytest.raises(ValueError, match="int32"):
+        paged_attention(q, storage, page_elems, block_table.long(), kv_lens, block_size, kv_heads, 1.0)
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_attention(q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, 1.0, num_splits=3)
+
+
+# ----------------------------------------------------------------------------- write_kv
+
+
+def empty_pool(rows, capacity, kv_heads, head_dim, block_size, dtype, seed, page_pad=8):
+    """NaN-filled pool and a shuffled block table giving each row `capacity` tokens of pages."""
+    gen = torch.Generator().manual_seed(seed)
+    page_elems = 2 * block_size * kv_heads * head_dim + page_pad
+    blocks = math.ceil(capacity / block_size)
+    n_pages = rows * blocks + 3
+    storage = torch.full((n_pages * page_elems,), float("nan"), dtype=dtype)
+    block_table = torch.randperm(n_pages, generator=gen)[: rows * blocks].view(rows, blocks).int()
+    return storage.to(DEVICE), page_elems, block_table.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_round_trip(dtype):
+    """Prefill from 0, then a chunk at ragged per-row starts, then one decode token per row; the
+    multi-token writes cross block boundaries. Reading back gives the inputs; nothing else in the
+    pool changes."""
+    rows, kv_heads, head_dim, block_size = 3, 2, 16, 8
+    storage, page_elems, block_table = empty_pool(rows, 48, kv_heads, head_dim, block_size, dtype, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    truth_k = torch.randn(rows, 48, kv_heads, head_dim, generator=gen).to(dtype)
+    truth_v = torch.randn(rows, 48, kv_heads, head_dim, generator=gen).to(dtype)
+
+    def chunk(t, lo, hi):  # [rows, hi - lo, kv_heads, head_dim], given as HF's transposed layout
+        return t[:, lo:hi].transpose(1, 2).contiguous().transpose(1, 2).to(DEVICE)
+
+    write_kv(storage, page_elems, block_table, 0, chunk(truth_k, 0, 13), chunk(truth_v, 0, 13), block_size)
+    # a chunk at ragged per-row starts (int64): row b gets positions starts[b] .. starts[b] + 16
+    starts = [13, 10, 5]
+    rows_k = torch.stack([truth_k[b, s : s + 17] for b, s in enumerate(starts)])
+    rows_v = torch.stack([truth_v[b, s : s + 17] for b, s in enumerate(starts)])
+    start = torch.tensor(starts, dtype=torch.int64, device=DEVICE)
+    write_kv(storage, page_elems, block_table, start, chunk(rows_k, 0, 17), chunk(rows_v, 0, 17), block_size)
+    # one decode token per row (int32 starts)
+    lens = [s + 17 for s in starts]
+    start = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    write_kv(storage, page_elems, block_table, start, chunk(truth_k, 0, 1), chunk(truth_v, 0, 1), block_size)
+    for b, n in enumerate(lens):
+        truth_k[b, n], truth_v[b, n] = truth_k[b, 0], truth_v[b, 0]
+    lens = [n + 1 for n in lens]
+
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    k, v = gather_kv(storage, page_elems, block_table, kv_lens, block_size, kv_heads, head_dim)
+    for b, n in enumerate(lens):
+        assert torch.equal(k[b, :n].cpu(), truth_k[b, :n])
+        assert torch.equal(v[b, :n].cpu(), truth_v[b, :n])
+    written = int(storage.isnan().logical_not().sum())
+    assert written == 2 * sum(lens) * kv_heads * head_dim  # nothing else in the pool was touched
+
+
+def test_write_kv_matches_reference_and_feeds_attention():
+    """write_kv and its torch reference write the same pool; attention over what was written
+    (prefill, then a chunk with a cached prefix) matches the oracle."""
+    rows, kv_heads, head_dim, block_size = 2, 2, 16, 16
+    pools = [empty_pool(rows, 64, kv_heads, head_dim, block_size, torch.float32, seed=9) for _ in range(2)]
+    gen = torch.Generator().manual_seed(10)
+    k = torch.randn(rows, 45, kv_heads, head_dim, generator=gen)
+    v = torch.randn(rows, 45, kv_heads, head_dim, generator=gen)
+    for (storage, page_elems, block_table), write in zip(pools, (write_kv, write_kv_reference), strict=True):
+        write(storage, page_elems, block_table, 0, k[:, :33].to(DEVICE), v[:, :33].to(DEVICE), block_size)
+        start = torch.tensor([33, 33], device=DEVICE)
+        write(storage, page_elems, block_table, start, k[:, 33:].to(DEVICE), v[:, 33:].to(DEVICE), block_size)
+    assert torch.equal(pools[0][0].nan_to_num(7.0), pools[1][0].nan_to_num(7.0))
+
+    storage, page_elems, block_table = pools[0]
+    q = torch.randn(rows, 12, 4, head_dim, generator=gen)
+    kv_lens = torch.tensor([45, 45], dtype=torch.int32, device=DEVICE)
+    got = paged_attention(q.to(DEVICE), storage, page_elems, block_table, kv_lens, block_size, kv_heads, 0.25)
+    expected = oracle(q, list(k), list(v), [45, 45], 0.25)
+    torch.testing.assert_close(got.double().cpu(), expected, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------- GPU, serving shapes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("q_len", [1, 64])
+def test_serving_shapes_on_gpu(q_len):
+    """Batch 8, 32 query heads on 8 kv heads, head_dim 128, contexts 1000-4000, bf16, compiled."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, head_dim, block_size = 8, 32, 8, 128, 16
+    kv_lens = torch.randint(1000, 4001, (batch,), dtype=torch.int32)
+    max_blocks = math.ceil(4000 / block_size)
+    page_elems = 2 * block_size * kv_heads * head_dim + 64
+    n_pages = batch * max_blocks + 16
+    storage = torch.randn(n_pages * page_elems, device="cuda", dtype=torch.bfloat16)
+    block_table = torch.randperm(n_pages, device="cuda")[: batch * max_blocks].view(batch, max_blocks).int()
+    kv_lens = kv_lens.cuda()
+    q = torch.randn(batch, q_len, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    args = (q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, head_dim**-0.5)
+    key_mask = torch.ones(batch, 4000, dtype=torch.bool, device="cuda")
+    key_mask[:, :50] = False
+    ref = paged_attention_reference(*args)
+    for splits in (None, 1):
+        got = paged_attention(*args, num_splits=splits)
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    for extra in (dict(sliding_window=1024), dict(key_mask=key_mask)):
+        torch.testing.assert_close(
+            paged_attention(*args, **extra).float(), paged_attention_reference(*args, **extra).float(),
+            atol=2e-2, rtol=2e-2,
+        )  # fmt: skip
+
+    # write_kv: the kernel and the torch reference write identical pools
+    new_k = torch.randn(batch, q_len, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    new_v = torch.randn_like(new_k)
+    start = (kv_lens - q_len).long()
+    copy = storage.clone()
+    write_kv(storage, page_elems, block_table, start, new_k, new_v, block_size)
+    write_kv_reference(copy, page_elems, block_table, start, new_k, new_v, block_size)
+    assert torch.equal(storage, copy)

@@ -1,0 +1,238 @@
+"""PagedCache + the registered paged attention, checked against transformers' own DynamicCache (sdpa).
+
+Tiny seeded models (Llama: MHA, Qwen2: GQA, Mistral: GQA + a sliding window shorter than the prompts),
+ragged left-padded prompts crossing several blocks of BLOCK tokens.
+"""
+
+import copy
+import gc
+
+import pytest
+import torch
+from conftest import DEVICE
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from hf_multilora import PoolExhaustedError
+from hf_multilora.cache import PAGED_ATTENTION, PagedCache, use_paged_attention
+from hf_multilora.memory.page_pool import PagePool
+
+VOCAB, PAD, BLOCK, LAYERS, HEAD_DIM, NEW = 128, 0, 4, 2, 16, 9
+PAGE_ELEMS = 2 * BLOCK * 4 * HEAD_DIM  # K and V of BLOCK tokens with up to 4 KV heads
+MODELS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=4)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=5)),
+}
+MODES = {
+    "greedy": dict(do_sample=False),
+    "beam": dict(do_sample=False, num_beams=3, num_return_sequences=2),
+    "sample": dict(do_sample=True, top_k=0, num_return_sequences=2),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    """kind -> (reference model on sdpa + DynamicCache, the same weights on PAGED_ATTENTION)."""
+    built = {}
+
+    def get(kind):
+        if kind not in built:
+            config_cls, model_cls, specific = MODELS[kind]
+            torch.manual_seed(0)
+            config = config_cls(
+                vocab_size=VOCAB,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=LAYERS,
+                num_attention_heads=4,
+                attn_implementation="sdpa",
+                **specific,
+            )
+            reference = model_cls(config).to(DEVICE).eval()
+            paged = copy.deepcopy(reference)
+            use_paged_attention(paged)
+            assert paged.config._attn_implementation == PAGED_ATTENTION
+            assert reference.config._attn_implementation == "sdpa"
+            built[kind] = reference, paged
+        return built[kind]
+
+    return get
+
+
+def make_pool(num_pages: int = 256) -> PagePool:
+    return PagePool(num_pages, PAGE_ELEMS, torch.float32, DEVICE)
+
+
+def used(pool: PagePool) -> int:
+    return pool.num_pages - pool.num_free
+
+
+def ragged_prompts(lengths=(13, 6, 10), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts of the given lengths and their attention mask."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def blocks(tokens: int) -> int:
+    return -(-tokens // BLOCK)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", MODELS)
+def test_generate_matches_dynamic_cache(models, kind, mode):
+    check_generate(models, kind, mode)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="interpreter test; on CUDA the tests above use the kernels"
+)
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_triton_kernels_in_the_interpreter(models, monkeypatch, mode):
+    """write_kv and paged_attention through Triton (interpreted on CPU) in generate: GQA + sliding window."""
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
+    check_generate(models, "mistral", mode)
+
+
+def check_generate(models, kind: str, mode: str) -> None:
+    """generate() with a PagedCache equals generate() with DynamicCache on sdpa: tokens, logits, pages."""
+    reference, paged = models(kind)
+    ids, mask = ragged_prompts()
+    kwargs = dict(
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        pad_token_id=PAD,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **MODES[mode],
+    )
+    torch.manual_seed(1)
+    expected = reference.generate(ids, attention_mask=mask, **kwargs)
+    pool = make_pool()
+    cache = PagedCache(pool, paged.config, block_size=BLOCK)
+    torch.manual_seed(1)
+    got = paged.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)
+
+    assert torch.equal(got.sequences, expected.sequences)
+    assert len(got.logits) == len(expected.logits) == NEW
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"logits of step {step}")
+    length = ids.shape[1] + NEW - 1  # the last token is never fed back
+    assert cache.get_seq_length() == length
+    rows = ids.shape[0] * max(MODES[mode].get("num_beams", 1), MODES[mode].get("num_return_sequences", 1))
+    full = LAYERS * rows * blocks(length)
+    if mode == "beam":  # beams share their common blocks
+        assert 0 < used(pool) <= full
+    else:
+        assert used(pool) == full
+    cache.release()
+    assert pool.num_free == pool.num_pages
+    if (
+        mode == "greedy"
+    ):  # the paged attention without a PagedCache (DynamicCache) falls back to dense attention
+        torch.testing.assert_close(
+            paged.generate(ids, attention_mask=mask, **kwargs).sequences, expected.sequences
+        )
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_crop_and_copy_on_write(models, kind):
+    """Rows sharing pages, then cropped into a shared block, then appending different tokens."""
+    reference, paged = models(kind)
+    pool = make_pool()
+    cache = PagedCache(pool, paged.config, block_size=BLOCK)
+    prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        paged(prompt, past_key_values=cache)
+        cache.batch_repeat_interleave(2)  # two rows, both full blocks shared
+        assert used(pool) == LAYERS * 2
+        for crop, kept, pages in [
+            (-2, 6, LAYERS * 3),
+            (3, 3, LAYERS * 2),
+        ]:  # the partial last block is copied
+            cache.crop(crop)
+            assert cache.get_seq_length() == kept and used(pool) == pages
+            following = torch.tensor([[5, 6], [7, 8]], device=DEVICE)
+            logits = paged(following, past_key_values=cache).logits
+            for row in range(2):
+                ids = torch.cat([prompt[:, :kept], following[row : row + 1]], dim=1)
+                expected = reference(ids).logits[0, -2:]
+                torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-4, msg=f"row {row}")
+            cache.crop(-2)
+        cache.crop(0)
+        assert cache.get_seq_length() == 3
+    cache.release()
+    assert pool.num_free == pool.num_pages
+
+
+def test_pool_exhaustion_leaves_cache_and_pool_consistent(models):
+    reference, paged = models("qwen2")
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    kwargs = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=PAD)
+
+    pool = make_pool(3)  # the prefill needs LAYERS * 2 rows * 2 blocks = 8 pages
+    cache = PagedCache(pool, paged.config, block_size=BLOCK)
+    with pytest.raises(PoolExhaustedError) as error:
+        paged.generate(ids, past_key_values=cache, **kwargs)
+    assert (error.value.needed, error.value.available) == (8, 3)
+    assert pool.num_free == 3 and cache.get_seq_length() == 0
+
+    pool = make_pool(10)  # the prefill fits, the first decode step needs a third block: 4 pages, 2 free
+    cache = PagedCache(pool, paged.config, block_size=BLOCK)
+    with pytest.raises(PoolExhaustedError) as error:
+        paged.generate(ids, past_key_values=cache, **kwargs)
+    assert (error.value.needed, error.value.available) == (4, 2)
+    assert pool.num_free == 2 and [cache.get_seq_length(i) for i in range(LAYERS)] == [8] * LAYERS
+    cache.release()
+    assert pool.num_free == 10
+
+    cache = PagedCache(pool, paged.config, block_size=BLOCK)  # the pool is usable again
+    short = dict(kwargs, max_new_tokens=4, min_new_tokens=4)  # 4 + 3 tokens: 2 blocks, 8 pages
+    got = paged.generate(ids[:, :4], past_key_values=cache, **short)
+    assert torch.equal(got, reference.generate(ids[:, :4], **short))
+    cache.release()
+    assert pool.num_free == 10
+
+
+def test_release_is_idempotent_and_runs_on_garbage_collection(models):
+    _, paged = models("llama")
+    pool = make_pool()
+    cache = PagedCache(pool, paged.config, block_size=BLOCK)
+    ids, mask = ragged_prompts()
+    with torch.no_grad():
+        paged(ids, attention_mask=mask, past_key_values=cache)
+        assert used(pool) == LAYERS * 3 * blocks(ids.shape[1])
+        cache.release()
+        cache.release()
+        assert pool.num_free == pool.num_pages and cache.get_seq_length() == 0
+        paged(ids, attention_mask=mask, past_key_values=cache)  # usable after release
+        assert used(pool) > 0
+    del cache
+    gc.collect()
+    assert pool.num_free == pool.num_pages
+
+
+def test_misuse_is_reported(models):
+    reference, paged = models("llama")
+    pool = make_pool()
+    ids = torch.randint(3, VOCAB, (1, 5)).to(DEVICE)
+    with pytest.raises(RuntimeError, match="use_paged_attention"), torch.no_grad():
+        reference(ids, past_key_values=PagedCache(pool, reference.config, block_size=BLOCK))  # model on sdpa
+    gqa = models("qwen2")[1].config  # 2 KV heads of 16: 64 elements per token
+    assert PagedCache(pool, gqa).block_size == 8  # default: the largest power of two fitting a page
+    with pytest.raises(ValueError, match="fit in a page"):
+        PagedCache(PagePool(4, 32, torch.float32, DEVICE), paged.config)
+    gc.collect()
+    assert pool.num_free == pool.num_pages
