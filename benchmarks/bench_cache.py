@@ -1,0 +1,221 @@
+"""KV caches side by side for the base model: PagedCache vs DynamicCache vs StaticCache.
+
+1. Decode throughput at batch B and contexts C (default 32 x 512 and 32 x 4096, Llama-2-7B shapes,
+   random bf16 weights): generate() with a C-token prompt is timed for 1 and for 1 + N new tokens;
+   decode tok/s = B * N / (difference), so prefill is not counted. PagedCache runs with the
+   registered paged attention; the others with sdpa. Tokens are checked equal across caches.
+2. Capacity: in the same device memory, the largest batch each cache completes at one context.
+   A model of the same shape but fewer layers (KV bytes per layer are what matter; fewer layers
+   make each trial cheap) runs under `torch.cuda.set_per_process_memory_fraction`, capped at its
+   weights + `--kv-gib` + `--slack-gib` of activations; PagedCache's pool gets `--kv-gib`. The
+   batch doubles until a run fails (out of memory or PoolExhaustedError), then a binary search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import common
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+
+from hf_multilora.cache import PagedCache, set_attention, use_paged_attention
+from hf_multilora.memory.page_pool import PagePool, PoolExhaustedError
+
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+)
+GIB = 2**30
+
+
+def build(layers: int, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            return LlamaForCausalLM(
+                LlamaConfig(num_hidden_layers=layers, max_position_embeddings=8192, **LLAMA_7B)
+            ).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def kv_page_elems(config: LlamaConfig, block_size: int = 16) -> int:
+    return 2 * block_size * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+
+
+def run(model: LlamaForCausalLM, kind: str, input_ids: torch.Tensor, new_tokens: int, pool: PagePool | None):
+    """One generate() with a fresh cache of `kind`; the paged one is released afterwards."""
+    cache: Any
+    if kind == "paged":
+        cache = PagedCache(pool, model.config)
+        use_paged_attention(model)
+    else:
+        set_attention(model, "sdpa")
+        if kind == "static":
+            cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + new_tokens)
+        else:
+            cache = DynamicCache(config=model.config)
+    try:
+        return model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    finally:
+        if kind == "paged":
+            cache.release()
+        set_attention(model, "sdpa")
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
+    out, seconds = None, []
+    for _ in range(repeats):
+        common.synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        common.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return common.median(seconds), out
+
+
+def measure(model, kind: str, input_ids: torch.Tensor, pool, args: argparse.Namespace, device) -> tuple:
+    """(seconds for prefill + 1 token, seconds for prefill + 1 + new_tokens, tokens of the latter)."""
+    run(model, kind, input_ids, 1 + args.new_tokens, pool)  # warm up (StaticCache: compiles these shapes)
+    t1, _ = timed(lambda: run(model, kind, input_ids, 1, pool), device, args.repeats)
+    tn, out = timed(lambda: run(model, kind, input_ids, 1 + args.new_tokens, pool), device, args.repeats)
+    return t1, tn, out
+
+
+def throughput(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    model = build(args.layers, device, torch.bfloat16)
+    page_elems = kv_page_elems(model.config)
+    results = []
+    for context in args.contexts:
+        input_ids = torch.randint(3, 32000, (args.batch, context), device=device)
+        kv_bytes = 2 * model.config.num_hidden_layers * args.batch * (context + args.new_tokens + 16) * 4096 * 2
+        outputs = {}
+        for kind in args.caches:  # the pool exists only while the paged cache is measured
+            pool = PagePool.for_device(page_elems, torch.bfloat16, device, pool_bytes=int(kv_bytes * 1.05)) if kind == "paged" else None
+            try:
+                t1, tn, out = measure(model, kind, input_ids, pool, args, device)
+            except torch.OutOfMemoryError:
+                results.append({"context": context, "cache": kind, "decode_tok_s": None, "error": "out of memory"})
+                print(f"  context {context} {kind:<8} out of memory", flush=True)
+                del pool
+                common.free_memory()
+                continue
+            outputs[kind] = out[:, context:].cpu()
+            tok_s = args.batch * args.new_tokens / (tn - t1)
+            results.append({"context": context, "cache": kind, "decode_tok_s": tok_s, "t_prefill_s": t1, "t_total_s": tn})
+            print(f"  context {context} {kind:<8} decode {tok_s:10.1f} tok/s (prefill+1 {t1:.3f} s)", flush=True)
+            del pool
+            common.free_memory()
+        for kind in outputs:
+            same = (outputs[kind] == outputs[args.caches[0]]).float().mean().item()
+            results.append({"context": context, "cache": kind, "tokens_equal_to_" + args.caches[0]: same})
+    del model
+    common.free_memory()
+    return results
+
+
+def fits(model, kind: str, batch: int, context: int, new_tokens: int, pool_bytes: int, device) -> bool:
+    pool = None
+    try:
+        if kind == "paged":
+            pool = PagePool.for_device(kv_page_elems(model.config), torch.bfloat16, device, pool_bytes=pool_bytes)
+        input_ids = torch.randint(3, 32000, (batch, context - new_tokens), device=device)
+        run(model, kind, input_ids, new_tokens, pool)
+        return True
+    except (torch.OutOfMemoryError, PoolExhaustedError):
+        return False
+    finally:
+        del pool
+        common.free_memory()
+
+
+def capacity(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    model = build(args.capacity_layers, device, torch.bfloat16)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cap = weights + (args.kv_gib + args.slack_gib) * GIB  # the same total for every cache
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    results = []
+    try:
+        for kind in args.caches:
+            lo, hi = 0, 1
+            while fits(model, kind, hi, args.capacity_context, 4, args.kv_gib * GIB, device):
+                lo, hi = hi, hi * 2
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if fits(model, kind, mid, args.capacity_context, 4, args.kv_gib * GIB, device) else (lo, mid)
+            results.append({"cache": kind, "max_batch": lo, "context": args.capacity_context, "tokens": lo * args.capacity_context})
+            print(f"  capacity {kind:<8} batch {lo} x context {args.capacity_context}", flush=True)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--contexts", type=common.parse_int_list, default=(512, 4096))
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--caches", type=lambda s: s.split(","), default=["paged", "dynamic", "static"])
+    parser.add_argument("--capacity-layers", type=int, default=16)
+    parser.add_argument("--capacity-context", type=int, default=2048)
+    parser.add_argument("--kv-gib", type=int, default=8, help="KV memory of the capacity test")
+    parser.add_argument("--slack-gib", type=int, default=6, help="activation memory of the capacity test")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_cache.py measures GPU memory and decode speed; no GPU here.", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device())
+    env = common.environment(device)
+    print(f"device {env['device']}; torch {env['torch']}, transformers {env.get('transformers')}", flush=True)
+    result: dict[str, Any] = {"environment": env, "args": vars(args)}
+    if not args.skip_throughput:
+        result["throughput"] = throughput(args, device)
+    result["capacity"] = capacity(args, device)
+    rows = [r for r in result.get("throughput", []) if r.get("decode_tok_s")]
+    by = {(r["context"], r["cache"]): r["decode_tok_s"] for r in rows}
+    print(common.format_table(
+        ("context", "cache", "decode tok/s", "/ dynamic"),
+        [(c, k, t, t / by[(c, "dynamic")] if (c, "dynamic") in by else "-") for (c, k), t in by.items()],
+    ))
+    cap = {r["cache"]: r["tokens"] for r in result["capacity"]}
+    print(common.format_table(
+        ("cache", "max batch x context (tokens)", "/ dynamic"),
+        [(k, v, v / cap["dynamic"] if cap.get("dynamic") else "-") for k, v in cap.items()],
+    ))
+    for context in args.contexts:
+        if (context, "paged") in by and (context, "dynamic") in by:
+            ratio = by[(context, "paged")] / by[(context, "dynamic")]
+            print(f"  target paged decode / dynamic at {context}: {ratio:.3g} (>= 1.0) {'MET' if ratio >= 1 else 'MISSED'}")
+    if cap.get("dynamic"):
+        ratio = cap["paged"] / cap["dynamic"]
+        print(f"  target paged capacity / dynamic: {ratio:.3g} (>= 1.3) {'MET' if ratio >= 1.3 else 'MISSED'}")
+    if args.json:
+        common.write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
