@@ -171,3 +171,25 @@ def test_prefetch_makes_adapters_resident_before_the_call(llama_zoo):
     assert sorted(stats["adapters_resident"]) == sorted(names[:2]) and stats["misses"] == 2
     model(prompts(2, 4, seed=6), adapter_ids=names[:2])
     assert model.memory_stats()["misses"] == 2 and model.memory_stats()["hits"] >= 2
+
+
+def test_generate_that_runs_out_of_kv_pages_fails_cleanly_and_the_next_call_works(llama_zoo):
+    """KV blocks and adapter rows share the pool: a generate whose KV outgrows it raises
+    PoolExhaustedError with numbers, returns every KV page, and a smaller call then works."""
+    names = list(llama_zoo.paths)
+    input_ids = prompts(2, 6, seed=12)
+    probe = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+    probe.generate(input_ids, adapter_ids=names[:2], max_new_tokens=1, do_sample=False)
+    stats = probe.memory_stats()
+    pages = stats["pages_adapter"] + 4  # both adapters, and only a few KV pages
+    model = MultiLoraModel.from_pretrained(
+        llama_zoo.fresh_base(), adapters=llama_zoo.paths, pool_bytes=pages * stats["page_bytes"]
+    )
+    with pytest.raises(PoolExhaustedError) as err:
+        model.generate(input_ids, adapter_ids=names[:2], max_new_tokens=200, do_sample=False)
+    assert err.value.needed > err.value.available
+    after = model.memory_stats()
+    assert after["pages_kv"] == 0 and after["pages_free"] + after["pages_adapter"] == after["pages_total"]
+    small = model.generate(input_ids[:, :2], adapter_ids=names[:2], max_new_tokens=1, do_sample=False)
+    expected = probe.generate(input_ids[:, :2], adapter_ids=names[:2], max_new_tokens=1, do_sample=False)
+    assert torch.equal(small, expected)
