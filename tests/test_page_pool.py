@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -267,20 +269,26 @@ def test_for_device_needs_exactly_one_size(sizes: dict) -> None:
         PagePool.for_device(8, torch.float32, "cpu", **sizes)
 
 
-def test_for_device_fraction_needs_cuda() -> None:
+def test_for_device_fraction_needs_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="CUDA"):
         PagePool.for_device(8, torch.float32, "cpu", fraction=0.5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA"):  # a clear error, not torch's "not compiled with CUDA"
+        PagePool.for_device(8, torch.float32, "cuda", fraction=0.5)
 
 
 @pytest.mark.parametrize("fraction", [0, 0.0, -0.1, 1.5, True])
-def test_for_device_fraction_range(fraction: float) -> None:
-    with pytest.raises(ValueError, match="fraction"):
+def test_for_device_fraction_range(fraction: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # so only the range can fail
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (64_000, 80_000))
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
         PagePool.for_device(8, torch.float32, "cuda", fraction=fraction)
 
 
 def test_for_device_fraction_of_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sized from free memory now; the CUDA calls are faked so this runs on CPU."""
     asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (asked.append(d), (64_000, 80_000))[1])
 
     class Captured(PagePool):
@@ -308,12 +316,18 @@ def test_buggy_reclaimer_runtime_error() -> None:
 def test_threads_never_share_a_page() -> None:
     """8 threads allocate and free at once (with reclaims); `owner` catches a page handed out twice."""
     pool = PagePool(24, 8, torch.float32, "cpu")
-    rec = FakeReclaimer(pool)
+
+    class SlowReclaimer(FakeReclaimer):
+        def reclaim(self, n: int) -> None:
+            time.sleep(0)  # lets other threads run mid-allocate: a missing lock shows up here
+            super().reclaim(n)
+
+    rec = SlowReclaimer(pool)
     rec.take(16)
     pool.set_reclaimer(rec)
     lock, owner, errors = threading.Lock(), {}, []
 
-    def worker(me: int) -> None:
+    def work(me: int) -> None:
         mine: list[int] = []
         for i in range(300):
             try:
@@ -335,11 +349,22 @@ def test_threads_never_share_a_page() -> None:
                 del owner[p]
         pool.free(mine)
 
+    def worker(me: int) -> None:
+        try:
+            work(me)
+        except Exception as e:  # a thread's exception would otherwise only be printed
+            errors.append(e)
+
     threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
     assert errors == [] and owner == {}
     check_consistent(pool, dict.fromkeys(rec.owned, "adapter"))
     assert pool.num_free + len(rec.owned) == 24 and len(rec.owned) < 16  # some reclaims happened

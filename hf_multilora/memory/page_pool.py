@@ -80,9 +80,10 @@ class PagePool:
         if fraction is not None:
             if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
                 raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-            if device.type != "cuda":
+            if device.type != "cuda" or not torch.cuda.is_available():
                 raise ValueError(
-                    f"fraction sizes a pool from free CUDA memory; {device} is not CUDA: give pool_bytes"
+                    f"fraction sizes a pool from free CUDA memory; {device} is not an available CUDA "
+                    "device: give pool_bytes"
                 )
             pool_bytes = int(torch.cuda.mem_get_info(device)[0] * fraction)
         size = _as_int(pool_bytes)
