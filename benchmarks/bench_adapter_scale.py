@@ -98,7 +98,7 @@ FULL = Profile(
     prompt_len=128,
     new_tokens=32,
     adapters=(5, 100, 1000, 2000),
-    batches=6,
+    batches=8,
     ranks_small=(8, 16, 32, 64),
     ranks_large=(8, 16),
     small_max=100,
@@ -609,15 +609,27 @@ _UNITS = {
 }
 
 
-def parse_bytes(text: str) -> int | None:
-    """'20GiB', '512MiB', '1e9' style sizes; 'none' -> None (no bound)."""
-    if text.strip().lower() == "none":
-        return None
+def parse_bytes(text: str) -> int:
+    """'20GiB', '512MiB', '1.5GB' or a plain byte count."""
     match = _SIZE.match(text)
     if not match:
         raise argparse.ArgumentTypeError(f"expected a size like 20GiB, 512MiB or a byte count, got {text!r}")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()]
-    return int(value)
+    value = int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return value
+
+
+def parse_bytes_or_none(text: str) -> int | str:
+    """A size, or 'none' (no bound): kept as the string, so that None still means 'not given'."""
+    return "none" if text.strip().lower() == "none" else parse_bytes(text)
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} B"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -630,7 +642,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--zipf-alpha", type=float, default=1.0, help="Zipf exponent (default 1.0)")
     parser.add_argument(
-        "--batches", type=int, default=None, help="timed batches per stream (default 6; tiny 3)"
+        "--batches", type=int, default=None, help="timed batches per stream (default 8; tiny 3)"
     )
     parser.add_argument("--batch", type=int, default=None, help="rows per batch (default 32; tiny 8)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 128; tiny 16)")
@@ -650,11 +662,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--host-cache-bytes",
+        type=parse_bytes_or_none,
         default=None,
         help="MultiLoraModel host_cache_bytes, or 'none' (default 24GiB; tiny 1MiB)",
     )
     parser.add_argument(
-        "--weight-files", type=int, default=8, help="distinct weight files per rank that folders link to"
+        "--weight-files",
+        type=int,
+        default=8,
+        help="distinct weight files per rank that adapter folders link to (default 8)",
     )
     parser.add_argument(
         "--warm-requests", type=int, default=None, help="most adapter draws of the pre-warm (default 8192)"
@@ -673,8 +689,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def resolve_profile(args: argparse.Namespace) -> Profile:
     """The profile with CLI overrides applied; invalid combinations fail here."""
     profile = TINY if args.tiny else FULL
-    host_cache = (
-        profile.host_cache_bytes if args.host_cache_bytes is None else parse_bytes(args.host_cache_bytes)
+    host_cache = {None: profile.host_cache_bytes, "none": None}.get(
+        args.host_cache_bytes, args.host_cache_bytes
     )
     profile = replace(
         profile,
@@ -778,11 +794,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(pools) != 1:
         raise RuntimeError(f"the pool changed size between streams: {sorted(pools)} pages")
     print(f"\n{env['device']}: {result['total_s']:.0f} s in all")
-    pool_gib = pool["pages_total"] * pool["page_bytes"] / 2**30
-    host = "unbounded" if profile.host_cache_bytes is None else f"{profile.host_cache_bytes / 2**30:.3g} GiB"
+    pool_size = _size(pool["pages_total"] * pool["page_bytes"])
+    host = "unbounded" if profile.host_cache_bytes is None else _size(profile.host_cache_bytes)
     header = (
         f"batch {profile.batch}, prompt {profile.prompt_len}, {profile.new_tokens} new tokens, "
-        f"{profile.batches} timed batches per stream; pool {pool['pages_total']} pages ({pool_gib:.3g} GiB), "
+        f"{profile.batches} timed batches per stream; pool {pool['pages_total']} pages ({pool_size}), "
         f"host cache {host}; ranks {list(profile.ranks_small)} for N <= {profile.small_max}, else "
         f"{list(profile.ranks_large)}; Zipf alpha {args.zipf_alpha:g}; adapters share {args.weight_files} "
         f"weight files per rank ({result['weight_files']['link_mode']}s)"
