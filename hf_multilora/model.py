@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -71,6 +71,8 @@ class MultiLoraModel(torch.nn.Module):
         self._host_cache_bytes = _positive_or_none("host_cache_bytes", host_cache_bytes)
         self._host_loads = 0
         self._hooks: dict[int, Callable[[], None]] = {}  # module index -> undo of its LoRA forward
+        self._module_index = {name: i for i, name in enumerate(self._module_names)}
+        self._module_users: Counter[int] = Counter()  # module index -> registered adapters targeting it
         self._lock = threading.RLock()
         self._row_slots: list[int] | None = None
         self._pool_size = _pool_size(pool_bytes, pool_fraction)
@@ -120,16 +122,15 @@ class MultiLoraModel(torch.nn.Module):
                 )
             source = check_peft_adapter(adapter_name, path, self._targets)
             self._forget_copies(adapter_name)
+            self._retarget(self._registry.get(adapter_name), source)
             self._registry[adapter_name] = source
-            self._sync_hooks()
 
     def unload_adapter(self, adapter_name: str) -> None:
         with self._lock:
             if adapter_name not in self._registry:
                 raise KeyError(f"unknown adapter {adapter_name!r}; known adapters: {self.adapter_names}")
             self._forget_copies(adapter_name)
-            del self._registry[adapter_name]
-            self._sync_hooks()
+            self._retarget(self._registry.pop(adapter_name), None)
 
     def prefetch_adapters(self, adapter_names: Sequence[str]) -> None:
         """Read these adapters into host memory if needed and start copying them into the pool
@@ -170,15 +171,19 @@ class MultiLoraModel(torch.nn.Module):
                 del self._hosts[old]
         return hosts
 
-    def _sync_hooks(self) -> None:
-        """LoRA forwards on exactly the modules some registered adapter targets."""
-        index = {name: i for i, name in enumerate(self._module_names)}
-        wanted = {index[n] for a in self._registry.values() for n in a.modules}
-        for m in set(self._hooks) - wanted:
-            self._hooks.pop(m)()
-        for m in sorted(wanted - set(self._hooks)):
-            module = self._modules_by_name[self._module_names[m]]
-            self._hooks[m] = add_lora_to_forward(module, m, lambda: self._runtime)
+    def _retarget(self, old: AdapterSource | None, new: AdapterSource | None) -> None:
+        """LoRA forwards on exactly the modules some registered adapter targets. Kept as counts
+        per module, so registering or unloading one adapter costs its own modules only (not a
+        pass over every registered adapter: thousands are registered one by one)."""
+        for source, step in ((old, -1), (new, 1)):
+            for name in source.modules if source is not None else ():
+                self._module_users[self._module_index[name]] += step
+        for m in {self._module_index[n] for s in (old, new) if s is not None for n in s.modules}:
+            if self._module_users[m] > 0 and m not in self._hooks:
+                module = self._modules_by_name[self._module_names[m]]
+                self._hooks[m] = add_lora_to_forward(module, m, lambda: self._runtime)
+            elif self._module_users[m] == 0 and m in self._hooks:
+                self._hooks.pop(m)()
 
     # ------------------------------------------------------------------ calls
 
@@ -230,8 +235,16 @@ class MultiLoraModel(torch.nn.Module):
             )
             runtime = self._follow_base_placement()
             distinct = list(dict.fromkeys(n for n in names or () if n is not None))
-            residents = runtime.cache.acquire(self._host_adapters(distinct))
-            slot_of = {n: r.slot for n, r in zip(distinct, residents, strict=True)}
+            # Resident adapters need no host copy (it may have left the host cache): pin them, and
+            # read from host memory or disk only the ones that must be copied in.
+            resident = [n for n in distinct if runtime.cache.resident(n) is not None]
+            runtime.cache.pin(resident)
+            try:
+                runtime.cache.acquire(self._host_adapters([n for n in distinct if n not in resident]))
+            except BaseException:
+                runtime.cache.release(resident)
+                raise
+            slot_of = {n: runtime.cache.resident(n).slot for n in distinct}
             self._row_slots = [slot_of[n] if n is not None else -1 for n in names] if names else None
             try:
                 yield

@@ -150,7 +150,10 @@ def test_registration_reads_no_weights_and_host_budget_rereads_from_disk(llama_z
     stats = roomy.memory_stats()
     assert stats["host_loads"] == 2 and stats["adapters_in_host_memory"] == 2
     budget = stats["host_bytes"]  # room for two host copies
-    small = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=paths, host_cache_bytes=budget)
+    pool = 3 * (stats["pages_adapter"] // 2 + 1) * stats["page_bytes"]  # a few adapters: evicted ones come back
+    small = MultiLoraModel.from_pretrained(
+        llama_zoo.fresh_base(), adapters=paths, host_cache_bytes=budget, pool_bytes=pool
+    )
     names = list(paths)
     for step in range(12):
         rows = [names[step], names[(step + 5) % 12]]
@@ -193,3 +196,29 @@ def test_generate_that_runs_out_of_kv_pages_fails_cleanly_and_the_next_call_work
     small = model.generate(input_ids[:, :2], adapter_ids=names[:2], max_new_tokens=1, do_sample=False)
     expected = probe.generate(input_ids[:, :2], adapter_ids=names[:2], max_new_tokens=1, do_sample=False)
     assert torch.equal(small, expected)
+
+
+def test_resident_adapters_are_not_read_again_from_disk(llama_zoo):
+    """A host cache smaller than the pool drops host copies of resident adapters; using them
+    again needs no disk read (nothing has to be copied to the device)."""
+    names = list(llama_zoo.paths)[:2]
+    input_ids = prompts(2, 4, seed=7)
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths, host_cache_bytes=1)
+    first = model(input_ids, adapter_ids=names).logits
+    loads = model.memory_stats()["host_loads"]
+    torch.testing.assert_close(model(input_ids, adapter_ids=names).logits, first, rtol=0, atol=0)
+    stats = model.memory_stats()
+    assert loads == 2 and stats["host_loads"] == loads and stats["hits"] == 2 and stats["misses"] == 2
+
+
+def test_hooks_follow_registration_and_replacement(llama_zoo):
+    model = MultiLoraModel(llama_zoo.fresh_base())
+    names = list(llama_zoo.paths)
+    for name in names:
+        model.load_adapter(llama_zoo.paths[name], name)
+    targeted = set(model._hooks)
+    model.load_adapter(llama_zoo.paths[names[0]], names[0], replace=True)
+    assert set(model._hooks) == targeted
+    for name in names:
+        model.unload_adapter(name)
+    assert model._hooks == {} and not +model._module_users

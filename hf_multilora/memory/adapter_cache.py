@@ -111,12 +111,7 @@ class AdapterCache:
             self._in_use += Counter()
             raise
         self.hits += len(distinct) - len(missing)
-        stream = torch.cuda.current_stream(self.device) if self._copy_stream is not None else None
-        for adapter in distinct:
-            self._resident.move_to_end(adapter.name)
-            resident = self._resident[adapter.name]
-            if resident.ready is not None and stream is not None:
-                stream.wait_event(resident.ready)
+        self._use([a.name for a in distinct])
         return [self._resident[a.name] for a in adapters]
 
     def pin(self, names: Sequence[str]) -> None:
@@ -125,6 +120,18 @@ class AdapterCache:
         if unknown:
             raise KeyError(f"adapters {unknown} are not resident")
         self._in_use.update(dict.fromkeys(names, 1))
+        self.hits += len(set(names))
+        self._use(names)
+
+    def _use(self, names: Sequence[str]) -> None:
+        """Most recently used now; the current stream waits for their copies (a prefetch may
+        still be copying)."""
+        stream = torch.cuda.current_stream(self.device) if self._copy_stream is not None else None
+        for name in names:
+            self._resident.move_to_end(name)
+            ready = self._resident[name].ready
+            if ready is not None and stream is not None:
+                stream.wait_event(ready)
 
     def release(self, names: Sequence[str]) -> None:
         """Unpin what `acquire` pinned (names as given to it, repeats allowed)."""
