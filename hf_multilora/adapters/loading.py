@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from hf_multilora.adapters.host_store import HostAdapter, pack_adapter
-from hf_multilora.kernels.sgmv import align_up
 
 __all__ = [
     "AdapterLoadError",
@@ -141,23 +140,14 @@ class AdapterSource:
     name: str
     directory: Path
     modules: tuple[str, ...]
-    elements: int  # of its host tensor (rank rows padded to the kernels' alignment)
 
 
 def check_peft_adapter(name: str, source: str | os.PathLike, model: nn.Module | ModelTargets) -> AdapterSource:
     """Every check of `load_peft_adapter` without reading the weights: config, tensor names and
     shapes come from the safetensors header (a `.bin` has none and is read whole). Registering
     thousands of adapters this way takes seconds; `load_peft_adapter` reads the weights at first use."""
-    directory, config_path, weights_path = _resolve_source(name, source)
-    config = _read_config(name, config_path)
-    _check_config(name, config)
-    tensors = _read_shapes(name, weights_path)
-    pairs, stray_keys = _collect_lora_pairs(name, tensors, weights_path)
-    loras = _check_modules(name, config, pairs, model)
-    if stray_keys:
-        raise _stray_error(name, stray_keys)
-    elements = sum(a.shape[0] * (align_up(a.shape[1]) + align_up(b.shape[0])) for a, b, _ in loras.values())
-    return AdapterSource(name, directory, tuple(loras), elements)
+    directory, _, loras = _validated(name, source, model, _read_shapes)
+    return AdapterSource(name, directory, tuple(loras))
 
 
 def load_peft_adapter(
@@ -186,15 +176,7 @@ def load_peft_adapter(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
-    directory, config_path, weights_path = _resolve_source(name, source)
-    config = _read_config(name, config_path)
-    _check_config(name, config)
-    state_dict = _read_weights(name, weights_path)
-    pairs, stray_keys = _collect_lora_pairs(name, state_dict, weights_path)
-    loras = _check_modules(name, config, pairs, model)
-    if stray_keys:
-        raise _stray_error(name, stray_keys)
-
+    directory, config, loras = _validated(name, source, model, _read_weights)
     return pack_adapter(
         name, str(directory), config, loras, dtype, pin_memory=pin_memory and _can_pin()
     )
@@ -320,6 +302,24 @@ def _read_config(name: str, config_path: Path) -> dict[str, Any]:
             f"adapter '{name}': '{config_path}' must hold a JSON object, got {type(config).__name__}"
         )
     return config
+
+
+def _validated(
+    name: str,
+    source: str | os.PathLike,
+    model: nn.Module | ModelTargets,
+    read: Callable[[str, Path], dict[str, Any]],
+) -> tuple[Path, dict[str, Any], dict[str, tuple[Any, Any, float]]]:
+    """(directory, config, (A, B, scale) per module) after every check; `read` gives the tensors
+    (the weights themselves, or shapes only from the header)."""
+    directory, config_path, weights_path = _resolve_source(name, source)
+    config = _read_config(name, config_path)
+    _check_config(name, config)
+    pairs, stray_keys = _collect_lora_pairs(name, read(name, weights_path), weights_path)
+    loras = _check_modules(name, config, pairs, model)
+    if stray_keys:
+        raise _stray_error(name, stray_keys)
+    return directory, config, loras
 
 
 @dataclass(frozen=True)
