@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import bench_generate
 import common
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
@@ -26,27 +27,15 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCach
 from hf_multilora.cache import PagedCache, set_attention, use_paged_attention
 from hf_multilora.memory.page_pool import PagePool, PoolExhaustedError
 
-LLAMA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-)
 GIB = 2**30
 
 
 def build(layers: int, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    """bench_generate's Llama-2-7B shapes with `layers` layers and room for long contexts."""
+    config = {**bench_generate.FULL.config, "num_hidden_layers": layers}
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            return LlamaForCausalLM(
-                LlamaConfig(num_hidden_layers=layers, max_position_embeddings=8192, **LLAMA_7B)
-            ).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    with bench_generate.default_placement(device, dtype):
+        return LlamaForCausalLM(LlamaConfig(max_position_embeddings=8192, **config)).eval()
 
 
 def kv_page_elems(config: LlamaConfig, block_size: int = 16) -> int:
