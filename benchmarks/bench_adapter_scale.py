@@ -720,15 +720,10 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     profile = resolve_profile(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.tiny:
-        print(
-            "the full-size benchmark needs a CUDA GPU; use --tiny to check the script on CPU", file=sys.stderr
-        )
+    started_on = common.start(args.tiny)
+    if started_on is None:
         return 2
-    env = common.environment(device)
-    print(f"device {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
-          f"peft {env['peft']}, triton {env['triton']}", flush=True)  # fmt: skip
+    device, env = started_on
     started = time.perf_counter()
 
     def log(text: str) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,6 +93,19 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def start(tiny: bool) -> tuple[torch.device, dict[str, Any]] | None:
+    """The device of a generate benchmark and its environment, printed; None (after saying why)
+    when the full-size run has no CUDA GPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not tiny:
+        print("the full-size benchmark needs a CUDA GPU; use --tiny to check the script on CPU", file=sys.stderr)
+        return None
+    env = environment(device)
+    print(f"device {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
+          f"peft {env['peft']}, triton {env['triton']}", flush=True)  # fmt: skip
+    return device, env
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
