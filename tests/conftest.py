@@ -64,7 +64,8 @@ _DECODERS = {
 }
 
 
-def build_base(kind: str, seed: int = 0):
+def build_base(kind: str, seed: int = 0, **overrides):
+    """A tiny model of `kind`; `overrides` replace config fields of the decoder kinds."""
     torch.manual_seed(seed)
     if kind == "gpt2":
         return GPT2LMHeadModel(
@@ -77,7 +78,7 @@ def build_base(kind: str, seed: int = 0):
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
-        **specific,
+        **{**specific, **overrides},
     )
     return model_cls(config).eval()
 
