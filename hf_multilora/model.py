@@ -139,8 +139,9 @@ class MultiLoraModel(torch.nn.Module):
             unknown = [n for n in adapter_names if n not in self._registry]
             if unknown:
                 raise KeyError(f"unknown adapters {unknown}; known adapters: {self.adapter_names}")
-            names = list(dict.fromkeys(adapter_names))
-            self._follow_base_placement().cache.prefetch(self._host_adapters(names))
+            cache = self._follow_base_placement().cache
+            cache.acquire_names(adapter_names, self._host_adapters)
+            cache.release(adapter_names)
 
     def _forget_copies(self, adapter_name: str) -> None:
         self._hosts.pop(adapter_name, None)
@@ -235,16 +236,8 @@ class MultiLoraModel(torch.nn.Module):
             )
             runtime = self._follow_base_placement()
             distinct = list(dict.fromkeys(n for n in names or () if n is not None))
-            # Resident adapters need no host copy (it may have left the host cache): pin them, and
-            # read from host memory or disk only the ones that must be copied in.
-            resident = [n for n in distinct if runtime.cache.resident(n) is not None]
-            runtime.cache.pin(resident)
-            try:
-                runtime.cache.acquire(self._host_adapters([n for n in distinct if n not in resident]))
-            except BaseException:
-                runtime.cache.release(resident)
-                raise
-            slot_of = {n: runtime.cache.resident(n).slot for n in distinct}
+            residents = runtime.cache.acquire_names(distinct, self._host_adapters)
+            slot_of = {n: r.slot for n, r in zip(distinct, residents, strict=True)}
             self._row_slots = [slot_of[n] if n is not None else -1 for n in names] if names else None
             try:
                 yield

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from .adapters.host_store import pack_adapter
+from .adapters.host_store import HostAdapter, pack_adapter
 from .kernels.sgmv import align_up
 from .layers import LoraRuntime
 from .memory.page_pool import PagePool
@@ -132,9 +132,14 @@ class _PeftState:
         """Copy the adapters of this forward that are not resident from the PEFT layers into the
         pool (once per adapter version), keeping the resident ones pinned meanwhile."""
         cache = self.runtime.cache
-        resident = [n for n in wanted if cache.resident(n) is not None]
-        missing = []
-        for name in (n for n in wanted if cache.resident(n) is None):
+        cache.acquire_names(wanted, self._pack)
+        cache.release(wanted)
+
+    def _pack(self, names: list[str]) -> list[HostAdapter]:
+        """The named adapters as read from the PEFT layers now, packed like host adapters (on the
+        device: PEFT already holds them there)."""
+        packed = []
+        for name in names:
             loras = {}
             source = next((layer for layer in self.layers if name in layer.lora_A), None)
             if source is not None:
@@ -144,13 +149,9 @@ class _PeftState:
                     a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
                     loras[layer_name] = (a, b, float(layer.scaling[name]))
             if loras:
-                missing.append(pack_adapter(name, "peft", {}, loras, cache.dtype, cache.device))
-        cache.pin(resident)
-        try:
-            cache.acquire(missing)
-            cache.release([a.name for a in missing])
-        finally:
-            cache.release(resident)
+                cache = self.runtime.cache
+                packed.append(pack_adapter(name, "peft", {}, loras, cache.dtype, cache.device))
+        return packed
 
 
 def _make_forward(state: _PeftState):

@@ -15,7 +15,7 @@ blocks (this object is the pool's reclaimer).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,10 +138,19 @@ class AdapterCache:
         self._in_use.subtract({n: 1 for n in dict.fromkeys(names)})
         self._in_use += Counter()  # drops zero counts
 
-    def prefetch(self, adapters: Sequence[HostAdapter]) -> None:
-        """Start copying `adapters` in (side stream) so a later call finds them resident."""
-        self.acquire(adapters)
-        self.release([a.name for a in adapters])
+    def acquire_names(self, names: Sequence[str], load: Callable[[list[str]], list[HostAdapter]]) -> list[Resident]:
+        """`acquire` by name: resident adapters are only pinned, as their host copy may have left
+        the host cache and nothing needs copying; `load(names)` gives the host adapters of the
+        others (it may leave some out: they are then not resident). Unpin with `release(names)`."""
+        names = list(dict.fromkeys(names))
+        resident = [n for n in names if n in self._resident]
+        self.pin(resident)
+        try:
+            self.acquire(load([n for n in names if n not in self._resident]))
+        except BaseException:
+            self.release(resident)
+            raise
+        return [self._resident[n] for n in names if n in self._resident]
 
     def drop(self, name: str) -> None:
         if self._in_use[name]:
