@@ -166,10 +166,11 @@ class MultiLoraModel(torch.nn.Module):
             self._hosts[name] = host
             hosts.append(host)
         if self._host_cache_bytes is not None:
+            held = sum(h.nbytes for h in self._hosts.values())
             for old in [n for n in self._hosts if n not in names]:
-                if sum(h.nbytes for h in self._hosts.values()) <= self._host_cache_bytes:
+                if held <= self._host_cache_bytes:
                     break
-                del self._hosts[old]
+                held -= self._hosts.pop(old).nbytes
         return hosts
 
     def _retarget(self, old: AdapterSource | None, new: AdapterSource | None) -> None:
