@@ -129,9 +129,11 @@ class AdapterCache:
         stream = torch.cuda.current_stream(self.device) if self._copy_stream is not None else None
         for name in names:
             self._resident.move_to_end(name)
-            ready = self._resident[name].ready
-            if ready is not None and stream is not None:
-                stream.wait_event(ready)
+            resident = self._resident[name]
+            if resident.ready is not None and stream is not None:
+                stream.wait_event(resident.ready)
+                if resident.ready.query():  # copied: the source may go (the host cache decides)
+                    resident.ready = resident.host = None
 
     def release(self, names: Sequence[str]) -> None:
         """Unpin what `acquire` pinned (names as given to it, repeats allowed)."""
