@@ -160,8 +160,8 @@ def load_peft_adapter(
     """Load a PEFT LoRA adapter as one flat host tensor laid out for the batched kernels.
 
     `flat` holds, for each targeted module in sorted name order, A ([rank, in] row-major) then B
-    transposed ([rank, out] row-major), converted to `dtype`, each starting at a multiple of the
-    kernels' WEIGHT_ALIGN; offsets in `ModuleLora` are element offsets into it.
+    transposed ([rank, out] row-major), converted to `dtype`, every rank row padded to a multiple
+    of the kernels' WEIGHT_ALIGN; offsets in `ModuleLora` are element offsets into it.
     Everything is validated before the flat tensor is allocated and nothing outside the returned object is
     touched (in particular not `model`), so a failed load leaves no trace.
 
