@@ -222,3 +222,20 @@ def test_hooks_follow_registration_and_replacement(llama_zoo):
     for name in names:
         model.unload_adapter(name)
     assert model._hooks == {} and not +model._module_users
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pool_bytes=0), "pool_bytes"),
+        (dict(pool_bytes=True), "pool_bytes"),
+        (dict(pool_fraction=1.5), "pool_fraction"),
+        (dict(pool_bytes=1 << 20, pool_fraction=0.5), "not both"),
+        (dict(host_cache_bytes=-1), "host_cache_bytes"),
+    ],
+)
+def test_bad_memory_settings_are_refused_at_construction(llama_zoo, kwargs, message):
+    base = llama_zoo.fresh_base()
+    with pytest.raises(ValueError, match=message):
+        MultiLoraModel(base, **kwargs)
+    assert not base._forward_pre_hooks  # the base is left as it was (no planning hook)
