@@ -67,7 +67,6 @@ from safetensors.torch import save_file
 
 from hf_multilora import MultiLoraModel
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 POPULARITIES = ("uniform", "zipf")
 TARGET = 0.9  # throughput at the largest N / at the smallest N, same popularity
 SLORA = 0.945  # S-LoRA's reported ratio (2000 vs 5 adapters)
@@ -178,7 +177,7 @@ def adapter_config(rank: int) -> dict[str, Any]:
         "r": rank,
         "lora_alpha": 2 * rank,
         "lora_dropout": 0.0,
-        "target_modules": list(ATTN),
+        "target_modules": list(bench_generate.ATTN),
         "bias": "none",
         "use_dora": False,
         "use_rslora": False,
