@@ -84,3 +84,67 @@ class BoundLaunch:
             return
         self._compiled = (run, kernel.function, kernel.packed_metadata)
         self._first_key = key
+
+
+class SpecializedLaunch:
+    """Every argument per call, for launches whose tensors change on every call (attention's query,
+    output and per-layer page table): the properties Triton specializes on are read here, in a few
+    microseconds, and pick a launcher compiled earlier; a new combination compiles through Triton's
+    normal path. The key is at least as fine as Triton's specialization (finer only costs a
+    compile), so a cached launcher is never used for arguments it was not compiled for."""
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+        self._names: list[str] = list(fn.arg_names)
+        self._direct = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
+        self._compiled: dict[tuple, tuple | None] = {}  # None: launch through Triton's path
+
+    def __call__(
+        self,
+        grid: Sequence[int],
+        args: Sequence[Any],
+        constexprs: dict[str, Any],
+        num_warps: int,
+        num_stages: int = 3,
+    ) -> None:
+        options = {"num_warps": num_warps, "num_stages": num_stages}
+        first = args[0]
+        if not self._direct or not first.is_cuda or _launch_hooks_set():
+            self._fn[tuple(grid)](*args, **options, **constexprs)
+            return
+        fixed = [constexprs[name] for name in self._names[len(args) :]]
+        values = [*args, *fixed]
+        key = (num_warps, num_stages, *map(_specialization, args), *fixed)  # constexprs by value
+        grid3 = (*grid, 1, 1)[:3]
+        stream = torch._C._cuda_getCurrentRawStream(first.device.index)
+        flat = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values]
+        if key in self._compiled:
+            entry = self._compiled[key]
+            if entry is None:
+                self._fn[tuple(grid)](*args, **options, **constexprs)
+            else:
+                entry[0](*grid3, stream, entry[1], entry[2], None, None, None, *flat)
+            return
+        kernel = self._fn.warmup(*args, grid=grid3, **options, **constexprs)
+        entry = (kernel.run, kernel.function, kernel.packed_metadata)  # run first: it sets function
+        try:
+            entry[0](*grid3, stream, entry[1], entry[2], None, None, None, *flat)
+        except (TypeError, ValueError, OverflowError):  # rejected while parsing arguments, before any launch
+            self._compiled[key] = None
+            self._fn[tuple(grid)](*args, **options, **constexprs)
+            return
+        self._compiled[key] = entry
+
+
+def _specialization(value: Any) -> tuple:
+    """What Triton may specialize an argument on: a pointer's dtype and 16-byte alignment; an
+    integer's being 0 or 1, divisible by 16, and its width; a float's being a float."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.data_ptr() % 16 == 0)
+    if isinstance(value, bool) or value is None:
+        return (value,)
+    if isinstance(value, int):
+        return (int, value in (0, 1) and value, value % 16 == 0, -(2**31) <= value < 2**31, value < 2**63)
+    if isinstance(value, float):
+        return (float,)
+    return (type(value), value)  # anything else: by value, to stay on the safe side

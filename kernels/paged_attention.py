@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import SpecializedLaunch
 from .sgmv import _dot_in_fp32
 
 MAX_SPLITS = 16  # most context splits a launch uses; the combine kernel loads them all at once
@@ -274,6 +275,13 @@ def _write_kv_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
+# Launched through SpecializedLaunch: decode runs these once per layer per token, and Triton's
+# own launch path costs ~80 us of host time each there (measured on an H100 host, triton 3.6).
+_ATTENTION = SpecializedLaunch(_paged_attention_kernel)
+_COMBINE = SpecializedLaunch(_combine_splits_kernel)
+_WRITE_KV = SpecializedLaunch(_write_kv_kernel)
+
+
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -433,20 +441,29 @@ def paged_attention(
     else:
         mask_arg, km_strides = key_mask.view(torch.uint8), key_mask.stride()
     block_d = max(16, triton.next_power_of_2(head_dim))
-    _paged_attention_kernel[(batch * kv_heads, q_tiles, num_splits)](
-        q, storage, block_table, kv_lens, mask_arg, out, part_acc, part_ml,
-        batch, q_len, page_elems, sliding_window or 0, scale * 1.4426950408889634,
-        *q.stride(), *out.stride(), block_table.stride(0), *km_strides,
-        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None, HAS_KEY_MASK=key_mask is not None,
-        DOT_IN_FP32=_dot_in_fp32(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    _ATTENTION(
+        (batch * kv_heads, q_tiles, num_splits),
+        (
+            q, storage, block_table, kv_lens, mask_arg, out, part_acc, part_ml,
+            batch, q_len, page_elems, sliding_window or 0, scale * 1.4426950408889634,
+            *q.stride(), *out.stride(), block_table.stride(0), *km_strides,
+        ),
+        dict(
+            KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+            HAS_WINDOW=sliding_window is not None, HAS_KEY_MASK=key_mask is not None,
+            DOT_IN_FP32=_dot_in_fp32(q.dtype),
+        ),
+        num_warps,
+        num_stages,
     )  # fmt: skip
     if num_splits > 1:
-        _combine_splits_kernel[(batch * q_len * heads,)](
-            part_acc, part_ml, out, q_len, batch * q_len * heads, *out.stride(),
-            HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=1,
-        )  # fmt: skip
+        _COMBINE(
+            (batch * q_len * heads,),
+            (part_acc, part_ml, out, q_len, batch * q_len * heads, *out.stride()),
+            dict(HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits),
+            num_warps=1,
+        )
     return out
 
 
@@ -492,11 +509,18 @@ def write_kv(
     block_e = triton.next_power_of_2(kv_heads * head_dim)
     block_t = min(triton.next_power_of_2(new_len), max(1, 8192 // block_e))
     start_is_tensor = isinstance(start, torch.Tensor)
-    _write_kv_kernel[(batch, triton.cdiv(new_len, block_t))](
-        k, v, storage, block_table, start if start_is_tensor else block_table, 0 if start_is_tensor else int(start),
-        new_len, page_elems, *k.stride(), *v.stride(), block_table.stride(0),
-        KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_E=block_e, BLOCK_T=block_t, BLOCK_SIZE=block_size,
-        START_IS_TENSOR=start_is_tensor, num_warps=4,
+    _WRITE_KV(
+        (batch, triton.cdiv(new_len, block_t)),
+        (
+            k, v, storage, block_table, start if start_is_tensor else block_table,
+            0 if start_is_tensor else int(start), new_len, page_elems, *k.stride(), *v.stride(),
+            block_table.stride(0),
+        ),
+        dict(
+            KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_E=block_e, BLOCK_T=block_t, BLOCK_SIZE=block_size,
+            START_IS_TENSOR=start_is_tensor,
+        ),
+        num_warps=4,
     )  # fmt: skip
 
 
