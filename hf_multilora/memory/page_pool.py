@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 import threading
+from collections import Counter
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -131,19 +132,21 @@ class PagePool:
 
     def free(self, pages: Iterable[int]) -> None:
         """Give pages back; every page is checked before any is freed."""
-        pages = list(pages)
+        ids = list(pages)
+        # A cache gives back tens of thousands of pages at once: check plain ints in bulk, and
+        # anything else page by page.
+        if not ids or not all(type(p) is int for p in ids) or min(ids) < 0 or max(ids) >= self.num_pages:
+            ids = [self._check_page(p) for p in ids]
         with self._lock:
-            ids: list[int] = []
-            seen: set[int] = set()
-            for p in map(self._check_page, pages):
-                if self._kind[p] is None:
-                    raise ValueError(f"page {p} is not allocated (double free?)")
-                if p in seen:
-                    raise ValueError(f"page {p} appears twice in one free() call")
-                seen.add(p)
-                ids.append(p)
+            kinds = [self._kind[p] for p in ids]
+            if None in kinds:
+                raise ValueError(f"page {ids[kinds.index(None)]} is not allocated (double free?)")
+            if len(set(ids)) != len(ids):
+                twice = next(p for p, n in Counter(ids).items() if n > 1)
+                raise ValueError(f"page {twice} appears twice in one free() call")
+            for kind, n in Counter(kinds).items():
+                self._counts[kind] -= n  # type: ignore[index]
             for p in ids:
-                self._counts[self._kind[p]] -= 1  # type: ignore[index]
                 self._kind[p] = None
             self._free.extend(ids)
 
