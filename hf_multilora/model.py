@@ -12,6 +12,7 @@ import os
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,6 +30,7 @@ from .routing import BASE_ADAPTER, batch_rows, expand_rows, forward_shape, resol
 KV_BLOCK_SIZE = 16  # tokens per KV block: with the model's KV width it sets the pool's page size
 DEFAULT_POOL_FRACTION = 0.5  # of the device memory free at the first call, when no size is given
 DEFAULT_CPU_POOL_BYTES = 256 * 2**20
+_HOST_READ_THREADS = 8  # adapters read from disk at once when a call misses several
 
 
 class MultiLoraModel(torch.nn.Module):
@@ -132,13 +134,22 @@ class MultiLoraModel(torch.nn.Module):
             self._forget_copies(adapter_name)
             self._retarget(self._registry.pop(adapter_name), None)
 
-    def prefetch_adapters(self, adapter_names: Sequence[str]) -> None:
+    def prefetch_adapters(self, adapter_names: Sequence[str], *, host_only: bool = False) -> None:
         """Read these adapters into host memory if needed and start copying them into the pool
-        (on a side CUDA stream), so that a later call finds them resident."""
+        (on a side CUDA stream), so that a later call finds them resident.
+
+        `host_only=True` stops at host memory and uses no pool pages: a server can read its whole
+        catalogue at start-up (as S-LoRA keeps every adapter in host memory) so that no call waits
+        on a disk read. With host_cache_bytes set, later names win when they do not all fit."""
         with self._lock:
             unknown = [n for n in adapter_names if n not in self._registry]
             if unknown:
                 raise KeyError(f"unknown adapters {unknown}; known adapters: {self.adapter_names}")
+            if host_only:
+                names = list(dict.fromkeys(adapter_names))
+                for start in range(0, len(names), _HOST_READ_THREADS):
+                    self._host_adapters(names[start : start + _HOST_READ_THREADS])
+                return
             cache = self._follow_base_placement().cache
             cache.acquire_names(adapter_names, self._host_adapters)
             cache.release(adapter_names)
@@ -151,18 +162,12 @@ class MultiLoraModel(torch.nn.Module):
     def _host_adapters(self, names: list[str]) -> list[HostAdapter]:
         """Host copies of `names`, read from disk when not cached; then the cache is trimmed to
         host_cache_bytes, least recently used first, never dropping these."""
+        missing = [n for n in dict.fromkeys(names) if n not in self._hosts]
+        loaded = dict(zip(missing, self._read_adapters(missing), strict=True))
+        self._host_loads += len(missing)
         hosts = []
         for name in names:
-            host = self._hosts.pop(name, None)
-            if host is None:
-                host = load_peft_adapter(
-                    name,
-                    self._registry[name].directory,
-                    self._targets,
-                    self.base_model.dtype,
-                    pin_memory=torch.cuda.is_available(),
-                )
-                self._host_loads += 1
+            host = loaded[name] if name in loaded else self._hosts.pop(name)
             self._hosts[name] = host
             hosts.append(host)
         if self._host_cache_bytes is not None:
@@ -172,6 +177,24 @@ class MultiLoraModel(torch.nn.Module):
                     break
                 held -= self._hosts.pop(old).nbytes
         return hosts
+
+    def _read_adapters(self, names: list[str]) -> list[HostAdapter]:
+        """Read several adapters from disk at once: a miss sits on its call's critical path, and
+        most of a read is file I/O and first-touch page faults of new host memory, which threads
+        overlap. All or nothing: the first failure is raised and nothing is kept."""
+        def read(name: str) -> HostAdapter:
+            return load_peft_adapter(
+                name,
+                self._registry[name].directory,
+                self._targets,
+                self.base_model.dtype,
+                pin_memory=torch.cuda.is_available(),
+            )
+
+        if len(names) <= 1:
+            return [read(n) for n in names]
+        with ThreadPoolExecutor(max_workers=min(len(names), _HOST_READ_THREADS)) as pool:
+            return list(pool.map(read, names))
 
     def _retarget(self, old: AdapterSource | None, new: AdapterSource | None) -> None:
         """LoRA forwards on exactly the modules some registered adapter targets. Kept as counts

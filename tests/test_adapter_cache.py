@@ -11,7 +11,7 @@ from hf_multilora.kernels.sgmv import WEIGHT_ALIGN
 from safetensors.torch import load_file, save_file
 from test_model import prompts
 
-from hf_multilora import MultiLoraModel, PoolExhaustedError
+from hf_multilora import AdapterLoadError, MultiLoraModel, PoolExhaustedError
 from hf_multilora.adapters.host_store import pack_adapter
 from hf_multilora.memory.adapter_cache import AdapterCache, page_layout
 from hf_multilora.memory.page_pool import PagePool
@@ -174,6 +174,36 @@ def test_prefetch_makes_adapters_resident_before_the_call(llama_zoo):
     assert sorted(stats["adapters_resident"]) == sorted(names[:2]) and stats["misses"] == 2
     model(prompts(2, 4, seed=6), adapter_ids=names[:2])
     assert model.memory_stats()["misses"] == 2 and model.memory_stats()["hits"] >= 2
+
+
+def test_host_only_prefetch_reads_weights_but_takes_no_pages(llama_zoo, tmp_path):
+    paths = fresh_adapters(llama_zoo, tmp_path, 11)
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=paths)
+    model.prefetch_adapters(list(paths), host_only=True)  # more names than one parallel read
+    stats = model.memory_stats()
+    assert stats["host_loads"] == 11 and stats["adapters_in_host_memory"] == 11
+    assert "pages_total" not in stats  # no pool yet: no call has needed one
+    model(prompts(3, 4, seed=2), adapter_ids=["a0", "a5", "a10"])
+    assert model.memory_stats()["host_loads"] == 11  # the call read nothing from disk
+    budget = model.memory_stats()["host_bytes"] * 3 // 11  # room for three copies
+    small = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=paths, host_cache_bytes=budget)
+    small.prefetch_adapters(list(paths), host_only=True)
+    assert small.memory_stats()["host_bytes"] <= budget + 8 * budget // 3  # at most one read batch over
+
+
+def test_a_call_whose_adapters_fail_to_read_changes_nothing(llama_zoo, tmp_path):
+    """Misses are read in parallel; one unreadable file fails the call before anything is kept."""
+    paths = fresh_adapters(llama_zoo, tmp_path, 4)
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=paths)
+    (paths["a2"] / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    input_ids = prompts(4, 4, seed=8)
+    with pytest.raises(AdapterLoadError, match="a2"):
+        model(input_ids, adapter_ids=["a0", "a1", "a2", "a3"])
+    stats = model.memory_stats()
+    assert stats["adapters_in_host_memory"] == 0 and stats["adapters_resident"] == []
+    assert stats["pages_adapter"] == 0
+    model(input_ids, adapter_ids=["a0", "a1", None, "a3"])
+    assert model.memory_stats()["adapters_in_host_memory"] == 3
 
 
 def test_generate_that_runs_out_of_kv_pages_fails_cleanly_and_the_next_call_works(llama_zoo):

@@ -78,8 +78,13 @@ def pack_adapter(
         b_offset = a_offset + rank * align_up(in_features)
         modules[module_name] = ModuleLora(a_offset, b_offset, rank, scale, in_features, out_features)
         offset = b_offset + rank * align_up(out_features)
-    flat = torch.zeros(offset, dtype=dtype, device=device, pin_memory=pin_memory)
+    # Not torch.zeros: filling the whole tensor first doubles the writes of the one pass that
+    # copies the weights in (host loads sit on a call's critical path); only row padding is zeroed.
+    flat = torch.empty(offset, dtype=dtype, device=device, pin_memory=pin_memory)
     for m, (a, b, _) in zip(modules.values(), loras.values(), strict=True):
-        flat[m.a_offset : m.b_offset].view(m.rank, m.a_stride)[:, : m.in_features].copy_(a)
-        flat[m.b_offset : m.b_offset + m.rank * m.b_stride].view(m.rank, m.b_stride)[:, : m.out_features].copy_(b.T)
+        a_rows = flat[m.a_offset : m.b_offset].view(m.rank, m.a_stride)
+        b_rows = flat[m.b_offset : m.b_offset + m.rank * m.b_stride].view(m.rank, m.b_stride)
+        for rows, weight in ((a_rows, a), (b_rows, b.T)):
+            rows[:, : weight.shape[1]].copy_(weight)
+            rows[:, weight.shape[1] :].zero_()
     return HostAdapter(name=name, source=source, config=config, flat=flat, modules=modules)
