@@ -4,11 +4,16 @@
    random bf16 weights): generate() with a C-token prompt is timed for 1 and for 1 + N new tokens;
    decode tok/s = B * N / (difference), so prefill is not counted. PagedCache runs with the
    registered paged attention; the others with sdpa. Tokens are checked equal across caches.
-2. Capacity: in the same device memory, the largest batch each cache completes at one context.
-   A model of the same shape but fewer layers (KV bytes per layer are what matter; fewer layers
-   make each trial cheap) runs under `torch.cuda.set_per_process_memory_fraction`, capped at its
-   weights + `--kv-gib` + `--slack-gib` of activations; PagedCache's pool gets `--kv-gib`. The
-   batch doubles until a run fails (out of memory or PoolExhaustedError), then a binary search.
+2. Capacity: in the same device memory, the largest batch each cache completes for one request
+   shape (default a 512-token prompt and 512 new tokens: a cache that grows, as in serving). A
+   model of the same shape but fewer layers (KV bytes per layer are what matter; fewer layers make
+   each trial cheap) runs under `torch.cuda.set_per_process_memory_fraction`, capped at its
+   weights + `--capacity-gib`. Every cache lives in that cap: DynamicCache and StaticCache take what
+   they need from the allocator; PagedCache's pool is sized to the cap minus the weights minus the
+   peak memory the allocator reserves for that batch's prefill (measured with no cache kept), less 2%. A binary
+   search over the batch, from 1 to the most rows the KV could ever fit; a run fails on out of
+   memory or PoolExhaustedError. StaticCache runs uncompiled here (a compile per batch size would
+   dominate the time; its memory is the same).
 """
 
 from __future__ import annotations
@@ -42,7 +47,14 @@ def kv_page_elems(config: LlamaConfig, block_size: int = 16) -> int:
     return 2 * block_size * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
 
 
-def run(model: LlamaForCausalLM, kind: str, input_ids: torch.Tensor, new_tokens: int, pool: PagePool | None):
+def run(
+    model: LlamaForCausalLM,
+    kind: str,
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    pool: PagePool | None,
+    disable_compile: bool = False,
+):
     """One generate() with a fresh cache of `kind`; the paged one is released afterwards."""
     cache: Any
     if kind == "paged":
@@ -63,6 +75,7 @@ def run(model: LlamaForCausalLM, kind: str, input_ids: torch.Tensor, new_tokens:
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
+            disable_compile=disable_compile,
         )
     finally:
         if kind == "paged":
@@ -121,15 +134,34 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict[str,
     return results
 
 
-def fits(model, kind: str, batch: int, context: int, new_tokens: int, pool_bytes: int, device) -> bool:
+def activation_peak(model, batch: int, prompt: int, device: torch.device) -> int:
+    """Device bytes a prefill of `batch` x `prompt` reserves beyond what is allocated, keeping no KV.
+    Reserved, not allocated: the cap applies to the allocator's segments, and activations sized by
+    their allocated peak alone ran out of memory inside the cap (measured on an H200)."""
+    input_ids = torch.randint(3, 32000, (batch, prompt), device=device)
+    common.free_memory()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_reserved(device)
+    with torch.no_grad():
+        model(input_ids, use_cache=False, logits_to_keep=1)
+    return torch.cuda.max_memory_reserved(device) - before
+
+
+def fits(model, kind: str, batch: int, args: argparse.Namespace, cap: int, device) -> bool:
     pool = None
     try:
         if kind == "paged":
-            pool = PagePool.for_device(kv_page_elems(model.config), torch.bfloat16, device, pool_bytes=pool_bytes)
-        input_ids = torch.randint(3, 32000, (batch, context - new_tokens), device=device)
-        run(model, kind, input_ids, new_tokens, pool)
+            weights = torch.cuda.memory_allocated(device)
+            spare = int(0.98 * (cap - weights - activation_peak(model, batch, args.capacity_prompt, device)))
+            page_elems = kv_page_elems(model.config)
+            if spare < 2 * page_elems:
+                return False
+            pool = PagePool.for_device(page_elems, torch.bfloat16, device, pool_bytes=spare)
+        input_ids = torch.randint(3, 32000, (batch, args.capacity_prompt), device=device)
+        run(model, kind, input_ids, args.capacity_new_tokens, pool, disable_compile=True)
         return True
-    except (torch.OutOfMemoryError, PoolExhaustedError):
+    except (torch.OutOfMemoryError, PoolExhaustedError) as error:
+        print(f"    {kind} batch {batch}: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
         return False
     finally:
         del pool
@@ -139,20 +171,24 @@ def fits(model, kind: str, batch: int, context: int, new_tokens: int, pool_bytes
 def capacity(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     model = build(args.capacity_layers, device, torch.bfloat16)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    cap = weights + (args.kv_gib + args.slack_gib) * GIB  # the same total for every cache
+    cap = weights + int(args.capacity_gib * GIB)  # the same total for every cache
+    context = args.capacity_prompt + args.capacity_new_tokens
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    row_kv = 2 * args.capacity_layers * context * model.config.num_key_value_heads * head_dim * 2
+    most = int(args.capacity_gib * GIB) // row_kv  # no cache can hold more rows
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(cap / total, device)
     results = []
     try:
         for kind in args.caches:
-            lo, hi = 0, 1
-            while fits(model, kind, hi, args.capacity_context, 4, args.kv_gib * GIB, device):
-                lo, hi = hi, hi * 2
+            lo, hi = 0, most + 1  # lo fits (0 trivially), hi does not
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if fits(model, kind, mid, args.capacity_context, 4, args.kv_gib * GIB, device) else (lo, mid)
-            results.append({"cache": kind, "max_batch": lo, "context": args.capacity_context, "tokens": lo * args.capacity_context})
-            print(f"  capacity {kind:<8} batch {lo} x context {args.capacity_context}", flush=True)
+                lo, hi = (mid, hi) if fits(model, kind, mid, args, cap, device) else (lo, mid)
+            results.append(
+                {"cache": kind, "max_batch": lo, "context": context, "tokens": lo * context, "kv_bound": most}
+            )
+            print(f"  capacity {kind:<8} batch {lo} x context {context} (KV alone bounds it at {most})", flush=True)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     return results
@@ -167,9 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--caches", type=lambda s: s.split(","), default=["paged", "dynamic", "static"])
     parser.add_argument("--capacity-layers", type=int, default=16)
-    parser.add_argument("--capacity-context", type=int, default=2048)
-    parser.add_argument("--kv-gib", type=int, default=8, help="KV memory of the capacity test")
-    parser.add_argument("--slack-gib", type=int, default=6, help="activation memory of the capacity test")
+    parser.add_argument("--capacity-prompt", type=int, default=512)
+    parser.add_argument("--capacity-new-tokens", type=int, default=512)
+    parser.add_argument(
+        "--capacity-gib", type=float, default=8, help="memory beyond the weights, for KV and activations"
+    )
+    parser.add_argument("--skip-capacity", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -182,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"environment": env, "args": vars(args)}
     if not args.skip_throughput:
         result["throughput"] = throughput(args, device)
-    result["capacity"] = capacity(args, device)
+    result["capacity"] = [] if args.skip_capacity else capacity(args, device)
     rows = [r for r in result.get("throughput", []) if r.get("decode_tok_s")]
     by = {(r["context"], r["cache"]): r["decode_tok_s"] for r in rows}
     print(common.format_table(
