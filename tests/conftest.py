@@ -1,4 +1,5 @@
-"""Test-wide settings: no network, and Triton kernels run in the interpreter when there is no GPU.
+"""Test-wide settings: no network (Hugging Face Hub, Gradio's analytics), and Triton kernels run in
+the interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here, before
 the test modules import hf_multilora.kernels. HF_HUB_OFFLINE must be set before huggingface_hub
@@ -10,14 +11,17 @@ import os
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the playground tests: Gradio calls home otherwise
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -25,6 +29,7 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -138,3 +143,50 @@ def mistral_zoo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gpt2_zoo(tmp_path_factory):
     return Zoo("gpt2", GPT2_ADAPTERS, tmp_path_factory.mktemp("zoo"))
+
+
+def char_tokenizer():
+    """A character-level tokenizer of VOCAB tokens (<pad>, <s>, </s>, <unk>, then printable ASCII
+    and some Latin-1 letters), so that a tiny model's outputs decode to text."""
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)]
+    chars += [chr(c) for c in range(0xC0, 0xC0 + VOCAB - len(special) - len(chars))]
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(special + chars)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def served_dir(tmp_path_factory) -> Path:
+    """What the playground tests serve: `base/` (a tiny Llama with a character tokenizer, loadable
+    by AutoModelForCausalLM / AutoTokenizer) and PEFT adapters in `adapters/<name>`."""
+    root = tmp_path_factory.mktemp("served")
+    base = build_base("llama")
+    base.save_pretrained(root / "base")
+    char_tokenizer().save_pretrained(root / "base")
+    for i, name in enumerate(["attn_r8", "qv_r4", "mlp_r16"]):
+        save_adapter(base, root / "adapters" / name, seed=i + 1, **LLAMA_ADAPTERS[name])
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_dir(served_dir, tmp_path_factory):
+    """Demo assets in the layout of examples/assets, made of the tiny served model."""
+    root = tmp_path_factory.mktemp("demo")
+    (root / "base").symlink_to(served_dir / "base")
+    (root / "adapters").symlink_to(served_dir / "adapters")
+    spec = {
+        "base": "base",
+        "prompt_format": "in: {text} out:",
+        "base_task": "continues the text",
+        "adapters": {
+            name: {"path": f"adapters/{name}", "task": f"task {name}", "examples": []}
+            for name in ["attn_r8", "qv_r4"]
+        },
+    }
+    spec["adapters"]["qv_r4"]["examples"] = [{"text": "abc", "expected": "cba"}]
+    (root / "demo.json").write_text(json.dumps(spec))
+    return root
