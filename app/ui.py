@@ -17,6 +17,7 @@ from .diff import ADDED, REMOVED, word_diff
 from .service import BASE_CHOICE, Playground, Progress, Settings
 
 MAX_ROWS = 8  # output boxes on the page; a request may use at most this many rows
+MAX_NEW_TOKENS = 32  # the slider's start when the model's generation config sets none
 STATS_HEADERS = ["row", "new tokens", "seconds", "tokens/s", "status"]
 # Errors caused by the request (bad input, an adapter that cannot be loaded, a full page pool):
 # shown to the user as they are. AdapterLoadError and PlaygroundError are ValueErrors.
@@ -48,7 +49,8 @@ def build(playground: Playground) -> gr.Blocks:
                 )
                 run = gr.Button("Generate", variant="primary", elem_id="run")
             with gr.Column(scale=1):
-                max_new_tokens = gr.Slider(1, 512, value=32, step=1, label="max new tokens")
+                start = playground.model.generation_config.max_new_tokens or MAX_NEW_TOKENS
+                max_new_tokens = gr.Slider(1, 512, value=start, step=1, label="max new tokens")
                 temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top-p")
                 seed = gr.Number(0, precision=0, label="seed")
