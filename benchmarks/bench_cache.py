@@ -5,15 +5,20 @@
    decode tok/s = B * N / (difference), so prefill is not counted. PagedCache runs with the
    registered paged attention; the others with sdpa. Tokens are checked equal across caches.
 2. Capacity: in the same device memory, the largest batch each cache completes for one request
-   shape (default a 512-token prompt and 512 new tokens: a cache that grows, as in serving). A
-   model of the same shape but fewer layers (KV bytes per layer are what matter; fewer layers make
+   workload. `ragged` (the target's): what a served batch looks like -- prompt lengths spread evenly
+   over [P/8, P] (left-padded, as HF batches them) and output lengths over [N/8, N] (each row ends on
+   EOS at its length: a logits processor forces it), default P = 1024, N = 512, seeded, the same
+   rows for every cache. `uniform`: every prompt P and every output N tokens (no waste to remove).
+   A model of the same shape but fewer layers (KV bytes per layer are what matter; fewer layers make
    each trial cheap) runs under `torch.cuda.set_per_process_memory_fraction`, capped at its
    weights + `--capacity-gib`. Every cache lives in that cap: DynamicCache and StaticCache take what
    they need from the allocator; PagedCache's pool is sized to the cap minus the weights minus the
-   peak memory the allocator reserves for that batch's prefill (measured with no cache kept), less 2%. A binary
-   search over the batch, from 1 to the most rows the KV could ever fit; a run fails on out of
-   memory or PoolExhaustedError. StaticCache runs uncompiled here (a compile per batch size would
-   dominate the time; its memory is the same).
+   peak memory the allocator reserves for that batch's prefill (measured with no cache kept), less
+   2%, and it runs as `MultiLoraModel.generate` runs it: left-padding blocks take no pages and
+   `ReleaseFinishedRows` gives back the pages of rows that ended. A binary search over the batch,
+   from 1 to the most rows the padded KV could ever fit; a run fails on out of memory or
+   PoolExhaustedError. StaticCache runs uncompiled here (a compile per batch size would dominate
+   the time; its memory is the same).
 """
 
 from __future__ import annotations
@@ -27,12 +32,21 @@ from typing import Any
 import bench_generate
 import common
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StaticCache,
+    StoppingCriteriaList,
+)
 
-from hf_multilora.cache import PagedCache, set_attention, use_paged_attention
+from hf_multilora.cache import PagedCache, ReleaseFinishedRows, set_attention, use_paged_attention
 from hf_multilora.memory.page_pool import PagePool, PoolExhaustedError
 
 GIB = 2**30
+PAD, EOS = 0, 2
 
 
 def build(layers: int, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -54,8 +68,11 @@ def run(
     new_tokens: int,
     pool: PagePool | None,
     disable_compile: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    output_lengths: torch.Tensor | None = None,
 ):
-    """One generate() with a fresh cache of `kind`; the paged one is released afterwards."""
+    """One generate() with a fresh cache of `kind`; the paged one is released afterwards. With
+    `output_lengths`, row i ends on EOS after output_lengths[i] tokens (never before)."""
     cache: Any
     if kind == "paged":
         cache = PagedCache(pool, model.config)
@@ -66,21 +83,40 @@ def run(
             cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + new_tokens)
         else:
             cache = DynamicCache(config=model.config)
+    lengths: dict[str, Any] = dict(min_new_tokens=new_tokens)
+    if output_lengths is not None:
+        lengths = dict(
+            eos_token_id=EOS,
+            logits_processor=LogitsProcessorList([EosAt(input_ids.shape[1], output_lengths)]),
+            stopping_criteria=StoppingCriteriaList([ReleaseFinishedRows(cache, EOS)] if kind == "paged" else []),
+        )
     try:
         return model.generate(
             input_ids,
-            attention_mask=torch.ones_like(input_ids),
+            attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask,
             past_key_values=cache,
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
             do_sample=False,
-            pad_token_id=0,
+            pad_token_id=PAD,
             disable_compile=disable_compile,
+            **lengths,
         )
     finally:
         if kind == "paged":
             cache.release()
         set_attention(model, "sdpa")
+
+
+class EosAt(LogitsProcessor):
+    """Row i's output is exactly lengths[i] tokens: EOS is forced as its last token, banned before."""
+
+    def __init__(self, prompt_width: int, lengths: torch.Tensor) -> None:
+        self.prompt_width, self.lengths = prompt_width, lengths
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ends = (self.lengths.to(scores.device) == input_ids.shape[1] - self.prompt_width + 1)[:, None]
+        is_eos = torch.arange(scores.shape[1], device=scores.device)[None, :] == EOS
+        return scores.masked_fill(ends != is_eos, float("-inf"))
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
@@ -147,18 +183,39 @@ def activation_peak(model, batch: int, prompt: int, device: torch.device) -> int
     return torch.cuda.max_memory_reserved(device) - before
 
 
-def fits(model, kind: str, batch: int, args: argparse.Namespace, cap: int, device) -> bool:
+def workload(name: str, rows: int, prompt: int, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt lengths, output lengths) of `rows` requests; seeded, so batch b is the first b rows
+    of batch b + 1."""
+    if name == "uniform":
+        return torch.full((rows,), prompt), torch.full((rows,), new_tokens)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(prompt // 8, prompt + 1, (rows,), generator=gen)
+    outputs = torch.randint(new_tokens // 8, new_tokens + 1, (rows,), generator=gen)
+    return prompts, outputs
+
+
+def left_padded(lengths: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of these lengths, left-padded to the longest, and their attention mask."""
+    width = int(lengths.max())
+    mask = torch.arange(width)[None, :] >= width - lengths[:, None]
+    ids = torch.randint(3, 32000, mask.shape).masked_fill(~mask, PAD)
+    return ids.to(device), mask.long().to(device)
+
+
+def fits(model, kind: str, prompts: torch.Tensor, outputs: torch.Tensor, cap: int, device) -> bool:
     pool = None
+    batch = prompts.shape[0]
     try:
         if kind == "paged":
             weights = torch.cuda.memory_allocated(device)
-            spare = int(0.98 * (cap - weights - activation_peak(model, batch, args.capacity_prompt, device)))
+            spare = int(0.98 * (cap - weights - activation_peak(model, batch, int(prompts.max()), device)))
             page_elems = kv_page_elems(model.config)
             if spare < 2 * page_elems:
                 return False
             pool = PagePool.for_device(page_elems, torch.bfloat16, device, pool_bytes=spare)
-        input_ids = torch.randint(3, 32000, (batch, args.capacity_prompt), device=device)
-        run(model, kind, input_ids, args.capacity_new_tokens, pool, disable_compile=True)
+        input_ids, mask = left_padded(prompts, device)
+        new_tokens = int(outputs.max())
+        run(model, kind, input_ids, new_tokens, pool, True, attention_mask=mask, output_lengths=outputs)
         return True
     except (torch.OutOfMemoryError, PoolExhaustedError) as error:
         print(f"    {kind} batch {batch}: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
@@ -172,23 +229,31 @@ def capacity(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
     model = build(args.capacity_layers, device, torch.bfloat16)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cap = weights + int(args.capacity_gib * GIB)  # the same total for every cache
-    context = args.capacity_prompt + args.capacity_new_tokens
     head_dim = model.config.hidden_size // model.config.num_attention_heads
-    row_kv = 2 * args.capacity_layers * context * model.config.num_key_value_heads * head_dim * 2
-    most = int(args.capacity_gib * GIB) // row_kv  # no cache can hold more rows
+    token_kv = 2 * args.capacity_layers * model.config.num_key_value_heads * head_dim * 2
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(cap / total, device)
     results = []
     try:
-        for kind in args.caches:
-            lo, hi = 0, most + 1  # lo fits (0 trivially), hi does not
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if fits(model, kind, mid, args, cap, device) else (lo, mid)
-            results.append(
-                {"cache": kind, "max_batch": lo, "context": context, "tokens": lo * context, "kv_bound": most}
-            )
-            print(f"  capacity {kind:<8} batch {lo} x context {context} (KV alone bounds it at {most})", flush=True)
+        for name in args.capacity_workloads:
+            most = 4 * int(args.capacity_gib * GIB) // (token_kv * (args.capacity_prompt + args.capacity_new_tokens))
+            prompts, outputs = workload(name, most, args.capacity_prompt, args.capacity_new_tokens)
+            for kind in args.caches:
+                lo, hi = 0, most + 1  # lo fits (0 trivially), hi does not
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    ok = fits(model, kind, prompts[:mid], outputs[:mid], cap, device)
+                    lo, hi = (mid, hi) if ok else (lo, mid)
+                context = int(prompts[:lo].max() + outputs[:lo].max()) if lo else 0
+                real = int((prompts[:lo] + outputs[:lo]).sum())
+                results.append(
+                    {"workload": name, "cache": kind, "max_batch": lo, "context": context, "real_tokens": real}
+                )
+                print(
+                    f"  capacity {name:<8} {kind:<8} batch {lo} (longest context {context}, "
+                    f"{real} prompt + output tokens)",
+                    flush=True,
+                )
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     return results
@@ -203,8 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--caches", type=lambda s: s.split(","), default=["paged", "dynamic", "static"])
     parser.add_argument("--capacity-layers", type=int, default=16)
-    parser.add_argument("--capacity-prompt", type=int, default=512)
-    parser.add_argument("--capacity-new-tokens", type=int, default=512)
+    parser.add_argument("--capacity-prompt", type=int, default=1024, help="the longest prompt")
+    parser.add_argument("--capacity-new-tokens", type=int, default=512, help="the longest output")
+    parser.add_argument(
+        "--capacity-workloads", type=lambda s: s.split(","), default=["ragged", "uniform"], help="ragged,uniform"
+    )
     parser.add_argument(
         "--capacity-gib", type=float, default=8, help="memory beyond the weights, for KV and activations"
     )
@@ -228,18 +296,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("context", "cache", "decode tok/s", "/ dynamic"),
         [(c, k, t, t / by[(c, "dynamic")] if (c, "dynamic") in by else "-") for (c, k), t in by.items()],
     ))
-    cap = {r["cache"]: r["tokens"] for r in result["capacity"]}
-    print(common.format_table(
-        ("cache", "max batch x context (tokens)", "/ dynamic"),
-        [(k, v, v / cap["dynamic"] if cap.get("dynamic") else "-") for k, v in cap.items()],
-    ))
+    for name in args.capacity_workloads:
+        cap = {r["cache"]: r["max_batch"] for r in result["capacity"] if r["workload"] == name}
+        if not cap:
+            continue
+        print(f"capacity, {name} workload:")
+        print(common.format_table(
+            ("cache", "max batch", "/ dynamic"),
+            [(k, v, v / cap["dynamic"] if cap.get("dynamic") else "-") for k, v in cap.items()],
+        ))
+        if name == "ragged" and cap.get("dynamic") and "paged" in cap:
+            ratio = cap["paged"] / cap["dynamic"]
+            print(f"  target paged capacity / dynamic: {ratio:.3g} (>= 1.3) {'MET' if ratio >= 1.3 else 'MISSED'}")
     for context in args.contexts:
         if (context, "paged") in by and (context, "dynamic") in by:
             ratio = by[(context, "paged")] / by[(context, "dynamic")]
             print(f"  target paged decode / dynamic at {context}: {ratio:.3g} (>= 1.0) {'MET' if ratio >= 1 else 'MISSED'}")
-    if cap.get("dynamic"):
-        ratio = cap["paged"] / cap["dynamic"]
-        print(f"  target paged capacity / dynamic: {ratio:.3g} (>= 1.3) {'MET' if ratio >= 1.3 else 'MISSED'}")
     if args.json:
         common.write_json(args.json, result)
     return 0

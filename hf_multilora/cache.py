@@ -4,11 +4,12 @@ registered paged attention function.
 Enabling it on a plain HF decoder (Llama, Qwen2, Mistral, ... anything calling ``past_key_values.update`` then
 ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``)::
 
-    from hf_multilora.cache import PagedCache, use_paged_attention
+    from hf_multilora.cache import PagedCache, ReleaseFinishedRows, use_paged_attention
     use_paged_attention(model)               # sets model's attention implementation to PAGED_ATTENTION
     cache = PagedCache(pool, model.config)   # pool: a PagePool with the model's device and dtype
     try:
-        out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32)
+        out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=32,
+                             stopping_criteria=StoppingCriteriaList([ReleaseFinishedRows(cache, eos_id)]))
     finally:
         cache.release()                      # pages back to the pool (garbage collection does it too, later)
 
@@ -38,6 +39,13 @@ Why it is built this way:
   raises ``PoolExhaustedError`` (``needed``, ``available``) before anything changes: cache and pool stay
   consistent and usable.
 - **Sliding window**: every page is kept; the kernel applies the window, so results equal ``DynamicCache``.
+- **Pages nobody attends to are not stored** (where HF's rectangular batches waste the most memory). Blocks
+  that hold only a row's left padding, and every block of a row that finished, point at one shared
+  *discard page* (zeroed, written by those tokens, read only into outputs that are thrown away). The padding
+  comes from the attention mask of the call that fills an empty cache (``use_paged_attention`` installs a
+  forward pre-hook that hands it over); finished rows are reported by ``ReleaseFinishedRows``, a stopping
+  criterion for greedy search and sampling (``MultiLoraModel.generate`` adds it). A finished row's pages
+  return to the pool at its next block boundary, and it attends to nothing from then on.
 
 Limitations: inference only (no dropout, no gradients); causal or sliding-window causal text decoders
 (no softcap, attention sinks, custom 4-D masks or mask overlays); beam search reorders the tables on the
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.masking_utils import AttentionMaskInterface
 
 from .kernels.paged_attention import (
@@ -166,8 +176,23 @@ AttentionMaskInterface.register(PAGED_ATTENTION, paged_mask)
 
 
 def use_paged_attention(model: torch.nn.Module) -> None:
-    """Make ``model`` (a transformers model) attend through ``PAGED_ATTENTION``: a ``PagedCache`` needs it."""
+    """Make ``model`` (a transformers model) attend through ``PAGED_ATTENTION``: a ``PagedCache`` needs it.
+
+    Also hands the attention mask of a call that fills an empty ``PagedCache`` to that cache (a forward
+    pre-hook, installed once), so blocks of left padding take no pages of their own.
+    """
     set_attention(model, PAGED_ATTENTION)
+    if getattr(model, "_hf_multilora_padding_hook", None) is None:
+        model._hf_multilora_padding_hook = model.register_forward_pre_hook(
+            _hand_over_padding, with_kwargs=True
+        )
+
+
+def _hand_over_padding(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 calls it `cache`
+    mask = kwargs.get("attention_mask")
+    if isinstance(cache, PagedCache) and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        cache.note_attention_mask(mask)
 
 
 def set_attention(model: torch.nn.Module, implementation: str) -> None:
@@ -236,6 +261,10 @@ class PagedCache(Cache):
         self._kv_lens_end = -1
         self._lens = [0] * self.num_layers  # tokens per row, per layer (layers update one after another)
         self._pending: tuple[int, torch.Tensor] | None = None
+        self._discard: int | None = None  # the shared page of blocks nobody attends to (see the module doc)
+        self._fill_mask: torch.Tensor | None = None  # attention mask of the call filling the empty cache
+        self._finished: torch.Tensor | None = None  # bool [batch] on the host: rows whose pages are released
+        self._finishing: torch.Tensor | None = None  # bool [batch] on the device, from ReleaseFinishedRows
 
     # -- what attention layers call -------------------------------------------------------------------------
     def update(
@@ -262,15 +291,16 @@ class PagedCache(Cache):
         start = self._lens[layer_idx]
         end = start + new
         missing = -(-end // self.block_size) - self._host.shape[2]
-        if missing > 0:  # a new block for every layer and row, in one allocation
-            pages = pool.allocate(self.num_layers * batch * missing, "kv")
-            fresh = torch.tensor(pages, dtype=torch.int32).view(self.num_layers, batch, missing)
-            self._set_table(torch.cat([self._host, fresh], dim=2))
+        if missing > 0:
+            self._release_finished_rows()
+            self._grow(missing)
         if self._table is None:
             host = self._host.pin_memory() if device.type == "cuda" else self._host.clone()
             self._table = host.to(device, non_blocking=True)
         if self._kv_lens is None or self._kv_lens_end != end:
             self._kv_lens = torch.full((batch,), end, dtype=torch.int32, device=device)
+            if self._finished is not None and self._finished.any():  # they attend to their new tokens alone
+                self._kv_lens.masked_fill_(self._finished.to(device, non_blocking=True), new)
             self._kv_lens_end = end
         write = write_kv if use_triton(key_states) else write_kv_reference
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [batch, new, kv_heads, head_dim]
@@ -299,6 +329,11 @@ class PagedCache(Cache):
     # -- what generate() and users call between forwards -----------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i becomes old row ``beam_idx[i]`` (pages shared, copy-on-write of partial blocks)."""
+        if self._finishing is not None:
+            raise RuntimeError(
+                "ReleaseFinishedRows works with greedy search and sampling, not beam search: a beam that "
+                "ends is replaced, not finished"
+            )
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -307,13 +342,13 @@ class PagedCache(Cache):
             return
         indices = torch.as_tensor(indices).cpu()
         indices = indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
-        self._replace(self._host.index_select(1, indices), self._length())
+        self._replace(self._host.index_select(1, indices), self._length(), indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat each row ``repeats`` times in place (beams / ``num_return_sequences``), sharing its pages."""
         if self._host is not None:
             rows = torch.arange(self._host.shape[1]).repeat_interleave(repeats)
-            self._replace(self._host.index_select(1, rows), self._length())
+            self._replace(self._host.index_select(1, rows), self._length(), rows)
 
     def crop(self, max_length: int) -> None:
         """HF semantics: ``crop(-n)`` drops the last n tokens, ``crop(n > 0)`` keeps the first n, 0 does nothing."""
@@ -328,7 +363,7 @@ class PagedCache(Cache):
     def release(self) -> None:
         """Give every page back to the pool and empty the cache (idempotent; the cache stays usable)."""
         if getattr(self, "_host", None) is not None:
-            self.pool.free(self._host.unique().tolist())
+            self.pool.free(self._pages_of(self._host) + ([] if self._discard is None else [self._discard]))
         self._reset_state()
 
     def __del__(self) -> None:
@@ -341,24 +376,104 @@ class PagedCache(Cache):
             raise RuntimeError("PagedCache: layers hold different lengths (a forward is under way)")
         return self._lens[0]
 
+    def _pages_of(self, table: torch.Tensor) -> list[int]:
+        """The pages ``table`` names, the discard page aside (the cache owns that one until release)."""
+        return [p for p in table.unique().tolist() if p != self._discard]
+
     def _set_table(self, host: torch.Tensor) -> None:
         self._host, self._table = host, None
         if self._kv_lens is not None and self._kv_lens.shape[0] != host.shape[1]:
             self._kv_lens = None
 
-    def _replace(self, table: torch.Tensor, length: int) -> None:
-        """Install ``table`` (rows picked / blocks cut from the current one) holding ``length`` tokens per row.
+    def note_attention_mask(self, attention_mask: torch.Tensor) -> None:
+        """The 2-D mask of the forward about to run; used when that forward fills the empty cache: blocks that
+        hold only a row's leading padding then share the discard page. (``use_paged_attention``'s hook calls
+        this; calling it by hand is for forwards that get the cache positionally.)"""
+        if self._host is None:
+            self._fill_mask = attention_mask
+
+    def _grow(self, missing: int) -> None:
+        """Add ``missing`` blocks to every layer and row in ONE allocation (all or nothing): a fresh page each,
+        but blocks of leading padding (first fill only) and blocks of finished rows get the discard page."""
+        layers, batch, have = self._host.shape
+        needs_page = torch.ones(batch, missing, dtype=torch.bool)
+        if self._fill_mask is not None and have == 0 and self._fill_mask.shape[0] == batch:
+            padding = (self._fill_mask.cumsum(-1) == 0).sum(-1).cpu()  # leading zeros per row
+            block_end = (torch.arange(missing) + 1) * self.block_size
+            needs_page &= block_end[None, :] > padding[:, None]
+        if self._finished is not None:
+            needs_page &= ~self._finished[:, None]
+        per_layer = int(needs_page.sum())
+        new_discard = self._discard is None and not bool(needs_page.all())
+        pages = self.pool.allocate(layers * per_layer + new_discard, "kv")
+        if new_discard:
+            self._set_discard(pages.pop())
+        fresh = torch.full(
+            (layers, batch, missing), -1 if self._discard is None else self._discard, dtype=torch.int32
+        )
+        fresh[:, needs_page] = torch.tensor(pages, dtype=torch.int32).view(layers, per_layer)
+        self._fill_mask = None
+        self._set_table(torch.cat([self._host, fresh], dim=2))
+
+    def mark_finished(self, rows: torch.Tensor) -> None:
+        """Rows (bool ``[batch]``, on any device; sticky) that will never be read again: their pages return
+        to the pool at the next block boundary. Called by ``ReleaseFinishedRows``; no device->host sync."""
+        rows = rows.to(torch.bool)
+        self._finishing = rows.clone() if self._finishing is None else self._finishing | rows
+
+    def _release_finished_rows(self) -> None:
+        """Point every block of newly finished rows at the discard page and free what no row names any more
+        (one device->host copy of the flags, at a block boundary)."""
+        if self._finishing is None or self._host is None:
+            return
+        finishing = self._finishing.cpu()
+        if finishing.shape[0] != self._host.shape[1]:
+            raise ValueError(
+                f"{finishing.shape[0]} finished-row flags for a cache of {self._host.shape[1]} rows"
+            )
+        finished = self._finished if self._finished is not None else torch.zeros_like(finishing)
+        newly = finishing & ~finished
+        if newly.any() and self._host.shape[2]:
+            table = self._host.clone()
+            table[:, newly] = -1
+            freed = set(self._pages_of(self._host)) - set(self._pages_of(table))
+            if (
+                self._discard is None
+            ):  # one of the freed pages becomes it (no allocation: the pool may be full)
+                self._set_discard(freed.pop() if freed else self.pool.allocate(1, "kv")[0])
+            table[table == -1] = self._discard
+            self.pool.free(sorted(freed))
+            self._set_table(table)
+            self._kv_lens = None
+        self._finished = finished | finishing
+
+    def _set_discard(self, page: int) -> None:
+        """Zeroed once: rows that attend to it must see finite numbers, whatever was in the page before."""
+        self._discard = page
+        self.pool.storage[page * self.pool.page_elems : (page + 1) * self.pool.page_elems].zero_()
+
+    def _replace(self, table: torch.Tensor, length: int, rows: torch.Tensor | None = None) -> None:
+        """Install ``table`` (rows ``rows`` of the current one, or blocks cut from it) holding ``length`` tokens.
 
         Rows only ever write into the block at ``length``; where that block is partial and shared by several
-        rows, every row but the first gets a copy. Then pages no entry names any more go back to the pool.
+        rows (or is the discard page of a row that has not finished), every row but the first gets a copy.
+        Then pages no entry names any more go back to the pool.
         """
+        finished = (
+            self._finished if self._finished is not None else torch.zeros(table.shape[1], dtype=torch.bool)
+        )
+        if rows is not None:
+            finished = finished[rows]
         copies: list[tuple[int, int, int]] = []  # (layer, row, page to copy)
         last = length // self.block_size
         if length % self.block_size:
             seen: set[int] = set()
             for flat, page in enumerate(table[:, :, last].flatten().tolist()):
-                if page in seen:
-                    copies.append((*divmod(flat, table.shape[1]), page))
+                layer, row = divmod(flat, table.shape[1])
+                if finished[row]:
+                    continue
+                if page in seen or page == self._discard:
+                    copies.append((layer, row, page))
                 seen.add(page)
         fresh = self.pool.allocate(len(copies), "kv") if copies else []  # raises before any change
         if copies:
@@ -371,7 +486,37 @@ class PagedCache(Cache):
             pages[torch.tensor(fresh, device=self.pool.storage.device), :used] = pages[src, :used]
             for (layer, row, _), page in zip(copies, fresh, strict=True):
                 table[layer, row, last] = page
-        unused = set(self._host.unique().tolist()) - set(table.unique().tolist())
-        self.pool.free(sorted(unused))
+        self.pool.free(sorted(set(self._pages_of(self._host)) - set(self._pages_of(table))))
+        if self._finished is not None:
+            self._finished = finished
+        if self._finishing is not None and rows is not None:
+            self._finishing = self._finishing[rows.to(self._finishing.device)]
         self._set_table(table.contiguous())
         self._lens = [length] * self.num_layers
+        self._kv_lens = None
+
+
+class ReleaseFinishedRows(StoppingCriteria):
+    """A stopping criterion that ends rows on an EOS token, as generate's own does, and tells ``cache`` so:
+    their KV pages go back to the pool at the next block boundary (a batch that keeps decoding for its
+    longest row holds only the live rows' pages). For greedy search and sampling (not beam search).
+
+    The rows it releases are exactly those it reports as done, so generate() never reads them again. A
+    released row attends to nothing, so its logits after its EOS (``output_scores`` / ``output_logits``)
+    are not those DynamicCache would give; its tokens are padding either way.
+    """
+
+    def __init__(self, cache: PagedCache, eos_token_id: int | Sequence[int] | torch.Tensor) -> None:
+        eos = torch.as_tensor(eos_token_id).flatten()
+        if eos.numel() == 0 or eos.is_floating_point():
+            raise ValueError(f"eos_token_id must be one or more token ids, got {eos_token_id!r}")
+        self.cache, self._eos = cache, eos
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
+        if self._eos.device != input_ids.device:
+            self._eos = self._eos.to(input_ids.device)
+        done = torch.isin(input_ids[:, -1], self._eos)
+        self.cache.mark_finished(done)
+        return done

@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, StoppingCriteriaList
 
 from .adapters.host_store import HostAdapter
 from .adapters.loading import AdapterSource, ModelTargets, check_peft_adapter, load_peft_adapter
-from .cache import PagedCache, set_attention, use_paged_attention
+from .cache import PagedCache, ReleaseFinishedRows, set_attention, use_paged_attention
 from .kernels.sgmv import align_up
 from .layers import LoraRuntime, add_lora_to_forward
 from .memory.page_pool import PagePool
@@ -30,6 +30,7 @@ from .routing import BASE_ADAPTER, batch_rows, expand_rows, forward_shape, resol
 KV_BLOCK_SIZE = 16  # tokens per KV block: with the model's KV width it sets the pool's page size
 DEFAULT_POOL_FRACTION = 0.5  # of the device memory free at the first call, when no size is given
 DEFAULT_CPU_POOL_BYTES = 256 * 2**20
+_ROW_RELEASE_SETTINGS = ("eos_token_id", "num_beams", "output_scores", "output_logits")
 _HOST_READ_THREADS = 8  # adapters read from disk at once when a call misses several
 
 
@@ -235,20 +236,40 @@ class MultiLoraModel(torch.nn.Module):
         Beam search and num_return_sequences expand the batch; each copy keeps its row's adapter.
         Unless `past_key_values` is given (or `use_cache=False`), the KV cache is a PagedCache in
         the model's page pool, read in place by the paged attention kernel, and its pages return
-        to the pool when the call ends; `paged_cache=False` keeps transformers' default cache.
+        to the pool when the call ends; `paged_cache=False` keeps transformers' default cache. With
+        greedy search or sampling, a row's pages return to the pool once it ends on EOS (unless
+        `output_scores` / `output_logits` ask for the logits of every step, which a released row no
+        longer computes the way DynamicCache would).
         """
-        paged = kwargs.pop("paged_cache", True) and "past_key_values" not in kwargs and kwargs.get("use_cache", True)
+        paged = kwargs.pop("paged_cache", True) and not {"past_key_values", "cache"} & kwargs.keys()
         with self._routed(args, kwargs, adapter_ids, adapter_names):
-            if not paged:
+            if not (paged and kwargs.get("use_cache", True)):
                 return self.base_model.generate(*args, **kwargs)
             cache = PagedCache(self._runtime.cache.pool, self.base_model.config)
             previous = self.base_model.config._attn_implementation
             use_paged_attention(self.base_model)
             try:
+                kwargs = self._with_release_of_finished_rows(cache, kwargs)
                 return self.base_model.generate(*args, past_key_values=cache, **kwargs)
             finally:
                 set_attention(self.base_model, previous)
                 cache.release()
+
+    def _with_release_of_finished_rows(self, cache: PagedCache, kwargs: dict) -> dict:
+        """kwargs plus a ReleaseFinishedRows criterion, where generate() would stop rows on EOS alone."""
+        config = kwargs.get("generation_config") or self.base_model.generation_config
+        setting = {key: kwargs.get(key, getattr(config, key, None)) for key in _ROW_RELEASE_SETTINGS}
+        eos = setting["eos_token_id"]
+        if (
+            eos is None
+            or (setting["num_beams"] or 1) > 1
+            or setting["output_scores"]
+            or setting["output_logits"]
+        ):
+            return kwargs
+        criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
+        criteria.append(ReleaseFinishedRows(cache, eos))
+        return {**kwargs, "stopping_criteria": criteria}
 
     @contextmanager
     def _routed(

@@ -28,6 +28,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    LogitsProcessor,
     MistralConfig,
     MistralForCausalLM,
     PreTrainedTokenizerFast,
@@ -73,6 +74,21 @@ _DECODERS = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2)),  # GQA
     "mistral": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=8)),
 }
+
+
+class EndRowsAt(LogitsProcessor):
+    """Row i emits `eos` at generation step ends[i] (0-based) and never before: ragged output lengths."""
+
+    def __init__(self, prompt_length: int, ends: list[int], eos: int) -> None:
+        self.prompt_length, self.ends, self.eos = prompt_length, torch.tensor(ends), eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        now = (self.ends == input_ids.shape[1] - self.prompt_length).to(scores.device)
+        scores = scores.clone()
+        scores[:, self.eos] = float("-inf")
+        scores[now] = float("-inf")
+        scores[now, self.eos] = 0.0
+        return scores
 
 
 def build_base(kind: str, seed: int = 0, **overrides):

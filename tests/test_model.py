@@ -3,10 +3,12 @@ adapter active (logits and greedy tokens), whatever the mix of adapters, ranks a
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, EndRowsAt
+from transformers import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from hf_multilora import MultiLoraModel
+from hf_multilora.model import KV_BLOCK_SIZE
 
 ZOOS = ["llama_zoo", "qwen2_zoo", "mistral_zoo", "gpt2_zoo"]
 
@@ -198,17 +200,23 @@ def test_concurrent_generate_calls_from_threads_are_safe(llama_zoo):
         assert results[i].tolist() == out.tolist(), f"job {i}"
 
 
-def test_generate_runs_on_a_paged_cache_and_gives_its_pages_back(llama_zoo, monkeypatch):
+@pytest.fixture
+def kv_pages_at_release(monkeypatch) -> list[int]:
+    """The pool's KV pages in use each time a PagedCache is released (before it gives them back)."""
     from hf_multilora.cache import PagedCache
 
-    kv_pages_at_release = []
+    seen = []
     release = PagedCache.release
 
     def spy(self):
-        kv_pages_at_release.append(self.pool.num_kv)
+        seen.append(self.pool.num_kv)
         release(self)
 
     monkeypatch.setattr(PagedCache, "release", spy)
+    return seen
+
+
+def test_generate_runs_on_a_paged_cache_and_gives_its_pages_back(llama_zoo, kv_pages_at_release):
     model = multi(llama_zoo)
     implementation = model.base_model.config._attn_implementation
     rows = mixed_rows(llama_zoo)
@@ -219,3 +227,28 @@ def test_generate_runs_on_a_paged_cache_and_gives_its_pages_back(llama_zoo, monk
     assert model.base_model.config._attn_implementation == implementation
     dense = model.generate(input_ids, adapter_ids=rows, max_new_tokens=6, do_sample=False, paged_cache=False)
     assert torch.equal(paged, dense) and not any(kv_pages_at_release[1:])  # later: idempotent re-releases
+
+
+def test_rows_that_end_on_eos_give_their_pages_back_during_generate(llama_zoo, kv_pages_at_release):
+    """generate() adds ReleaseFinishedRows for greedy search: same tokens as transformers' own cache,
+    fewer KV pages held at the end; not when every step's logits are asked for."""
+    model = multi(llama_zoo)
+    rows = mixed_rows(llama_zoo)
+    input_ids = prompts(len(rows), 7, seed=22)
+    ends = [1 + row % 4 for row in range(len(rows) - 1)] + [25]  # one long row
+    kwargs = dict(
+        max_new_tokens=30,
+        eos_token_id=1,
+        pad_token_id=0,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([EndRowsAt(input_ids.shape[1], ends, eos=1)]),
+    )
+    released = model.generate(input_ids, adapter_ids=rows, **kwargs)
+    dense = model.generate(input_ids, adapter_ids=rows, paged_cache=False, **kwargs)
+    kept = model.generate(input_ids, adapter_ids=rows, return_dict_in_generate=True, output_logits=True, **kwargs)
+    assert torch.equal(released, dense) and torch.equal(kept.sequences, dense)
+    assert released.shape[1] == input_ids.shape[1] + max(ends) + 1
+    layers = model.base_model.config.num_hidden_layers
+    blocks = -(-(input_ids.shape[1] + max(ends)) // KV_BLOCK_SIZE)  # the last token is never fed back
+    assert kv_pages_at_release[0] == layers * blocks + 1  # the long row's blocks + the discard page
+    assert kv_pages_at_release[-1] == layers * blocks * len(rows)

@@ -9,13 +9,14 @@ import gc
 
 import pytest
 import torch
-from conftest import DEVICE, build_base
+from conftest import DEVICE, EndRowsAt, build_base
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from hf_multilora import PoolExhaustedError
-from hf_multilora.cache import PAGED_ATTENTION, PagedCache, use_paged_attention
+from hf_multilora.cache import PAGED_ATTENTION, PagedCache, ReleaseFinishedRows, use_paged_attention
 from hf_multilora.memory.page_pool import PagePool
 
-VOCAB, PAD, BLOCK, LAYERS, HEAD_DIM, NEW = 128, 0, 4, 2, 16, 9
+VOCAB, PAD, EOS, BLOCK, LAYERS, HEAD_DIM, NEW = 128, 0, 1, 4, 2, 16, 9
 PAGE_ELEMS = 2 * BLOCK * 4 * HEAD_DIM  # K and V of BLOCK tokens with up to 4 KV heads
 # Mistral's window must be shorter than the prompts to be exercised.
 OVERRIDES = {"llama": {}, "qwen2": {}, "mistral": dict(sliding_window=5)}
@@ -68,6 +69,14 @@ def blocks(tokens: int) -> int:
     return -(-tokens // BLOCK)
 
 
+def stored_pages(mask: torch.Tensor, length: int, copies: int = 1) -> int:
+    """Pages a cache of `length` tokens per row holds for left-padded rows (each row `copies` times):
+    blocks of padding alone share one discard page."""
+    padding_blocks = ((mask == 0).sum(1) // BLOCK).sum().item()
+    assert padding_blocks > 0, "the prompts should exercise padding blocks"
+    return LAYERS * copies * (mask.shape[0] * blocks(length) - padding_blocks) + 1
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", OVERRIDES)
 def test_generate_matches_dynamic_cache(models, kind, mode):
@@ -109,12 +118,12 @@ def check_generate(models, kind: str, mode: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"logits of step {step}")
     length = ids.shape[1] + NEW - 1  # the last token is never fed back
     assert cache.get_seq_length() == length
-    rows = ids.shape[0] * max(MODES[mode].get("num_beams", 1), MODES[mode].get("num_return_sequences", 1))
-    full = LAYERS * rows * blocks(length)
+    copies = max(MODES[mode].get("num_beams", 1), MODES[mode].get("num_return_sequences", 1))
+    stored = stored_pages(mask, length, copies)
     if mode == "beam":  # beams share their common blocks
-        assert 0 < used(pool) <= full
+        assert 0 < used(pool) <= stored
     else:
-        assert used(pool) == full
+        assert used(pool) == stored
     cache.release()
     assert pool.num_free == pool.num_pages
     if (
@@ -123,6 +132,72 @@ def check_generate(models, kind: str, mode: str) -> None:
         torch.testing.assert_close(
             paged.generate(ids, attention_mask=mask, **kwargs).sequences, expected.sequences
         )
+
+
+class PagesInUse(StoppingCriteria):
+    """Records the pool's used pages after every step; stops nothing."""
+
+    def __init__(self, pool: PagePool) -> None:
+        self.pool, self.seen = pool, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.seen.append(used(self.pool))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_finished_rows_give_their_pages_back(models, mode):
+    """Rows that end on EOS early: same tokens as DynamicCache (and the same logits while they run),
+    their pages back in the pool while the longest row goes on, nothing leaked."""
+    reference, paged = models("qwen2")
+    ids, mask = ragged_prompts()  # 13, 6 and 10 tokens
+    ends = [2, 10, 5]
+    kwargs = dict(
+        max_new_tokens=14,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        return_dict_in_generate=True,
+        output_logits=True,
+        do_sample=mode == "sample",
+        logits_processor=LogitsProcessorList([EndRowsAt(ids.shape[1], ends, EOS)]),
+    )
+    torch.manual_seed(1)
+    expected = reference.generate(ids, attention_mask=mask, **kwargs)
+    pool = make_pool()
+    cache = PagedCache(pool, paged.config, block_size=BLOCK)
+    watch = PagesInUse(pool)
+    criteria = StoppingCriteriaList([ReleaseFinishedRows(cache, EOS), watch])
+    torch.manual_seed(1)
+    got = paged.generate(ids, attention_mask=mask, past_key_values=cache, stopping_criteria=criteria, **kwargs)
+
+    assert torch.equal(got.sequences, expected.sequences)
+    assert got.sequences.shape[1] == ids.shape[1] + max(ends) + 1
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits, strict=True)):
+        live = torch.tensor(ends) >= step
+        torch.testing.assert_close(a[live], b[live], rtol=1e-4, atol=1e-4, msg=f"logits of step {step}")
+    length = ids.shape[1] + max(ends)
+    assert used(pool) == LAYERS * (blocks(length) - 7 // BLOCK) + 1  # row 1 (7 padding tokens) + discard
+    assert any(later < earlier for earlier, later in zip(watch.seen, watch.seen[1:], strict=False))
+    cache.release()
+    assert pool.num_free == pool.num_pages
+
+
+def test_finished_rows_are_refused_under_beam_search(models):
+    _, paged = models("llama")
+    ids, mask = ragged_prompts()
+    cache = PagedCache(make_pool(), paged.config, block_size=BLOCK)
+    with pytest.raises(RuntimeError, match="not beam search"):
+        paged.generate(
+            ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            num_beams=2,
+            max_new_tokens=3,
+            pad_token_id=PAD,
+            stopping_criteria=StoppingCriteriaList([ReleaseFinishedRows(cache, EOS)]),
+        )
+    with pytest.raises(ValueError, match="token ids"):
+        ReleaseFinishedRows(cache, [])
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
@@ -191,7 +266,7 @@ def test_release_is_idempotent_and_runs_on_garbage_collection(models):
     ids, mask = ragged_prompts()
     with torch.no_grad():
         paged(ids, attention_mask=mask, past_key_values=cache)
-        assert used(pool) == LAYERS * 3 * blocks(ids.shape[1])
+        assert used(pool) == stored_pages(mask, ids.shape[1])
         cache.release()
         cache.release()
         assert pool.num_free == pool.num_pages and cache.get_seq_length() == 0
