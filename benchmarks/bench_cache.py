@@ -2,7 +2,9 @@
 
 1. Decode throughput at batch B and contexts C (default 32 x 512 and 32 x 4096, Llama-2-7B shapes,
    random bf16 weights): generate() with a C-token prompt is timed for 1 and for 1 + N new tokens;
-   decode tok/s = B * N / (difference), so prefill is not counted. PagedCache runs with the
+   decode tok/s = B * N / (difference), so prefill is not counted; `--repeats` rounds in which every
+   cache runs once, after a warm-up round, and the ratio to DynamicCache is the median of the
+   rounds' ratios (the host drifts between rounds). PagedCache runs with the
    registered paged attention; the others with sdpa. Tokens are checked equal across caches.
 2. Capacity: in the same device memory, the largest batch each cache completes for one request
    workload. `ragged` (the target's): what a served batch looks like -- prompt lengths spread evenly
@@ -119,52 +121,49 @@ class EosAt(LogitsProcessor):
         return scores.masked_fill(ends != is_eos, float("-inf"))
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, Any]:
-    out, seconds = None, []
-    for _ in range(repeats):
-        common.synchronize(device)
-        start = time.perf_counter()
-        out = fn()
-        common.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return common.median(seconds), out
-
-
-def measure(model, kind: str, input_ids: torch.Tensor, pool, args: argparse.Namespace, device) -> tuple:
-    """(seconds for prefill + 1 token, seconds for prefill + 1 + new_tokens, tokens of the latter)."""
-    run(model, kind, input_ids, 1 + args.new_tokens, pool)  # warm up (StaticCache: compiles these shapes)
-    t1, _ = timed(lambda: run(model, kind, input_ids, 1, pool), device, args.repeats)
-    tn, out = timed(lambda: run(model, kind, input_ids, 1 + args.new_tokens, pool), device, args.repeats)
-    return t1, tn, out
+def seconds(device: torch.device, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    common.synchronize(device)
+    start = time.perf_counter()
+    out = fn(*args)
+    common.synchronize(device)
+    return time.perf_counter() - start, out
 
 
 def throughput(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Rounds of (every cache once), so each round's ratios share the host's speed of that moment."""
     model = build(args.layers, device, torch.bfloat16)
     page_elems = kv_page_elems(model.config)
     results = []
     for context in args.contexts:
         input_ids = torch.randint(3, 32000, (args.batch, context), device=device)
         kv_bytes = 2 * model.config.num_hidden_layers * args.batch * (context + args.new_tokens + 16) * 4096 * 2
+        rates: dict[str, list[float]] = {kind: [] for kind in args.caches}
         outputs = {}
-        for kind in args.caches:  # the pool exists only while the paged cache is measured
-            pool = PagePool.for_device(page_elems, torch.bfloat16, device, pool_bytes=int(kv_bytes * 1.05)) if kind == "paged" else None
-            try:
-                t1, tn, out = measure(model, kind, input_ids, pool, args, device)
-            except torch.OutOfMemoryError:
-                results.append({"context": context, "cache": kind, "decode_tok_s": None, "error": "out of memory"})
-                print(f"  context {context} {kind:<8} out of memory", flush=True)
+        for round_ in range(-1, args.repeats):  # round -1 warms up (StaticCache: compiles these shapes)
+            for kind in args.caches:  # the pool exists only while the paged cache runs
+                if kind in outputs and outputs[kind] is None:
+                    continue  # ran out of memory before
+                pool = PagePool.for_device(page_elems, torch.bfloat16, device, pool_bytes=int(kv_bytes * 1.05)) if kind == "paged" else None
+                try:
+                    t1, _ = seconds(device, run, model, kind, input_ids, 1, pool)
+                    tn, out = seconds(device, run, model, kind, input_ids, 1 + args.new_tokens, pool)
+                except torch.OutOfMemoryError:
+                    print(f"  context {context} {kind:<8} out of memory", flush=True)
+                    out = None
+                outputs[kind] = None if out is None else out[:, context:].cpu()
+                if out is not None and round_ >= 0:
+                    rates[kind].append(args.batch * args.new_tokens / (tn - t1))
+                    print(f"  context {context} round {round_} {kind:<8} decode {rates[kind][-1]:10.1f} tok/s (prefill+1 {t1:.3f} s)", flush=True)
                 del pool
                 common.free_memory()
-                continue
-            outputs[kind] = out[:, context:].cpu()
-            tok_s = args.batch * args.new_tokens / (tn - t1)
-            results.append({"context": context, "cache": kind, "decode_tok_s": tok_s, "t_prefill_s": t1, "t_total_s": tn})
-            print(f"  context {context} {kind:<8} decode {tok_s:10.1f} tok/s (prefill+1 {t1:.3f} s)", flush=True)
-            del pool
-            common.free_memory()
-        for kind in outputs:
-            same = (outputs[kind] == outputs[args.caches[0]]).float().mean().item()
-            results.append({"context": context, "cache": kind, "tokens_equal_to_" + args.caches[0]: same})
+        for kind, values in rates.items():
+            row = {"context": context, "cache": kind, "decode_tok_s": common.median(values) if values else None, "rounds": values}
+            if values and rates.get("dynamic"):
+                row["round_ratios_to_dynamic"] = [a / b for a, b in zip(values, rates["dynamic"], strict=True)]
+                row["median_ratio_to_dynamic"] = common.median(row["round_ratios_to_dynamic"])
+            if outputs.get(kind) is not None and outputs.get(args.caches[0]) is not None:
+                row["tokens_equal_to_" + args.caches[0]] = (outputs[kind] == outputs[args.caches[0]]).float().mean().item()
+            results.append(row)
     del model
     common.free_memory()
     return results
@@ -265,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--contexts", type=common.parse_int_list, default=(512, 4096))
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every cache, after a warm-up round")
     parser.add_argument("--caches", type=lambda s: s.split(","), default=["paged", "dynamic", "static"])
     parser.add_argument("--capacity-layers", type=int, default=16)
     parser.add_argument("--capacity-prompt", type=int, default=1024, help="the longest prompt")
@@ -291,10 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["throughput"] = throughput(args, device)
     result["capacity"] = [] if args.skip_capacity else capacity(args, device)
     rows = [r for r in result.get("throughput", []) if r.get("decode_tok_s")]
-    by = {(r["context"], r["cache"]): r["decode_tok_s"] for r in rows}
+    by = {(r["context"], r["cache"]): r.get("median_ratio_to_dynamic") for r in rows}
     print(common.format_table(
-        ("context", "cache", "decode tok/s", "/ dynamic"),
-        [(c, k, t, t / by[(c, "dynamic")] if (c, "dynamic") in by else "-") for (c, k), t in by.items()],
+        ("context", "cache", "decode tok/s (median)", "/ dynamic (median of rounds)"),
+        [(r["context"], r["cache"], r["decode_tok_s"], r.get("median_ratio_to_dynamic", "-")) for r in rows],
     ))
     for name in args.capacity_workloads:
         cap = {r["cache"]: r["max_batch"] for r in result["capacity"] if r["workload"] == name}
@@ -309,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratio = cap["paged"] / cap["dynamic"]
             print(f"  target paged capacity / dynamic: {ratio:.3g} (>= 1.3) {'MET' if ratio >= 1.3 else 'MISSED'}")
     for context in args.contexts:
-        if (context, "paged") in by and (context, "dynamic") in by:
-            ratio = by[(context, "paged")] / by[(context, "dynamic")]
+        ratio = by.get((context, "paged"))
+        if ratio is not None:
             print(f"  target paged decode / dynamic at {context}: {ratio:.3g} (>= 1.0) {'MET' if ratio >= 1 else 'MISSED'}")
     if args.json:
         common.write_json(args.json, result)

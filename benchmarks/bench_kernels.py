@@ -4,6 +4,9 @@ For N distinct rank-r adapters (default 32 x rank 16) on a hidden x hidden proje
   - one slice (an o_proj-like layer) and three slices sharing their input (q/k/v in one launch);
   - decode (rows x 1 token) and prefill (rows x prefill tokens);
   - shrink only, expand only, shrink + expand, and the base GEMM(s) `F.linear(x, W)`;
+  - for one slice also the whole LoRA layer: the GEMM writing y, then shrink and expand adding to
+    it. Its excess over the GEMM alone is what the adapters cost in the model; it differs from
+    shrink + expand because decode kernels may overlap the kernel before them (PDL, Hopper+);
   - for q/k/v also the runtime's form: one 3-slice shrink, then one 1-slice expand per projection.
 
 Kernel outputs are checked against the plain-PyTorch references on fresh random inputs first; any
@@ -37,9 +40,7 @@ from hf_multilora.kernels.sgmv import (
     ShrinkCall,
     align_up,
     plan_sgmv,
-    sgmv_expand,
     sgmv_expand_reference,
-    sgmv_shrink,
     sgmv_shrink_reference,
 )
 
@@ -49,6 +50,7 @@ from hf_multilora.memory.page_pool import PagePool
 
 TOLERANCE = 2e-2  # relative error of bf16 kernel outputs against the fp32-product references
 TARGET_DECODE_RATIO = 0.5  # (shrink + expand) / base GEMM at decode
+LAYER_STEP = "base GEMM, then shrink+expand"
 HOST_CALLS = 200
 PAGE_ELEMS = 131072  # the pool page of Llama-2-7B: one layer's K and V for 16 tokens
 
@@ -167,10 +169,18 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
+def launch_again(call: Callable[[torch.Tensor], Any], target: torch.Tensor) -> Any:
+    """`call(target)`, after a first launch on a copy: a prepared call's first launch is an ordinary
+    one, later launches take the compiled launcher (with PDL on Hopper+), and those are timed."""
+    call(target.clone())
+    return call(target)
+
+
 def check_case(
     case: Case, n_adapters: int, rank: int, dtype: torch.dtype, device: torch.device
 ) -> dict[str, float]:
-    """Kernels vs references on a fresh random set: shrink, expand (on the reference v), and both.
+    """Kernels vs references on a fresh random set: shrink, expand (on the reference v), and both,
+    through prepared calls launched as the timings launch them (see `launch_again`).
 
     Every token has an adapter of rank == max_rank, so every entry of v and every column of y is
     written: an unwritten output shows up as garbage in the error.
@@ -178,15 +188,17 @@ def check_case(
     ops = make_operands(case, n_adapters, rank, dtype, device)
     plan = make_plan(case, n_adapters, rank, device)
     offsets = case.offsets
-    v = sgmv_shrink(ops.x, ops.weights, ops.rows, ops.locations, plan)
+    shrink = ShrinkCall(ops.x, ops.weights, ops.rows, ops.locations, plan)
+    v = launch_again(shrink, ops.x)
     v_ref = sgmv_shrink_reference(ops.x, ops.weights, ops.rows, ops.locations, plan)
 
     y_ref = ops.y.clone()
     sgmv_expand_reference(y_ref, v_ref, ops.weights, ops.rows, ops.locations, ops.scales, plan, offsets)
+    tables = (ops.weights, ops.rows, ops.locations, ops.scales, plan, offsets)
     y_expand = ops.y.clone()
-    sgmv_expand(y_expand, v_ref, ops.weights, ops.rows, ops.locations, ops.scales, plan, offsets)
+    launch_again(ExpandCall(y_expand, v_ref, *tables), y_expand)
     y_both = ops.y.clone()
-    sgmv_expand(y_both, v, ops.weights, ops.rows, ops.locations, ops.scales, plan, offsets)
+    launch_again(ExpandCall(y_both, v, *tables), y_both)
 
     delta_ref = y_ref.float() - ops.y.float()
     return {
@@ -284,6 +296,16 @@ def time_case(
         "shrink+expand": both,
         "read floor (2 launches)": floor,
     }
+    if len(case.widths) == 1:
+
+        def layer() -> None:
+            """The base GEMM into y, then the LoRA delta added to it: one layer as the model runs it."""
+            s = pick()
+            torch.mm(s.x, s.base[0].T, out=s.y)
+            s.shrink(s.x)
+            s.expand(s.y)
+
+        steps[LAYER_STEP] = layer
     if len(case.widths) > 1:
 
         def per_slice_expand() -> None:
@@ -353,6 +375,7 @@ def run_case(
     device_ms, host_us = time_case(case, sets, plan, timer)
     moved = bytes_moved(case, args.adapters, args.rank, sets[0].v, dtype.itemsize)
     moved["runtime form"] = moved["shrink+expand"]
+    moved[LAYER_STEP] = moved["shrink+expand"] + moved["base"]
     moved["read floor (2 launches)"] = sets[0].weights.numel() * dtype.itemsize
     bandwidth = {k: moved[k] / (device_ms[k] * 1e-3) for k in device_ms}
     result = {
@@ -404,6 +427,9 @@ def print_tables(results: list[dict[str, Any]], copy_bps: float, args: argparse.
                 f"  target {r['case']['name']} T={r['tokens']}: (shrink+expand)/base = {ratio:.3g} "
                 f"(<= {TARGET_DECODE_RATIO}) {verdict}; two trivial reads of the same bytes: {floor:.3g}"
             )
+            if LAYER_STEP in r["device_ms"]:
+                extra = r["device_ms"][LAYER_STEP] / r["device_ms"]["base"] - 1
+                print(f"    in the layer (after its GEMM) the adapters add {extra:.3g} of the GEMM's time")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -7,12 +7,19 @@ the grid and every argument but the first once per plan, compiles through Triton
 first use, then calls the compiled launcher directly. The first argument (the activation) may
 change between calls; a change of its dtype or 16-byte alignment -- the only properties Triton
 specializes a pointer on -- goes back through Triton's path.
+
+On Hopper and later a BoundLaunch may use programmatic dependent launch (PDL): the kernel is let
+onto the GPU while the kernel before it in the stream still runs, and waits for it only where its
+code says so (`griddepcontrol.wait`). For kernels of a few microseconds, the launch gap and the
+time to get the first loads in flight are a large part of the cost; PDL overlaps them with the
+previous kernel.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 import torch
@@ -29,7 +36,33 @@ def _launch_hooks_set() -> bool:
     return any(h is not None and bool(getattr(h, "calls", True)) for h in hooks)
 
 
+@cache
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on `device` can be launched with PDL: an NVIDIA GPU of compute capability 9.0
+    or later (not the interpreter, not ROCm) and a Triton that has both the launch option and the
+    device-side `gdc_wait`. Capturing such launches into a CUDA graph needs a CUDA 12.3 or later driver."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda" or torch.version.hip:
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
 class BoundLaunch:
+    """One kernel, grid and fixed arguments (see the module doc).
+
+    With `pdl`, launches through the compiled launcher are programmatic dependent launches, so the
+    kernel must call `gdc_wait` before it touches anything the kernel before it may write, and
+    before it ends. The first launch, and any through Triton's own path, is an ordinary one: what
+    the caller made just before (tables the kernel reads before its wait, say) is complete before
+    any launch can overlap it.
+    """
+
     def __init__(
         self,
         fn: Any,
@@ -37,9 +70,10 @@ class BoundLaunch:
         args: Sequence[Any],
         constexprs: dict[str, Any],
         num_warps: int,
+        pdl: bool = False,
     ) -> None:
         self._fn, self._grid, self._args = fn, grid, list(args)
-        self._constexprs, self._num_warps = constexprs, num_warps
+        self._constexprs, self._num_warps, self._pdl = constexprs, num_warps, pdl
         self._direct = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
         self._compiled: tuple | None = None
         self._first_key: tuple | None = None
@@ -82,6 +116,11 @@ class BoundLaunch:
         except (TypeError, ValueError, OverflowError):  # rejected while parsing arguments, before any launch
             self._fn[self._grid](*self._args, num_warps=self._num_warps, **self._constexprs)
             return
+        if self._pdl:  # the same code, whose launcher sets the PDL attribute: for every later launch
+            kernel = self._fn.warmup(
+                *self._args, grid=self._grid, num_warps=self._num_warps, launch_pdl=True, **self._constexprs
+            )
+            run = kernel.run
         self._compiled = (run, kernel.function, kernel.packed_metadata)
         self._first_key = key
 

@@ -26,6 +26,18 @@ row. A decode shrink gives each program one rank row of A to read whole (long co
 no partials); a prefill shrink splits its reduction over the input dimension when there are too
 few tiles to fill the GPU, writing one partial per split that expand sums (no atomics, no zero
 fill).
+
+Decode kernels take a few microseconds, so on Hopper and later they are launched with programmatic
+dependent launch (see launch.py): every program lets the next kernel start at once
+(`_let_next_kernel_start`), so a kernel starts while the one before it still runs, puts its
+weight loads in flight, and only then waits for that kernel (`_wait_prior_kernel`) before it reads
+x or v or writes anything; expand so streams B while shrink still computes v. Before the wait a
+kernel reads only what its prepared call was made with -- weights, row, location and scale tables,
+the plan -- which is complete before the call's first launch (an ordinary one). Every program
+waits before it ends, also one with nothing to do, so a kernel that has finished implies that the
+kernels before it have too. Prefill kernels run for tens of microseconds and keep ordinary
+launches: PDL would save a microsecond or two there, and a wait inside their `tl.dot` loops could
+stop Triton from pipelining them.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import BoundLaunch
+from .launch import BoundLaunch, pdl_supported
 
 LOCATION_FIELDS = 3  # a_offset, b_offset, rank
 RANK_TILE = 16  # tensor-core granularity of the rank dimension; compute rounds ranks up to this
@@ -138,6 +150,22 @@ def _matmul(a, b, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def _let_next_kernel_start(USE_PDL: tl.constexpr):
+    """Under PDL, at a program's start: the next kernel may be scheduled now and load its weights
+    while this one runs (it waits for this one before it touches anything this one writes)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _wait_prior_kernel(USE_PDL: tl.constexpr):
+    """Under PDL: wait until the kernel before this one has finished and its writes are visible.
+    Repeated calls cost next to nothing; without PDL this is no code at all."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
 def _tile_tokens(tiles_ptr, sorted_ptr, tile, num_tiles, BLOCK_M: tl.constexpr):
     """Token indices of a tile and their mask. One-token tiles follow sorted order one token each,
     so tile i's token is sorted[i]: decode skips a dependent load of the tile's start."""
@@ -177,8 +205,10 @@ def _sgmv_shrink_kernel(
     BLOCK_R: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     ALIGN: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
+    _let_next_kernel_start(USE_PDL)
     s = tl.program_id(1) % NUM_SLICES
     split = tl.program_id(1) // NUM_SLICES
     r_block = tl.program_id(2)
@@ -186,6 +216,7 @@ def _sgmv_shrink_kernel(
     loc = loc_ptr + s * loc_stride_s + tile * loc_stride_tile
     rank = tl.minimum(tl.load(loc + 2).to(tl.int32), v_width)  # memory safety if max_rank was too small
     if r_block * BLOCK_R >= rank:
+        _wait_prior_kernel(USE_PDL)
         return
     tok, m_mask = _tile_tokens(tiles_ptr, sorted_ptr, tile, num_tiles, BLOCK_M)
     offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -197,14 +228,15 @@ def _sgmv_shrink_kernel(
     for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        x_tile = tl.load(
-            x_ptr + tok[:, None] * x_stride + offs_k[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
         a_tile = tl.load(
             w_ptr + a_rows[None, :] + offs_k[:, None],
             mask=k_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        _wait_prior_kernel(USE_PDL)  # x may be the previous kernel's output
+        x_tile = tl.load(
+            x_ptr + tok[:, None] * x_stride + offs_k[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
         acc += _matmul(x_tile, a_tile, DOT_IN_FP32)
@@ -241,18 +273,22 @@ def _sgmv_expand_kernel(
     DOT_IN_FP32: tl.constexpr,
     ALIGN: tl.constexpr,
     SLICE_ALIGN: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
+    _let_next_kernel_start(USE_PDL)
     s = tl.program_id(1)
     n_block = tl.program_id(2)
 
     n_begin = tl.multiple_of(tl.load(slice_offsets_ptr + s), SLICE_ALIGN)
     width = tl.multiple_of(tl.load(slice_offsets_ptr + s + 1) - n_begin, SLICE_ALIGN)
     if n_block * BLOCK_N >= width:
+        _wait_prior_kernel(USE_PDL)
         return
     loc = loc_ptr + s * loc_stride_s + tile * loc_stride_tile
     rank = tl.minimum(tl.load(loc + 2).to(tl.int32), v_width)
     if rank == 0:
+        _wait_prior_kernel(USE_PDL)
         return
     b_first = tl.load(loc + 1)
     scale = tl.load(scale_ptr + s * scale_stride_s + tile * scale_stride_tile)
@@ -264,6 +300,13 @@ def _sgmv_expand_kernel(
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
+        b_rows = tl.multiple_of(tl.load(rows_ptr + b_first + offs_r, mask=r_mask, other=0), ALIGN)
+        b_tile = tl.load(
+            w_ptr + b_rows[:, None] + offs_n[None, :],
+            mask=r_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+        _wait_prior_kernel(USE_PDL)  # v is the shrink's output, y the base layer's
         # All split-K partials in one load, then a register reduction: a loop of dependent loads
         # here made decode expands latency-bound.
         v_rows = v_ptr + s * v_stride_s + tok[:, None] * v_stride_t + offs_r[None, :]
@@ -272,12 +315,6 @@ def _sgmv_expand_kernel(
         v_tile = tl.sum(
             tl.load(v_rows[None, :, :] + splits[:, None, None] * v_stride_split, mask=v_mask, other=0.0),
             axis=0,
-        )
-        b_rows = tl.multiple_of(tl.load(rows_ptr + b_first + offs_r, mask=r_mask, other=0), ALIGN)
-        b_tile = tl.load(
-            w_ptr + b_rows[:, None] + offs_n[None, :],
-            mask=r_mask[:, None] & n_mask[None, :],
-            other=0.0,
         )
         acc += _matmul(v_tile.to(b_tile.dtype), b_tile, DOT_IN_FP32)
 
@@ -314,6 +351,12 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
     dots wrongly (seen with triton 3.9), so there bf16 tiles are widened first; the rounding points
     stay those of the compiled kernel."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _use_pdl(plan: SgmvPlan, device: torch.device) -> bool:
+    """Decode kernels (one-token tiles) get programmatic dependent launch where the GPU has it; see
+    the module doc."""
+    return plan.block_m == 1 and pdl_supported(device)
 
 
 def _shrink_split(num_programs: int, k_blocks: int) -> int:
@@ -389,12 +432,13 @@ class ShrinkCall:
                 tile_locations.stride(0), tile_locations.stride(1),
                 self.v.stride(0), self.v.stride(1), self.v.stride(2), g.width,
             )  # fmt: skip
+            pdl = _use_pdl(plan, x.device)
             constexprs = dict(
                 NUM_SLICES=n_slices, BLOCK_M=plan.block_m, BLOCK_K=g.block_k, BLOCK_R=g.block_r,
-                DOT_IN_FP32=_dot_in_fp32(x.dtype), ALIGN=WEIGHT_ALIGN,
+                DOT_IN_FP32=_dot_in_fp32(x.dtype), ALIGN=WEIGHT_ALIGN, USE_PDL=pdl,
             )  # fmt: skip
             grid = (plan.num_tiles, g.splits * n_slices, triton.cdiv(g.width, g.block_r))
-            self._launch = BoundLaunch(_sgmv_shrink_kernel, grid, args, constexprs, g.num_warps)
+            self._launch = BoundLaunch(_sgmv_shrink_kernel, grid, args, constexprs, g.num_warps, pdl)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._launch is not None:
@@ -456,15 +500,17 @@ class ExpandCall:
                 v.stride(0), v.stride(1), v.stride(2), v.shape[3],
                 tile_locations.stride(0), tile_locations.stride(1), tile_scales.stride(0), tile_scales.stride(1),
             )  # fmt: skip
+            pdl = _use_pdl(plan, y.device)
             constexprs = dict(
                 NUM_SPLITS=v.shape[0], BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE,
                 DOT_IN_FP32=_dot_in_fp32(y.dtype), ALIGN=WEIGHT_ALIGN,
                 SLICE_ALIGN=WEIGHT_ALIGN if all(o % WEIGHT_ALIGN == 0 for o in offsets) else 1,
+                USE_PDL=pdl,
             )  # fmt: skip
             grid = (plan.num_tiles, n_slices, triton.cdiv(widest, block_n))
             # A decode tile is one row: a single warp per 128 columns keeps the most loads in flight.
             num_warps = 1 if plan.block_m == 1 else 4
-            self._launch = BoundLaunch(_sgmv_expand_kernel, grid, args, constexprs, num_warps)
+            self._launch = BoundLaunch(_sgmv_expand_kernel, grid, args, constexprs, num_warps, pdl)
 
     def __call__(self, y: torch.Tensor) -> None:
         if self._launch is not None:

@@ -10,6 +10,7 @@ import hf_multilora
 from hf_multilora import MultiLoraModel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+POOL_BYTES = 2**28  # tiny models; the default (half the free memory) would starve the next test's model
 
 
 def prompts(rows, length, seed=0):
@@ -29,7 +30,9 @@ def rel_err(got, expected):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_batch_on_cuda_matches_peft(zoo_name, dtype, request):
     zoo = request.getfixturevalue(zoo_name)
-    model = MultiLoraModel.from_pretrained(zoo.fresh_base().to("cuda", dtype), adapters=zoo.paths)
+    model = MultiLoraModel.from_pretrained(
+        zoo.fresh_base().to("cuda", dtype), adapters=zoo.paths, pool_bytes=POOL_BYTES
+    )
     names = list(zoo.paths)
     rows = [names[0], None, *names, names[-1]]
     input_ids = prompts(len(rows), 11)
@@ -43,7 +46,9 @@ def test_mixed_batch_on_cuda_matches_peft(zoo_name, dtype, request):
 
 
 def test_greedy_generate_on_cuda_matches_peft(llama_zoo):
-    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().cuda(), adapters=llama_zoo.paths)
+    model = MultiLoraModel.from_pretrained(
+        llama_zoo.fresh_base().cuda(), adapters=llama_zoo.paths, pool_bytes=POOL_BYTES
+    )
     names = list(llama_zoo.paths)
     rows = [*names, None, names[0]]
     input_ids = prompts(len(rows), 6, seed=1)

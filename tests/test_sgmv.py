@@ -204,3 +204,58 @@ def test_prepared_calls_relaunch_correctly_on_new_inputs():
         )
         delta, delta_ref = y.float() - y0.float(), y_ref.float() - y0.float()
         assert ((delta - delta_ref).norm() / delta_ref.norm()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_layers_in_a_cuda_graph_see_finished_inputs():
+    """Decode launches may start before the kernel ahead of them has finished (PDL, Hopper+). A
+    chain of layers -- GEMM into y, shrink into one workspace shared by all layers, expand into y,
+    y the next layer's input -- replayed in a CUDA graph and run eagerly must match the references,
+    with every buffer poisoned with NaN first so that an early read shows."""
+    from hf_multilora.kernels.sgmv import ExpandCall, ShrinkCall, shrink_workspace_numel
+
+    n_layers, hidden, dtype = 4, 4096, torch.bfloat16
+    weights, rows, locations, scales = make_adapters([16] * 32, hidden, [hidden], dtype, 13)
+    plan = plan_sgmv(list(range(32)), 1, 16, DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    base = [
+        torch.randn(hidden, hidden, device=DEVICE, dtype=dtype, generator=gen) / hidden**0.5
+        for _ in range(n_layers)
+    ]
+    x0 = torch.randn(32, hidden, device=DEVICE, dtype=dtype, generator=gen)
+    ys = [torch.empty(32, hidden, device=DEVICE, dtype=dtype) for _ in range(n_layers)]
+    workspace = torch.empty(shrink_workspace_numel(plan, 1, hidden), device=DEVICE)
+    inputs = [x0, *ys[:-1]]
+    shrinks = [ShrinkCall(x, weights, rows, locations, plan, out=workspace) for x in inputs]
+    expands = [
+        ExpandCall(y, s.v, weights, rows, locations, scales, plan) for y, s in zip(ys, shrinks, strict=True)
+    ]
+
+    def forward():
+        for x, w, y, shrink, expand in zip(inputs, base, ys, shrinks, expands, strict=True):
+            torch.mm(x, w.T, out=y)
+            shrink(x)
+            expand(y)
+
+    expected = x0
+    for w in base:
+        v = sgmv_shrink_reference(expected, weights, rows, locations, plan)
+        expected = expected @ w.T
+        sgmv_expand_reference(expected, v, weights, rows, locations, scales, plan)
+
+    def check(run):
+        for buffer in (*ys, workspace):
+            buffer.fill_(float("nan"))
+        run()
+        torch.cuda.synchronize()
+        assert ((ys[-1].float() - expected.float()).norm() / expected.float().norm()) < 2e-2
+
+    forward()  # the first launches, ordinary ones, compile the kernels
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    for _ in range(3):
+        check(graph.replay)
+        check(forward)
