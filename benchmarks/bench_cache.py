@@ -21,6 +21,8 @@
    from 1 to the most rows the padded KV could ever fit; a run fails on out of memory or
    PoolExhaustedError. StaticCache runs uncompiled here (a compile per batch size would dominate
    the time; its memory is the same).
+3. `--profile`: per decode step and cache, GPU time per kernel and the busiest host ops (profiles
+   of 1 and of 1 + N new tokens, differenced), to tell a GPU-bound step from a host-bound one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from itertools import zip_longest
 from typing import Any
 
 import bench_generate
@@ -169,6 +172,51 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict[str,
     return results
 
 
+def decode_profile(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Per decode step, where each cache's time goes: torch.profiler over generate() with 1 and with
+    1 + N new tokens, the difference divided by N, so prefill drops out. GPU time per kernel name and
+    the host's busiest ops; the host blocked on a full launch queue ("Command Buffer Full") means
+    the step was GPU-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def totals(fn: Callable[..., Any], *fn_args: Any) -> tuple[dict[str, float], dict[str, float]]:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn(*fn_args)
+            common.synchronize(device)
+        events = prof.key_averages()
+        gpu = {e.key: e.self_device_time_total for e in events if e.self_device_time_total > 0}
+        host = {e.key: e.self_cpu_time_total for e in events}
+        return gpu, host
+
+    model = build(args.layers, device, torch.bfloat16)
+    page_elems = kv_page_elems(model.config)
+    results = []
+    for context in args.contexts:
+        input_ids = torch.randint(3, 32000, (args.batch, context), device=device)
+        kv_bytes = 2 * model.config.num_hidden_layers * args.batch * (context + args.new_tokens + 16) * 4096 * 2
+        for kind in args.caches:
+            pool = PagePool.for_device(page_elems, torch.bfloat16, device, pool_bytes=int(kv_bytes * 1.05)) if kind == "paged" else None
+            run(model, kind, input_ids, 1 + args.new_tokens, pool)  # warm up
+            gpu1, host1 = totals(run, model, kind, input_ids, 1, pool)
+            gpun, hostn = totals(run, model, kind, input_ids, 1 + args.new_tokens, pool)
+            per_step = {
+                side: sorted(
+                    ((k, (after.get(k, 0.0) - before.get(k, 0.0)) / args.new_tokens) for k in after),
+                    key=lambda item: -item[1],
+                )[:12]
+                for side, before, after in (("gpu", gpu1, gpun), ("host", host1, hostn))
+            }
+            results.append({"context": context, "cache": kind, "us_per_step": per_step})
+            print(f"  context {context} {kind}: per decode step, us (GPU kernels | host ops)", flush=True)
+            for (g_name, g_us), (h_name, h_us) in zip_longest(per_step["gpu"], per_step["host"], fillvalue=("", 0.0)):
+                print(f"    {g_us:9.1f}  {g_name[:58]:<58} | {h_us:9.1f}  {h_name[:40]}", flush=True)
+            del pool
+            common.free_memory()
+    del model
+    common.free_memory()
+    return results
+
+
 def activation_peak(model, batch: int, prompt: int, device: torch.device) -> int:
     """Device bytes a prefill of `batch` x `prompt` reserves beyond what is allocated, keeping no KV.
     Reserved, not allocated: the cap applies to the allocator's segments, and activations sized by
@@ -277,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--skip-capacity", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="also: GPU kernels and host ops per decode step, per cache"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -288,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {"environment": env, "args": vars(args)}
     if not args.skip_throughput:
         result["throughput"] = throughput(args, device)
+    if args.profile:
+        result["decode_profile"] = decode_profile(args, device)
     result["capacity"] = [] if args.skip_capacity else capacity(args, device)
     rows = [r for r in result.get("throughput", []) if r.get("decode_tok_s")]
     by = {(r["context"], r["cache"]): r.get("median_ratio_to_dynamic") for r in rows}
