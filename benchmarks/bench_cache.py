@@ -124,6 +124,17 @@ class EosAt(LogitsProcessor):
         return scores.masked_fill(ends != is_eos, float("-inf"))
 
 
+def decode_pool(model: LlamaForCausalLM, kind: str, input_ids: torch.Tensor, new_tokens: int) -> PagePool | None:
+    """For the paged cache, a pool holding the KV of `input_ids` plus `new_tokens` (a block of slack
+    per row, 5% spare); None for the others: the pool exists only while the paged cache runs."""
+    if kind != "paged":
+        return None
+    config = model.config
+    batch, context = input_ids.shape
+    kv_bytes = 2 * config.num_hidden_layers * batch * (context + new_tokens + 16) * config.hidden_size * 2
+    return PagePool.for_device(kv_page_elems(config), torch.bfloat16, input_ids.device, pool_bytes=int(kv_bytes * 1.05))
+
+
 def seconds(device: torch.device, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     common.synchronize(device)
     start = time.perf_counter()
@@ -135,18 +146,16 @@ def seconds(device: torch.device, fn: Callable[..., Any], *args: Any) -> tuple[f
 def throughput(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """Rounds of (every cache once), so each round's ratios share the host's speed of that moment."""
     model = build(args.layers, device, torch.bfloat16)
-    page_elems = kv_page_elems(model.config)
     results = []
     for context in args.contexts:
         input_ids = torch.randint(3, 32000, (args.batch, context), device=device)
-        kv_bytes = 2 * model.config.num_hidden_layers * args.batch * (context + args.new_tokens + 16) * 4096 * 2
         rates: dict[str, list[float]] = {kind: [] for kind in args.caches}
         outputs = {}
         for round_ in range(-1, args.repeats):  # round -1 warms up (StaticCache: compiles these shapes)
             for kind in args.caches:  # the pool exists only while the paged cache runs
                 if kind in outputs and outputs[kind] is None:
                     continue  # ran out of memory before
-                pool = PagePool.for_device(page_elems, torch.bfloat16, device, pool_bytes=int(kv_bytes * 1.05)) if kind == "paged" else None
+                pool = decode_pool(model, kind, input_ids, args.new_tokens)
                 try:
                     t1, _ = seconds(device, run, model, kind, input_ids, 1, pool)
                     tn, out = seconds(device, run, model, kind, input_ids, 1 + args.new_tokens, pool)
@@ -189,13 +198,11 @@ def decode_profile(args: argparse.Namespace, device: torch.device) -> list[dict[
         return gpu, host
 
     model = build(args.layers, device, torch.bfloat16)
-    page_elems = kv_page_elems(model.config)
     results = []
     for context in args.contexts:
         input_ids = torch.randint(3, 32000, (args.batch, context), device=device)
-        kv_bytes = 2 * model.config.num_hidden_layers * args.batch * (context + args.new_tokens + 16) * 4096 * 2
         for kind in args.caches:
-            pool = PagePool.for_device(page_elems, torch.bfloat16, device, pool_bytes=int(kv_bytes * 1.05)) if kind == "paged" else None
+            pool = decode_pool(model, kind, input_ids, args.new_tokens)
             run(model, kind, input_ids, 1 + args.new_tokens, pool)  # warm up
             gpu1, host1 = totals(run, model, kind, input_ids, 1, pool)
             gpun, hostn = totals(run, model, kind, input_ids, 1 + args.new_tokens, pool)

@@ -380,6 +380,10 @@ class PagedCache(Cache):
         """The pages ``table`` names, the discard page aside (the cache owns that one until release)."""
         return [p for p in table.unique().tolist() if p != self._discard]
 
+    def _unreferenced_by(self, table: torch.Tensor) -> set[int]:
+        """Pages of the current table that ``table`` no longer names: what replacing it frees."""
+        return set(self._pages_of(self._host)) - set(self._pages_of(table))
+
     def _set_table(self, host: torch.Tensor) -> None:
         self._host, self._table = host, None
         if self._kv_lens is not None and self._kv_lens.shape[0] != host.shape[1]:
@@ -436,10 +440,8 @@ class PagedCache(Cache):
         if newly.any() and self._host.shape[2]:
             table = self._host.clone()
             table[:, newly] = -1
-            freed = set(self._pages_of(self._host)) - set(self._pages_of(table))
-            if (
-                self._discard is None
-            ):  # one of the freed pages becomes it (no allocation: the pool may be full)
+            freed = self._unreferenced_by(table)
+            if self._discard is None:  # one of the freed pages becomes it (the pool may be full)
                 self._set_discard(freed.pop() if freed else self.pool.allocate(1, "kv")[0])
             table[table == -1] = self._discard
             self.pool.free(sorted(freed))
@@ -486,7 +488,7 @@ class PagedCache(Cache):
             pages[torch.tensor(fresh, device=self.pool.storage.device), :used] = pages[src, :used]
             for (layer, row, _), page in zip(copies, fresh, strict=True):
                 table[layer, row, last] = page
-        self.pool.free(sorted(set(self._pages_of(self._host)) - set(self._pages_of(table))))
+        self.pool.free(sorted(self._unreferenced_by(table)))
         if self._finished is not None:
             self._finished = finished
         if self._finishing is not None and rows is not None:

@@ -30,7 +30,6 @@ from .routing import BASE_ADAPTER, batch_rows, expand_rows, forward_shape, resol
 KV_BLOCK_SIZE = 16  # tokens per KV block: with the model's KV width it sets the pool's page size
 DEFAULT_POOL_FRACTION = 0.5  # of the device memory free at the first call, when no size is given
 DEFAULT_CPU_POOL_BYTES = 256 * 2**20
-_ROW_RELEASE_SETTINGS = ("eos_token_id", "num_beams", "output_scores", "output_logits")
 _HOST_READ_THREADS = 8  # adapters read from disk at once when a call misses several
 
 
@@ -258,14 +257,12 @@ class MultiLoraModel(torch.nn.Module):
     def _with_release_of_finished_rows(self, cache: PagedCache, kwargs: dict) -> dict:
         """kwargs plus a ReleaseFinishedRows criterion, where generate() would stop rows on EOS alone."""
         config = kwargs.get("generation_config") or self.base_model.generation_config
-        setting = {key: kwargs.get(key, getattr(config, key, None)) for key in _ROW_RELEASE_SETTINGS}
-        eos = setting["eos_token_id"]
-        if (
-            eos is None
-            or (setting["num_beams"] or 1) > 1
-            or setting["output_scores"]
-            or setting["output_logits"]
-        ):
+
+        def setting(key: str) -> Any:
+            return kwargs.get(key, getattr(config, key, None))
+
+        eos = setting("eos_token_id")
+        if eos is None or (setting("num_beams") or 1) > 1 or setting("output_scores") or setting("output_logits"):
             return kwargs
         criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
         criteria.append(ReleaseFinishedRows(cache, eos))
