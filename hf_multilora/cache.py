@@ -393,6 +393,8 @@ class PagedCache(Cache):
         """The 2-D mask of the forward about to run; used when that forward fills the empty cache: blocks that
         hold only a row's leading padding then share the discard page. (``use_paged_attention``'s hook calls
         this; calling it by hand is for forwards that get the cache positionally.)"""
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}")
         if self._host is None:
             self._fill_mask = attention_mask
 

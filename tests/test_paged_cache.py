@@ -198,6 +198,8 @@ def test_finished_rows_are_refused_under_beam_search(models):
         )
     with pytest.raises(ValueError, match="token ids"):
         ReleaseFinishedRows(cache, [])
+    with pytest.raises(ValueError, match=r"\[batch, tokens\]"):
+        cache.note_attention_mask(mask[0])
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral"])
