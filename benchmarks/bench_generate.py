@@ -6,6 +6,8 @@ Rows per setup (tokens/s = batch x new tokens / wall seconds of one generate() c
   peft names xN           PEFT's mixed batch (`adapter_names`), N distinct adapters round-robin over rows
   dropin names xN         the same calls after `hf_multilora.enable(peft_model)`
   multilora xN            `MultiLoraModel.generate(adapter_ids=...)` on the unloaded base, same adapters
+  ... (interleaved)       `--pairs` rounds of: the wrapped model without adapter_ids (base), multilora
+                          xN, and multilora xN with `paged_cache=False` (transformers' default cache)
   base (last)             the plain base again: a drift check on the first number
 
 Everything runs in one process on one device so the rows share clocks, allocator state and library
@@ -360,18 +362,25 @@ def multilora_rows(
 def interleaved_rows(
     multi: MultiLoraModel, names: list[str], distinct: int, work: Workload, pairs: int
 ) -> list[Row]:
-    """The base and hf_multilora timed alternately on the same model object.
+    """The base and hf_multilora timed alternately on the same model object, and hf_multilora with
+    transformers' default cache (`paged_cache=False`) instead of its paged KV cache.
 
     Host speed on the lent machines drifts by up to ~25% within one run (base first vs base last),
-    which swamps a ratio of rows measured minutes apart; alternating exposes both to the same drift.
+    which swamps a ratio of rows measured minutes apart; alternating exposes all to the same drift.
     The base runs are the same wrapped model called without adapter_ids.
     """
     ids = row_adapters(names, distinct, work.batch)
     device = work.input_ids.device
     base_s: list[float] = []
     multi_s: list[float] = []
+    default_cache_s: list[float] = []
+    variants = (
+        (base_s, {}),
+        (multi_s, {"adapter_ids": ids}),
+        (default_cache_s, {"adapter_ids": ids, "paged_cache": False}),
+    )
     for _ in range(pairs):
-        for seconds, extra in ((base_s, {}), (multi_s, {"adapter_ids": ids})):
+        for seconds, extra in variants:
             common.synchronize(device)
             start = time.perf_counter()
             multi.generate(**work.kwargs(), **extra)
@@ -381,9 +390,18 @@ def interleaved_rows(
     rows = [
         Row("base (interleaved)", "base_interleaved", None, base_s, tokens),
         Row(f"multilora x{distinct} (interleaved)", "multilora_interleaved", distinct, multi_s, tokens),
+        Row(
+            f"multilora x{distinct} (interleaved, default cache)",
+            "multilora_interleaved_default_cache",
+            distinct,
+            default_cache_s,
+            tokens,
+        ),
     ]
     for row in rows:
         print(f"  {row.name:<22} {row.tok_s:10.1f} tok/s  median {row.median_s:.3f} s of {pairs}", flush=True)
+    paged_vs_default = common.median([d / p for p, d in zip(multi_s, default_cache_s, strict=True)])
+    print(f"  paged / default cache, median of the pairs' speed ratios: {paged_vs_default:.3f}", flush=True)
     return rows
 
 

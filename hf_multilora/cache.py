@@ -69,6 +69,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.masking_utils import AttentionMaskInterface
 
 from .kernels.paged_attention import (
+    PagedDecode,
     paged_attention,
     paged_attention_reference,
     write_kv,
@@ -126,9 +127,12 @@ def paged_attention_forward(
     step = cache._take_step(module.layer_idx, key) if cache is not None else None
     if step is None:
         return _dense_attention(query, key, value, key_mask, scale, sliding_window), None
-    table, kv_lens, length = step
+    table, new_value = step
+    length = cache.get_seq_length(module.layer_idx)
     if key_mask is not None and key_mask.shape[-1] < length:
         raise ValueError(f"the attention mask covers {key_mask.shape[-1]} positions, the cache {length}")
+    if new_value is not None:
+        return cache._decode(query, key, new_value, table, key_mask, scale, sliding_window), None
     pool = cache.pool
     attend = paged_attention if use_triton(query) else paged_attention_reference
     out = attend(
@@ -136,7 +140,7 @@ def paged_attention_forward(
         pool.storage,
         pool.page_elems,
         table,
-        kv_lens,
+        cache._kv_lens,
         cache.block_size,
         cache.kv_heads,
         scale,
@@ -250,6 +254,7 @@ class PagedCache(Cache):
                 f"{token_elems} elements, pages of {pool.page_elems}"
             )
         self.block_size = block_size
+        self._device = pool.storage.device
         super().__init__(layers=[_PagedLayer(self, i) for i in range(self.num_layers)])
         self._weak_self = weakref.ref(self)
         self._reset_state()
@@ -257,10 +262,12 @@ class PagedCache(Cache):
     def _reset_state(self) -> None:
         self._host: torch.Tensor | None = None  # int32 [layers, batch, blocks] page ids, the source of truth
         self._table: torch.Tensor | None = None  # its copy on the pool's device, what the kernels read
+        self._layer_tables: tuple[torch.Tensor, ...] = ()  # _table's layers (a view costs the host ~2 us)
         self._kv_lens: torch.Tensor | None = None  # int32 [batch] on the device, all equal to _kv_lens_end
         self._kv_lens_end = -1
         self._lens = [0] * self.num_layers  # tokens per row, per layer (layers update one after another)
-        self._pending: tuple[int, torch.Tensor] | None = None
+        self._pending: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # layer, K, V to store
+        self._plans: dict[tuple, PagedDecode] = {}  # decode plans for the current table width
         self._discard: int | None = None  # the shared page of blocks nobody attends to (see the module doc)
         self._fill_mask: torch.Tensor | None = None  # attention mask of the call filling the empty cache
         self._finished: torch.Tensor | None = None  # bool [batch] on the host: rows whose pages are released
@@ -270,16 +277,20 @@ class PagedCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new K/V ``[batch, kv_heads, new, head_dim]`` into pages; returns them unchanged."""
+        """Store the new K/V ``[batch, kv_heads, new, head_dim]`` in pages; returns them unchanged. One new token
+        under Triton (decode) is stored by the attention launch that reads the pages (``PagedDecode``)."""
         if self._pending is not None:
             raise RuntimeError(
                 f"PagedCache: no paged attention read layer {self._pending[0]}'s update; "
                 f"call use_paged_attention(model) (attention implementation {PAGED_ATTENTION!r})"
             )
         batch, heads, new, head_dim = key_states.shape
-        pool, device = self.pool, self.pool.storage.device
-        got = (heads, head_dim, key_states.dtype, key_states.device)
-        if got != (self.kv_heads, self.head_dim, pool.dtype, device):
+        pool, device = self.pool, self._device
+        if (heads, head_dim) != (self.kv_heads, self.head_dim) or (key_states.dtype, key_states.device) != (
+            pool.dtype,
+            device,
+        ):
+            got = (heads, head_dim, key_states.dtype, key_states.device)
             raise ValueError(
                 f"PagedCache: K/V of (kv heads, head_dim, dtype, device) {got}; the cache and its pool hold "
                 f"{(self.kv_heads, self.head_dim, pool.dtype, device)}"
@@ -297,25 +308,56 @@ class PagedCache(Cache):
         if self._table is None:
             host = self._host.pin_memory() if device.type == "cuda" else self._host.clone()
             self._table = host.to(device, non_blocking=True)
+            self._layer_tables = self._table.unbind(0)
         if self._kv_lens is None or self._kv_lens_end != end:
             self._kv_lens = torch.full((batch,), end, dtype=torch.int32, device=device)
             if self._finished is not None and self._finished.any():  # they attend to their new tokens alone
                 self._kv_lens.masked_fill_(self._finished.to(device, non_blocking=True), new)
             self._kv_lens_end = end
-        write = write_kv if use_triton(key_states) else write_kv_reference
-        k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [batch, new, kv_heads, head_dim]
-        write(pool.storage, pool.page_elems, self._table[layer_idx], start, k, v, self.block_size)
+        triton = use_triton(key_states)
+        deferred = new == 1 and triton
+        if not deferred:
+            write = write_kv if triton else write_kv_reference
+            k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [batch, new, kv heads, dim]
+            write(pool.storage, pool.page_elems, self._layer_tables[layer_idx], start, k, v, self.block_size)
         self._lens[layer_idx] = end
-        self._pending = (layer_idx, key_states)
+        self._pending = (layer_idx, key_states, value_states if deferred else None)
         _ACTIVE.set(self._weak_self)
         return key_states, value_states
 
-    def _take_step(self, layer_idx: int, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """(layer's page table, kv_lens, length) if ``key`` is what ``update`` just wrote for ``layer_idx``."""
-        if self._pending is None or self._pending[1] is not key or self._pending[0] != layer_idx:
+    def _take_step(
+        self, layer_idx: int, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(layer's page table, the new V whose K/V the attention must still store, or None) if ``key`` is
+        what ``update`` just took for ``layer_idx``; None otherwise."""
+        pending = self._pending
+        if pending is None or pending[1] is not key or pending[0] != layer_idx:
             return None
         self._pending = None
-        return self._table[layer_idx], self._kv_lens, self._lens[layer_idx]
+        return self._layer_tables[layer_idx], pending[2]
+
+    def _decode(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        table: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """One layer of a decode step through the ``PagedDecode`` planned for these shapes; plans live until
+        the page tables change width (every ``block_size`` tokens) or rows."""
+        plan_key = (query.shape, key_mask is not None, sliding_window, scale)
+        plan = self._plans.get(plan_key)
+        if plan is None:
+            batch, heads, _, head_dim = query.shape
+            plan = PagedDecode(
+                self.pool.storage, self.pool.page_elems, self.block_size, batch, heads, self.kv_heads, head_dim,
+                table.shape[1], scale, key_mask is not None, sliding_window,
+            )  # fmt: skip
+            self._plans[plan_key] = plan
+        return plan(query, key, value, table, self._kv_lens, key_mask)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._lens[layer_idx] if layer_idx < self.num_layers else 0
@@ -385,7 +427,9 @@ class PagedCache(Cache):
         return set(self._pages_of(self._host)) - set(self._pages_of(table))
 
     def _set_table(self, host: torch.Tensor) -> None:
-        self._host, self._table = host, None
+        if self._host is None or host.shape[1:] != self._host.shape[1:]:
+            self._plans = {}
+        self._host, self._table, self._layer_tables = host, None, ()
         if self._kv_lens is not None and self._kv_lens.shape[0] != host.shape[1]:
             self._kv_lens = None
 
@@ -394,7 +438,9 @@ class PagedCache(Cache):
         hold only a row's leading padding then share the discard page. (``use_paged_attention``'s hook calls
         this; calling it by hand is for forwards that get the cache positionally.)"""
         if attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be [batch, tokens], got shape {tuple(attention_mask.shape)}"
+            )
         if self._host is None:
             self._fill_mask = attention_mask
 

@@ -134,7 +134,7 @@ class SpecializedLaunch:
 
     def __init__(self, fn: Any) -> None:
         self._fn = fn
-        self._names: list[str] = list(fn.arg_names)
+        self.arg_names: list[str] = list(fn.arg_names)
         self._direct = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
         self._compiled: dict[tuple, tuple | None] = {}  # None: launch through Triton's path
 
@@ -145,13 +145,15 @@ class SpecializedLaunch:
         constexprs: dict[str, Any],
         num_warps: int,
         num_stages: int = 3,
-    ) -> None:
+    ) -> tuple | None:
+        """Launch; returns the compiled launcher used, (run, function, metadata), or None where the
+        launch went through Triton's own path."""
         options = {"num_warps": num_warps, "num_stages": num_stages}
         first = args[0]
         if not self._direct or not first.is_cuda or _launch_hooks_set():
             self._fn[tuple(grid)](*args, **options, **constexprs)
-            return
-        fixed = [constexprs[name] for name in self._names[len(args) :]]
+            return None
+        fixed = [constexprs[name] for name in self.arg_names[len(args) :]]
         values = [*args, *fixed]
         key = (num_warps, num_stages, *map(_specialization, args), *fixed)  # constexprs by value
         grid3 = (*grid, 1, 1)[:3]
@@ -163,7 +165,7 @@ class SpecializedLaunch:
                 self._fn[tuple(grid)](*args, **options, **constexprs)
             else:
                 entry[0](*grid3, stream, entry[1], entry[2], None, None, None, *flat)
-            return
+            return entry
         kernel = self._fn.warmup(*args, grid=grid3, **options, **constexprs)
         entry = (kernel.run, kernel.function, kernel.packed_metadata)  # run first: it sets function
         try:
@@ -171,8 +173,53 @@ class SpecializedLaunch:
         except (TypeError, ValueError, OverflowError):  # rejected while parsing arguments, before any launch
             self._compiled[key] = None
             self._fn[tuple(grid)](*args, **options, **constexprs)
-            return
+            return None
         self._compiled[key] = entry
+        return entry
+
+
+class RepeatedLaunch:
+    """One SpecializedLaunch call made over and over with new tensors and the same everything else (a
+    decode step's layers): the grid, constexprs and launch options are fixed here. The first call goes
+    through the SpecializedLaunch; a later call whose tensors have the first call's dtypes and are
+    16-byte aligned, and whose scalars equal the first call's, calls the launcher it used directly.
+    The kernel takes its pointer arguments first, then its scalars. Like BoundLaunch, direct launches
+    bypass Triton's launch hooks."""
+
+    def __init__(
+        self,
+        launch: SpecializedLaunch,
+        grid: Sequence[int],
+        constexprs: dict[str, Any],
+        num_warps: int,
+        num_stages: int = 3,
+    ) -> None:
+        self._launch, self._grid, self._constexprs = launch, tuple(grid), constexprs
+        self._grid3 = (*grid, 1, 1)[:3]
+        self._num_warps, self._num_stages = num_warps, num_stages
+        self._direct: tuple | None = None  # (entry, dtypes, scalars, constexpr values, device index)
+
+    def __call__(self, tensors: Sequence[torch.Tensor], scalars: tuple) -> None:
+        pointers = [t.data_ptr() for t in tensors]
+        direct = self._direct
+        if (
+            direct is not None
+            and scalars == direct[2]
+            and not any(p % 16 for p in pointers)
+            and direct[1] == tuple(t.dtype for t in tensors)
+        ):
+            (run, function, metadata), _, _, fixed, device = direct
+            stream = torch._C._cuda_getCurrentRawStream(device)
+            run(*self._grid3, stream, function, metadata, None, None, None, *pointers, *scalars, *fixed)
+            return
+        entry = self._launch(
+            self._grid, (*tensors, *scalars), self._constexprs, self._num_warps, self._num_stages
+        )
+        if entry is not None and not any(p % 16 for p in pointers):
+            names = self._launch.arg_names[len(tensors) + len(scalars) :]
+            fixed = tuple(self._constexprs[name] for name in names)
+            dtypes = tuple(t.dtype for t in tensors)
+            self._direct = (entry, dtypes, scalars, fixed, tensors[0].device.index)
 
 
 def _specialization(value: Any) -> tuple:

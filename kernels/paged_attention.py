@@ -35,14 +35,16 @@ splits past a short row's end just write empty partials. `num_splits=` overrides
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import SpecializedLaunch
+from .launch import RepeatedLaunch, SpecializedLaunch
 from .sgmv import _dot_in_fp32
 
+LOG2_E = 1.4426950408889634  # scores are kept in the log2 domain: exp(x) = exp2(x * LOG2_E)
 MAX_SPLITS = 16  # most context splits a launch uses; the combine kernel loads them all at once
 _TARGET_PROGRAMS = 512  # enough attention programs in flight to cover ~132 SMs a few times
 _MIN_KEYS_PER_SPLIT = 256  # a split shorter than this costs more in partials than it gains
@@ -64,6 +66,8 @@ def _dot(a, b, DOT_IN_FP32: tl.constexpr):
 def _paged_attention_kernel(
     q_ptr,
     storage_ptr,
+    k_new_ptr,
+    v_new_ptr,
     block_table_ptr,
     kv_lens_ptr,
     key_mask_ptr,
@@ -83,6 +87,12 @@ def _paged_attention_kernel(
     o_stride_t,
     o_stride_h,
     o_stride_d,
+    kn_stride_b,
+    kn_stride_h,
+    kn_stride_d,
+    vn_stride_b,
+    vn_stride_h,
+    vn_stride_d,
     bt_stride_b,
     km_stride_b,
     km_stride_t,
@@ -98,6 +108,7 @@ def _paged_attention_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    NEW_KV: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     TOKEN_ELEMS: tl.constexpr = KV_HEADS * HEAD_DIM
@@ -113,6 +124,8 @@ def _paged_attention_kernel(
     # Keys the tile can see: [lo, hi). lo is rounded down to a key tile so that tiles start on
     # page boundaries (BLOCK_N is a multiple of block_size or divides it).
     hi = tl.minimum(kv_len - q_len + q_last + 1, kv_len)
+    if NEW_KV:
+        hi = kv_len - 1  # the decode token's key is not read from its page: see _attend_new_key
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(kv_len - q_len + q_first - window + 1, 0)
@@ -167,6 +180,15 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_IN_FP32)
         m_i = m_new
 
+    if NEW_KV:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if split == NUM_SPLITS - 1:
+            m_i, l_i, acc = _attend_new_key(
+                q, m_i, l_i, acc, k_new_ptr, v_new_ptr, storage_ptr, table, key_mask_ptr, b64, kv_head,
+                kv_len - 1, row_ok, page_elems, qk_scale, kn_stride_b, kn_stride_h, kn_stride_d,
+                vn_stride_b, vn_stride_h, vn_stride_d, km_stride_b, km_stride_t, KV_HEADS, HEAD_DIM,
+                BLOCK_D, BLOCK_SIZE, HAS_KEY_MASK,
+            )  # fmt: skip
+
     out_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:
         denom = tl.where(l_i > 0, l_i, 1.0)
@@ -180,6 +202,65 @@ def _paged_attention_kernel(
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
         tl.store(part_ml_ptr + row, m_i, mask=row_ok)
         tl.store(part_ml_ptr + NUM_SPLITS * n_rows + row, l_i, mask=row_ok)
+
+
+@triton.jit
+def _attend_new_key(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_new_ptr,
+    v_new_ptr,
+    storage_ptr,
+    table,
+    key_mask_ptr,
+    b64,
+    kv_head,
+    pos,
+    row_ok,
+    page_elems,
+    qk_scale,
+    kn_stride_b,
+    kn_stride_h,
+    kn_stride_d,
+    vn_stride_b,
+    vn_stride_h,
+    vn_stride_d,
+    km_stride_b,
+    km_stride_t,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+):
+    """Decode: store the row's new K/V (this kv head's part) at position `pos` of its pages, and add the
+    key to the online softmax from registers. No program of the launch reads that position from the
+    pages, so the store needs no ordering against the attention's loads."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k = tl.load(
+        k_new_ptr + b64 * kn_stride_b + kv_head * kn_stride_h + offs_d * kn_stride_d, mask=d_ok, other=0.0
+    )
+    v = tl.load(
+        v_new_ptr + b64 * vn_stride_b + kv_head * vn_stride_h + offs_d * vn_stride_d, mask=d_ok, other=0.0
+    )
+    page = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
+    dst = storage_ptr + page * page_elems + (pos % BLOCK_SIZE) * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
+    tl.store(dst + offs_d, k, mask=d_ok)
+    tl.store(dst + BLOCK_SIZE * KV_HEADS * HEAD_DIM + offs_d, v, mask=d_ok)
+
+    s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * qk_scale
+    seen = row_ok
+    if HAS_KEY_MASK:
+        seen = seen & (tl.load(key_mask_ptr + b64 * km_stride_b + pos * km_stride_t) != 0)
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new)
+    acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)[None, :]
+    return m_new, l_i * alpha + p, acc
 
 
 @triton.jit
@@ -386,6 +467,74 @@ def num_splits_for(
     return splits
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """How one attention call is launched: the attention grid and constexprs, the split count, and the
+    combine kernel's (grid, constexprs) when the context is split."""
+
+    grid: tuple[int, int, int]
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    num_splits: int
+    combine: tuple[tuple[int], dict] | None
+
+
+def _plan_launch(
+    q_shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    kv_heads: int,
+    block_size: int,
+    max_blocks: int,
+    sliding_window: int | None,
+    has_key_mask: bool,
+    num_splits: int | None,
+    new_kv: bool,
+) -> _Launch:
+    batch, q_len, heads, head_dim = q_shape
+    group = heads // kv_heads
+    group_pad = _next_power_of_2(group)
+    block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, block_size)
+    q_tiles = _cdiv(q_len, block_m // group_pad)
+    if num_splits is None:
+        num_splits = num_splits_for(batch, kv_heads, q_tiles, max_blocks * block_size, sliding_window, q_len)
+    elif num_splits < 1 or num_splits > MAX_SPLITS or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two in [1, {MAX_SPLITS}], got {num_splits}")
+    block_d = max(16, _next_power_of_2(head_dim))
+    constexprs = dict(
+        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        HAS_WINDOW=sliding_window is not None, HAS_KEY_MASK=has_key_mask, DOT_IN_FP32=_dot_in_fp32(dtype),
+        NEW_KV=new_kv,
+    )  # fmt: skip
+    combine = None
+    if num_splits > 1:
+        combine = (
+            (batch * q_len * heads,),
+            dict(HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits),
+        )
+    return _Launch(
+        (batch * kv_heads, q_tiles, num_splits), constexprs, num_warps, num_stages, num_splits, combine
+    )
+
+
+def _partials(
+    launch: _Launch, q_shape: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 buffers for the splits' partial results (accumulators; running max and sum)."""
+    n_rows = q_shape[0] * q_shape[1] * q_shape[2]
+    part_acc = torch.empty(launch.num_splits * n_rows * q_shape[3], dtype=torch.float32, device=device)
+    return part_acc, torch.empty(2 * launch.num_splits * n_rows, dtype=torch.float32, device=device)
+
+
+def _key_mask_arg(
+    key_mask: torch.Tensor | None, kv_lens: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    if key_mask is None:
+        return kv_lens, (0, 0)  # unused
+    return key_mask.view(torch.uint8), key_mask.stride()
+
+
 def paged_attention(
     q: torch.Tensor,
     storage: torch.Tensor,
@@ -409,12 +558,11 @@ def paged_attention(
     _check_attention(
         q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, key_mask, sliding_window
     )
-    batch, q_len, heads, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
-    if batch == 0 or q_len == 0:
+    if q.shape[0] == 0 or q.shape[1] == 0:
         return out
     if not _use_triton(q):
         return paged_attention_reference(
@@ -430,51 +578,138 @@ def paged_attention(
             sliding_window,
             out,
         )
-    group = heads // kv_heads
-    group_pad = _next_power_of_2(group)
-    block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, block_size)
-    q_tiles = _cdiv(q_len, block_m // group_pad)
-    if num_splits is None:
-        max_context = block_table.shape[1] * block_size
-        num_splits = num_splits_for(batch, kv_heads, q_tiles, max_context, sliding_window, q_len)
-    elif num_splits < 1 or num_splits > MAX_SPLITS or num_splits & (num_splits - 1):
-        raise ValueError(f"num_splits must be a power of two in [1, {MAX_SPLITS}], got {num_splits}")
-
-    if num_splits > 1:
-        n_rows = batch * q_len * heads
-        part_acc = torch.empty(num_splits * n_rows * head_dim, dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(2 * num_splits * n_rows, dtype=torch.float32, device=q.device)
-    else:
-        part_acc = part_ml = out  # unused
-    if key_mask is None:
-        mask_arg, km_strides = kv_lens, (0, 0)  # unused
-    else:
-        mask_arg, km_strides = key_mask.view(torch.uint8), key_mask.stride()
-    block_d = max(16, _next_power_of_2(head_dim))
-    _ATTENTION(
-        (batch * kv_heads, q_tiles, num_splits),
-        (
-            q, storage, block_table, kv_lens, mask_arg, out, part_acc, part_ml,
-            batch, q_len, page_elems, sliding_window or 0, scale * 1.4426950408889634,
-            *q.stride(), *out.stride(), block_table.stride(0), *km_strides,
-        ),
-        dict(
-            KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-            HAS_WINDOW=sliding_window is not None, HAS_KEY_MASK=key_mask is not None,
-            DOT_IN_FP32=_dot_in_fp32(q.dtype),
-        ),
-        num_warps,
-        num_stages,
+    launch = _plan_launch(
+        tuple(q.shape), q.dtype, kv_heads, block_size, block_table.shape[1], sliding_window,
+        key_mask is not None, num_splits, new_kv=False,
     )  # fmt: skip
-    if num_splits > 1:
-        _COMBINE(
-            (batch * q_len * heads,),
-            (part_acc, part_ml, out, q_len, batch * q_len * heads, *out.stride()),
-            dict(HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits),
-            num_warps=1,
-        )
+    part_acc, part_ml = _partials(launch, q.shape, q.device) if launch.combine else (out, out)  # unused: out
+    mask_arg, km_strides = _key_mask_arg(key_mask, kv_lens)
+    _ATTENTION(
+        launch.grid,
+        (
+            q, storage, q, q, block_table, kv_lens, mask_arg, out, part_acc, part_ml,  # no new K/V: q unused
+            q.shape[0], q.shape[1], page_elems, sliding_window or 0, scale * LOG2_E,
+            *q.stride(), *out.stride(), 0, 0, 0, 0, 0, 0, block_table.stride(0), *km_strides,
+        ),
+        launch.constexprs,
+        launch.num_warps,
+        launch.num_stages,
+    )  # fmt: skip
+    if launch.combine:
+        grid, constexprs = launch.combine
+        _COMBINE(grid, (part_acc, part_ml, out, q.shape[1], grid[0], *out.stride()), constexprs, num_warps=1)
     return out
+
+
+class PagedDecode:
+    """Decode attention for every layer of a step, planned once (FlashInfer's plan/run split): each row
+    has ONE new token, whose K/V each call also stores in the row's pages, at position kv_lens[b] - 1.
+
+    Why: HF decode is host-bound, and a paged layer used to cost the host two Triton launches
+    (write_kv, paged_attention) with their checks, tile and split choice. Here the shapes, split count,
+    launch configuration and split buffers are fixed at construction for a (batch, heads, table width,
+    mask, window) combination, and a call is one launch (two with a split context) straight into the
+    compiled launcher. The kernel adds the new key from registers, so no load of the launch waits on
+    its store. Inputs come in the layout attention layers hold them in, [batch, heads, 1, head_dim]
+    (no transposes: each view costs the host microseconds). Semantics otherwise those of
+    `paged_attention` with q_len 1, after `write_kv` of the token at kv_lens[b] - 1. Calls on one
+    instance must be ordered on one stream (they share the split buffers).
+    """
+
+    def __init__(
+        self,
+        storage: torch.Tensor,
+        page_elems: int,
+        block_size: int,
+        batch: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        max_blocks: int,
+        scale: float,
+        with_key_mask: bool = False,
+        sliding_window: int | None = None,
+        num_splits: int | None = None,
+    ) -> None:
+        if batch < 1 or max_blocks < 1:
+            raise ValueError(f"PagedDecode needs batch >= 1 and max_blocks >= 1, got {batch}, {max_blocks}")
+        if kv_heads <= 0 or heads % kv_heads:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        _check_pool(storage, page_elems, torch.empty(0, 0, dtype=torch.int32), block_size, kv_heads, head_dim)
+        if sliding_window is not None and sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive, got {sliding_window}")
+        self.storage, self.page_elems, self.block_size = storage, page_elems, block_size
+        self.q_shape, self.kv_shape = (batch, heads, 1, head_dim), (batch, kv_heads, 1, head_dim)
+        self.out_shape, self.table_shape = (batch, 1, heads, head_dim), (batch, max_blocks)
+        self.with_key_mask, self.sliding_window, self.scale = with_key_mask, sliding_window, scale
+        self._use_triton = _use_triton(storage)
+        launch = _plan_launch(
+            self.out_shape, storage.dtype, kv_heads, block_size, max_blocks, sliding_window, with_key_mask,
+            num_splits, new_kv=True,
+        )  # fmt: skip
+        self._partials = _partials(launch, self.out_shape, storage.device) if launch.combine else None
+        self._attention = RepeatedLaunch(
+            _ATTENTION, launch.grid, launch.constexprs, launch.num_warps, launch.num_stages
+        )
+        self._combine = RepeatedLaunch(_COMBINE, *launch.combine, num_warps=1) if launch.combine else None
+        self._scalars = (batch, 1, page_elems, sliding_window or 0, scale * LOG2_E)
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_table: torch.Tensor,
+        kv_lens: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """q [batch, heads, 1, head_dim]; k, v [batch, kv_heads, 1, head_dim], the new token's (any
+        strides); block_table int32 [batch, max_blocks]; kv_lens [batch], the new token included;
+        key_mask bool [batch, >= kv_lens] if planned with one. Returns [batch, 1, heads, head_dim]."""
+        dtype = self.storage.dtype
+        if q.shape != self.q_shape or k.shape != self.kv_shape or v.shape != self.kv_shape:
+            raise ValueError(
+                f"planned q {self.q_shape} and k/v {self.kv_shape}, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                f"{tuple(v.shape)}"
+            )
+        if q.dtype != dtype or k.dtype != dtype or v.dtype != dtype:
+            raise ValueError(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} differ from the pool's {dtype}")
+        if block_table.shape != self.table_shape or block_table.dtype != torch.int32:
+            raise ValueError(
+                f"block_table must be int32 {self.table_shape}, got {block_table.dtype} {tuple(block_table.shape)}"
+            )
+        if kv_lens.shape != self.q_shape[:1] or kv_lens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kv_lens must be int32 [batch], got {kv_lens.dtype} {tuple(kv_lens.shape)}")
+        if (key_mask is not None) != self.with_key_mask or (
+            key_mask is not None
+            and (key_mask.dim() != 2 or key_mask.dtype != torch.bool or key_mask.shape[0] != self.q_shape[0])
+        ):
+            wanted = "a bool [batch, kv_len] key_mask" if self.with_key_mask else "no key_mask"
+            got = "none" if key_mask is None else f"{key_mask.dtype} {tuple(key_mask.shape)}"
+            raise ValueError(f"planned with {wanted}, got {got}")
+        out = torch.empty(self.out_shape, dtype=dtype, device=q.device)
+        if not self._use_triton:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            write_kv_reference(
+                self.storage, self.page_elems, block_table, kv_lens.long() - 1, k, v, self.block_size
+            )
+            return paged_attention_reference(
+                q.transpose(1, 2), self.storage, self.page_elems, block_table, kv_lens, self.block_size,
+                self.kv_shape[1], self.scale, key_mask, self.sliding_window, out,
+            )  # fmt: skip
+        mask_arg, km_strides = _key_mask_arg(key_mask, kv_lens)
+        part_acc, part_ml = self._partials or (out, out)  # unused without splits
+        qs, ks, vs = q.stride(), k.stride(), v.stride()
+        self._attention(
+            (q, self.storage, k, v, block_table, kv_lens, mask_arg, out, part_acc, part_ml),
+            (
+                *self._scalars, qs[0], qs[2], qs[1], qs[3], *out.stride(), ks[0], ks[1], ks[3],
+                vs[0], vs[1], vs[3], block_table.stride(0), *km_strides,
+            ),
+        )  # fmt: skip
+        if self._combine is not None:
+            self._combine((part_acc, part_ml, out), (1, self.q_shape[0] * self.q_shape[1], *out.stride()))
+        return out
 
 
 def _positions(start: torch.Tensor | int, batch: int, new_len: int, device: torch.device) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from conftest import DEVICE
 from hf_multilora.kernels import paged_attention as pa
 from hf_multilora.kernels.paged_attention import (
+    PagedDecode,
     gather_kv,
     num_splits_for,
     paged_attention,
@@ -273,6 +274,95 @@ def test_write_kv_matches_reference_and_feeds_attention():
     torch.testing.assert_close(got.double().cpu(), expected, atol=2e-5, rtol=2e-5)
 
 
+# ----------------------------------------------------------------------------- PagedDecode
+
+DECODE_CASES = {
+    # name: (kv_lens incl. the new token, heads, kv_heads, head_dim, block_size, window, pads, num_splits, dtype)
+    "gqa_ragged_one_token_row": ([37, 5, 64, 17, 1], 4, 2, 16, 16, None, None, None, torch.float32),
+    "mha_split4_left_pad": ([100, 30, 64], 2, 2, 32, 8, None, [0, 2, 10], 4, torch.float32),
+    "group3_window_split2": ([50, 33, 9], 6, 2, 16, 16, 12, None, 2, torch.float32),
+    "bf16_split8": ([90, 33, 128], 4, 2, 32, 16, None, None, 8, torch.bfloat16),
+    "fp16_left_pad": ([24, 24, 24], 4, 2, 16, 16, None, [0, 7, 23], 2, torch.float16),
+}
+
+
+def hf_projections(batch, heads, kv_heads, head_dim, dtype, gen):
+    """q [batch, heads, 1, head_dim] and the new k, v [batch, kv_heads, 1, head_dim] as HF attention layers
+    hold them: strided views of one fused projection output."""
+    fused = torch.randn(batch, 1, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return tuple(t.view(batch, 1, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_paged_decode(case):
+    """One decode step: the new token's K/V land at kv_lens - 1 (nothing else in the pool changes) and the
+    output is attention over the row's pages plus that token; a second call with new tensors (the
+    launcher's direct path on a GPU) is right too."""
+    kv_lens, heads, kv_heads, head_dim, block_size, window, pads, num_splits, dtype = DECODE_CASES[case]
+    pool = Pool(kv_lens, kv_heads, head_dim, block_size, dtype, seed=len(case))
+    storage, page_elems, block_table, lens, _, _ = pool.args()
+    token_elems = kv_heads * head_dim
+    for b, n in enumerate(kv_lens):  # the new token's slot holds NaN until the call stores the token
+        at = int(pool.block_table[b, (n - 1) // block_size]) * page_elems + (n - 1) % block_size * token_elems
+        for offset in (at, at + block_size * token_elems):
+            storage[offset : offset + token_elems] = float("nan")
+    key_mask = None if pads is None else left_pad_mask(kv_lens, pads, max(kv_lens) + 3).to(DEVICE)
+    scale, gen, batch = head_dim**-0.5, torch.Generator().manual_seed(2), len(kv_lens)
+    plan = PagedDecode(
+        storage, page_elems, block_size, batch, heads, kv_heads, head_dim, block_table.shape[1], scale,
+        key_mask is not None, window, num_splits,
+    )  # fmt: skip
+    for _ in range(2):
+        q, k, v = hf_projections(batch, heads, kv_heads, head_dim, dtype, gen)
+        expected_pool = storage.clone()
+        write_kv_reference(
+            expected_pool, page_elems, block_table, lens.long() - 1, k.transpose(1, 2), v.transpose(1, 2), block_size
+        )
+        got = plan(q, k, v, block_table, lens, key_mask)
+
+        torch.testing.assert_close(storage, expected_pool, atol=0, rtol=0, equal_nan=True)
+        assert got.shape == (batch, 1, heads, head_dim) and got.dtype == dtype
+        ks = [torch.cat([pool.ks[b][: n - 1], k[b, :, 0][None].cpu()]) for b, n in enumerate(kv_lens)]
+        vs = [torch.cat([pool.vs[b][: n - 1], v[b, :, 0][None].cpu()]) for b, n in enumerate(kv_lens)]
+        mask = None if key_mask is None else key_mask.cpu()
+        expected = oracle(q.transpose(1, 2).cpu(), ks, vs, kv_lens, scale, window, mask)
+        ref = paged_attention_reference(
+            q.transpose(1, 2), storage, page_elems, block_table, lens, block_size, kv_heads, scale, key_mask, window
+        )
+        tol = TOLERANCE[dtype]
+        torch.testing.assert_close(got.double().cpu(), expected, atol=tol, rtol=tol)
+        torch.testing.assert_close(got.float().cpu(), ref.float().cpu(), atol=tol, rtol=tol)
+
+
+def test_paged_decode_refuses_what_it_was_not_planned_for():
+    pool = Pool([5, 9], 2, 16, 16, torch.float32, seed=11)
+    storage, page_elems, block_table, lens, block_size, kv_heads = pool.args()
+    plan = PagedDecode(storage, page_elems, block_size, 2, 4, kv_heads, 16, block_table.shape[1], 0.25)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = hf_projections(2, 4, kv_heads, 16, torch.float32, gen)
+    before = storage.clone()
+    with pytest.raises(ValueError, match="planned q"):
+        plan(q[:1], k[:1], v[:1], block_table, lens)
+    with pytest.raises(ValueError, match="dtypes"):
+        plan(q.double(), k, v, block_table, lens)
+    with pytest.raises(ValueError, match="block_table"):
+        plan(q, k, v, block_table[:, :1], lens)
+    with pytest.raises(ValueError, match="kv_lens"):
+        plan(q, k, v, block_table, lens[:1])
+    with pytest.raises(ValueError, match="planned with no key_mask"):
+        plan(q, k, v, block_table, lens, torch.ones(2, 9, dtype=torch.bool, device=DEVICE))
+    torch.testing.assert_close(storage, before, atol=0, rtol=0, equal_nan=True)  # nothing was stored
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        PagedDecode(storage, page_elems, block_size, 2, 3, kv_heads, 16, 2, 0.25)
+    with pytest.raises(ValueError, match="page_elems"):
+        PagedDecode(storage, 100, block_size, 2, 4, kv_heads, 16, 2, 0.25)
+    with pytest.raises(ValueError, match="num_splits"):
+        PagedDecode(storage, page_elems, block_size, 2, 4, kv_heads, 16, 2, 0.25, num_splits=3)
+    with pytest.raises(ValueError, match="batch >= 1"):
+        PagedDecode(storage, page_elems, block_size, 0, 4, kv_heads, 16, 2, 0.25)
+
+
 # ----------------------------------------------------------------------------- GPU, serving shapes
 
 
@@ -318,3 +408,44 @@ def test_serving_shapes_on_gpu(q_len):
     write_kv(storage, page_elems, block_table, start, new_k, new_v, block_size)
     write_kv_reference(copy, page_elems, block_table, start, new_k, new_v, block_size)
     assert torch.equal(storage, copy)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [8, 32])
+def test_paged_decode_serving_shapes_on_gpu(batch):
+    """PagedDecode as a decode step runs it: one plan, several layers' tables in a row (the launcher's
+    direct path), bf16, 32 query heads on 8 kv heads, contexts 1000-4000 (split at batch 8, not at 32),
+    with and without a key mask and a window, and a query off 16-byte alignment (Triton's path)."""
+    torch.manual_seed(1)
+    heads, kv_heads, head_dim, block_size, layers = 32, 8, 128, 16, 3
+    lens = torch.randint(1000, 4001, (batch,), dtype=torch.int32, device="cuda")
+    max_blocks = math.ceil(4000 / block_size)
+    page_elems = 2 * block_size * kv_heads * head_dim + 64
+    n_pages = layers * batch * max_blocks + 16
+    storage = torch.randn(n_pages * page_elems, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(n_pages, device="cuda")[: layers * batch * max_blocks].view(layers, batch, max_blocks)
+    tables = tables.int()
+    key_mask = torch.ones(batch, 4000, dtype=torch.bool, device="cuda")
+    key_mask[:, :50] = False
+    for mask, window in ((None, None), (key_mask, None), (key_mask, 1024)):
+        plan = PagedDecode(
+            storage, page_elems, block_size, batch, heads, kv_heads, head_dim, max_blocks, head_dim**-0.5,
+            mask is not None, window,
+        )  # fmt: skip
+        for layer in range(layers):
+            q, k, v = hf_projections(batch, heads, kv_heads, head_dim, torch.bfloat16, None)
+            if layer == layers - 1:  # 2 bytes off 16-byte alignment
+                q = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)[1:].view_as(q).copy_(q)
+            expected_pool = storage.clone()
+            position = lens.long() - 1
+            write_kv_reference(
+                expected_pool, page_elems, tables[layer], position, k.transpose(1, 2), v.transpose(1, 2), block_size
+            )
+            ref = paged_attention_reference(
+                q.transpose(1, 2), expected_pool, page_elems, tables[layer], lens, block_size, kv_heads,
+                head_dim**-0.5, mask, window,
+            )  # fmt: skip
+            got = plan(q, k, v, tables[layer], lens, mask)
+            assert torch.equal(storage, expected_pool)
+            torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
