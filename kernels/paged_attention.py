@@ -30,6 +30,11 @@ writes fp32 partials (running max, sum, unnormalised accumulator) and a small co
 them. The split count is picked on the host without reading kv_lens (no device->host sync): from
 the number of programs and the context capacity of the block table (max_blocks * block_size), so
 splits past a short row's end just write empty partials. `num_splits=` overrides it (tests).
+
+`PagedDecode` runs the same kernel with NEW_KV: the decode token's K/V come in as arguments; the
+last split of each (row, kv head) stores them in the page and adds that key from registers, and no
+program reads that slot from the page, so a decode layer is one launch with no write-then-read
+ordering inside it.
 """
 
 from __future__ import annotations
