@@ -286,11 +286,8 @@ class PagedCache(Cache):
             )
         batch, heads, new, head_dim = key_states.shape
         pool, device = self.pool, self._device
-        if (heads, head_dim) != (self.kv_heads, self.head_dim) or (key_states.dtype, key_states.device) != (
-            pool.dtype,
-            device,
-        ):
-            got = (heads, head_dim, key_states.dtype, key_states.device)
+        got = (heads, head_dim, key_states.dtype, key_states.device)
+        if got != (self.kv_heads, self.head_dim, pool.dtype, device):
             raise ValueError(
                 f"PagedCache: K/V of (kv heads, head_dim, dtype, device) {got}; the cache and its pool hold "
                 f"{(self.kv_heads, self.head_dim, pool.dtype, device)}"
