@@ -437,10 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["capacity"] = [] if args.skip_capacity else capacity(args, device)
     rows = [r for r in result.get("throughput", []) if r.get("decode_tok_s")]
     by = {(r["context"], r["cache"]): r.get("median_ratio_to_dynamic") for r in rows}
-    print(common.format_table(
-        ("context", "cache", "decode tok/s (median)", "/ dynamic (median of rounds)"),
-        [(r["context"], r["cache"], r["decode_tok_s"], r.get("median_ratio_to_dynamic", "-")) for r in rows],
-    ))
+    if rows:
+        print(common.format_table(
+            ("context", "cache", "decode tok/s (median)", "/ dynamic (median of rounds)"),
+            [(r["context"], r["cache"], r["decode_tok_s"], r.get("median_ratio_to_dynamic", "-")) for r in rows],
+        ))
     for name in args.capacity_workloads:
         cap = {r["cache"]: r["max_batch"] for r in result["capacity"] if r["workload"] == name}
         if not cap:
