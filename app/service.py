@@ -276,13 +276,15 @@ class Playground:
     def load_adapter_from(self, folder: str, name: str = "") -> str:
         """Register the PEFT adapter in `folder` (under adapter_dir) as `name` (default: the
         folder's name); returns the name. The model's errors (AdapterLoadError for a folder
-        that is not a usable adapter, ValueError for a name in use) leave the registry as it was."""
+        that is not a usable adapter, ValueError for a name in use) leave the registry as it was.
+        The model is told adapter_dir too: the folder may be inside it while its files are links
+        to elsewhere, and the weights, read at first use, are checked again then."""
         path = self.resolve_folder(folder)
         name = name.strip() or path.name
         if name == BASE_CHOICE:
             raise PlaygroundError(f"{BASE_CHOICE!r} names the base model; pick another name")
         with self._lock:
-            self.model.load_adapter(path, name)
+            self.model.load_adapter(path, name, allowed_dir=self.adapter_dir)
             self._record_memory(f"load {name}")
         return name
 

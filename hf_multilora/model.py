@@ -8,8 +8,10 @@ of the model's unified page pool, which is created on the first call on the base
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
+import unicodedata
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,15 @@ _HOST_READ_THREADS = 8  # adapters read from disk at once when a call misses sev
 
 
 class MultiLoraModel(torch.nn.Module):
+    """A causal LM that serves many LoRA adapters at once: `generate(..., adapter_ids=[...])` gives
+    each row of one batch its own adapter (or none), computed by SGMV kernels in one pass instead
+    of PEFT's loop over adapters.
+
+    It wraps the base model in place (a planning pre-hook on it; a LoRA forward on each module a
+    registered adapter targets), so attributes it lacks fall through to the base model. Calls and
+    registry changes on one instance run one at a time (a re-entrant lock).
+    """
+
     def __init__(
         self,
         base_model: PreTrainedModel,
@@ -76,8 +87,10 @@ class MultiLoraModel(torch.nn.Module):
         self._module_index = {name: i for i, name in enumerate(self._module_names)}
         self._module_users: Counter[int] = Counter()  # module index -> registered adapters targeting it
         self._lock = threading.RLock()
-        self._row_slots: list[int] | None = None
-        self._pool_size = _pool_size(pool_bytes, pool_fraction)
+        # Per thread: the row slots of the routed call this thread is running (the base model and
+        # its planning hook are shared; another thread's plain call must not see them).
+        self._routing = threading.local()
+        self._pool_size = self._checked_pool_size(pool_bytes, pool_fraction)
         self._runtime: LoraRuntime | None = None  # built on the first call, on the base's device
         self._plan_hook = base_model.register_forward_pre_hook(self._plan_forward, with_kwargs=True)
 
@@ -112,22 +125,31 @@ class MultiLoraModel(torch.nn.Module):
         """Registered adapters; an int in adapter_ids indexes this list."""
         return list(self._registry)
 
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str, *, replace: bool = False) -> None:
+    def load_adapter(
+        self,
+        path: str | os.PathLike,
+        adapter_name: str,
+        *,
+        replace: bool = False,
+        allowed_dir: str | os.PathLike | None = None,
+    ) -> None:
         """Register a PEFT LoRA adapter (folder or hub id): config, tensor names and shapes are
-        checked now, the weights are read at first use. A failure leaves the registry as it was."""
-        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER:
-            raise ValueError(f"invalid adapter name {adapter_name!r}")
+        checked now, the weights are read at first use. A failure leaves the registry as it was.
+        With `allowed_dir`, every file read, now and at first use, must resolve inside it (no hub id)."""
+        _check_adapter_name(adapter_name)
         with self._lock:
             if adapter_name in self._registry and not replace:
                 raise ValueError(
                     f"adapter {adapter_name!r} is already loaded; pass replace=True to replace it"
                 )
-            source = check_peft_adapter(adapter_name, path, self._targets)
+            source = check_peft_adapter(adapter_name, path, self._targets, allowed_dir=allowed_dir)
             self._forget_copies(adapter_name)
             self._retarget(self._registry.get(adapter_name), source)
             self._registry[adapter_name] = source
 
     def unload_adapter(self, adapter_name: str) -> None:
+        """Forget an adapter: its host copy and pool pages are freed now, and modules no other
+        adapter targets get their plain forward back. Integer adapter_ids of later adapters shift."""
         with self._lock:
             if adapter_name not in self._registry:
                 raise KeyError(f"unknown adapter {adapter_name!r}; known adapters: {self.adapter_names}")
@@ -183,12 +205,14 @@ class MultiLoraModel(torch.nn.Module):
         most of a read is file I/O and first-touch page faults of new host memory, which threads
         overlap. All or nothing: the first failure is raised and nothing is kept."""
         def read(name: str) -> HostAdapter:
+            source = self._registry[name]
             return load_peft_adapter(
                 name,
-                self._registry[name].directory,
+                source.directory,
                 self._targets,
                 self.base_model.dtype,
                 pin_memory=torch.cuda.is_available(),
+                allowed_dir=source.allowed_dir,
             )
 
         if len(names) <= 1:
@@ -249,7 +273,7 @@ class MultiLoraModel(torch.nn.Module):
             use_paged_attention(self.base_model)
             try:
                 kwargs = self._with_release_of_finished_rows(cache, kwargs)
-                return self.base_model.generate(*args, past_key_values=cache, **kwargs)
+                return self.base_model.generate(*args, **{_cache_keyword(self.base_model): cache}, **kwargs)
             finally:
                 set_attention(self.base_model, previous)
                 cache.release()
@@ -280,34 +304,67 @@ class MultiLoraModel(torch.nn.Module):
             distinct = list(dict.fromkeys(n for n in names or () if n is not None))
             residents = runtime.cache.acquire_names(distinct, self._host_adapters)
             slot_of = {n: r.slot for n, r in zip(distinct, residents, strict=True)}
-            self._row_slots = [slot_of[n] if n is not None else -1 for n in names] if names else None
+            self._routing.row_slots = [slot_of[n] if n is not None else -1 for n in names] if names else None
             try:
                 yield
             finally:
-                self._row_slots = None
+                self._routing.row_slots = None
                 runtime.clear()
                 runtime.cache.release(distinct)
 
     def _plan_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._row_slots is None:
-            if self._runtime is not None:
-                self._runtime.clear()
+        """Plan each forward of a routed call once; forwards outside one (in any thread) leave the
+        runtime alone: its plan belongs to the routed call, and the LoRA layers apply it in the
+        routed call's thread only."""
+        row_slots = getattr(self._routing, "row_slots", None)
+        if row_slots is None:
             return
         rows, tokens_per_row = forward_shape(args, kwargs)
-        self._runtime.set_rows(expand_rows(self._row_slots, rows), tokens_per_row)
+        self._runtime.set_rows(expand_rows(row_slots, rows), tokens_per_row)
 
     def _follow_base_placement(self) -> LoraRuntime:
         """The runtime on the base's device and dtype: built at the first call, and again (with a
         new pool, copies rebuilt from the host store) after base_model.to(another device/dtype)."""
-        weight = self._modules_by_name[self._module_names[0]].weight
+        weight = self._first_target_weight()
         runtime = self._runtime
         if runtime is None or (weight.device, weight.dtype) != (runtime.cache.device, runtime.cache.dtype):
             self._runtime = runtime = None  # frees the old pool before the new one is sized
             runtime = self._runtime = LoraRuntime(self._module_names, self._new_pool(weight))
         return runtime
 
+    def _checked_pool_size(
+        self, pool_bytes: int | None, fraction: float | None
+    ) -> tuple[int | None, float | None]:
+        """The pool is created at the first call; its settings are checked now so that a bad one
+        fails where it is given, not in the middle of a later generate()."""
+        if pool_bytes is not None and fraction is not None:
+            raise ValueError("give pool_bytes or pool_fraction, not both")
+        _positive_or_none("pool_bytes", pool_bytes)
+        weight = self._first_target_weight()
+        page_bytes = self._page_elems() * weight.element_size()
+        if pool_bytes is not None and pool_bytes < page_bytes:
+            raise ValueError(
+                f"pool_bytes={pool_bytes} holds no page: this model's pages are {page_bytes} bytes "
+                "(one block of KV or the widest adapter row)"
+            )
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise ValueError(f"pool_fraction must be in (0, 1], got {fraction!r}")
+            if weight.device.type != "cuda":
+                raise ValueError(
+                    f"pool_fraction sizes the pool from free CUDA memory, but the base model is on "
+                    f"{weight.device}: move it to CUDA before wrapping it, or give pool_bytes"
+                )
+        return pool_bytes, fraction
+
+    def _first_target_weight(self) -> torch.Tensor:
+        return self._modules_by_name[self._module_names[0]].weight
+
+    def _page_elems(self) -> int:
+        return align_up(max(self._widest_row(), _kv_block_elems(self.base_model.config)))
+
     def _new_pool(self, weight: torch.Tensor) -> PagePool:
-        page_elems = align_up(max(self._widest_row(), _kv_block_elems(self.base_model.config)))
+        page_elems = self._page_elems()
         pool_bytes, fraction = self._pool_size
         if pool_bytes is None and fraction is None:
             if weight.device.type == "cuda":
@@ -322,9 +379,10 @@ class MultiLoraModel(torch.nn.Module):
     # ------------------------------------------------------------------ plumbing
 
     def memory_stats(self) -> dict[str, Any]:
-        """Pool pages (total / free / KV / adapter), adapters registered and resident, residency
-        hits, misses and evictions, host->device bytes copied. Before the first call (no pool yet)
-        only `adapters_registered`."""
+        """Adapters registered, host copies (count, bytes, reads from disk); from the first call on,
+        when the pool exists, also its pages (total / free / KV / adapter, page bytes), the resident
+        adapters (least recently used first), residency hits / misses / evictions and the bytes
+        copied to the device. docs/api.md lists the keys."""
         stats: dict[str, Any] = {
             "adapters_registered": len(self._registry),
             "adapters_in_host_memory": len(self._hosts),
@@ -344,19 +402,26 @@ class MultiLoraModel(torch.nn.Module):
             return getattr(self.base_model, name)
 
 
+def _check_adapter_name(name: object) -> None:
+    """Names are shown in UIs, logs and API responses and typed back by users: a blank name or one
+    with control characters (newlines, escapes) would be invisible or forge output there."""
+    if not isinstance(name, str) or not name.strip() or name == BASE_ADAPTER:
+        raise ValueError(f"invalid adapter name {name!r}: a non-blank string other than {BASE_ADAPTER!r}")
+    control = [c for c in name if unicodedata.category(c) in ("Cc", "Cf")]
+    if control:
+        raise ValueError(f"invalid adapter name {name!r}: it contains control characters {control}")
+
+
 def _positive_or_none(what: str, value: int | None) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ValueError(f"{what} must be a positive int, got {value!r}")
     return value
 
 
-def _pool_size(pool_bytes: int | None, fraction: float | None) -> tuple[int | None, float | None]:
-    if pool_bytes is not None and fraction is not None:
-        raise ValueError("give pool_bytes or pool_fraction, not both")
-    _positive_or_none("pool_bytes", pool_bytes)
-    if fraction is not None and not 0 < fraction <= 1:
-        raise ValueError(f"pool_fraction must be in (0, 1], got {fraction!r}")
-    return pool_bytes, fraction
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword that hands generate() its cache: transformers renamed `past_key_values` to `cache`
+    (5.24 warns on the old name, 6.0 drops it); a model's forward names the one it takes."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _kv_block_elems(config: Any) -> int:

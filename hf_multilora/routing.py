@@ -28,8 +28,12 @@ def resolve_adapter_ids(
     ids = adapter_ids if adapter_ids is not None else adapter_names
     if ids is None:
         return None
-    if isinstance(ids, (str, int, torch.Tensor)):
-        raise TypeError(f"adapter_ids must be a list with one entry per row, got {type(ids).__name__}")
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        # A set or dict would be accepted by list() in an order unrelated to the rows (a set's
+        # order of strings changes with the hash seed), so only ordered sequences are.
+        raise TypeError(
+            f"adapter_ids must be a list or tuple with one entry per row, got {type(ids).__name__}"
+        )
     ids = list(ids)
     if rows is not None and len(ids) != rows:
         raise ValueError(f"adapter_ids has {len(ids)} entries but the batch has {rows} rows")

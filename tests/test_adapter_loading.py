@@ -21,12 +21,14 @@ from peft.utils.other import get_pattern_key
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from hf_multilora import MultiLoraModel
 from hf_multilora.adapters.host_store import HostAdapter
 from hf_multilora.adapters.loading import (
     AdapterLoadError,
     AdapterNotFoundError,
     AdapterShapeError,
     UnsupportedAdapterError,
+    check_peft_adapter,
     load_peft_adapter,
     lora_target_modules,
 )
@@ -203,6 +205,44 @@ def test_rank_pattern_and_alpha_pattern(llama, tmp_path):
     assert m["model.layers.0.mlp.down_proj"].scale == 5 / 4
     assert m["model.layers.0.mlp.up_proj"].scale == 8 / 4
     assert host.max_rank == 6
+
+
+def test_pattern_keys_follow_peft_not_substrings(llama, tmp_path):
+    # Keys where "key in module name" and PEFT's get_pattern_key disagree: "self_attn", "proj" and
+    # "layers.1" are substrings of many names but no name ends in `.<key>`; the regex keys match names
+    # that do not contain them literally.
+    rank_pattern = {"self_attn": 2, r"layers\.1\.mlp\.up_.*": 6}
+    alpha_pattern = {"proj": 3, "layers.1": 5, r"layers\.0\.self_attn\.[qk]_proj": 12}
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=LLAMA_PROJ,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        init_lora_weights=False,
+    )
+    make_adapter(llama, cfg, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = peft_reference(PeftModel.from_pretrained(copy.deepcopy(llama), str(tmp_path)))
+    for patterns in (rank_pattern, alpha_pattern):  # the two rules really disagree on these names
+        assert any(get_pattern_key(patterns, n) != k for n in reference for k in patterns if k in n)
+        assert any(get_pattern_key(patterns, n) in patterns for n in reference)
+
+    host = load_peft_adapter("patterns", tmp_path, llama, torch.float32)
+    assert_matches_peft(host, reference)
+    m = host.modules
+    assert m["model.layers.0.self_attn.q_proj"].rank == 4 and m["model.layers.1.mlp.up_proj"].rank == 6
+    assert m["model.layers.0.self_attn.k_proj"].scale == 12 / 4
+    assert m["model.layers.1.self_attn.q_proj"].scale == 8 / 4
+
+
+def test_negative_alpha_is_served_like_peft(llama, tmp_path):
+    cfg = LoraConfig(r=4, lora_alpha=-8, target_modules=["q_proj"], init_lora_weights=False)
+    ref = peft_reference(make_adapter(llama, cfg, tmp_path))
+    host = load_peft_adapter("negative", tmp_path, llama, torch.float32)
+    assert_matches_peft(host, ref)
+    assert host.modules["model.layers.0.self_attn.q_proj"].scale == -2.0
 
 
 def test_use_rslora(llama, tmp_path):
@@ -523,3 +563,182 @@ def test_relative_path_is_not_a_repo_id(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
     with pytest.raises(FileNotFoundError, match=r"\./someone/adapter"):
         load_peft_adapter("x", "./someone/adapter", llama, torch.float32)
+
+
+# ------------------------------------------------------------------------- numbers the kernels cannot use
+
+
+def edit_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((src / CONFIG).read_text())
+    (dst / CONFIG).write_text(json.dumps({**config, **changes}))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        # 1e308 / 4 is a float64 but float32 overflows to inf: every output of the adapter is NaN.
+        (dict(lora_alpha=1e308), r"'model\.layers\.0\.mlp\.down_proj': lora_alpha = 1e\+308 with r = 4"),
+        (dict(lora_alpha=10**400), r"lora_alpha = 1000+ with r = 4 gives the LoRA scale inf"),
+        (dict(lora_alpha=float("nan")), r"lora_alpha = nan"),
+        (dict(lora_alpha=float("inf")), r"lora_alpha = inf"),
+        (dict(lora_alpha=0), r"lora_alpha = 0 with r = 4 gives the LoRA scale 0\.0"),
+        (dict(lora_alpha=1e-300), r"lora_alpha = 1e-300"),  # float32 rounds the scale to 0
+        (
+            dict(alpha_pattern={"v_proj": 2e39}),
+            r"'model\.layers\.0\.self_attn\.v_proj': alpha_pattern\['v_proj'\] = 2e\+39 with r = 4",
+        ),
+        (
+            dict(alpha_pattern={"layers.1.mlp.up_proj": float("-inf")}),
+            r"'model\.layers\.1\.mlp\.up_proj': alpha_pattern\['layers\.1\.mlp\.up_proj'\] = -inf",
+        ),
+        (
+            dict(rank_pattern={"o_proj": float("nan")}),
+            r"'model\.layers\.0\.self_attn\.o_proj'.*nan.*rank_pattern",
+        ),
+    ],
+)
+def test_scale_float32_cannot_hold_is_refused_at_registration(llama, plain, tmp_path, changes, match):
+    adapter = edit_config(plain[0], tmp_path / "a", **changes)
+    with pytest.raises(AdapterLoadError, match=rf"adapter 'bad'.*{match}"):
+        check_peft_adapter("bad", adapter, llama)
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "match"),
+    [
+        (["query", "value"], r"target_modules \['query', 'value'\] name no module"),
+        (["proj"], r"\['proj'\] name no module"),  # a substring of names, not a dotted tail: PEFT says no
+        (r".*\.attention\.(query|value)", r"the regex '\.\*.*attention.*', which matches no whole module"),
+        ("q_proj", r"the regex 'q_proj', which matches no whole module"),  # PEFT fullmatches a string
+    ],
+)
+def test_target_modules_matching_no_module_is_refused(llama, plain, tmp_path, target_modules, match):
+    # The tensors fit the base (llama's q_proj, ...) but the config names another model's modules.
+    adapter = edit_config(plain[0], tmp_path / "a", target_modules=target_modules)
+    with pytest.raises(AdapterShapeError, match=rf"adapter 'x'.*{match}.*end in \['down_proj', 'gate_proj'"):
+        check_peft_adapter("x", adapter, llama)
+
+
+@pytest.mark.parametrize(
+    "target_modules",
+    [
+        ["self_attn.q_proj", "query"],
+        "model.layers.0.self_attn.q_proj",
+        r".*\.(q_proj|v_proj)",
+        "all-linear",
+        None,
+    ],
+)
+def test_target_modules_matching_some_module_loads(llama, plain, tmp_path, target_modules):
+    adapter = edit_config(plain[0], tmp_path / "a", target_modules=target_modules)
+    assert_matches_peft(load_peft_adapter("x", adapter, llama, torch.float32), plain[1])
+
+
+@pytest.mark.parametrize(
+    ("value", "ab", "dtype", "match"),
+    [
+        (float("nan"), "lora_B", torch.float32, "holds NaN or infinite values"),
+        (float("-inf"), "lora_A", torch.bfloat16, "holds NaN or infinite values"),
+        # Finite in the file (float32), inf once packed as float16.
+        (1e5, "lora_B", torch.float16, r"holds values beyond the range of torch\.float16"),
+    ],
+)
+def test_non_finite_weights_are_refused_when_read(llama, plain, tmp_path, value, ab, dtype, match):
+    key = f"base_model.model.model.layers.1.mlp.up_proj.{ab}.weight"
+
+    def plant(sd):
+        sd[key] = sd[key].clone()
+        sd[key][1, 2] = value
+        return sd
+
+    adapter = edit_weights(plain[0], tmp_path / "a", plant)
+    check_peft_adapter("x", adapter, llama)  # registration reads no weights
+    with pytest.raises(
+        AdapterLoadError,
+        match=rf"adapter 'x'.*{ab} weight of module 'model\.layers\.1\.mlp\.up_proj' {match}",
+    ):
+        load_peft_adapter("x", adapter, llama, dtype)
+
+
+# ---------------------------------------------------------------------------------------- allowed_dir
+
+
+def linked_folder(folder: Path, targets: dict[str, Path]) -> Path:
+    """A real folder whose files are symlinks: file name -> what it points to."""
+    folder.mkdir(parents=True)
+    for file_name, target in targets.items():
+        (folder / file_name).symlink_to(target)
+    return folder
+
+
+@pytest.mark.parametrize("linked", [CONFIG, SAFETENSORS])
+def test_allowed_dir_refuses_files_linked_outside(llama, plain, tmp_path, linked):
+    outside = plain[0]
+    allowed = tmp_path / "allowed"
+    folder = allowed / "adapter"
+    shutil.copytree(outside, folder)
+    (folder / linked).unlink()
+    (folder / linked).symlink_to(outside / linked)
+    # Without allowed_dir symlinks are followed anywhere (a Hub cache snapshot is made of them).
+    assert_matches_peft(load_peft_adapter("x", folder, llama, torch.float32), plain[1])
+    match = (
+        rf"adapter 'x': '.*adapter/{linked}' resolves to '{outside / linked}', outside the allowed directory"
+    )
+    with pytest.raises(AdapterLoadError, match=match):
+        check_peft_adapter("x", folder, llama, allowed_dir=allowed)
+    with pytest.raises(AdapterLoadError, match=match):
+        load_peft_adapter("x", folder, llama, torch.float32, allowed_dir=allowed)
+
+
+def test_allowed_dir_never_opens_a_linked_secret(llama, plain, tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"peft_type": "LORA", "password": "hunter2"}')
+    allowed = tmp_path / "allowed"
+    folder = linked_folder(allowed / "a", {CONFIG: secret, SAFETENSORS: plain[0] / SAFETENSORS})
+    with pytest.raises(
+        AdapterLoadError, match=r"adapter_config\.json' resolves to .*secret\.json', outside"
+    ) as info:
+        check_peft_adapter("x", folder, llama, allowed_dir=allowed)
+    assert "hunter2" not in str(info.value) and info.value.__cause__ is None
+
+
+def test_allowed_dir_is_not_a_string_prefix(llama, plain, tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copytree(plain[0], tmp_path / "allowed_evil" / "x")  # a sibling whose name starts the same
+    shutil.copytree(plain[0], allowed / "ok")
+    linked_folder(allowed / "links", {n: tmp_path / "allowed_evil" / "x" / n for n in (CONFIG, SAFETENSORS)})
+    for source in [tmp_path / "allowed_evil" / "x", allowed / ".." / "allowed_evil" / "x", allowed / "links"]:
+        with pytest.raises(AdapterLoadError, match=r"allowed_evil/x.*outside the allowed directory"):
+            load_peft_adapter("x", source, llama, torch.float32, allowed_dir=allowed)
+    inside = load_peft_adapter("x", allowed / "ok", llama, torch.float32, allowed_dir=allowed)
+    assert_matches_peft(inside, plain[1])
+
+
+def test_allowed_dir_refuses_hub_ids(llama, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def fail(*args, **kwargs):
+        raise AssertionError("must not reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AdapterNotFoundError, match=r"'someone/adapter' is not a folder.*no Hugging Face Hub"):
+        check_peft_adapter("x", "someone/adapter", llama, allowed_dir=tmp_path)
+
+
+def test_allowed_dir_is_checked_again_when_the_weights_are_read(plain, tmp_path):
+    """The weights are read at first use, maybe after the file was swapped for a link outside."""
+    allowed = tmp_path / "allowed"
+    shutil.copytree(plain[0], allowed / "a")
+    model = MultiLoraModel(tiny_llama())
+    model.load_adapter(allowed / "a", "a", allowed_dir=allowed)
+    (allowed / "a" / SAFETENSORS).unlink()
+    (allowed / "a" / SAFETENSORS).symlink_to(plain[0] / SAFETENSORS)
+    with pytest.raises(
+        AdapterLoadError, match=r"adapter 'a': .*adapter_model\.safetensors' resolves to .*outside"
+    ):
+        model.prefetch_adapters(["a"], host_only=True)
+    assert model.memory_stats()["adapters_in_host_memory"] == 0

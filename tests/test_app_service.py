@@ -168,6 +168,48 @@ def test_loads_adapters_only_from_the_allowed_folder(served_dir, tmp_path):
     assert playground.choices == [BASE_CHOICE, "mlp"]
 
 
+def test_a_sibling_folder_named_like_the_allowed_one_is_outside(served_dir, tmp_path):
+    allowed, evil = tmp_path / "allowed", tmp_path / "allowed_evil"
+    allowed.mkdir()
+    shutil.copytree(served_dir / "adapters" / "qv_r4", evil / "x")  # its path starts with allowed's
+    playground = make_playground(served_dir, adapters=(), adapter_dir=allowed)
+    for folder in ["../allowed_evil/x", str(evil / "x")]:
+        with pytest.raises(PlaygroundError, match="outside the adapter directory"):
+            playground.load_adapter_from(folder, "x")
+    assert playground.choices == [BASE_CHOICE]
+
+
+@pytest.mark.parametrize("linked", [["adapter_config.json"], ["adapter_model.safetensors"], None])
+def test_files_linked_outside_the_allowed_folder_are_refused(served_dir, tmp_path, linked):
+    """A real folder inside adapter_dir whose files are links to elsewhere (None: all of them)."""
+    outside = served_dir / "adapters" / "mlp_r16"
+    folder = tmp_path / "allowed" / "linked"
+    shutil.copytree(outside, folder)
+    for file in linked or [f.name for f in folder.iterdir()]:
+        (folder / file).unlink()
+        (folder / file).symlink_to(outside / file)
+    playground = make_playground(served_dir, adapters=(), adapter_dir=tmp_path / "allowed")
+    with pytest.raises(AdapterLoadError, match=r"linked/adapter_.*' resolves to .*, outside the allowed"):
+        playground.load_adapter_from("linked")
+    assert playground.choices == [BASE_CHOICE]
+
+
+def test_weights_swapped_for_a_link_after_loading_are_refused(served_dir, tmp_path):
+    """The weights are read at the first request using the adapter, which checks them again."""
+    allowed = tmp_path / "allowed"
+    shutil.copytree(served_dir / "adapters" / "qv_r4", allowed / "qv")
+    playground = make_playground(served_dir, adapters=(), adapter_dir=allowed)
+    assert playground.load_adapter_from("qv") == "qv"
+    weights = allowed / "qv" / "adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(served_dir / "adapters" / "qv_r4" / "adapter_model.safetensors")  # the same bytes
+    with pytest.raises(
+        AdapterLoadError, match=r"adapter 'qv': .*adapter_model\.safetensors' resolves to .*outside"
+    ):
+        run(playground, "hi", ["qv", BASE_CHOICE])
+    assert run(playground, "hi", [BASE_CHOICE], Settings(max_new_tokens=2))[-1].done
+
+
 def test_adapter_loading_errors_leave_the_playground_working(served_dir):
     playground = make_playground(served_dir, adapters=("attn_r8",))
     with pytest.raises(ValueError, match="already loaded"):

@@ -100,10 +100,11 @@ def test_seeded_sampling_matches_peft_and_return_sequences_follow_rows(llama_zoo
     model = multi(llama_zoo)
     input_ids = prompts(2, 5, seed=4)
     kwargs = dict(max_new_tokens=6, do_sample=True, top_k=0, temperature=1.0, pad_token_id=0)
+    reference = llama_zoo.peft("patterns")  # built before seeding: building it draws random numbers
     torch.manual_seed(123)
     ours = model.generate(input_ids, adapter_ids=["patterns", "patterns"], **kwargs)
     torch.manual_seed(123)
-    expected = llama_zoo.peft("patterns").generate(input_ids=input_ids, **kwargs)
+    expected = reference.generate(input_ids=input_ids, **kwargs)
     assert ours.tolist() == expected.tolist()
 
     # top_k=1 sampling is deterministic: each returned sequence equals its row's greedy output.
@@ -252,3 +253,55 @@ def test_rows_that_end_on_eos_give_their_pages_back_during_generate(llama_zoo, k
     blocks = -(-(input_ids.shape[1] + max(ends)) // KV_BLOCK_SIZE)  # the last token is never fed back
     assert kv_pages_at_release[0] == layers * blocks + 1  # the long row's blocks + the discard page
     assert kv_pages_at_release[-1] == layers * blocks * len(rows)
+
+
+def test_a_plain_base_call_from_another_thread_gets_no_adapters(llama_zoo):
+    """While a routed generate() runs in one thread, the shared base model called from another
+    thread is the plain base model, and the routed call is not disturbed by it."""
+    import threading
+
+    from transformers import StoppingCriteria
+
+    model = multi(llama_zoo)
+    names = list(llama_zoo.paths)
+    rows = [names[0], names[1], names[2]]
+    input_ids = prompts(3, 5, seed=30)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    expected_generate = model.generate(input_ids, adapter_ids=rows, **kwargs)
+    with torch.no_grad():
+        expected_base = llama_zoo.fresh_base()(input_ids).logits
+    inside, resume = threading.Event(), threading.Event()
+
+    class PauseOnce(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            if not inside.is_set():
+                inside.set()
+                assert resume.wait(60)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.update(
+            out=model.generate(input_ids, adapter_ids=rows, stopping_criteria=[PauseOnce()], **kwargs)
+        )
+    )
+    worker.start()
+    try:
+        assert inside.wait(60)
+        with torch.no_grad():
+            plain = model.base_model(input_ids).logits
+    finally:
+        resume.set()
+        worker.join()
+    torch.testing.assert_close(plain, expected_base, rtol=1e-5, atol=1e-5)
+    assert result["out"].tolist() == expected_generate.tolist()
+
+
+def test_generate_hands_over_the_cache_without_deprecation_warnings(llama_zoo):
+    """transformers 5.24 renamed generate's `past_key_values` to `cache` (a FutureWarning per call)."""
+    import warnings
+
+    model = multi(llama_zoo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model.generate(prompts(2, 4, seed=31), adapter_ids=["qv_r4", None], max_new_tokens=3)

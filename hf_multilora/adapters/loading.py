@@ -9,7 +9,12 @@ approximating it, and it checks every shape against the base model before anythi
 PEFT semantics mirrored here (peft 0.21): the saved tensors define the target set (the ``target_modules``
 regexes are resolved at training time against the training model, so they are only a hint), the per-module
 rank/alpha come from ``rank_pattern``/``alpha_pattern`` with ``get_pattern_key`` matching, and the scale is
-``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA.
+``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA. ``target_modules`` is still checked to match some module
+of the base with PEFT's ``check_target_module_exists`` rule, as PEFT refuses a config that matches nothing.
+
+The loaders take `allowed_dir`: when set, every file is opened through its resolved path and only if that
+lies inside `allowed_dir`, so a folder inside it whose files are symlinks to elsewhere cannot be used to read
+them; `AdapterSource` carries it, so the weights read at first use are checked again then.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ _BASE_MUTATING_INITS = {
     "lora_ga": "LoRA-GA",
     "loftq": "LoftQ",
 }
+_FLOAT32 = torch.finfo(torch.float32)  # the kernels' scale type
 
 
 class AdapterLoadError(ValueError):
@@ -118,6 +124,9 @@ class ModelTargets:
     types: dict[str, str]  # every module: name -> class name
     embeddings: frozenset[str]
     output_embedding: str | None
+    # Every dotted tail of every module name ('q_proj', 'self_attn.q_proj', ...): a target_modules list
+    # entry matches some module exactly when it is one of these (PEFT: equal to or a `.`-suffix of a name).
+    name_tails: frozenset[str]
 
     @classmethod
     def of(cls, model: nn.Module | ModelTargets) -> ModelTargets:
@@ -125,29 +134,40 @@ class ModelTargets:
             return model
         output_embedding = _output_embedding(model)
         named = dict(model.named_modules())
+        parts = [n.split(".") for n in named if n]
         return cls(
             lora_target_modules(model),
             {n: type(m).__name__ for n, m in named.items()},
             frozenset(n for n, m in named.items() if isinstance(m, nn.Embedding)),
             next((n for n, m in named.items() if m is output_embedding), None),
+            frozenset(".".join(p[i:]) for p in parts for i in range(len(p))),
         )
 
 
 @dataclass(frozen=True)
 class AdapterSource:
-    """A registered adapter, checked but not read: where it is and what it targets."""
+    """A registered adapter, checked but not read: where it is, what it targets, and the directory its
+    files must stay in (None: anywhere), which the read at first use checks again."""
 
     name: str
     directory: Path
     modules: tuple[str, ...]
+    allowed_dir: Path | None = None
 
 
-def check_peft_adapter(name: str, source: str | os.PathLike, model: nn.Module | ModelTargets) -> AdapterSource:
+def check_peft_adapter(
+    name: str,
+    source: str | os.PathLike,
+    model: nn.Module | ModelTargets,
+    *,
+    allowed_dir: str | os.PathLike | None = None,
+) -> AdapterSource:
     """Every check of `load_peft_adapter` without reading the weights: config, tensor names and
     shapes come from the safetensors header (a `.bin` has none and is read whole). Registering
     thousands of adapters this way takes seconds; `load_peft_adapter` reads the weights at first use."""
-    directory, _, loras = _validated(name, source, model, _read_shapes)
-    return AdapterSource(name, directory, tuple(loras))
+    allowed = _resolved_allowed_dir(name, allowed_dir)
+    directory, _, loras = _validated(name, source, model, _read_shapes, allowed)
+    return AdapterSource(name, directory, tuple(loras), allowed)
 
 
 def load_peft_adapter(
@@ -156,48 +176,85 @@ def load_peft_adapter(
     model: nn.Module | ModelTargets,
     dtype: torch.dtype,
     pin_memory: bool = False,
+    *,
+    allowed_dir: str | os.PathLike | None = None,
 ) -> HostAdapter:
     """Load a PEFT LoRA adapter as one flat host tensor laid out for the batched kernels.
 
     `flat` holds, for each targeted module in sorted name order, A ([rank, in] row-major) then B
     transposed ([rank, out] row-major), converted to `dtype`, every rank row padded to a multiple
     of the kernels' WEIGHT_ALIGN; offsets in `ModuleLora` are element offsets into it.
-    Everything is validated before the flat tensor is allocated and nothing outside the returned object is
-    touched (in particular not `model`), so a failed load leaves no trace.
+    Everything but the finiteness of the weights (checked in one pass over the flat tensor) is validated
+    before the flat tensor is allocated, and nothing outside the returned object is touched (in particular
+    not `model`), so a failed load leaves no trace.
 
     `pin_memory` asks for page-locked memory so device copies can be asynchronous. Pinning needs an
     accelerator runtime; on a machine without one there is no device copy to speed up, so the tensor is
     left pageable rather than failing.
 
+    `allowed_dir` confines the source to that directory: it must be a local folder (no Hub id) and every
+    file read must resolve, symlinks followed, to a path inside it. Without it symlinks are followed
+    anywhere (a Hub cache snapshot is made of them).
+
     Raises AdapterNotFoundError (a FileNotFoundError) when the source or its files are missing,
     UnsupportedAdapterError for PEFT features the kernels cannot reproduce, AdapterShapeError when the
-    adapter does not fit `model`, and AdapterLoadError for unreadable files.
+    adapter does not fit `model`, and AdapterLoadError for unreadable files, files outside `allowed_dir`,
+    scales float32 cannot hold and NaN / inf weights.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
 
-    directory, config, loras = _validated(name, source, model, _read_weights)
-    return pack_adapter(
-        name, str(directory), config, loras, dtype, pin_memory=pin_memory and _can_pin()
-    )
+    allowed = _resolved_allowed_dir(name, allowed_dir)
+    directory, config, loras = _validated(name, source, model, _read_weights, allowed)
+    host = pack_adapter(name, str(directory), config, loras, dtype, pin_memory=pin_memory and _can_pin())
+    _check_finite(name, host.flat, loras, dtype)
+    return host
 
 
 # --------------------------------------------------------------------------------------------- source
 
 
-def _resolve_source(name: str, source: str | os.PathLike) -> tuple[Path, Path, Path]:
-    """Find (directory, config file, weights file), downloading from the Hub only when it is not local.
+def _resolved_allowed_dir(name: str, allowed_dir: str | os.PathLike | None) -> Path | None:
+    if allowed_dir is None:
+        return None
+    allowed = Path(allowed_dir).expanduser().resolve()
+    if not allowed.is_dir():
+        raise AdapterNotFoundError(f"adapter '{name}': allowed_dir '{allowed_dir}' is not a directory")
+    return allowed
+
+
+def _confined(name: str, path: Path, allowed: Path | None) -> Path:
+    """The path to open for `path`: itself when not confined, else its real path (symlinks followed, `..`
+    applied), refused unless inside `allowed`. Opening the real path reads what was checked."""
+    if allowed is None:
+        return path
+    real = path.resolve()
+    if not real.is_relative_to(allowed):
+        raise AdapterLoadError(
+            f"adapter '{name}': '{path}' resolves to '{real}', outside the allowed directory '{allowed}'"
+        )
+    return real
+
+
+def _resolve_source(name: str, source: str | os.PathLike, allowed: Path | None) -> tuple[Path, Path, Path]:
+    """Find (directory, config file, weights file), downloading from the Hub only when it is not local
+    and the source is not confined to `allowed`.
 
     A local directory always wins so that a checkout named like a repo id is never shadowed by the Hub.
     """
     raw = os.fspath(source)
     path = Path(raw).expanduser()
     if path.is_dir():
-        return _resolve_local_dir(name, path)
+        return _resolve_local_dir(name, _confined(name, path, allowed))
     if path.exists():
         raise AdapterNotFoundError(
             f"adapter '{name}': source '{raw}' is a file; expected a directory containing {CONFIG_NAME} "
             f"and {SAFETENSORS_NAME} or {BIN_NAME}"
+        )
+    if allowed is not None:
+        raise AdapterNotFoundError(
+            f"adapter '{name}': source '{raw}' is not a folder; only folders inside the allowed directory "
+            f"'{allowed}' can be loaded (no Hugging Face Hub downloads)"
         )
     if _looks_like_repo_id(raw):
         return _download_from_hub(name, raw)
@@ -292,9 +349,9 @@ def _hub_error(message: str, exc: Exception) -> AdapterLoadError:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _read_config(name: str, config_path: Path) -> dict[str, Any]:
+def _read_config(name: str, config_path: Path, allowed: Path | None) -> dict[str, Any]:
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(_confined(name, config_path, allowed).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterLoadError(f"adapter '{name}': cannot parse '{config_path}': {exc}") from exc
     if not isinstance(config, dict):
@@ -308,17 +365,20 @@ def _validated(
     name: str,
     source: str | os.PathLike,
     model: nn.Module | ModelTargets,
-    read: Callable[[str, Path], dict[str, Any]],
+    read: Callable[[str, Path, Path | None], dict[str, Any]],
+    allowed: Path | None,
 ) -> tuple[Path, dict[str, Any], dict[str, tuple[Any, Any, float]]]:
     """(directory, config, (A, B, scale) per module) after every check; `read` gives the tensors
     (the weights themselves, or shapes only from the header)."""
-    directory, config_path, weights_path = _resolve_source(name, source)
-    config = _read_config(name, config_path)
+    directory, config_path, weights_path = _resolve_source(name, source, allowed)
+    config = _read_config(name, config_path, allowed)
     _check_config(name, config)
-    pairs, stray_keys = _collect_lora_pairs(name, read(name, weights_path), weights_path)
-    loras = _check_modules(name, config, pairs, model)
+    pairs, stray_keys = _collect_lora_pairs(name, read(name, weights_path, allowed), weights_path)
+    described = ModelTargets.of(model)
+    loras = _check_modules(name, config, pairs, described)
     if stray_keys:
         raise _stray_error(name, stray_keys)
+    _check_target_modules(name, config.get("target_modules"), described)
     return directory, config, loras
 
 
@@ -333,27 +393,30 @@ class _HeaderTensor:
         return len(self.shape)
 
 
-def _read_shapes(name: str, weights_path: Path) -> dict[str, Any]:
+def _read_shapes(name: str, weights_path: Path, allowed: Path | None) -> dict[str, Any]:
     if not weights_path.name.endswith(".safetensors"):
-        return _read_weights(name, weights_path)
+        return _read_weights(name, weights_path, allowed)
+    opened = _confined(name, weights_path, allowed)
     try:
         from safetensors import safe_open
 
-        with safe_open(str(weights_path), framework="pt") as f:
+        with safe_open(str(opened), framework="pt") as f:
             return {k: _HeaderTensor(torch.Size(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
     except Exception as exc:
         raise AdapterLoadError(f"adapter '{name}': cannot read weights file '{weights_path}': {exc}") from exc
 
 
-def _read_weights(name: str, weights_path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(name: str, weights_path: Path, allowed: Path | None) -> dict[str, torch.Tensor]:
+    # The format follows the name in the adapter's folder: a link's target may be named otherwise (Hub blobs).
+    opened = _confined(name, weights_path, allowed)
     try:
         if weights_path.name.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state_dict = load_file(str(weights_path), device="cpu")
+            state_dict = load_file(str(opened), device="cpu")
         else:
             # weights_only: a .bin is a pickle, and adapters are often downloaded from strangers.
-            state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+            state_dict = torch.load(opened, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise AdapterLoadError(f"adapter '{name}': cannot read weights file '{weights_path}': {exc}") from exc
     if not isinstance(state_dict, Mapping) or not all(
@@ -503,17 +566,10 @@ def _check_modules(
     name: str,
     config: dict[str, Any],
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    model: nn.Module | ModelTargets,
+    described: ModelTargets,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """Validate every target against the base model; (A, B, scale) per module in sorted name order."""
-    described = ModelTargets.of(model)
     targets = described.targets
-    r_default = config.get("r", 8)  # LoraConfig defaults, for hand-written configs that omit them
-    alpha_default = config.get("lora_alpha", 8)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    use_rslora = bool(config.get("use_rslora", False))
-
     loras: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for module_name in sorted(pairs):
         a, b = pairs[module_name]
@@ -551,43 +607,128 @@ def _check_modules(
                 f"out_features={out_features} (needs lora_A [r, {in_features}] and lora_B "
                 f"[{out_features}, r]); trained on another model?"
             )
-        rank = int(a.shape[0])
-        r_cfg = _pattern_value(name, rank_pattern, module_name, r_default, "rank_pattern")
-        alpha = _pattern_value(name, alpha_pattern, module_name, alpha_default, "alpha_pattern")
-        if isinstance(r_cfg, bool) or not isinstance(r_cfg, int) or r_cfg <= 0:
-            raise AdapterLoadError(
-                f"adapter '{name}': rank for '{module_name}' is {r_cfg!r}, not a positive int"
-            )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise AdapterLoadError(
-                f"adapter '{name}': lora_alpha for '{module_name}' is {alpha!r}, not a number"
-            )
-        if rank != r_cfg:
-            raise AdapterShapeError(
-                f"adapter '{name}' module '{module_name}': the weights have rank {rank} (lora_A "
-                f"{list(a.shape)}) but the config gives r={r_cfg} (r / rank_pattern); "
-                "the scale would be wrong"
-            )
-        # Exactly PEFT's LoraLayer.update_layer arithmetic, so the served output matches PEFT's.
-        scale = alpha / math.sqrt(r_cfg) if use_rslora else alpha / r_cfg
-        loras[module_name] = (a, b, float(scale))
+        loras[module_name] = (a, b, _scale(name, config, module_name, a))
     return loras
 
 
-def _pattern_value(name: str, pattern: Any, module_name: str, default: Any, field_name: str) -> Any:
-    """PEFT's `get_pattern_key` rule: the first key whose regex matches a dotted suffix of the name wins."""
+def _scale(name: str, config: dict[str, Any], module_name: str, a: Any) -> float:
+    """The module's LoRA scale from r / rank_pattern and lora_alpha / alpha_pattern, refused unless the
+    kernels can apply it: they hold scales as float32, where e.g. alpha 1e308 is inf and every output
+    of the adapter would be NaN. (A negative alpha is served: PEFT allows it.)"""
+    # LoraConfig defaults, for hand-written configs that omit them.
+    r_field, r_cfg = _pattern_value(name, config, module_name, "r", "rank_pattern", 8)
+    alpha_field, alpha = _pattern_value(name, config, module_name, "lora_alpha", "alpha_pattern", 8)
+    if isinstance(r_cfg, bool) or not isinstance(r_cfg, int) or r_cfg <= 0:
+        raise AdapterLoadError(
+            f"adapter '{name}': rank for '{module_name}' is {r_cfg!r} ({r_field}), not a positive int"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise AdapterLoadError(
+            f"adapter '{name}': lora_alpha for '{module_name}' is {alpha!r} ({alpha_field}), not a number"
+        )
+    rank = int(a.shape[0])
+    if rank != r_cfg:
+        raise AdapterShapeError(
+            f"adapter '{name}' module '{module_name}': the weights have rank {rank} (lora_A "
+            f"{list(a.shape)}) but the config gives r={r_cfg} ({r_field}); the scale would be wrong"
+        )
+    use_rslora = bool(config.get("use_rslora", False))
+    try:
+        # Exactly PEFT's LoraLayer.update_layer arithmetic, so the served output matches PEFT's.
+        scale = float(alpha / math.sqrt(r_cfg) if use_rslora else alpha / r_cfg)
+    except OverflowError:  # an int alpha beyond the float range
+        scale = math.inf
+    if not _FLOAT32.tiny <= abs(scale) <= _FLOAT32.max:  # also false for NaN
+        raise AdapterLoadError(
+            f"adapter '{name}' module '{module_name}': {alpha_field} = {alpha!r} with {r_field} = {r_cfg} "
+            f"gives the LoRA scale {scale!r}; it must be a non-zero number float32 can hold "
+            f"({_FLOAT32.tiny:.3g} <= |scale| <= {_FLOAT32.max:.3g})"
+        )
+    return scale
+
+
+def _pattern_value(
+    name: str, config: dict[str, Any], module_name: str, field_name: str, pattern_name: str, default: Any
+) -> tuple[str, Any]:
+    """(where the value came from, value) for `module_name`: PEFT's `get_pattern_key` rule, the first
+    `pattern_name` key whose regex matches a dotted suffix of the name wins, else `field_name`."""
+    pattern = config.get(pattern_name) or {}
     if not isinstance(pattern, Mapping):
-        raise AdapterLoadError(f"adapter '{name}': {field_name} must be a JSON object, got {pattern!r}")
+        raise AdapterLoadError(f"adapter '{name}': {pattern_name} must be a JSON object, got {pattern!r}")
     for key, value in pattern.items():
         try:
             matched = re.match(rf"(.*\.)?({key})$", module_name)
         except re.error as exc:
             raise AdapterLoadError(
-                f"adapter '{name}': {field_name} key {key!r} is not a valid regex: {exc}"
+                f"adapter '{name}': {pattern_name} key {key!r} is not a valid regex: {exc}"
             ) from exc
         if matched:
-            return value
-    return default
+            return f"{pattern_name}[{key!r}]", value
+    return field_name, config.get(field_name, default)
+
+
+def _check_target_modules(name: str, target_modules: Any, described: ModelTargets) -> None:
+    """Refuse a config whose target_modules match no module of the base, as PEFT does: the saved
+    tensors fit (they were checked first), so the config was edited or made for another model, and
+    whatever else it says (ranks and alphas by module name) cannot be trusted to fit either.
+
+    PEFT's `check_target_module_exists` rule: a string is a regex that must match a whole module
+    name; a list entry must equal a module name or its last dotted parts. None or an empty list
+    (PEFT's default targets) and 'all-linear' are no hint to check."""
+    if not target_modules or target_modules == "all-linear":
+        return
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise AdapterLoadError(
+                f"adapter '{name}': target_modules {target_modules!r} is not a valid regex: {exc}"
+            ) from exc
+        if any(pattern.fullmatch(module) for module in described.types if module):
+            return
+        looked_for = f"target_modules is the regex {target_modules!r}, which matches no whole module name"
+    elif isinstance(target_modules, list) and all(isinstance(t, str) for t in target_modules):
+        if any(t in described.name_tails for t in target_modules):
+            return
+        looked_for = (
+            f"target_modules {sorted(target_modules)} name no module of the base model (each must be "
+            "a module's name or its last dotted parts)"
+        )
+    else:
+        raise AdapterLoadError(
+            f"adapter '{name}': target_modules must be a list of module names or a regex string, got "
+            f"{target_modules!r}"
+        )
+    leaves = sorted({module.rsplit(".", 1)[-1] for module in described.targets})
+    raise AdapterShapeError(
+        f"adapter '{name}': its config's {looked_for}; the base model's LoRA-capable modules end in "
+        f"{leaves}. Made for another model, or an edited config?"
+    )
+
+
+def _check_finite(
+    name: str,
+    flat: torch.Tensor,
+    loras: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+    dtype: torch.dtype,
+) -> None:
+    """Refuse NaN / inf weights: every logit of a row using them would be NaN, which generate() turns
+    into token 0 without a word. One pass over the packed tensor, which also catches finite weights that
+    overflow `dtype` (float32 values beyond float16's range): aminmax propagates NaN and is several times
+    faster than isfinite().all() on CPU. The tensors are searched only to say where."""
+    if all(math.isfinite(bound) for bound in torch.aminmax(flat)):
+        return
+    for module_name, (a, b, _) in loras.items():
+        for label, weight in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(weight).all()):
+                problem = "holds NaN or infinite values"
+            elif not bool(torch.isfinite(weight.to(dtype)).all()):
+                problem = f"holds values beyond the range of {dtype}, the dtype it is served in"
+            else:
+                continue
+            raise AdapterLoadError(
+                f"adapter '{name}': the {label} weight of module '{module_name}' {problem}"
+            )
 
 
 def _output_embedding(model: nn.Module) -> nn.Module | None:

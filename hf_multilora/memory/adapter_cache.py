@@ -14,6 +14,7 @@ blocks (this object is the pool's reclaimer).
 
 from __future__ import annotations
 
+import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ import torch
 from ..adapters.host_store import HostAdapter
 from ..kernels.sgmv import LOCATION_FIELDS
 from .page_pool import PagePool, PoolExhaustedError
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -205,46 +208,74 @@ class AdapterCache:
         )
 
     def _place(self, adapter: HostAdapter, layout: PageLayout) -> None:
+        """Copy `adapter` into fresh pages and give it a slot. The host-side tables are built before
+        any page is taken, and a failure after that gives back what was taken: nothing leaks."""
+        column, scales, mask = self._slot_tables(adapter)
         pages = self.pool.allocate(len(layout.ranges), "adapter")
-        page_elems, storage = self.pool.page_elems, self.pool.storage
-        ready = None
-        if self._copy_stream is not None:
-            # Pages may have held data that work already queued still reads: copy after it.
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._copy_stream):
-                for page, (start, length) in zip(pages, layout.ranges, strict=True):
-                    dst = storage[page * page_elems : page * page_elems + length]
-                    dst.copy_(adapter.flat[start : start + length], non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(self._copy_stream)
-        else:
-            for page, (start, length) in zip(pages, layout.ranges, strict=True):
-                storage[page * page_elems : page * page_elems + length].copy_(adapter.flat[start : start + length])
-        self.bytes_copied += sum(n for _, n in layout.ranges) * storage.element_size()
+        row_base = slot = None
+        try:
+            ready = self._copy_into(pages, adapter.flat, layout)
+            n_rows = len(layout.row_page)
+            row_base = self._allocate_rows(n_rows)
+            page_elems = self.pool.page_elems
+            page_ids = torch.tensor(pages, dtype=torch.int64)
+            addresses = page_ids[torch.tensor(layout.row_page, dtype=torch.int64)] * page_elems
+            addresses += torch.tensor(layout.row_offset, dtype=torch.int64)
+            self.rows[row_base : row_base + n_rows] = addresses.to(self.device)
+            slot = self._take_slot()
+            column[column[:, 2] > 0, :2] += row_base
+            self.locations[:, slot] = column.to(self.device)
+            self.scales[:, slot] = scales.to(self.device)
+        except BaseException:
+            if slot is not None:
+                self.locations[:, slot, 2] = 0
+                self._free_slots.append(slot)
+            if row_base is not None:
+                self._release_rows(row_base, n_rows)
+            self.pool.free(pages)
+            raise
+        self.bytes_copied += sum(n for _, n in layout.ranges) * self.pool.storage.element_size()
         self.misses += 1
+        resident = Resident(slot, pages, row_base, n_rows, adapter.max_rank, mask, ready, adapter.flat)
+        self._resident[adapter.name] = self._by_slot[slot] = resident
+        self.version += 1
 
-        n_rows = len(layout.row_page)
-        row_base = self._allocate_rows(n_rows)
-        page_ids = torch.tensor(pages, dtype=torch.int64)
-        addresses = page_ids[torch.tensor(layout.row_page, dtype=torch.int64)] * page_elems
-        addresses += torch.tensor(layout.row_offset, dtype=torch.int64)
-        self.rows[row_base : row_base + n_rows] = addresses.to(self.device)
-
-        slot = self._take_slot()
+    def _slot_tables(self, adapter: HostAdapter) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(location column [modules, LOCATION_FIELDS] with rows counted from the adapter's first row,
+        scale column [modules] in float32, module mask). Raises for a scale float32 cannot hold."""
         column = torch.zeros(len(self.module_index), LOCATION_FIELDS, dtype=torch.int64)
         scales = torch.zeros(len(self.module_index), dtype=torch.float32)
-        mask, row = 0, row_base
+        mask, row = 0, 0
         for module_name, m in adapter.modules.items():
             i = self.module_index[module_name]
+            if not math.isfinite(m.scale) or abs(m.scale) > _FLOAT32_MAX:
+                raise ValueError(
+                    f"adapter {adapter.name!r} module {module_name!r}: scale {m.scale!r} is not a finite "
+                    "float32"
+                )
             column[i] = torch.tensor([row, row + m.rank, m.rank])
             scales[i] = m.scale
             mask |= 1 << i
             row += 2 * m.rank
-        self.locations[:, slot] = column.to(self.device)
-        self.scales[:, slot] = scales.to(self.device)
-        resident = Resident(slot, pages, row_base, n_rows, adapter.max_rank, mask, ready, adapter.flat)
-        self._resident[adapter.name] = self._by_slot[slot] = resident
-        self.version += 1
+        return column, scales, mask
+
+    def _copy_into(self, pages: list[int], flat: torch.Tensor, layout: PageLayout) -> Any:
+        """Copy the page ranges of `flat` into `pages`; on CUDA on the side stream, returning the
+        event that marks the copy done (None on CPU: done already)."""
+        page_elems, storage = self.pool.page_elems, self.pool.storage
+        if self._copy_stream is None:
+            for page, (start, length) in zip(pages, layout.ranges, strict=True):
+                storage[page * page_elems : page * page_elems + length].copy_(flat[start : start + length])
+            return None
+        # Pages may have held data that work already queued still reads: copy after it.
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            for page, (start, length) in zip(pages, layout.ranges, strict=True):
+                dst = storage[page * page_elems : page * page_elems + length]
+                dst.copy_(flat[start : start + length], non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return ready
 
     def _evict(self, name: str) -> None:
         resident = self._resident.pop(name)
