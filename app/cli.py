@@ -1,6 +1,6 @@
 """`hf-multilora playground`: the command line of the playground.
 
-hf-multilora playground                                   # the demo assets (examples/assets)
+hf-multilora playground                                   # the demo assets shipped with the package
 hf-multilora playground --base PATH_OR_ID --adapter NAME=PATH [--adapter ...] [--adapter-dir DIR]
 """
 
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     source = play.add_mutually_exclusive_group()
     source.add_argument(
-        "--assets", type=Path, help="demo assets folder (default: examples/assets of the source tree)"
+        "--assets", type=Path, help="demo assets folder (default: the ones shipped with the package)"
     )
     source.add_argument(
         "--base", metavar="PATH_OR_ID", help="serve this base model (folder or Hub id) instead"

@@ -1,7 +1,8 @@
 """The demo assets the playground serves when started without --base: a tiny base model and
 adapters that each learned one visible text task, described by `demo.json`.
 
-Layout (built by examples/build_demo_assets.py):
+They ship inside this package (`demo_assets/`, package data: 3.8 MB), so the playground runs with no
+arguments wherever pip installs it. Layout (built by examples/build_demo_assets.py):
 
     <assets>/demo.json         {"base": "base", "prompt_format": "... {text} ...", "base_task": "...",
                                 "adapters": {name: {"path": "adapters/<name>", "task": "...",
@@ -16,9 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-# The assets live in the source repository (examples/assets), next to this package's sources when it
-# is installed in editable mode; a regular install has no copy of them, hence --assets.
-SOURCE_ASSETS = Path(__file__).resolve().parent.parent / "examples" / "assets"
+DEMO_ASSETS = Path(__file__).resolve().parent / "demo_assets"
 
 
 @dataclass(frozen=True)
@@ -40,17 +39,17 @@ class Demo:
 
 
 def read_demo(root: str | Path | None = None) -> Demo:
-    """Read `<root>/demo.json` (default: the source repository's examples/assets).
+    """Read `<root>/demo.json` (default: the assets shipped with this package).
 
     Raises FileNotFoundError with what to do when the assets are missing, ValueError when
     demo.json does not have the layout above."""
-    root = Path(root) if root is not None else SOURCE_ASSETS
+    root = Path(root) if root is not None else DEMO_ASSETS
     spec_path = root / "demo.json"
     if not spec_path.is_file():
         raise FileNotFoundError(
-            f"no demo assets at {root} (demo.json is missing). They are in the source repository "
-            "(examples/assets, built by examples/build_demo_assets.py): pass --assets DIR, or serve a "
-            "model of your own with --base PATH_OR_ID --adapter NAME=PATH"
+            f"no demo assets at {root} (demo.json is missing). The package ships them in "
+            f"{DEMO_ASSETS} (examples/build_demo_assets.py builds them): pass --assets DIR with such a "
+            "folder, or serve a model of your own with --base PATH_OR_ID --adapter NAME=PATH"
         )
     try:
         spec = json.loads(spec_path.read_text())

@@ -1,6 +1,7 @@
 """The Gradio Blocks of the playground: wiring only; the work is done by `service.Playground`.
 
-API names (for gradio_client): `/generate` (streams the rows), `/diff`, `/load_adapter`, `/memory`.
+API names (for gradio_client): `/generate` (streams the rows), `/diff`, `/load_adapter` (folder,
+name; returns the name registered), `/memory`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ USER_ERRORS = (ValueError, KeyError, PoolExhaustedError)
 # The default theme's fonts ship with Gradio: the page loads without any network access.
 THEME = gr.themes.Default()
 CSS = ".row-output textarea { font-family: var(--font-mono); }"
+# The memory plots show the last MEMORY_STEPS steps, numbered from the latest (0) back (-1, -2, ...).
+# A fixed step axis, because Vega-Lite puts about one tick per 40 px: an axis spanning fewer steps
+# would get fractional ticks. (Limits that followed the data would not do: Gradio redraws a plot
+# whose limits change without the data that came with them.)
+MEMORY_STEPS = 20
+STEP_AXIS = {"x": "step", "x_title": "step (0: the latest)", "x_lim": [-MEMORY_STEPS, 0]}
 
 
 def build(playground: Playground) -> gr.Blocks:
@@ -86,10 +93,15 @@ def build(playground: Playground) -> gr.Blocks:
             where = playground.adapter_dir or "nowhere (start with --adapter-dir DIR)"
             with gr.Row():
                 folder = gr.Dropdown(
-                    playground.adapter_folders(), allow_custom_value=True, label=f"Folder under {where}"
+                    playground.adapter_folders(),
+                    allow_custom_value=True,
+                    label=f"Folder under {where}",
+                    elem_id="load-folder",
                 )
-                name = gr.Textbox(label="Name (default: the folder's name)")
-            load = gr.Button("Load adapter")
+                name = gr.Textbox(label="Name (default: the folder's name)", elem_id="load-name")
+            load = gr.Button("Load adapter", elem_id="load")
+            # The load's own output: an error marks this box, not the rows or the form (see below).
+            loaded = gr.Textbox(label="Last loaded adapter", interactive=False, elem_id="loaded")
         with gr.Accordion("Memory: the page pool", open=True), gr.Row():
             memory_table = gr.Dataframe(
                 headers=["page pool", "now"],
@@ -97,29 +109,44 @@ def build(playground: Playground) -> gr.Blocks:
                 column_widths=["55%", "45%"],
                 min_width=420,
                 wrap=True,
+                elem_id="memory",
             )
-            pages_plot = gr.LinePlot(x="step", y="pages", color="series", title="Pool pages, per step")
-            swaps_plot = gr.LinePlot(x="step", y="count", color="series", title="Adapter swaps (cumulative)")
+            pages_plot = gr.LinePlot(
+                y="pages", color="series", title="Pool pages, per step", elem_id="pages-plot", **STEP_AXIS
+            )
+            swaps_plot = gr.LinePlot(
+                y="count",
+                color="series",
+                title="Adapter swaps (cumulative)",
+                elem_id="swaps-plot",
+                **STEP_AXIS,
+            )
         memory_outputs = [memory_table, pages_plot, swaps_plot]
 
         def generate(
             text: str, selected: list[str], tokens: float, temp: float, p: float, seed_value: float
         ) -> Iterator[list[Any]]:
-            if len(selected) > MAX_ROWS:
+            rows = list(selected or [])  # not preprocessed (see the event below): an API call may send None
+            if len(rows) > MAX_ROWS:
                 raise gr.Error(f"select at most {MAX_ROWS} rows")
             try:
                 settings = Settings(int(tokens), float(temp), float(p), int(seed_value or 0))
-                for progress in playground.generate_stream(text, selected, settings):
+                for progress in playground.generate_stream(text or "", rows, settings):
                     yield _render(progress)
             except USER_ERRORS as error:
                 raise _user_error(error) from error
 
-        def load_adapter(folder_value: str | None, name_value: str, selected: list[str]) -> tuple:
+        def load_adapter(folder_value: str | None, name_value: str) -> str:
             try:
                 added = playground.load_adapter_from(folder_value or "", name_value or "")
             except USER_ERRORS as error:
                 raise _user_error(error) from error
             gr.Info(f"Loaded adapter {added!r}")
+            return added
+
+        def show_loaded(added: str, selected: list[str]) -> tuple:
+            """After a successful load only: the new adapter becomes a row (selected while there is
+            room) and the form is cleared."""
             selection = [*selected, added] if len(selected) < MAX_ROWS else selected
             return (
                 gr.update(choices=playground.choices, value=selection),
@@ -148,13 +175,22 @@ def build(playground: Playground) -> gr.Blocks:
             [*boxes, stats, latency, texts],
             api_name="generate",
             concurrency_limit=1,  # one batched generate() at a time: other users wait in the queue
+            # The inputs as sent: Gradio would check the rows against the choices this session last
+            # saw, refusing an adapter loaded since (by an API client, by another user);
+            # Playground checks them against the adapters registered now.
+            preprocess=False,
         )
         run_event.then(_diff_rows, texts, [left, right, diff], api_visibility="undocumented")
         run_event.then(memory, None, memory_outputs, api_name="memory")
         gr.on([left.input, right.input], _diff, [texts, left, right], diff, api_name="diff")
-        load.click(
-            load_adapter, [folder, name, choices], [choices, folder, name], api_name="load_adapter"
-        ).then(memory, None, memory_outputs, api_visibility="undocumented")
+        # An error raised by an event marks its outputs with an "Error" badge that blocks them until
+        # they are next updated: the load therefore writes only `loaded`, and the rows and the form
+        # are updated in a second step that runs after a success.
+        load_event = load.click(load_adapter, [folder, name], loaded, api_name="load_adapter")
+        load_event.success(
+            show_loaded, [loaded, choices], [choices, folder, name], api_visibility="undocumented"
+        )
+        load_event.then(memory, None, memory_outputs, api_visibility="undocumented")
         blocks.load(refresh, None, [choices, folder, *memory_outputs], api_visibility="undocumented")
     return blocks
 
@@ -162,19 +198,25 @@ def build(playground: Playground) -> gr.Blocks:
 def launch(blocks: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, *, block: bool = True) -> str:
     """Serve `blocks` on host:port (port None: the first free one from 7860) through Gradio's
     queue, and return the local URL. With `block=False` the server runs in a background thread
-    (tests). No share link, no analytics, no server-side rendering (it needs Node)."""
+    (tests). No share link, no analytics, no server-side rendering (it needs Node).
+
+    Gradio itself runs quiet: unquiet, it suggests `share=True`, which this app never sets; with
+    `block` the URL is printed here instead."""
     blocks.queue()
     _, url, _ = blocks.launch(
         server_name=host,
         server_port=port,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         show_error=True,
         share=False,
         ssr_mode=False,
-        quiet=not block,
+        quiet=True,
         theme=THEME,
         css=CSS,
     )
+    if block:
+        print(f"* hf_multilora playground on {url} (listening on {host}; no public share link)", flush=True)
+        blocks.block_thread()
     return url
 
 
@@ -201,10 +243,14 @@ def _render(progress: Progress) -> list[Any]:
     rate = total / progress.seconds if progress.seconds > 0 else 0.0
     state = "Done" if progress.done else "Generating"
     latency = (
-        f"**{state}**: {progress.seconds:.2f} s total latency, {total} new tokens in {len(rows)} rows "
-        f"of one batched generate() ({rate:.1f} tokens/s)"
+        f"**{state}**: {progress.seconds:.2f} s total latency, {_count(total, 'new token')} in "
+        f"{_count(len(rows), 'row')} of one batched generate() ({rate:.1f} tokens/s)"
     )
     return [*boxes, table, latency, {row.choice: row.text for row in rows}]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _diff_rows(texts: dict[str, str]) -> tuple:
@@ -240,7 +286,7 @@ def _memory_panel(playground: Playground) -> tuple[list[list[Any]], pd.DataFrame
         table.append(["page pool", "not created yet: the first request creates it"])
     else:
         table += [
-            ["pool pages", f"{now['pages_total']} of {now['page_bytes']} bytes"],
+            ["pool pages", f"{_count(now['pages_total'], 'page')} of {now['page_bytes']} bytes each"],
             ["free pages", now["pages_free"]],
             ["KV pages (peak of the last request)", now["pages_kv_peak"]],
             ["adapter pages", now["pages_adapter"]],
@@ -256,10 +302,11 @@ def _memory_panel(playground: Playground) -> tuple[list[list[Any]], pd.DataFrame
 
 
 def _long(samples: list[dict[str, Any]], y: str, series: dict[str, str]) -> pd.DataFrame:
-    """One row per (sample, series): the layout gr.LinePlot draws one line per series from. Before
-    the pool exists nothing is in it: 0."""
+    """One row per (sample, series): the layout gr.LinePlot draws one line per series from; steps
+    counted from the latest sample (0) back. Before the pool exists nothing is in it: 0."""
+    latest = samples[-1]["step"]
     rows = [
-        {"step": s["step"], y: s.get(key, 0), "series": label}
+        {"step": s["step"] - latest, y: s.get(key, 0), "series": label}
         for s in samples
         for label, key in series.items()
     ]

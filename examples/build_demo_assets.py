@@ -1,8 +1,9 @@
-"""Build the playground's demo assets (examples/assets): a tiny character-level Llama that repeats
-its input, and four PEFT LoRA adapters that each make it do one visible text task instead (see
-examples/demo_tasks.py). Trains on a CPU in a few minutes, offline, deterministically:
+"""Build the playground's demo assets (app/demo_assets, package data of hf_multilora.app): a tiny
+character-level Llama that repeats its input, and four PEFT LoRA adapters that each make it do one
+visible text task instead (see examples/demo_tasks.py). Trains on a CPU in a few minutes, offline,
+deterministically:
 
-    python examples/build_demo_assets.py                 # writes examples/assets
+    python examples/build_demo_assets.py                 # writes app/demo_assets
     python examples/build_demo_assets.py --quick --out /tmp/assets   # a few steps: checks the pipeline
 
 The base model and the adapters are trained together: each step, the base rows learn to copy with
@@ -30,7 +31,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "app" / "demo_assets"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 PAD, BOS, EOS = 0, 1, 2
 BASE = "base"  # the task name of rows without an adapter
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=ASSETS, help="output folder (default: examples/assets)")
+    parser.add_argument("--out", type=Path, default=ASSETS, help="output folder (default: app/demo_assets)")
     parser.add_argument("--quick", action="store_true", help="a few training steps: checks the pipeline only")
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--batch-size", type=int, default=16, help="rows per step of the base task")

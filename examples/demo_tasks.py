@@ -1,4 +1,4 @@
-"""The text tasks of the demo assets (examples/assets): what the base model and each adapter were
+"""The text tasks of the demo assets (app/demo_assets): what the base model and each adapter were
 trained to do, as plain functions, so that the build script, its test and anyone reading a demo
 output can compute the expected answer instead of trusting a stored one.
 

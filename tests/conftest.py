@@ -196,7 +196,7 @@ def served_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_dir(served_dir, tmp_path_factory):
-    """Demo assets in the layout of examples/assets, made of the tiny served model."""
+    """Demo assets in the layout of app/demo_assets, made of the tiny served model."""
     root = tmp_path_factory.mktemp("demo")
     (root / "base").symlink_to(served_dir / "base")
     (root / "adapters").symlink_to(served_dir / "adapters")

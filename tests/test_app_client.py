@@ -86,9 +86,10 @@ def test_errors_are_shown_and_the_app_keeps_working(served):
     playground, url = served
     client = Client(url, verbose=False)
     errors = {
-        "outside the adapter directory": ("../", "x", [BASE_CHOICE]),
-        "not a folder": ("nothing-here", "x", [BASE_CHOICE]),
-        "no adapter_model": ("broken", "x", [BASE_CHOICE]),  # a config, but no weights
+        "outside the adapter directory": ("../", "x"),
+        "not a folder": ("nothing-here", "x"),
+        "no adapter_model": ("broken", "x"),  # a config, but no weights
+        "already loaded": ("good", "attn_r8"),  # a good adapter, under a name in use
     }
     for message, args in errors.items():
         with pytest.raises(AppError, match=message):
@@ -105,19 +106,27 @@ def test_errors_are_shown_and_the_app_keeps_working(served):
 
 def test_load_an_adapter_then_use_it(served):
     playground, url = served
-    client = Client(url, verbose=False)
-    selection, folder, name = client.predict("good", "", [BASE_CHOICE], api_name="/load_adapter")
-    assert selection["value"] == [BASE_CHOICE, "good"] and "good" in [c[0] for c in selection["choices"]]
-    assert folder["value"] is None and name == ""  # the form is cleared
+    assert Client(url, verbose=False).predict("good", "", api_name="/load_adapter") == "good"
+    assert playground.choices[-1] == "good"  # registered under its folder's name
+    client = Client(url, verbose=False)  # another user: the new adapter is a row for everyone
     rows = ["good", "attn_r8"]
-    assert texts(generate(client, "hi", rows, SAMPLED), 2) == direct_texts(playground, "hi", rows, SAMPLED)
+    good, attn = texts(generate(client, "hi", rows, SAMPLED), 2)
+    assert [good, attn] == direct_texts(playground, "hi", rows, SAMPLED)
+    assert good != attn  # two adapters, two outputs: the diff below has something to show
     diff = client.predict("good", "attn_r8", api_name="/diff")  # the session's last outputs
-    assert {segment["class_or_confidence"] for segment in diff} <= {None, "-", "+"}
+    changed = {segment["class_or_confidence"] for segment in diff} - {None}
+    assert changed and changed <= {"-", "+"}
+    # The segments spell both texts: "from" without the added ones, "to" without the removed ones.
+    assert "".join(s["token"] for s in diff if s["class_or_confidence"] != "+") == good
+    assert "".join(s["token"] for s in diff if s["class_or_confidence"] != "-") == attn
     table, pages, swaps = client.predict(api_name="/memory")
     now = dict(table["data"])
+    stats = playground.model.memory_stats()
+    assert now["pool pages"] == f"{stats['pages_total']} pages of {stats['page_bytes']} bytes each"
     assert {"good", "attn_r8"} <= set(now["resident adapters (LRU first)"].split(", "))
     assert {row[2] for row in pages["data"]} == {"KV (peak of the request)", "adapters"}
     assert {row[2] for row in swaps["data"]} == {"copies into the pool", "evictions"}
+    assert max(row[0] for row in pages["data"]) == 0  # steps counted back from the latest
 
 
 def test_two_users_at_once(served):
@@ -138,18 +147,24 @@ def test_the_console_command_serves_the_demo(demo_dir, served_dir, tmp_path):
     log = tmp_path / "log"
     with log.open("w") as out:
         server = subprocess.Popen(command + args, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 120
         while not listening(port):
             if server.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the playground is not serving:\n{log.read_text()}")
             time.sleep(0.2)
-        result = generate(Client(f"http://127.0.0.1:{port}/", verbose=False), "abc", ["qv_r4"], GREEDY)
+        result = generate(Client(url, verbose=False), "abc", ["qv_r4"], GREEDY)
     finally:
         server.terminate()
         server.wait(timeout=30)
     reference = make_playground(served_dir, prompt_format="in: {text} out:")
     assert texts(result, 1) == direct_texts(reference, "abc", ["qv_r4"], GREEDY)
+    assert " in 1 row of one batched generate()" in result[ui.MAX_ROWS + 1]
+    # The console names the URL, and suggests no share link: sharing is off.
+    console = log.read_text()
+    assert f"playground on {url}" in console and "no public share link" in console
+    assert "share=True" not in console, console
 
 
 def listening(port: int) -> bool:

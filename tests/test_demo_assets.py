@@ -1,5 +1,6 @@
-"""The committed demo assets (examples/assets) do what demo.json says: in ONE batched generate()
-mixing every adapter and the base model over held-out prompts, each row does its own task.
+"""The committed demo assets (app/demo_assets, shipped in the package) do what demo.json says: in
+ONE batched generate() mixing every adapter and the base model over held-out prompts, each row does
+its own task.
 
 The expected answers come from examples/demo_tasks.py, the functions the assets were trained on,
 never from stored strings. Nothing is retrained here except by the --quick smoke test of the build
@@ -15,12 +16,13 @@ from types import ModuleType
 
 import pytest
 import torch
+from hf_multilora.app.demo import DEMO_ASSETS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_multilora import MultiLoraModel
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-ASSETS = EXAMPLES / "assets"
+ASSETS = DEMO_ASSETS  # what the package ships
 MIN_EXACT_MATCH = 0.9
 PROMPTS = 20  # held-out texts; each is one row per adapter plus one base row
 
@@ -112,7 +114,7 @@ def test_one_mixed_batch_does_every_task(served, demo):
 
 
 def test_build_script_quick(tmp_path):
-    """--quick: a few training steps, then the same files as examples/assets, loadable."""
+    """--quick: a few training steps, then the same files as app/demo_assets, loadable."""
     build = example_module("build_demo_assets")
     build.main(["--quick", "--out", str(tmp_path), "--threads", str(torch.get_num_threads())])
     demo = json.loads((tmp_path / "demo.json").read_text())
