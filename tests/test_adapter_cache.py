@@ -85,6 +85,28 @@ def test_adapters_in_use_are_never_evicted_and_exhaustion_changes_nothing():
     assert cache.stats()["pages_adapter"] == 2 * per_adapter
 
 
+def test_eviction_takes_the_least_recently_used_adapter_not_the_oldest():
+    """Adapters in use again since they were placed (acquired, or pinned as the model pins resident
+    ones) outlive one used longer ago, whether adapter rows or KV blocks need the pages."""
+    adapters = [random_adapter(f"x{i}", SHAPES, seed=i)[0] for i in range(4)]
+    per_adapter = len(page_layout(adapters[0], 256).ranges)
+    cache = cache_with_pages(3 * per_adapter)
+
+    def use(adapter):
+        cache.acquire([adapter])
+        cache.release([adapter.name])
+
+    for adapter in adapters[:3]:
+        use(adapter)
+    use(adapters[0])  # placed first, used last
+    use(adapters[3])
+    assert set(cache.resident_names) == {"x0", "x2", "x3"} and cache.evictions == 1
+    cache.pin(["x2"])
+    cache.release(["x2"])
+    cache.pool.allocate(per_adapter, "kv")  # KV blocks take the pages of the least recently used
+    assert set(cache.resident_names) == {"x2", "x3"} and cache.evictions == 2
+
+
 def fresh_adapters(zoo, root, count: int) -> dict:
     """`count` distinct adapters shaped like the zoo's first one (random weights, same config)."""
     template = next(iter(zoo.paths.values()))
@@ -125,6 +147,29 @@ def test_swapping_200_adapters_through_a_pool_of_8(llama_zoo, tmp_path):
     assert stats["pages_adapter"] <= 8 * pages_per_adapter
     assert stats["bytes_copied_to_device"] > 0
     shutil.rmtree(tmp_path)
+
+
+def test_the_model_keeps_the_recently_used_adapters_resident(llama_zoo, tmp_path):
+    """Through the public API: with room for three adapters, an adapter used again stays resident
+    while one used longer ago is evicted, and using it again copies nothing."""
+    paths = fresh_adapters(llama_zoo, tmp_path, 5)
+    input_ids = prompts(2, 4, seed=11)
+    probe = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=paths)
+    probe(input_ids, adapter_ids=["a0", None])
+    stats = probe.memory_stats()
+    model = MultiLoraModel.from_pretrained(
+        llama_zoo.fresh_base(), adapters=paths, pool_bytes=3 * stats["pages_adapter"] * stats["page_bytes"]
+    )
+    for name in ["a0", "a1", "a2", "a0", "a3"]:
+        model(input_ids, adapter_ids=[name, None])
+    after = model.memory_stats()
+    assert sorted(after["adapters_resident"]) == ["a0", "a2", "a3"]
+    assert (after["hits"], after["misses"], after["evictions"]) == (1, 4, 1)
+    for name in ["a2", "a4", "a0"]:
+        model(input_ids, adapter_ids=[name, None])
+    after = model.memory_stats()
+    assert sorted(after["adapters_resident"]) == ["a0", "a2", "a4"]  # a0 made room for a4, then a3 for a0
+    assert (after["hits"], after["misses"], after["evictions"]) == (2, 6, 3)
 
 
 def test_call_that_cannot_fit_the_pool_fails_cleanly(llama_zoo):

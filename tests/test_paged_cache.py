@@ -182,6 +182,45 @@ def test_finished_rows_give_their_pages_back(models, mode):
     assert pool.num_free == pool.num_pages
 
 
+def scribble_on_free_pages(pool: PagePool, seed: int) -> None:
+    """What another user of the pool may do at any time: take every free page and write to it."""
+    pages = pool.allocate(pool.num_free, "kv")
+    gen = torch.Generator().manual_seed(seed)
+    storage = pool.storage.view(pool.num_pages, pool.page_elems)
+    storage[pages] = torch.randn(len(pages), pool.page_elems, generator=gen).to(storage)
+    pool.free(pages)
+
+
+def test_a_finished_row_keeps_the_pages_it_shares_with_live_rows(models):
+    """Rows repeated from one prompt share its full blocks; the release of one that finished (at the next
+    block boundary) frees only its own pages: the live rows' logits stay those of a cacheless forward of
+    their sequence, even with every free page overwritten after each step."""
+    reference, paged = models("llama")
+    pool = make_pool(64)
+    cache = PagedCache(pool, paged.config, block_size=BLOCK)
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(3, VOCAB, (1, 2 * BLOCK + 1), generator=gen).to(DEVICE)  # two full blocks
+    following = torch.randint(3, VOCAB, (3, 2 * BLOCK), generator=gen).to(DEVICE)  # a token a row per step
+    with torch.no_grad():
+        paged(prompt, past_key_values=cache)
+        cache.batch_repeat_interleave(3)
+        for step in range(following.shape[1]):
+            logits = paged(following[:, step : step + 1], past_key_values=cache).logits[:, -1]
+            if step == 0:
+                cache.mark_finished(torch.tensor([False, True, False]))
+            scribble_on_free_pages(pool, seed=step)
+            for row in (0, 2):
+                ids = torch.cat([prompt, following[row : row + 1, : step + 1]], dim=1)
+                expected = reference(ids).logits[0, -1]
+                torch.testing.assert_close(
+                    logits[row], expected, rtol=1e-4, atol=1e-4, msg=f"step {step} row {row}"
+                )
+    length = prompt.shape[1] + following.shape[1]
+    assert used(pool) == LAYERS * (2 + 2 * (blocks(length) - 2)) + 1  # shared + the live rows' own + discard
+    cache.release()
+    assert pool.num_free == pool.num_pages
+
+
 def test_finished_rows_are_refused_under_beam_search(models):
     _, paged = models("llama")
     ids, mask = ragged_prompts()
