@@ -71,9 +71,9 @@ from transformers.masking_utils import AttentionMaskInterface
 from .kernels.paged_attention import (
     PagedDecode,
     paged_attention,
-    paged_attention_reference,
+    paged_attention_torch,
     write_kv,
-    write_kv_reference,
+    write_kv_torch,
 )
 from .layers import use_triton
 from .memory.page_pool import PagePool
@@ -134,7 +134,7 @@ def paged_attention_forward(
     if new_value is not None:
         return cache._decode(query, key, new_value, table, key_mask, scale, sliding_window), None
     pool = cache.pool
-    attend = paged_attention if use_triton(query) else paged_attention_reference
+    attend = paged_attention if use_triton(query) else paged_attention_torch
     out = attend(
         query.transpose(1, 2),
         pool.storage,
@@ -314,7 +314,7 @@ class PagedCache(Cache):
         triton = use_triton(key_states)
         deferred = new == 1 and triton
         if not deferred:
-            write = write_kv if triton else write_kv_reference
+            write = write_kv if triton else write_kv_torch
             k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [batch, new, kv heads, dim]
             write(pool.storage, pool.page_elems, self._layer_tables[layer_idx], start, k, v, self.block_size)
         self._lens[layer_idx] = end

@@ -2,7 +2,7 @@
 
 One `LoraRuntime` is shared by every LoRA layer of a model. It holds the adapter cache (adapter
 rows in pool pages) and the plan of the current forward (built once by routing, reused by every layer), and picks Triton on
-CUDA and the plain-PyTorch reference elsewhere. Projections that read the same input (q/k/v,
+CUDA and plain PyTorch (`sgmv.TorchLora`) elsewhere. Projections that read the same input (q/k/v,
 gate/up) are siblings: the first one's shrink covers all of them in one multi-slice launch and the
 others reuse it.
 """
@@ -10,6 +10,7 @@ others reuse it.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,12 @@ def add_lora_to_forward(
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = base_forward(x, *args, **kwargs)
         runtime = runtime_of()
-        if runtime is not None and runtime.plan is not None and runtime.module_mask >> index & 1:
+        if (
+            runtime is not None
+            and runtime.plan is not None
+            and runtime.module_mask >> index & 1
+            and runtime.owner == threading.get_ident()
+        ):
             runtime.apply(index, x, y)
         return y
 
@@ -105,9 +111,14 @@ class LoraRuntime:
         self.cache = AdapterCache(self.module_names, pool)
         self.groups = sibling_groups(self.module_names)
         self.plan: sgmv.SgmvPlan | None = None
+        # The thread whose routed call the plan belongs to: the base model is shared, and a plain
+        # call of it from another thread meanwhile must not pick up that call's adapters.
+        self.owner: int | None = None
         self.module_mask = 0
         self._plan_key: tuple | None = None
         self._recipes: dict[int, _Recipe] = {}
+        self._torch_loras: dict[int, sgmv.TorchLora] = {}  # without Triton: per module, for _torch_version
+        self._torch_version = -1
         self._workspace: torch.Tensor | None = None  # every group's shrink output, one group at a time
         self._kernels = False
         # (input, group first) whose v the workspace holds: siblings reuse it until another shrink
@@ -131,6 +142,7 @@ class LoraRuntime:
         for r in used:
             self.module_mask |= r.module_mask
         self.plan = sgmv.plan_sgmv(row_slots, tokens_per_row, max(r.max_rank for r in used), cache.device)
+        self.owner = threading.get_ident()
         self._plan_key = key
         self._kernels = use_triton(cache.pool.storage)
         if self._kernels:
@@ -139,7 +151,7 @@ class LoraRuntime:
             self._workspace = torch.empty(need, dtype=torch.float32, device=cache.device)
 
     def clear(self) -> None:
-        self.plan, self.module_mask, self._plan_key, self._shrunk = None, 0, None, None
+        self.plan, self.owner, self.module_mask, self._plan_key, self._shrunk = None, None, 0, None, None
         self._recipes, self._workspace = {}, None
 
     def apply(self, module: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -230,9 +242,15 @@ class LoraRuntime:
         return self._recipes[module]
 
     def _apply_reference(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> None:
-        """The plain-PyTorch path (CPU): per module, since sharing a group's shrink buys nothing
-        without launch costs."""
-        cache, m = self.cache, slice(module, module + 1)
-        weights, rows = cache.pool.storage, cache.rows
-        v = sgmv.sgmv_shrink_reference(x2, weights, rows, cache.locations[m], self.plan)
-        sgmv.sgmv_expand_reference(out2, v, weights, rows, cache.locations[m], cache.scales[m], self.plan)
+        """The plain-PyTorch path (CPU): the module's `TorchLora`, which keeps the matrices of the slots
+        it has seen; all are dropped when the adapter cache changes (its version)."""
+        cache = self.cache
+        if self._torch_version != cache.version:
+            self._torch_loras, self._torch_version = {}, cache.version
+        lora = self._torch_loras.get(module)
+        if lora is None:
+            m = slice(module, module + 1)
+            lora = self._torch_loras[module] = sgmv.TorchLora(
+                cache.pool.storage, cache.rows, cache.locations[m], cache.scales[m], x2.shape[1], (0, out2.shape[1])
+            )
+        lora(x2, out2, self.plan)

@@ -43,6 +43,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -532,6 +533,14 @@ def _partials(
     return part_acc, torch.empty(2 * launch.num_splits * n_rows, dtype=torch.float32, device=device)
 
 
+def _output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def _key_mask_arg(
     key_mask: torch.Tensor | None, kv_lens: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -558,30 +567,18 @@ def paged_attention(
 
     Returns `out` (allocated like q when not given) [batch, q_len, heads, head_dim] in q's dtype.
     `num_splits` (a power of two <= MAX_SPLITS) forces the context split; default: `num_splits_for`.
-    No device->host synchronisation. On a CPU without the Triton interpreter it runs the reference.
+    No device->host synchronisation. On a CPU without the Triton interpreter it runs
+    `paged_attention_torch`.
     """
     _check_attention(
         q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, key_mask, sliding_window
     )
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError(f"out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
+    out = _output(q, out)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return out
     if not _use_triton(q):
-        return paged_attention_reference(
-            q,
-            storage,
-            page_elems,
-            block_table,
-            kv_lens,
-            block_size,
-            kv_heads,
-            scale,
-            key_mask,
-            sliding_window,
-            out,
+        return paged_attention_torch(
+            q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, scale, key_mask, sliding_window, out
         )
     launch = _plan_launch(
         tuple(q.shape), q.dtype, kv_heads, block_size, block_table.shape[1], sliding_window,
@@ -695,10 +692,8 @@ class PagedDecode:
         out = torch.empty(self.out_shape, dtype=dtype, device=q.device)
         if not self._use_triton:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-            write_kv_reference(
-                self.storage, self.page_elems, block_table, kv_lens.long() - 1, k, v, self.block_size
-            )
-            return paged_attention_reference(
+            write_kv_torch(self.storage, self.page_elems, block_table, kv_lens.long() - 1, k, v, self.block_size)
+            return paged_attention_torch(
                 q.transpose(1, 2), self.storage, self.page_elems, block_table, kv_lens, self.block_size,
                 self.kv_shape[1], self.scale, key_mask, self.sliding_window, out,
             )  # fmt: skip
@@ -736,7 +731,7 @@ def write_kv(
 ) -> None:
     """Write k, v [batch, new_len, kv_heads, head_dim] (any strides) into the pages: token i of row b
     goes to logical position start (or start[b]) + i. One launch, no sync; on a CPU without the
-    Triton interpreter, `write_kv_reference` does it with torch index ops."""
+    Triton interpreter, `write_kv_torch` does it with torch index ops."""
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
             f"k and v must both be [batch, new_len, kv_heads, head_dim], got {tuple(k.shape)}, {tuple(v.shape)}"
@@ -754,7 +749,7 @@ def write_kv(
     if batch == 0 or new_len == 0:
         return
     if not _use_triton(storage):
-        write_kv_reference(storage, page_elems, block_table, start, k, v, block_size)
+        write_kv_torch(storage, page_elems, block_table, start, k, v, block_size)
         return
     block_e = _next_power_of_2(kv_heads * head_dim)
     block_t = min(_next_power_of_2(new_len), max(1, 8192 // block_e))
@@ -772,6 +767,136 @@ def write_kv(
         ),
         num_warps=4,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- without Triton
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    storage: torch.Tensor,
+    page_elems: int,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    block_size: int,
+    kv_heads: int,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`paged_attention` where Triton does not run (a CPU): same contract, computed by torch's
+    scaled_dot_product_attention, so a long prefill costs what transformers' sdpa attention does.
+
+    Why not the reference: it materialises fp32 scores for every (query, key) pair and gathers the
+    cache element by element: 10-30x slower than sdpa at prompts of thousands of tokens. Here the
+    pages are gathered whole, up to the longest row, and a mask is built only where causality alone
+    does not decide (ragged rows, padding, a window that bites); a causal prefill runs sdpa's
+    causal kernel. Reads kv_lens and the key mask on the host: free on a CPU, a sync elsewhere.
+    """
+    _check_attention(
+        q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, key_mask, sliding_window
+    )
+    batch, q_len, heads, head_dim = q.shape
+    result = _output(q, out)
+    if batch == 0 or q_len == 0:
+        return result
+    lens = kv_lens.tolist()
+    n_keys = max(lens)
+    if n_keys == 0:
+        return result.zero_()
+    k, v = _gather_pages(storage, page_elems, block_table, kv_lens, lens, block_size, kv_heads, head_dim)
+    mask, causal = _sdpa_mask(kv_lens, lens, q_len, key_mask, sliding_window)
+    if heads != kv_heads:  # head h reads kv head h // group (sdpa's enable_gqa needs torch 2.5)
+        k, v = k.repeat_interleave(heads // kv_heads, dim=2), v.repeat_interleave(heads // kv_heads, dim=2)
+    dtype = torch.float32  # softmax and accumulation in fp32, as the kernel
+    attended = F.scaled_dot_product_attention(
+        q.transpose(1, 2).to(dtype),
+        k.transpose(1, 2).to(dtype),
+        v.transpose(1, 2).to(dtype),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+    )
+    if mask is not None:  # a query that sees no key gets zeros: torch >= 2.5 gives them, 2.4 NaN
+        attended = attended.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    result.copy_(attended.transpose(1, 2))
+    return result
+
+
+def _sdpa_mask(
+    kv_lens: torch.Tensor, lens: list[int], q_len: int, key_mask: torch.Tensor | None, window: int | None
+) -> tuple[torch.Tensor | None, bool]:
+    """(bool mask [batch, 1, q_len, max(lens)] or None, is_causal) for sdpa. No mask where causality
+    alone decides, as transformers' sdpa path does: rows of one length, no padding (a key mask of all
+    True counts as none) and no window narrower than the context; then a prefill is sdpa's causal
+    case (q_len == keys: its top-left alignment is right) and a decode sees every key."""
+    n_keys = max(lens)
+    if key_mask is not None and key_mask.shape[1] >= n_keys and bool(key_mask[:, :n_keys].all()):
+        key_mask = None
+    if window is not None and window >= n_keys:
+        window = None
+    if window is None and min(lens) == n_keys:
+        if key_mask is None and q_len in (1, n_keys):
+            return None, q_len > 1
+        if q_len == 1 and key_mask is not None and key_mask.shape[1] >= n_keys:
+            return key_mask[:, None, None, :n_keys], False  # a decode step of a padded batch
+    return attention_mask(kv_lens, q_len, n_keys, key_mask, window)[:, None], False
+
+
+def _gather_pages(
+    storage: torch.Tensor,
+    page_elems: int,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    lens: list[int],
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [batch, max(lens), kv_heads, head_dim] read a page at a time (`lens`: kv_lens on the
+    host); keys at or past a row's length are zeros (their page ids may be garbage and their
+    contents anything, NaN included)."""
+    n_keys, device = max(lens), storage.device
+    n_blocks = _cdiv(n_keys, block_size)
+    pages = _pages(storage, page_elems, block_size, kv_heads, head_dim)
+    table = block_table[:, :n_blocks].long()
+    ragged = min(lens) < n_keys
+    if ragged:
+        lens_col = kv_lens.to(device).long()[:, None]
+        table = torch.where(torch.arange(n_blocks, device=device) * block_size < lens_col, table, 0)
+    shape = (block_table.shape[0], n_blocks * block_size, kv_heads, head_dim)
+    k, v = (pages[:, i].index_select(0, table.reshape(-1)).view(shape)[:, :n_keys] for i in (0, 1))
+    if ragged:
+        real = (torch.arange(n_keys, device=device) < lens_col)[..., None, None]
+        k, v = torch.where(real, k, 0.0), torch.where(real, v, 0.0)
+    return k, v
+
+
+def _pages(storage: torch.Tensor, page_elems: int, block_size: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """The pool as [pages, 2 (K, V), block_size, kv_heads, head_dim] (a view)."""
+    n_pages = storage.numel() // page_elems
+    pages = storage[: n_pages * page_elems].view(n_pages, page_elems)[:, : 2 * block_size * kv_heads * head_dim]
+    return pages.view(n_pages, 2, block_size, kv_heads, head_dim)
+
+
+def write_kv_torch(
+    storage: torch.Tensor,
+    page_elems: int,
+    block_table: torch.Tensor,
+    start: torch.Tensor | int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int,
+) -> None:
+    """`write_kv` where Triton does not run (a CPU): the same writes as `write_kv_reference`, but a
+    token at a time rather than an element at a time (a decode step is a handful of ops)."""
+    batch, new_len, kv_heads, head_dim = k.shape
+    pos = _positions(start, batch, new_len, storage.device)
+    page = block_table.long().gather(1, pos // block_size)
+    pages = _pages(storage, page_elems, block_size, kv_heads, head_dim)
+    pages[page, 0, pos % block_size] = k.to(storage.dtype)
+    pages[page, 1, pos % block_size] = v.to(storage.dtype)
 
 
 # ----------------------------------------------------------------------------- references

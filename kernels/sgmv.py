@@ -531,6 +531,145 @@ def sgmv_expand(
     ExpandCall(y, v, weights, rows, locations, scales, plan, slice_offsets)(y)
 
 
+# ----------------------------------------------------------------------------- without Triton
+
+
+_MERGE_MACS = 1 << 18  # below this many multiply-adds, one product over all adapters beats one per adapter
+
+# One product of a group: (columns of y, A.T [in, r], B.T * scale [r, width], and when the product
+# spans several adapters, bool [tokens, r]: the columns of v each token keeps, its adapter's).
+_Product = tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor | None]
+_Tokens = slice | torch.Tensor  # a run of tokens, or their indices
+
+
+class TorchLora:
+    """shrink then expand (`sgmv_shrink_reference` + `sgmv_expand_reference`) for one module on a
+    device without Triton (a CPU): y[t, slice s] += x[t] @ A.T @ B.T * scale, in fp32, y rounded once.
+
+    Why not the references: there every torch op costs microseconds of host time, and they gather
+    each adapter's matrices from the weight rows and group the tokens at every call. Here a slot's
+    matrices are gathered at its first use and kept (fp32, the scale folded into B), and the tokens
+    are grouped once per plan. Per (adapter, slice) a call is then two dense ops when the adapter's
+    tokens are one run (consecutive rows of a [rows, tokens] batch): views of x and y, updated in
+    place; otherwise a gather and a scatter. Where the products are tiny (decode: a few tokens per
+    adapter), one product spans all the adapters, each token masked to its adapter's columns of v:
+    three ops per slice, however many adapters. Tokens of no adapter are never touched, so their
+    rows stay exactly the base output.
+
+    The kept matrices are those the tables named at first use: make a new TorchLora when a slot is
+    given another adapter (the runtime keys them on the adapter cache's version).
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        rows: torch.Tensor,
+        locations: torch.Tensor,
+        scales: torch.Tensor,
+        in_features: int,
+        slice_offsets: Sequence[int],
+    ) -> None:
+        self._weights, self._rows, self._in_features = weights, rows, in_features
+        self._locations, self._scales, self._offsets = locations, scales, tuple(slice_offsets)
+        self._matrices: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        self._plan: SgmvPlan | None = None
+        self._shapes: tuple[torch.Size, torch.Size] | None = None
+        self._groups: list[tuple[_Tokens, list[_Product]]] = []
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, plan: SgmvPlan) -> None:
+        """Add the delta of `plan`'s adapters to y [tokens, out] (row-major) for x [tokens, in], in place.
+        The inputs are checked when the plan changes; later calls must bring the same shapes."""
+        if plan is not self._plan:
+            _check_inputs(x, self._weights, self._rows, self._locations)
+            _check_inputs(y, self._weights, self._rows, self._locations)
+            _slice_offsets(y, self._offsets, self._locations.shape[0])
+            if x.shape[1] != self._in_features or not x.shape[0] == y.shape[0] == plan.num_tokens:
+                raise ValueError(
+                    f"x {tuple(x.shape)} and y {tuple(y.shape)} do not fit the plan's {plan.num_tokens} "
+                    f"tokens of {self._in_features} features"
+                )
+            self._groups, self._plan, self._shapes = self._group(plan, x.device), plan, (x.shape, y.shape)
+        elif (x.shape, y.shape) != self._shapes:
+            raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} for a plan prepared with {self._shapes}")
+        for tokens, products in self._groups:
+            x_tokens = x[tokens].float()
+            for columns, a_t, b_scaled, keep in products:
+                v = x_tokens @ a_t
+                if keep is not None:
+                    v = torch.where(keep, v, 0.0)
+                target = y[:, columns]
+                if isinstance(tokens, slice) and y.dtype == torch.float32:
+                    target[tokens].addmm_(v, b_scaled)
+                else:
+                    target[tokens] = torch.addmm(target[tokens].float(), v, b_scaled).to(y.dtype)
+
+    def _group(self, plan: SgmvPlan, device: torch.device) -> list[tuple[_Tokens, list[_Product]]]:
+        """(tokens, products) per adapter of the plan that targets this module, or one group for all
+        of them where its products are small."""
+        runs = [(slot, tokens) for slot, tokens in _token_runs(plan, device) if self._slot_matrices(slot)]
+        n_tokens = sum(_count(tokens) for _, tokens in runs)
+        merged_macs = n_tokens * sum(
+            a_t.shape[1] * (a_t.shape[0] + b.shape[1]) for slot, _ in runs for _, a_t, b in self._matrices[slot]
+        )
+        if len(runs) > 1 and merged_macs <= _MERGE_MACS:
+            return [self._merged(plan, [slot for slot, _ in runs], device)]
+        return [
+            (tokens, [(self._columns(s), a_t, b, None) for s, a_t, b in self._matrices[slot]]) for slot, tokens in runs
+        ]
+
+    def _merged(self, plan: SgmvPlan, slots: list[int], device: torch.device) -> tuple[_Tokens, list[_Product]]:
+        """One group for the tokens of `slots`: per slice, their A and B concatenated along the rank."""
+        token_slots = plan.token_slots.cpu().long()
+        active = torch.isin(token_slots, torch.tensor(slots)).nonzero().squeeze(1)
+        first, end = int(active[0]), int(active[-1]) + 1
+        tokens = slice(first, end) if end - first == active.numel() else active.to(device)
+        products = []
+        for s in range(len(self._offsets) - 1):
+            parts = [(slot, a_t, b) for slot in slots for t, a_t, b in self._matrices[slot] if t == s]
+            if parts:
+                owner = torch.cat([torch.full((a_t.shape[1],), slot) for slot, a_t, _ in parts])
+                keep = (token_slots[active, None] == owner).to(device)
+                a_t, b = torch.cat([a_t for _, a_t, _ in parts], 1), torch.cat([b for *_, b in parts])
+                products.append((self._columns(s), a_t, b, keep))
+        return tokens, products
+
+    def _slot_matrices(self, slot: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(slice, A.T [in, rank], B.T * scale [rank, width]) per slice the slot's adapter targets."""
+        if slot not in self._matrices:
+            matrices = []
+            locations, scales = self._locations[:, slot].tolist(), self._scales[:, slot].tolist()
+            for s, ((a_row, b_row, rank), scale) in enumerate(zip(locations, scales, strict=True)):
+                if rank:
+                    width = self._offsets[s + 1] - self._offsets[s]
+                    a = _matrix(self._weights, self._rows, a_row, rank, self._in_features).float()
+                    b_t = _matrix(self._weights, self._rows, b_row, rank, width).float()
+                    matrices.append((s, a.T, b_t * scale))
+            self._matrices[slot] = matrices
+        return self._matrices[slot]
+
+    def _columns(self, s: int) -> slice:
+        return slice(self._offsets[s], self._offsets[s + 1])
+
+
+def _count(tokens: _Tokens) -> int:
+    return tokens.stop - tokens.start if isinstance(tokens, slice) else tokens.numel()
+
+
+def _token_runs(plan: SgmvPlan, device: torch.device) -> list[tuple[int, _Tokens]]:
+    """Each adapter slot's tokens: a slice when they are one run, else their indices (on `device`)."""
+    slots, counts = torch.unique_consecutive(plan.token_slots.cpu(), return_counts=True)
+    runs: dict[int, list[tuple[int, int]]] = {}
+    start = 0
+    for slot, count in zip(slots.tolist(), counts.tolist(), strict=True):
+        if slot >= 0:
+            runs.setdefault(slot, []).append((start, start + count))
+        start += count
+    return [
+        (slot, slice(*spans[0]) if len(spans) == 1 else torch.cat([torch.arange(*r) for r in spans]).to(device))
+        for slot, spans in runs.items()
+    ]
+
+
 # ----------------------------------------------------------------------------- references
 
 

@@ -18,8 +18,10 @@ from hf_multilora.kernels.paged_attention import (
     num_splits_for,
     paged_attention,
     paged_attention_reference,
+    paged_attention_torch,
     write_kv,
     write_kv_reference,
+    write_kv_torch,
 )
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -142,6 +144,42 @@ def test_paged_attention(case):
         assert not torch.allclose(unmasked, expected, atol=10 * tol)
 
 
+# The path without Triton also takes shortcuts the kernel CASES do not all reach: no mask for a
+# causal prefill or a decode of equal rows, a padding mask that pads nothing or a window wider than
+# the context dropped, no key at all.
+TORCH_CASES = {
+    **CASES,
+    "causal_prefill_mha": ([21, 21], 21, 2, 2, 16, 8, None, None, None, torch.float32),
+    "decode_equal_rows": ([33, 33, 33], 1, 4, 2, 16, 16, None, None, None, torch.float32),
+    "no_padding_wide_window_gqa": ([21, 21], 21, 4, 2, 16, 8, 30, [0, 0], None, torch.float32),
+    "decode_equal_rows_left_pad_bf16": ([26, 26], 1, 4, 1, 32, 8, None, [3, 0], None, torch.bfloat16),
+    "no_key_at_all": ([0, 0], 1, 4, 2, 16, 8, None, None, None, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+def test_torch_path_matches_reference(case):
+    """paged_attention_torch (sdpa over pages gathered whole) against the reference and the oracle,
+    writing a strided `out`."""
+    kv_lens, q_len, heads, kv_heads, head_dim, block_size, window, pads, _, dtype = TORCH_CASES[case]
+    pool = Pool(kv_lens, kv_heads, head_dim, block_size, dtype, seed=len(case))
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(len(kv_lens), q_len, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    key_mask = None if pads is None else left_pad_mask(kv_lens, pads, max(kv_lens) + 3)
+    kwargs = dict(key_mask=None if key_mask is None else key_mask.to(DEVICE), sliding_window=window)
+    scale = head_dim**-0.5
+    out = torch.empty(len(kv_lens), heads, q_len, head_dim, dtype=dtype, device=DEVICE).transpose(1, 2)
+
+    got = paged_attention_torch(q, *pool.args(), scale, out=out, **kwargs)
+    ref = paged_attention_reference(q, *pool.args(), scale, **kwargs)
+    expected = oracle(q.cpu(), pool.ks, pool.vs, kv_lens, scale, window, key_mask)
+
+    assert got is out and torch.isfinite(got).all()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float().cpu(), ref.float().cpu(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got.double().cpu(), expected, atol=tol, rtol=tol)
+
+
 def test_query_that_sees_nothing_gives_zeros():
     """A row with no cached token and a left-padded query before its first real token."""
     pool = Pool([0, 12], 2, 16, 16, torch.float32, seed=3)
@@ -198,6 +236,11 @@ def test_bad_arguments():
         paged_attention(q, storage, page_elems, block_table.long(), kv_lens, block_size, kv_heads, 1.0)
     with pytest.raises(ValueError, match="num_splits"):
         paged_attention(q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, 1.0, num_splits=3)
+    for attend in (paged_attention, paged_attention_torch):  # the path without Triton checks as the kernel's
+        with pytest.raises(ValueError, match="multiple of kv_heads"):
+            attend(q[:, :, :3], storage, page_elems, block_table, kv_lens, block_size, kv_heads, 1.0)
+        with pytest.raises(ValueError, match=r"out must be torch.float32 \(1, 1, 4, 16\)"):
+            attend(q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, 1.0, out=q[:, :, :2])
 
 
 # ----------------------------------------------------------------------------- write_kv
@@ -272,6 +315,31 @@ def test_write_kv_matches_reference_and_feeds_attention():
     got = paged_attention(q.to(DEVICE), storage, page_elems, block_table, kv_lens, block_size, kv_heads, 0.25)
     expected = oracle(q, list(k), list(v), [45, 45], 0.25)
     torch.testing.assert_close(got.double().cpu(), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_torch_matches_reference(dtype):
+    """The writes without Triton (a token at a time) leave the pool exactly as the reference's (an
+    element at a time): a prefill from 0, a chunk at ragged per-row starts across block boundaries,
+    a decode token per row (int32 starts), K/V given in HF's transposed layout."""
+    rows, kv_heads, head_dim, block_size = 3, 2, 16, 8
+    pools = [empty_pool(rows, 48, kv_heads, head_dim, block_size, dtype, seed=11) for _ in range(2)]
+    gen = torch.Generator().manual_seed(12)
+
+    def new_kv(n):  # [rows, n, kv_heads, head_dim], strided as HF's [rows, kv_heads, n, head_dim].transpose(1, 2)
+        return [torch.randn(rows, kv_heads, n, head_dim, generator=gen).to(dtype).to(DEVICE).transpose(1, 2) for _ in "kv"]
+
+    writes = [
+        (0, *new_kv(13)),
+        (torch.tensor([13, 10, 5], device=DEVICE), *new_kv(17)),
+        (torch.tensor([30, 27, 22], dtype=torch.int32, device=DEVICE), *new_kv(1)),
+    ]
+    for (storage, page_elems, block_table), write in zip(pools, (write_kv_torch, write_kv_reference), strict=True):
+        for start, k, v in writes:
+            write(storage, page_elems, block_table, start, k, v, block_size)
+    torch.testing.assert_close(pools[0][0], pools[1][0], atol=0, rtol=0, equal_nan=True)
+    distinct_tokens = 31 + 28 + 23  # rows 1 and 2 rewrote some positions of their prefill
+    assert int(pools[0][0].isnan().logical_not().sum()) == 2 * distinct_tokens * kv_heads * head_dim
 
 
 # ----------------------------------------------------------------------------- PagedDecode

@@ -4,8 +4,10 @@ per-token float64 oracle. On CPU the kernels run under TRITON_INTERPRET=1 (see c
 import pytest
 import torch
 from conftest import DEVICE
+from hf_multilora.kernels import sgmv
 from hf_multilora.kernels.sgmv import (
     WEIGHT_ALIGN,
+    TorchLora,
     align_up,
     plan_sgmv,
     sgmv_expand,
@@ -120,6 +122,46 @@ def test_kernels_match_reference(case, dtype):
     for got in (y, y_ref):
         err = (got.double().cpu() - expected).norm() / (expected - y0.double().cpu()).norm().clamp_min(1e-12)
         assert err < TOLERANCE[dtype], f"relative error {err:.2e} of the LoRA delta"
+
+
+@pytest.mark.parametrize("merge", ["never", "always"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_lora_matches_reference(case, dtype, merge, monkeypatch):
+    """The path without Triton (matrices kept per slot; per adapter, or one masked product over all
+    adapters, as `merge` forces) against the references, under the case's plan, a decode plan of the
+    same rows and the first plan again (a prepared module meets several plans): rows of one adapter
+    apart (a gather), rows without adapter (never touched), several slices, ranks, untargeted slices."""
+    monkeypatch.setattr(sgmv, "_MERGE_MACS", 0 if merge == "never" else 1 << 62)
+    row_slots, tokens_per_row, ranks, k, widths, untargeted = CASES[case]
+    seed = sum(map(ord, case)) + 7
+    weights, rows, locations, scales = make_adapters(ranks, k, widths, dtype, seed, untargeted)
+    gen = torch.Generator().manual_seed(seed + 1)
+    offsets = [0, *torch.tensor(widths).cumsum(0).tolist()]
+    lora = TorchLora(weights, rows, locations, scales, k, offsets)
+    first = plan_sgmv(row_slots, tokens_per_row, max(ranks), DEVICE)
+    for plan in (first, plan_sgmv(row_slots, 1, max(ranks), DEVICE), first):
+        x = torch.randn(plan.num_tokens, k, generator=gen).to(dtype).to(DEVICE)
+        y0 = torch.randn(plan.num_tokens, sum(widths), generator=gen).to(dtype).to(DEVICE)
+        y, y_ref = y0.clone(), y0.clone()
+        lora(x, y, plan)
+        v_ref = sgmv_shrink_reference(x, weights, rows, locations, plan)
+        sgmv_expand_reference(y_ref, v_ref, weights, rows, locations, scales, plan, offsets)
+        untouched = torch.tensor([s < 0 for s in plan.token_slots.tolist()])
+        assert torch.equal(y.cpu()[untouched], y0.cpu()[untouched]), "rows without adapter must be left untouched"
+        torch.testing.assert_close(y.float().cpu(), y_ref.float().cpu(), rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+        if not untouched.all():
+            assert not torch.allclose(y.float(), y0.float(), atol=10 * TOLERANCE[dtype]), "no delta was added"
+
+
+def test_torch_lora_rejects_inputs_off_the_plan():
+    weights, rows, locations, scales = make_adapters([8], 32, [16], torch.float32, 0)
+    lora = TorchLora(weights, rows, locations, scales, 32, [0, 16])
+    plan = plan_sgmv([0, -1], 3, 8, DEVICE)
+    with pytest.raises(ValueError, match="do not fit the plan's 6 tokens"):
+        lora(torch.randn(4, 32, device=DEVICE), torch.randn(4, 16, device=DEVICE), plan)
+    with pytest.raises(ValueError, match="slice_offsets"):
+        lora(torch.randn(6, 32, device=DEVICE), torch.randn(6, 8, device=DEVICE), plan)
 
 
 def test_plan_groups_tokens_by_slot_in_tiles():
