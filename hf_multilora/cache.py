@@ -128,6 +128,7 @@ def paged_attention_forward(
     if step is None:
         return _dense_attention(query, key, value, key_mask, scale, sliding_window), None
     table, new_value = step
+    key_mask = cache.step_key_mask() if cache._stepping else key_mask  # a graph reads the fixed buffer
     length = cache.get_seq_length(module.layer_idx)
     if key_mask is not None and key_mask.shape[-1] < length:
         raise ValueError(f"the attention mask covers {key_mask.shape[-1]} positions, the cache {length}")
@@ -257,14 +258,18 @@ class PagedCache(Cache):
         self._device = pool.storage.device
         super().__init__(layers=[_PagedLayer(self, i) for i in range(self.num_layers)])
         self._weak_self = weakref.ref(self)
+        self._reserved_blocks = 0  # device table width kept from reserve(): its address stays put
         self._reset_state()
 
     def _reset_state(self) -> None:
         self._host: torch.Tensor | None = None  # int32 [layers, batch, blocks] page ids, the source of truth
         self._table: torch.Tensor | None = None  # its copy on the pool's device, what the kernels read
+        self._table_stale = True  # _host changed since it was copied into _table
         self._layer_tables: tuple[torch.Tensor, ...] = ()  # _table's layers (a view costs the host ~2 us)
         self._kv_lens: torch.Tensor | None = None  # int32 [batch] on the device, all equal to _kv_lens_end
-        self._kv_lens_end = -1
+        self._kv_lens_end = -1  # -1: _kv_lens must be filled again
+        self._step_mask: torch.Tensor | None = None  # bool [batch, reserved tokens]: see begin_step
+        self._stepping = False  # between begin_step and end_step
         self._lens = [0] * self.num_layers  # tokens per row, per layer (layers update one after another)
         self._pending: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # layer, K, V to store
         self._plans: dict[tuple, PagedDecode] = {}  # decode plans for the current table width
@@ -284,6 +289,10 @@ class PagedCache(Cache):
                 f"PagedCache: no paged attention read layer {self._pending[0]}'s update; "
                 f"call use_paged_attention(model) (attention implementation {PAGED_ATTENTION!r})"
             )
+        if self._stepping:  # begin_step did this token's bookkeeping; the decode launch stores K/V
+            self._pending = (layer_idx, key_states, value_states)
+            _ACTIVE.set(self._weak_self)
+            return key_states, value_states
         batch, heads, new, head_dim = key_states.shape
         pool, device = self.pool, self._device
         got = (heads, head_dim, key_states.dtype, key_states.device)
@@ -298,19 +307,7 @@ class PagedCache(Cache):
             raise ValueError(f"PagedCache holds {self._host.shape[1]} rows, got K/V for {batch}")
         start = self._lens[layer_idx]
         end = start + new
-        missing = -(-end // self.block_size) - self._host.shape[2]
-        if missing > 0:
-            self._release_finished_rows()
-            self._grow(missing)
-        if self._table is None:
-            host = self._host.pin_memory() if device.type == "cuda" else self._host.clone()
-            self._table = host.to(device, non_blocking=True)
-            self._layer_tables = self._table.unbind(0)
-        if self._kv_lens is None or self._kv_lens_end != end:
-            self._kv_lens = torch.full((batch,), end, dtype=torch.int32, device=device)
-            if self._finished is not None and self._finished.any():  # they attend to their new tokens alone
-                self._kv_lens.masked_fill_(self._finished.to(device, non_blocking=True), new)
-            self._kv_lens_end = end
+        self._prepare_tokens(end, new)
         triton = use_triton(key_states)
         deferred = new == 1 and triton
         if not deferred:
@@ -364,6 +361,94 @@ class PagedCache(Cache):
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
+
+    # -- fixed addresses, for decode steps replayed from a CUDA graph ----------------------------------------
+    def reserve(self, max_tokens: int) -> None:
+        """Keep the device page table ``max_tokens`` wide from now on, updated in place, so that its address,
+        and those of the lengths and the key mask, stay put from step to step (a captured graph reads them).
+        Pages are still taken a block at a time; a longer sequence gets a wider table (a new address)."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self._reserved_blocks = -(-max_tokens // self.block_size)
+        self._table_stale = True
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self._reserved_blocks * self.block_size
+
+    def begin_step(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Do the host bookkeeping of one decode token for every layer at once (a new block where one is
+        due, the lengths, the key mask copied into a fixed buffer), so that the forward that follows, or a
+        graph replay of one, does nothing on the host: ``update`` then only hands each layer's K/V to the
+        attention. Needs Triton (the decode launch stores the new K/V) and ``reserve``; ``attention_mask``
+        is the step's 2-D mask, [batch, tokens so far + 1]. Returns the fixed key mask buffer. Call
+        ``end_step`` after the forward."""
+        if not self._reserved_blocks or self._host is None:
+            raise RuntimeError("PagedCache.begin_step needs reserve() and a filled cache (a prefill first)")
+        end = self._length() + 1
+        batch = self._host.shape[1]
+        if attention_mask.shape != (batch, end):
+            raise ValueError(
+                f"begin_step: attention_mask must be [{batch}, {end}], got {tuple(attention_mask.shape)}"
+            )
+        self._prepare_tokens(end, 1)
+        width = self._table.shape[2] * self.block_size
+        mask = self._step_mask
+        if mask is None or mask.shape != (batch, width):
+            mask = self._step_mask = torch.ones(batch, width, dtype=torch.bool, device=self._device)
+        mask[:, :end].copy_(attention_mask, non_blocking=True)
+        self._lens = [end] * self.num_layers
+        self._stepping = True
+        return mask
+
+    def end_step(self) -> None:
+        self._stepping = False
+
+    def step_buffers(self) -> tuple[torch.Tensor, ...]:
+        """The fixed device buffers a step begun by ``begin_step`` reads: table, lengths, key mask."""
+        return self._table, self._kv_lens, self._step_mask
+
+    def decode_plans(self) -> list[PagedDecode]:
+        """The decode launches planned for the current table (their split buffers are read by them)."""
+        return list(self._plans.values())
+
+    def step_key_mask(self) -> torch.Tensor | None:
+        """The fixed key mask of a step begun by ``begin_step`` (None outside one)."""
+        return self._step_mask if self._stepping else None
+
+    def _prepare_tokens(self, end: int, new: int) -> None:
+        """Pages, device table and lengths for a forward that brings the rows to ``end`` tokens, ``new`` of
+        them in this forward."""
+        missing = -(-end // self.block_size) - self._host.shape[2]
+        if missing > 0:
+            self._release_finished_rows()
+            self._grow(missing)
+        if self._table_stale:
+            self._upload_table()
+        if self._kv_lens_end != end:
+            batch = self._host.shape[1]
+            if self._kv_lens is None or self._kv_lens.shape[0] != batch:
+                self._kv_lens = torch.empty(batch, dtype=torch.int32, device=self._device)
+            self._kv_lens.fill_(end)
+            if self._finished is not None and self._finished.any():  # they attend to their new tokens alone
+                self._kv_lens.masked_fill_(self._finished.to(self._device, non_blocking=True), new)
+            self._kv_lens_end = end
+
+    def _upload_table(self) -> None:
+        """Copy the host table to the device: in place into the reserved table while it fits (same address),
+        else into a new tensor of the host table's width."""
+        host, device = self._host, self._device
+        layers, batch, width = host.shape
+        staged = host.pin_memory() if device.type == "cuda" else host.clone()
+        table = self._table
+        wide = max(width, self._reserved_blocks)
+        if table is None or table.shape != (layers, batch, wide):
+            # Unused columns name page 0: the kernels read no block past a row's length.
+            table = self._table = torch.zeros(layers, batch, wide, dtype=torch.int32, device=device)
+            self._layer_tables = table.unbind(0)
+            self._plans = {}
+        table[:, :, :width].copy_(staged, non_blocking=True)
+        self._table_stale = False
 
     # -- what generate() and users call between forwards -----------------------------------------------------
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -424,11 +509,7 @@ class PagedCache(Cache):
         return set(self._pages_of(self._host)) - set(self._pages_of(table))
 
     def _set_table(self, host: torch.Tensor) -> None:
-        if self._host is None or host.shape[1:] != self._host.shape[1:]:
-            self._plans = {}
-        self._host, self._table, self._layer_tables = host, None, ()
-        if self._kv_lens is not None and self._kv_lens.shape[0] != host.shape[1]:
-            self._kv_lens = None
+        self._host, self._table_stale = host, True
 
     def note_attention_mask(self, attention_mask: torch.Tensor) -> None:
         """The 2-D mask of the forward about to run; used when that forward fills the empty cache: blocks that
@@ -491,7 +572,7 @@ class PagedCache(Cache):
             table[table == -1] = self._discard
             self.pool.free(sorted(freed))
             self._set_table(table)
-            self._kv_lens = None
+            self._kv_lens_end = -1
         self._finished = finished | finishing
 
     def _set_discard(self, page: int) -> None:
@@ -540,7 +621,7 @@ class PagedCache(Cache):
             self._finishing = self._finishing[rows.to(self._finishing.device)]
         self._set_table(table.contiguous())
         self._lens = [length] * self.num_layers
-        self._kv_lens = None
+        self._kv_lens_end = -1
 
 
 class ReleaseFinishedRows(StoppingCriteria):

@@ -150,6 +150,11 @@ class LoraRuntime:
             need = max(sgmv.shrink_workspace_numel(self.plan, size) for size in sizes)
             self._workspace = torch.empty(need, dtype=torch.float32, device=cache.device)
 
+    def captured_state(self) -> tuple:
+        """What a forward under the current plan reads besides the pool and the tables: the plan, the
+        prepared launches and the shrink workspace (a captured graph keeps them alive)."""
+        return self.plan, dict(self._recipes), self._workspace
+
     def clear(self) -> None:
         self.plan, self.owner, self.module_mask, self._plan_key, self._shrunk = None, None, 0, None, None
         self._recipes, self._workspace = {}, None

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, StoppingCriteria
 from .adapters.host_store import HostAdapter
 from .adapters.loading import AdapterSource, ModelTargets, check_peft_adapter, load_peft_adapter
 from .cache import PagedCache, ReleaseFinishedRows, set_attention, use_paged_attention
+from .graphs import DecodeGraphs
 from .kernels.sgmv import align_up
 from .layers import LoraRuntime, add_lora_to_forward
 from .memory.page_pool import PagePool
@@ -90,6 +91,7 @@ class MultiLoraModel(torch.nn.Module):
         # Per thread: the row slots of the routed call this thread is running (the base model and
         # its planning hook are shared; another thread's plain call must not see them).
         self._routing = threading.local()
+        self._graph_stats: Counter[str] = Counter()
         self._pool_size = self._checked_pool_size(pool_bytes, pool_fraction)
         self._runtime: LoraRuntime | None = None  # built on the first call, on the base's device
         self._plan_hook = base_model.register_forward_pre_hook(self._plan_forward, with_kwargs=True)
@@ -252,6 +254,7 @@ class MultiLoraModel(torch.nn.Module):
         *args: Any,
         adapter_ids: Sequence | None = None,
         adapter_names: Sequence | None = None,
+        cuda_graphs: bool | None = None,
         **kwargs: Any,
     ):
         """The base model's generate(); row i uses adapter_ids[i] (a name, an int, or None for the base).
@@ -263,20 +266,61 @@ class MultiLoraModel(torch.nn.Module):
         greedy search or sampling, a row's pages return to the pool once it ends on EOS (unless
         `output_scores` / `output_logits` ask for the logits of every step, which a released row no
         longer computes the way DynamicCache would).
+
+        `cuda_graphs`: decode steps replayed from CUDA graphs (captured per call and batch size; the
+        prefill stays eager). None: wherever the call allows it (CUDA, the paged cache, no
+        attentions or hidden states asked for); True: required (ValueError naming why not);
+        False: eager. `graph_stats()` counts captures, replays and eager steps by reason.
         """
+        if cuda_graphs not in (None, True, False):
+            raise TypeError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
         paged = kwargs.pop("paged_cache", True) and not {"past_key_values", "cache"} & kwargs.keys()
+        paged = paged and kwargs.get("use_cache", True) is not False
+        no_graphs = self._why_no_graphs(paged, kwargs) if cuda_graphs is not False else "cuda_graphs=False"
+        if cuda_graphs and no_graphs:
+            raise ValueError(f"cuda_graphs=True, but {no_graphs}")
         with self._routed(args, kwargs, adapter_ids, adapter_names):
-            if not (paged and kwargs.get("use_cache", True)):
+            if not paged:
                 return self.base_model.generate(*args, **kwargs)
             cache = PagedCache(self._runtime.cache.pool, self.base_model.config)
             previous = self.base_model.config._attn_implementation
             use_paged_attention(self.base_model)
+            graphs, own_forward = None, self.base_model.__dict__.get("forward")
+            if no_graphs is None:
+                cache.reserve(_max_tokens(self.base_model, args, kwargs))
+                graphs = DecodeGraphs(
+                    self.base_model.forward, cache, self._runtime.captured_state, self._graph_stats
+                )
+                self.base_model.forward = graphs
             try:
                 kwargs = self._with_release_of_finished_rows(cache, kwargs)
                 return self.base_model.generate(*args, **{_cache_keyword(self.base_model): cache}, **kwargs)
             finally:
+                if graphs is not None:
+                    if own_forward is None:
+                        del self.base_model.forward
+                    else:
+                        self.base_model.forward = own_forward
+                    graphs.close()
                 set_attention(self.base_model, previous)
                 cache.release()
+
+    def _why_no_graphs(self, paged: bool, kwargs: dict) -> str | None:
+        """Why this generate() call cannot replay its decode steps from CUDA graphs (None: it can)."""
+        device = self._first_target_weight().device
+        if device.type != "cuda":
+            return f"the base model is on {device}, not on a CUDA device"
+        if not paged:
+            return "the call does not use the paged cache (paged_cache=False, a cache of its own, or use_cache=False)"
+        config = kwargs.get("generation_config") or self.base_model.generation_config
+        if any(kwargs.get(k, getattr(config, k, False)) for k in ("output_attentions", "output_hidden_states")):
+            return "the call asks for attentions or hidden states"
+        return None
+
+    def graph_stats(self) -> dict[str, int]:
+        """Counts since the model was wrapped: graphs captured, decode steps replayed, and steps run
+        eagerly by reason (prefills among them)."""
+        return dict(self._graph_stats)
 
     def _with_release_of_finished_rows(self, cache: PagedCache, kwargs: dict) -> dict:
         """kwargs plus a ReleaseFinishedRows criterion, where generate() would stop rows on EOS alone."""
@@ -416,6 +460,15 @@ def _positive_or_none(what: str, value: int | None) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ValueError(f"{what} must be a positive int, got {value!r}")
     return value
+
+
+def _max_tokens(model: PreTrainedModel, args: tuple, kwargs: dict) -> int:
+    """Tokens per row a generate() call can reach: the prompt's plus max_new_tokens, else max_length."""
+    config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", config.max_new_tokens)
+    batch = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids", kwargs.get("inputs"))
+    prompt = batch.shape[1] if isinstance(batch, torch.Tensor) and batch.dim() == 2 else 0
+    return prompt + new if new is not None else kwargs.get("max_length", config.max_length)
 
 
 def _cache_keyword(model: torch.nn.Module) -> str:

@@ -1,0 +1,198 @@
+"""Decode steps replayed from CUDA graphs (generate(cuda_graphs=...)): the same tokens as eager, and
+the cache bookkeeping a replay relies on."""
+
+import pytest
+import torch
+from conftest import VOCAB, EndRowsAt
+from transformers import LogitsProcessorList
+
+from hf_multilora import MultiLoraModel
+from hf_multilora.cache import PagedCache
+
+POOL_BYTES = 2**28
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def prompts(rows, length, seed=0, device="cpu"):
+    ids = torch.randint(3, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return ids.to(device)
+
+
+def cuda_model(zoo, dtype=torch.float32):
+    return MultiLoraModel.from_pretrained(zoo.fresh_base().to("cuda", dtype), adapters=zoo.paths, pool_bytes=POOL_BYTES)
+
+
+def left_padded(rows, length, seed, device):
+    """Ragged prompts, left-padded: row i has i % 4 padding tokens."""
+    ids = prompts(rows, length, seed, device)
+    mask = torch.ones_like(ids)
+    for i in range(rows):
+        mask[i, : i % 4] = 0
+        ids[i, : i % 4] = 0
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------ CPU
+
+
+def test_cuda_graphs_true_needs_cuda(llama_zoo):
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+    ids = prompts(2, 4)
+    with pytest.raises(ValueError, match="cuda_graphs=True, but the base model is on cpu, not on a CUDA device"):
+        model.generate(ids, adapter_ids=["qv_r4", None], max_new_tokens=2, cuda_graphs=True)
+    with pytest.raises(TypeError, match="cuda_graphs must be None, True or False"):
+        model.generate(ids, adapter_ids=["qv_r4", None], max_new_tokens=2, cuda_graphs="yes")
+    eager = model.generate(ids, adapter_ids=["qv_r4", None], max_new_tokens=3, cuda_graphs=False)
+    default = model.generate(ids, adapter_ids=["qv_r4", None], max_new_tokens=3)
+    assert torch.equal(eager, default) and not model.graph_stats()
+    assert "forward" not in model.base_model.__dict__
+
+
+def test_reserved_table_keeps_its_address_across_blocks(llama_zoo, monkeypatch):
+    """begin_step's bookkeeping (what a replay relies on) gives the eager step's logits, with the
+    table, lengths and key mask at fixed addresses across block boundaries."""
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")  # begin_step needs the fused decode store
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+    base = model.base_model
+    ids, mask = left_padded(3, 6, seed=3, device="cpu")
+    rows = ["qv_r4", None, "attn_r8"]
+    from hf_multilora.cache import use_paged_attention
+
+    with model._routed((ids,), {}, rows, None):
+        use_paged_attention(base)
+        stepped = PagedCache(model._runtime.cache.pool, base.config, block_size=4)
+        eager = PagedCache(model._runtime.cache.pool, base.config, block_size=4)
+        stepped.reserve(6 + 8)
+        with torch.no_grad():
+            out_s = base(input_ids=ids, attention_mask=mask, cache=stepped)
+            out_e = base(input_ids=ids, attention_mask=mask, cache=eager)
+            torch.testing.assert_close(out_s.logits, out_e.logits, rtol=0, atol=0)
+            addresses = None
+            for step in range(8):
+                token = out_e.logits[:, -1].argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+                key_mask = stepped.begin_step(mask)
+                try:
+                    out_s = base(input_ids=token, attention_mask=key_mask[:, : mask.shape[1]],
+                                 position_ids=positions, cache=stepped)  # fmt: skip
+                finally:
+                    stepped.end_step()
+                out_e = base(input_ids=token, attention_mask=mask, position_ids=positions, cache=eager)
+                torch.testing.assert_close(out_s.logits, out_e.logits, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+                now = [t.data_ptr() for t in stepped.step_buffers()]
+                assert addresses is None or now == addresses, f"step {step}: buffers moved"
+                addresses = now
+            assert stepped.get_seq_length() == eager.get_seq_length() == 14
+        stepped.release()
+        eager.release()
+    with pytest.raises(RuntimeError, match=r"needs reserve\(\) and a filled cache"):
+        PagedCache(model._runtime.cache.pool, base.config).begin_step(mask)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+def graph_and_eager(model, input_ids, **kwargs):
+    before = model.graph_stats()
+    graphs = model.generate(input_ids, cuda_graphs=True, **kwargs)
+    after = model.graph_stats()
+    eager = model.generate(input_ids, cuda_graphs=False, **kwargs)
+    return graphs, eager, {k: after.get(k, 0) - before.get(k, 0) for k in after}
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decode_gives_the_eager_tokens(llama_zoo, dtype):
+    model = cuda_model(llama_zoo, dtype)
+    names = list(llama_zoo.paths)
+    rows = [names[0], None, names[1], names[2], names[3], None, names[4], names[0]]
+    ids, mask = left_padded(len(rows), 9, seed=4, device="cuda")
+    kwargs = dict(adapter_ids=rows, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    graphs, eager, stats = graph_and_eager(model, ids, **kwargs)
+    assert graphs.tolist() == eager.tolist()
+    assert stats["captures"] == 1 and stats["replays"] == 39, stats
+    # another mix of adapters and a batch of another size: captured per call, still exact
+    rows2 = [None, names[3], names[3]]
+    ids2, mask2 = left_padded(3, 5, seed=5, device="cuda")
+    kwargs2 = dict(adapter_ids=rows2, attention_mask=mask2, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    graphs2, eager2, _ = graph_and_eager(model, ids2, **kwargs2)
+    assert graphs2.tolist() == eager2.tolist()
+    assert model.memory_stats()["pages_kv"] == 0
+    assert "forward" not in model.base_model.__dict__
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_decode_with_beams_sampling_finished_rows_and_a_streamer(llama_zoo):
+    from transformers.generation.streamers import BaseStreamer
+
+    model = cuda_model(llama_zoo)
+    names = list(llama_zoo.paths)
+    rows = [names[1], None, names[2], names[0]]
+    ids, mask = left_padded(len(rows), 7, seed=6, device="cuda")
+    common = dict(adapter_ids=rows, attention_mask=mask, pad_token_id=0)
+
+    beams, beams_eager, _ = graph_and_eager(model, ids, num_beams=3, max_new_tokens=20, do_sample=False, **common)
+    assert beams.tolist() == beams_eager.tolist()
+
+    torch.manual_seed(7)
+    sampled = model.generate(ids, do_sample=True, top_k=0, num_return_sequences=2, max_new_tokens=20,
+                             cuda_graphs=True, **common)  # fmt: skip
+    torch.manual_seed(7)
+    sampled_eager = model.generate(ids, do_sample=True, top_k=0, num_return_sequences=2, max_new_tokens=20,
+                                   cuda_graphs=False, **common)  # fmt: skip
+    assert sampled.tolist() == sampled_eager.tolist()
+
+    ends = [2, 19, 5, 11]
+    finish = dict(eos_token_id=1, max_new_tokens=24, do_sample=False,
+                  logits_processor=LogitsProcessorList([EndRowsAt(ids.shape[1], ends, eos=1)]))  # fmt: skip
+    finished, finished_eager, _ = graph_and_eager(model, ids, **finish, **common)
+    assert finished.tolist() == finished_eager.tolist()
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.steps = []
+
+        def put(self, value):
+            self.steps.append(value.tolist())
+
+        def end(self):
+            pass
+
+    streamed = Collect()
+    out = model.generate(ids, streamer=streamed, max_new_tokens=6, do_sample=False, cuda_graphs=True, **common)
+    assert [row[ids.shape[1] :] for row in out.tolist()] == [list(t) for t in zip(*streamed.steps[1:], strict=True)]
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_decode_ignores_what_freed_memory_holds(llama_zoo):
+    """Memory freed between calls and overwritten must not reach a later call's results."""
+    model = cuda_model(llama_zoo)
+    names = list(llama_zoo.paths)
+    ids, mask = left_padded(4, 8, seed=8, device="cuda")
+    kwargs = dict(adapter_ids=[names[0], names[3], None, names[2]], attention_mask=mask, max_new_tokens=30,
+                  do_sample=False, pad_token_id=0)  # fmt: skip
+    first = model.generate(ids, cuda_graphs=True, **kwargs)
+    junk = [torch.full((1 << 20,), float("nan"), device="cuda") for _ in range(64)]
+    del junk
+    again = model.generate(ids, cuda_graphs=True, **kwargs)
+    eager = model.generate(ids, cuda_graphs=False, **kwargs)
+    assert first.tolist() == again.tolist() == eager.tolist()
+
+
+@pytest.mark.gpu
+@cuda
+def test_graphs_are_not_used_where_a_call_asks_for_hidden_states(llama_zoo):
+    model = cuda_model(llama_zoo)
+    ids = prompts(2, 5, device="cuda")
+    with pytest.raises(ValueError, match="asks for attentions or hidden states"):
+        model.generate(ids, adapter_ids=["qv_r4", None], max_new_tokens=3, output_hidden_states=True,
+                       return_dict_in_generate=True, cuda_graphs=True)  # fmt: skip
+    with pytest.raises(ValueError, match="does not use the paged cache"):
+        model.generate(ids, adapter_ids=["qv_r4", None], max_new_tokens=3, paged_cache=False, cuda_graphs=True)
+    out = model.generate(ids, adapter_ids=["qv_r4", None], max_new_tokens=3, output_hidden_states=True,
+                         return_dict_in_generate=True)  # fmt: skip
+    assert out.hidden_states is not None and not model.graph_stats().get("replays")
