@@ -40,6 +40,28 @@ def timed(generate: Callable[[int], torch.Tensor], device: torch.device, new_tok
     return seconds[0], seconds[1]
 
 
+def replay_gpu_ms(call: Callable[[int], torch.Tensor], new_tokens: int) -> float:
+    """Median GPU time of one graph replay during a call (CUDA events around each replay): what a
+    decode step costs the GPU, against the step's wall time, which adds HF's loop on the host."""
+    events = []
+    replay = torch.cuda.CUDAGraph.replay
+
+    def timed(graph: torch.cuda.CUDAGraph) -> None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay(graph)
+        end.record()
+        events.append((start, end))
+
+    torch.cuda.CUDAGraph.replay = timed
+    try:
+        call(new_tokens)
+    finally:
+        torch.cuda.CUDAGraph.replay = replay
+    torch.cuda.synchronize()
+    return common.median([start.elapsed_time(end) for start, end in events])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -118,12 +140,15 @@ def run_prompt(model: MultiLoraModel, names: list[str], prompt: int, args: Any, 
         row["decode_speed_vs_static"] = common.median([s / m for s, m in zip(static_ms, ours_ms, strict=True)])
     eager = next(r for r in rows if r["variant"].startswith("eager"))
     graphs = next(r for r in rows if r["variant"].startswith("graphs x"))
+    for row in rows:
+        if row["variant"].startswith("graphs"):
+            row["replay_gpu_ms"] = replay_gpu_ms(variants[row["variant"]](0), args.new_tokens)
     captures = model.graph_stats().get("captures", 0) - captures_before
     print(f"\n== prompt {prompt}, batch {batch}, {args.new_tokens} new tokens, {args.rounds} rounds")
     print(common.format_table(
-        ["variant", "decode ms/step", "tok/s", "decode speed / static"],
-        [[r["variant"], round(r["decode_ms_per_step"], 2), round(r["tok_s"], 1),
-          round(r["decode_speed_vs_static"], 3)] for r in rows],
+        ["variant", "decode ms/step", "GPU ms/replay", "tok/s", "decode speed / static"],
+        [[r["variant"], round(r["decode_ms_per_step"], 2), round(r.get("replay_gpu_ms", float("nan")), 2),
+          round(r["tok_s"], 1), round(r["decode_speed_vs_static"], 3)] for r in rows],
     ))  # fmt: skip
     print(f"graphs x{len(names)} end-to-end / eager: {graphs['tok_s'] / eager['tok_s']:.2f}x; "
           f"captures during the timed rounds: {captures} (one per call: graphs live for a call)")  # fmt: skip

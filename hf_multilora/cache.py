@@ -402,7 +402,8 @@ class PagedCache(Cache):
         return mask
 
     def end_step(self) -> None:
-        self._stepping = False
+        """Close a step begun by ``begin_step``; a forward that failed part-way leaves nothing pending."""
+        self._stepping, self._pending = False, None
 
     def step_buffers(self) -> tuple[torch.Tensor, ...]:
         """The fixed device buffers a step begun by ``begin_step`` reads: table, lengths, key mask."""

@@ -23,6 +23,7 @@ fixed for the call; graphs live as long as the call.
 from __future__ import annotations
 
 import functools
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .cache import PagedCache
 _REPLAYABLE = {"input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
                "return_dict", "logits_to_keep"}  # fmt: skip
 _FLAGS_FOR_EAGER = ("output_attentions", "output_hidden_states")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,14 +55,22 @@ class DecodeGraphs:
 
     `forward`: the model's own forward. `cache`: the call's PagedCache (reserved). `lora_state()`:
     the LoRA runtime's objects a captured step reads (kept alive with the graph). `stats`: counts of
-    captures, replays and eager steps by reason, added to by every call.
+    captures, replays and eager steps by reason, added to by every call. A capture that fails
+    (e.g. a driver without programmatic dependent launch in graphs) raises when `required`, else
+    its steps run eager, counted, with a warning.
     """
 
     def __init__(
-        self, forward: Callable, cache: PagedCache, lora_state: Callable[[], tuple], stats: Counter
+        self,
+        forward: Callable,
+        cache: PagedCache,
+        lora_state: Callable[[], tuple],
+        stats: Counter,
+        required: bool = False,
     ) -> None:
         self.forward, self.cache, self.lora_state, self.stats = forward, cache, lora_state, stats
-        self._graphs: dict[tuple, _Captured] = {}
+        self.required = required
+        self._graphs: dict[tuple, _Captured | None] = {}  # None: its capture failed
         self._pool = torch.cuda.graph_pool_handle()
         functools.update_wrapper(self, forward)  # generate() inspects the forward's signature
 
@@ -75,12 +85,16 @@ class DecodeGraphs:
             input_ids = kwargs["input_ids"]
             lora_plan = self.lora_state()[0]
             key = (input_ids.shape[0], id(lora_plan), *(t.data_ptr() for t in self.cache.step_buffers()))
-            captured = self._graphs.get(key)
+            if key not in self._graphs:
+                output = self._capture(key, step_kwargs)
+                if output is not None:  # the capture failed: the eager warm-up did this step
+                    return output
+            captured = self._graphs[key]
             if captured is None:
-                captured = self._graphs[key] = self._capture(step_kwargs)
-            else:
-                captured.input_ids.copy_(input_ids)
-                captured.position_ids.copy_(kwargs["position_ids"])
+                self.stats["eager: capture failed"] += 1
+                return self.forward(**step_kwargs)
+            captured.input_ids.copy_(input_ids)
+            captured.position_ids.copy_(kwargs["position_ids"])
             captured.graph.replay()
             self.stats["replays"] += 1
             return type(captured.output)(captured.output)  # a shallow copy: the caller may edit it
@@ -112,14 +126,25 @@ class DecodeGraphs:
             return "use_cache=False"
         return None
 
-    def _capture(self, kwargs: dict) -> _Captured:
+    def _capture(self, key: tuple, kwargs: dict) -> Any:
         """Run the step eagerly (compiles and prepares everything; stores this step's K/V), then
-        capture it on fixed inputs."""
+        capture it on fixed inputs into `self._graphs[key]`. Returns None, or the eager output
+        when the capture failed (the key then runs eager)."""
         step = {**kwargs, "input_ids": kwargs["input_ids"].clone(), "position_ids": kwargs["position_ids"].clone()}
-        self.forward(**step)
+        eager = self.forward(**step)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = self.forward(**step)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = self.forward(**step)
+        except RuntimeError as error:
+            if self.required:
+                raise
+            logger.warning("hf_multilora: a decode step could not be captured in a CUDA graph (%s); "
+                           "this call's steps run eager", error)  # fmt: skip
+            self._graphs[key] = None
+            self.stats["eager: capture failed"] += 1
+            return eager
         self.stats["captures"] += 1
         kept = (*self.cache.step_buffers(), *self.cache.decode_plans(), *self.lora_state(), step)
-        return _Captured(graph, step["input_ids"], step["position_ids"], output, kept)
+        self._graphs[key] = _Captured(graph, step["input_ids"], step["position_ids"], output, kept)
+        return None

@@ -289,7 +289,11 @@ class MultiLoraModel(torch.nn.Module):
             if no_graphs is None:
                 cache.reserve(_max_tokens(self.base_model, args, kwargs))
                 graphs = DecodeGraphs(
-                    self.base_model.forward, cache, self._runtime.captured_state, self._graph_stats
+                    self.base_model.forward,
+                    cache,
+                    self._runtime.captured_state,
+                    self._graph_stats,
+                    required=bool(cuda_graphs),
                 )
                 self.base_model.forward = graphs
             try:

@@ -196,3 +196,24 @@ def test_graphs_are_not_used_where_a_call_asks_for_hidden_states(llama_zoo):
     out = model.generate(ids, adapter_ids=["qv_r4", None], max_new_tokens=3, output_hidden_states=True,
                          return_dict_in_generate=True)  # fmt: skip
     assert out.hidden_states is not None and not model.graph_stats().get("replays")
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_failed_capture_runs_the_call_eager_unless_graphs_are_required(llama_zoo, monkeypatch):
+    model = cuda_model(llama_zoo)
+    ids, mask = left_padded(3, 6, seed=9, device="cuda")
+    kwargs = dict(adapter_ids=["qv_r4", None, "attn_r8"], attention_mask=mask, max_new_tokens=12,
+                  do_sample=False, pad_token_id=0)  # fmt: skip
+    eager = model.generate(ids, cuda_graphs=False, **kwargs)
+
+    def refuse(self, *args, **kw):
+        raise RuntimeError("simulated: capture not supported")
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", refuse)
+    fallback = model.generate(ids, **kwargs)
+    assert fallback.tolist() == eager.tolist()
+    assert model.graph_stats()["eager: capture failed"] == 11 and not model.graph_stats().get("replays")
+    with pytest.raises(RuntimeError, match="simulated"):
+        model.generate(ids, cuda_graphs=True, **kwargs)
+    assert model.memory_stats()["pages_kv"] == 0 and "forward" not in model.base_model.__dict__
