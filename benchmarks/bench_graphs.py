@@ -151,7 +151,7 @@ def run_prompt(model: MultiLoraModel, names: list[str], prompt: int, args: Any, 
           round(r["tok_s"], 1), round(r["decode_speed_vs_static"], 3)] for r in rows],
     ))  # fmt: skip
     print(f"graphs x{len(names)} end-to-end / eager: {graphs['tok_s'] / eager['tok_s']:.2f}x; "
-          f"captures during the timed rounds: {captures} (one per call: graphs live for a call)")  # fmt: skip
+          f"captures during the timed rounds: {captures}")  # fmt: skip
     return {"prompt": prompt, "rows": rows, "captures_in_timed_rounds": captures}
 
 

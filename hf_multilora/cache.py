@@ -270,6 +270,7 @@ class PagedCache(Cache):
         self._kv_lens_end = -1  # -1: _kv_lens must be filled again
         self._step_mask: torch.Tensor | None = None  # bool [batch, reserved tokens]: see begin_step
         self._stepping = False  # between begin_step and end_step
+        self.adopted = False  # the step buffers are fixed (adopt): see adopt
         self._lens = [0] * self.num_layers  # tokens per row, per layer (layers update one after another)
         self._pending: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # layer, K, V to store
         self._plans: dict[tuple, PagedDecode] = {}  # decode plans for the current table width
@@ -404,6 +405,32 @@ class PagedCache(Cache):
     def end_step(self) -> None:
         """Close a step begun by ``begin_step``; a forward that failed part-way leaves nothing pending."""
         self._stepping, self._pending = False, None
+
+    def step_shape(self) -> tuple[int, int]:
+        """(rows, device table width in blocks): the step buffers of caches of one shape are interchangeable."""
+        return self._host.shape[1], self._table.shape[2]
+
+    def step_state(self) -> tuple:
+        """The step buffers (table, lengths, key mask) and decode plans, for ``adopt`` by a later cache."""
+        return self._table, self._kv_lens, self._step_mask, self._plans
+
+    def adopt(self, state: tuple | None) -> None:
+        """After the prefill, before the first ``begin_step``: use ``state`` (another cache's
+        ``step_state`` of the same ``step_shape``) as this cache's step buffers, so that graphs captured
+        over them read this cache; None: make this cache's own buffers (lengths, key mask) now."""
+        batch, width = self.step_shape()
+        if state is None:
+            if self._kv_lens is None:
+                self._kv_lens = torch.empty(batch, dtype=torch.int32, device=self._device)
+            self._kv_lens_end = -1
+            self._step_mask = torch.ones(batch, width * self.block_size, dtype=torch.bool, device=self._device)
+        else:
+            table, kv_lens, mask, plans = state
+            if table.shape != self._table.shape or kv_lens.shape != (batch,) or mask.shape != (batch, width * self.block_size):
+                raise ValueError(f"adopt: buffers of another shape than this cache's {(batch, width)}")
+            self._table, self._layer_tables, self._table_stale = table, table.unbind(0), True
+            self._kv_lens, self._kv_lens_end, self._step_mask, self._plans = kv_lens, -1, mask, plans
+        self.adopted = True
 
     def step_buffers(self) -> tuple[torch.Tensor, ...]:
         """The fixed device buffers a step begun by ``begin_step`` reads: table, lengths, key mask."""

@@ -1,23 +1,26 @@
-"""Decode steps of `MultiLoraModel.generate` replayed from a CUDA graph.
+"""Decode steps of `MultiLoraModel.generate` replayed from CUDA graphs.
 
 Why: HF's eager decode step is host-bound. Each of the model's layers costs Python and launch time,
-so a step of a 7B model at batch 32 takes ~30 ms of host work for a few ms of GPU work. A captured
+so a step of a 7B model at batch 32 takes ~30 ms of host work for ~9 ms of GPU work. A captured
 graph replays the whole forward with one launch.
 
-How, in one generate() call: the model's `forward` is wrapped (`DecodeGraphs.__call__`). A forward of
-one new token per row on the call's PagedCache is a decode step; anything else (the prefill, a call
-asking for attentions) runs eager. For a decode step the cache first does the step's host
-bookkeeping (`PagedCache.begin_step`: a new block where one is due, written into the reserved device
-table in place; lengths and key mask in fixed buffers), the token ids and positions are copied into
-fixed input buffers, and the graph of that batch size is replayed. The first step of a batch size
-runs the forward eagerly once (Triton compiles, the LoRA plan and the decode plans are prepared, the
-step's K/V are stored) and then captures it: storing the same K/V again is harmless.
+How: during a graph-enabled generate() call the model's `forward` is `DecodeGraphs.__call__`. A
+forward of one new token per row on the call's PagedCache is a decode step; anything else (the
+prefill, a call asking for attentions) runs eager. For a decode step the cache first does the
+step's host bookkeeping (`PagedCache.begin_step`: a new block where one is due, written into the
+reserved device table in place; lengths and key mask in fixed buffers), the token ids and positions
+are copied into fixed input buffers, and the graph is replayed. A new graph key runs the step
+eagerly once (Triton compiles, plans are prepared, the step's K/V stored) and then captures it:
+storing the same K/V again is harmless.
 
-What a graph reads must keep its address while the graph lives: the entry holds a reference to every
-such object (inputs, the cache's table, lengths, mask and decode plans, the LoRA plan, its prepared
-launches and workspace), so no other tensor can take those addresses, and a key built from them can
-never match a graph captured over freed memory. The LoRA plan depends only on the rows' adapters,
-fixed for the call; graphs live as long as the call.
+Graphs outlive calls, so a new mix of adapters replays the graph it already has: the LoRA launches
+of a decode step use `LoraRuntime`'s fixed decode tables (a tile per row, the rows' adapter
+metadata rewritten in place per call; grids depend on the batch size and a rank capacity only),
+and a call's PagedCache adopts the step buffers (table, lengths, key mask, decode plans) of the
+first call of its shape. The key is (batch size, the fixed LoRA plan, the adapter row table, the
+LoRA modules' epoch, the step buffers' addresses). What a graph reads keeps its address while the
+graph lives: the entry holds a reference to every such object, so no other tensor can take those
+addresses and a key never matches a graph captured over freed memory.
 """
 
 from __future__ import annotations
@@ -46,46 +49,60 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     input_ids: torch.Tensor  # [batch, 1], copied into before each replay
     position_ids: torch.Tensor  # [batch, 1]
-    output: Any  # the ModelOutput the capture returned; its tensors are the graph's outputs
+    output: Any  # the ModelOutput the capture returned (its cache entry cleared); the graph's outputs
+    cache_key: str | None  # the output's entry that names the cache: set to the calling one's
     kept: tuple  # everything else the graph reads (see the module doc)
 
 
 class DecodeGraphs:
-    """The wrapped forward of one generate() call: decode steps replayed, the rest eager.
+    """The wrapped forward of a model's generate() calls: decode steps replayed, the rest eager.
 
-    `forward`: the model's own forward. `cache`: the call's PagedCache (reserved). `lora_state()`:
-    the LoRA runtime's objects a captured step reads (kept alive with the graph). `stats`: counts of
-    captures, replays and eager steps by reason, added to by every call. A capture that fails
-    (e.g. a driver without programmatic dependent launch in graphs) raises when `required`, else
-    its steps run eager, counted, with a warning.
+    Kept across calls (one per LoRA runtime): graphs are keyed by batch size, the LoRA launches'
+    identity (batch size and rank capacity, not the adapters), the LoRA modules (`epoch()`) and the
+    addresses of the KV step buffers, which a call's cache adopts from the calls before it
+    (`_buffers`, by batch size and table width). So a new adapter mix replays the same graph.
+
+    `forward`: the model's own forward. `lora_state()`: the LoRA runtime's objects a captured step
+    reads (kept alive with the graph). `stats`: counts of captures, replays and eager steps by
+    reason. A capture that fails (e.g. a driver without programmatic dependent launch in graphs)
+    raises in a call that requires graphs, else its steps run eager, counted, with a warning.
     """
 
     def __init__(
-        self,
-        forward: Callable,
-        cache: PagedCache,
-        lora_state: Callable[[], tuple],
-        stats: Counter,
-        required: bool = False,
+        self, forward: Callable, lora_state: Callable[[], tuple], epoch: Callable[[], int], stats: Counter
     ) -> None:
-        self.forward, self.cache, self.lora_state, self.stats = forward, cache, lora_state, stats
-        self.required = required
+        self.forward, self.lora_state, self.epoch, self.stats = forward, lora_state, epoch, stats
+        self.cache: PagedCache | None = None
+        self.required = False
         self._graphs: dict[tuple, _Captured | None] = {}  # None: its capture failed
+        self._buffers: dict[tuple[int, int], tuple] = {}  # (batch, table width) -> a cache's step state
         self._pool = torch.cuda.graph_pool_handle()
         functools.update_wrapper(self, forward)  # generate() inspects the forward's signature
+
+    def start(self, cache: PagedCache, required: bool) -> None:
+        """A generate() call on `cache` (reserved) begins."""
+        self.cache, self.required = cache, required
+
+    def stop(self) -> None:
+        self.cache = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         reason = self._eager_reason(args, kwargs)
         if reason is not None:
             self.stats[f"eager: {reason}"] += 1
             return self.forward(*args, **kwargs)
-        key_mask = self.cache.begin_step(kwargs["attention_mask"])
+        cache = self.cache
+        self._adopt_buffers(cache)
+        key_mask = cache.begin_step(kwargs["attention_mask"])
         try:
             step_kwargs = {**kwargs, "attention_mask": key_mask[:, : kwargs["attention_mask"].shape[1]]}
             input_ids = kwargs["input_ids"]
-            lora_plan = self.lora_state()[0]
-            key = (input_ids.shape[0], id(lora_plan), *(t.data_ptr() for t in self.cache.step_buffers()))
-            if key not in self._graphs:
+            lora = self.lora_state()
+            key = (
+                input_ids.shape[0], id(lora[0]), lora[-1].data_ptr(), self.epoch(),
+                *(t.data_ptr() for t in cache.step_buffers()),
+            )  # fmt: skip
+            if key not in self._graphs or (self._graphs[key] is None and self.required):
                 output = self._capture(key, step_kwargs)
                 if output is not None:  # the capture failed: the eager warm-up did this step
                     return output
@@ -97,20 +114,31 @@ class DecodeGraphs:
             captured.position_ids.copy_(kwargs["position_ids"])
             captured.graph.replay()
             self.stats["replays"] += 1
-            return type(captured.output)(captured.output)  # a shallow copy: the caller may edit it
+            result = type(captured.output)(captured.output)  # a shallow copy: the caller may edit it
+            if captured.cache_key is not None:
+                result[captured.cache_key] = cache
+            return result
         finally:
-            self.cache.end_step()
+            cache.end_step()
 
-    def close(self) -> None:
-        """Drop the graphs (and their memory); the call is over."""
-        self._graphs.clear()
+    def _adopt_buffers(self, cache: PagedCache) -> None:
+        """The first step of a call: take the step buffers of an earlier call of this shape (so its
+        graphs read this call's KV), or lend this call's to later ones."""
+        if cache.adopted:
+            return
+        shape = cache.step_shape()
+        if shape in self._buffers:
+            cache.adopt(self._buffers[shape])
+        else:
+            cache.adopt(None)
+            self._buffers[shape] = cache.step_state()
 
     def _eager_reason(self, args: tuple, kwargs: dict) -> str | None:
         if args:
             return "positional arguments"
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         input_ids = kwargs.get("input_ids")
-        if cache is not self.cache or input_ids is None or input_ids.dim() != 2:
+        if self.cache is None or cache is not self.cache or input_ids is None or input_ids.dim() != 2:
             return "not a step on the call's cache"
         if input_ids.shape[1] != 1 or self.cache.get_seq_length() == 0:
             return "prefill"
@@ -145,6 +173,9 @@ class DecodeGraphs:
             self.stats["eager: capture failed"] += 1
             return eager
         self.stats["captures"] += 1
-        kept = (*self.cache.step_buffers(), *self.cache.decode_plans(), *self.lora_state(), step)
-        self._graphs[key] = _Captured(graph, step["input_ids"], step["position_ids"], output, kept)
+        cache_key = next((k for k, v in output.items() if v is self.cache), None)
+        if cache_key is not None:
+            output[cache_key] = None  # later calls have caches of their own
+        kept = (*self.cache.step_buffers(), *self.cache.decode_plans(), *self.lora_state())
+        self._graphs[key] = _Captured(graph, step["input_ids"], step["position_ids"], output, cache_key, kept)
         return None

@@ -105,6 +105,49 @@ def add_lora_to_forward(
     return undo
 
 
+@dataclass
+class _FixedDecode:
+    """A decode plan whose addresses stay put across calls, for steps replayed from CUDA graphs: one
+    GEMV tile per row (so the launch grids depend on the batch size only), and the rows' adapter
+    locations and scales gathered into fixed tables, rewritten in place when the rows change. A row
+    without adapter, and a module its adapter does not target, have rank 0 there: the kernels skip
+    them. `max_rank` is a power-of-two capacity, so calls whose adapters' ranks fit it share it."""
+
+    plan: sgmv.SgmvPlan
+    locations: torch.Tensor  # [modules, rows, LOCATION_FIELDS]
+    scales: torch.Tensor  # [modules, rows]
+    workspace: torch.Tensor
+    recipes: dict[int, _Recipe]  # prepared launches; they read `rows`, so they go when it is replaced
+    rows: torch.Tensor  # the adapter cache's row table when the recipes were prepared
+
+    @classmethod
+    def build(cls, runtime: LoraRuntime, rows: int, max_rank: int) -> _FixedDecode:
+        device, modules = runtime.cache.device, len(runtime.module_names)
+        token = torch.arange(rows, dtype=torch.int32)
+        packed = torch.cat([token, token, torch.zeros_like(token), token, token + 1]).to(device)
+        plan = sgmv.SgmvPlan(
+            num_tokens=rows, token_slots=packed[:rows], sorted_tokens=packed[rows : 2 * rows],
+            tiles=packed[2 * rows :].view(3, rows), num_tiles=rows, block_m=1, max_rank=max_rank, slots=(),
+        )  # fmt: skip
+        need = max(sgmv.shrink_workspace_numel(plan, size) for size in {g.size for g in runtime.groups})
+        return cls(
+            plan,
+            torch.zeros(modules, rows, sgmv.LOCATION_FIELDS, dtype=torch.int64, device=device),
+            torch.zeros(modules, rows, dtype=torch.float32, device=device),
+            torch.empty(need, dtype=torch.float32, device=device),
+            {},
+            runtime.cache.rows,
+        )
+
+    def fill(self, row_slots: Sequence[int], cache: AdapterCache) -> None:
+        """Gather the rows' adapter metadata into the fixed tables (device ops, no sync)."""
+        slots = torch.tensor(row_slots, dtype=torch.int64).to(cache.device, non_blocking=True)
+        valid = slots >= 0
+        index = slots.clamp(min=0)
+        self.locations.copy_(cache.locations.index_select(1, index) * valid[None, :, None])
+        self.scales.copy_(cache.scales.index_select(1, index) * valid[None, :])
+
+
 class LoraRuntime:
     def __init__(self, module_names: Sequence[str], pool: PagePool) -> None:
         self.module_names = list(module_names)
@@ -123,6 +166,11 @@ class LoraRuntime:
         self._kernels = False
         # (input, group first) whose v the workspace holds: siblings reuse it until another shrink
         self._shrunk: tuple[torch.Tensor, int] | None = None
+        # Set by a call whose decode steps are replayed from graphs: one-token forwards then use a
+        # _FixedDecode (kept across calls, by (rows, rank capacity)) instead of a fresh plan.
+        self.fixed_decode = False
+        self._fixed: dict[tuple[int, int], _FixedDecode] = {}
+        self._fixed_now: _FixedDecode | None = None
 
     def set_rows(self, row_slots: Sequence[int] | None, tokens_per_row: int) -> None:
         """Plan the coming forward. `row_slots[i]` is the device slot of row i's adapter (-1: none).
@@ -139,25 +187,45 @@ class LoraRuntime:
             return
         used = [cache.resident_at(s) for s in set(row_slots) if s >= 0]
         self.clear()
-        for r in used:
-            self.module_mask |= r.module_mask
-        self.plan = sgmv.plan_sgmv(row_slots, tokens_per_row, max(r.max_rank for r in used), cache.device)
+        max_rank = max(r.max_rank for r in used)
         self.owner = threading.get_ident()
         self._plan_key = key
         self._kernels = use_triton(cache.pool.storage)
+        if self.fixed_decode and tokens_per_row == 1 and self._kernels:
+            self._use_fixed(row_slots, max_rank)
+            return
+        for r in used:
+            self.module_mask |= r.module_mask
+        self.plan = sgmv.plan_sgmv(row_slots, tokens_per_row, max_rank, cache.device)
         if self._kernels:
             sizes = {g.size for g in self.groups}
             need = max(sgmv.shrink_workspace_numel(self.plan, size) for size in sizes)
             self._workspace = torch.empty(need, dtype=torch.float32, device=cache.device)
 
+    def _use_fixed(self, row_slots: Sequence[int], max_rank: int) -> None:
+        """Plan a decode step on the fixed tables of this batch size: every LoRA module launches
+        (rank 0 where a row's adapter does not target it), so the launches do not depend on the mix."""
+        capacity = max(sgmv.RANK_TILE, 1 << (max_rank - 1).bit_length())
+        key = (len(row_slots), capacity)
+        fixed = self._fixed.get(key)
+        if fixed is None:
+            fixed = self._fixed[key] = _FixedDecode.build(self, len(row_slots), capacity)
+        if fixed.rows is not self.cache.rows:  # grown for new adapters: prepare anew (a new dict: graphs
+            fixed.recipes, fixed.rows = {}, self.cache.rows  # may still hold the old launches)
+        fixed.fill(row_slots, self.cache)
+        self._fixed_now = fixed
+        self.plan, self._recipes, self._workspace = fixed.plan, fixed.recipes, fixed.workspace
+        self.module_mask = (1 << len(self.module_names)) - 1
+
     def captured_state(self) -> tuple:
         """What a forward under the current plan reads besides the pool and the tables: the plan, the
-        prepared launches and the shrink workspace (a captured graph keeps them alive)."""
-        return self.plan, dict(self._recipes), self._workspace
+        prepared launches and the shrink workspace (a captured graph keeps them alive), and the row
+        table of the adapter cache (replaced when it grows)."""
+        return self.plan, self._recipes, self._workspace, self._fixed_now, self.cache.rows
 
     def clear(self) -> None:
         self.plan, self.owner, self.module_mask, self._plan_key, self._shrunk = None, None, 0, None, None
-        self._recipes, self._workspace = {}, None
+        self._recipes, self._workspace, self._fixed_now = {}, None, None
 
     def apply(self, module: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add the LoRA delta of module `module` to y (the base layer's output for input x), in place."""
@@ -218,8 +286,9 @@ class LoraRuntime:
     def _prepare(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> _Recipe:
         """Plan once, run many: the launches of this module under the current plan. All groups share
         one shrink workspace: a group's v is used by its members before any other shrink runs."""
-        cache, plan, group = self.cache, self.plan, self.groups[module]
+        cache, plan, group, fixed = self.cache, self.plan, self.groups[module], self._fixed_now
         first = self._recipes.get(group.first) if group.first != module else None
+        members = slice(group.first, group.first + group.size)
         shrink = (
             first.shrink
             if first
@@ -227,9 +296,10 @@ class LoraRuntime:
                 x2,
                 cache.pool.storage,
                 cache.rows,
-                cache.locations[group.first : group.first + group.size],
+                cache.locations[members],
                 plan,
                 out=self._workspace,
+                tile_locations=fixed.locations[members] if fixed else None,
             )
         )
         position = module - group.first
@@ -242,6 +312,7 @@ class LoraRuntime:
             cache.locations[m],
             cache.scales[m],
             plan,
+            tile_tables=(fixed.locations[m], fixed.scales[m]) if fixed else None,
         )
         self._recipes[module] = _Recipe(shrink, expand, x2.dtype, tuple(x2.shape), tuple(out2.shape))
         return self._recipes[module]

@@ -92,6 +92,8 @@ class MultiLoraModel(torch.nn.Module):
         # its planning hook are shared; another thread's plain call must not see them).
         self._routing = threading.local()
         self._graph_stats: Counter[str] = Counter()
+        self._decode_graphs: DecodeGraphs | None = None  # of the current runtime, kept across calls
+        self._hook_epoch = 0  # bumped when a module gains or loses its LoRA forward (graphs depend on it)
         self._pool_size = self._checked_pool_size(pool_bytes, pool_fraction)
         self._runtime: LoraRuntime | None = None  # built on the first call, on the base's device
         self._plan_hook = base_model.register_forward_pre_hook(self._plan_forward, with_kwargs=True)
@@ -233,8 +235,10 @@ class MultiLoraModel(torch.nn.Module):
             if self._module_users[m] > 0 and m not in self._hooks:
                 module = self._modules_by_name[self._module_names[m]]
                 self._hooks[m] = add_lora_to_forward(module, m, lambda: self._runtime)
+                self._hook_epoch += 1
             elif self._module_users[m] == 0 and m in self._hooks:
                 self._hooks.pop(m)()
+                self._hook_epoch += 1
 
     # ------------------------------------------------------------------ calls
 
@@ -287,14 +291,11 @@ class MultiLoraModel(torch.nn.Module):
             use_paged_attention(self.base_model)
             graphs, own_forward = None, self.base_model.__dict__.get("forward")
             if no_graphs is None:
-                cache.reserve(_max_tokens(self.base_model, args, kwargs))
-                graphs = DecodeGraphs(
-                    self.base_model.forward,
-                    cache,
-                    self._runtime.captured_state,
-                    self._graph_stats,
-                    required=bool(cuda_graphs),
-                )
+                # Widths rounded up to a power of two: calls of similar lengths share step buffers and graphs.
+                cache.reserve(1 << (_max_tokens(self.base_model, args, kwargs) - 1).bit_length())
+                graphs = self._graphs_of_runtime()
+                graphs.start(cache, required=bool(cuda_graphs))
+                self._runtime.fixed_decode = True
                 self.base_model.forward = graphs
             try:
                 kwargs = self._with_release_of_finished_rows(cache, kwargs)
@@ -305,9 +306,20 @@ class MultiLoraModel(torch.nn.Module):
                         del self.base_model.forward
                     else:
                         self.base_model.forward = own_forward
-                    graphs.close()
+                    graphs.stop()
+                    self._runtime.fixed_decode = False
                 set_attention(self.base_model, previous)
                 cache.release()
+
+    def _graphs_of_runtime(self) -> DecodeGraphs:
+        """The decode graphs of the current runtime (a new one after the model moved: new pool)."""
+        graphs = self._decode_graphs
+        if graphs is None or graphs.lora_state.__self__ is not self._runtime:
+            forward = self.base_model.forward
+            graphs = self._decode_graphs = DecodeGraphs(
+                forward, self._runtime.captured_state, lambda: self._hook_epoch, self._graph_stats
+            )
+        return graphs
 
     def _why_no_graphs(self, paged: bool, kwargs: dict) -> str | None:
         """Why this generate() call cannot replay its decode steps from CUDA graphs (None: it can)."""

@@ -412,6 +412,7 @@ class ShrinkCall:
         locations: torch.Tensor,
         plan: SgmvPlan,
         out: torch.Tensor | None = None,
+        tile_locations: torch.Tensor | None = None,  # [slices, num_tiles, LOCATION_FIELDS]: given per tile
     ) -> None:
         _check_inputs(x, weights, rows, locations)
         n_tokens, k = x.shape
@@ -425,7 +426,8 @@ class ShrinkCall:
         self._launch = None
         if plan.num_tiles:
             k_per_split = triton.cdiv(triton.cdiv(k, g.splits), g.block_k) * g.block_k
-            tile_locations = tile_view(locations, plan)
+            if tile_locations is None:
+                tile_locations = tile_view(locations, plan)
             args = (
                 x, weights, rows, tile_locations, plan.tiles, plan.sorted_tokens, self.v,
                 plan.num_tiles, k, k_per_split, x.stride(0),
@@ -485,6 +487,7 @@ class ExpandCall:
         scales: torch.Tensor,
         plan: SgmvPlan,
         slice_offsets: Sequence[int] | None = None,
+        tile_tables: tuple[torch.Tensor, torch.Tensor] | None = None,  # (locations, scales) per tile
     ) -> None:
         _check_inputs(y, weights, rows, locations)
         n_slices = locations.shape[0]
@@ -493,7 +496,7 @@ class ExpandCall:
         if plan.num_tiles:
             widest = max(b - a for a, b in itertools.pairwise(offsets))
             block_n = 128 if widest >= 128 else max(16, triton.next_power_of_2(widest))
-            tile_locations, tile_scales = tile_view(locations, plan), tile_view(scales, plan)
+            tile_locations, tile_scales = tile_tables or (tile_view(locations, plan), tile_view(scales, plan))
             args = (
                 y, v, weights, rows, tile_locations, tile_scales, plan.tiles, plan.sorted_tokens,
                 _device_offsets(offsets, y.device), plan.num_tiles, y.stride(0),

@@ -90,6 +90,29 @@ def test_reserved_table_keeps_its_address_across_blocks(llama_zoo, monkeypatch):
         PagedCache(model._runtime.cache.pool, base.config).begin_step(mask)
 
 
+def test_fixed_decode_tables_compute_what_the_per_call_plan_does(llama_zoo, monkeypatch):
+    """The decode plan graphs replay (a tile per row, the rows' adapter tables rewritten in place for
+    each mix of adapters) gives the per-call plan's logits, for mixed ranks and targets and base
+    rows, with the same tables and launches for every mix."""
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+    names = list(llama_zoo.paths)
+    mixes = [[names[0], None, names[3], names[4]], [names[2], names[2], None, names[1]], [None, None, None, names[3]]]
+    ids = prompts(4, 1, seed=10)
+    seen = set()
+    for rows in mixes:
+        expected = model(ids, adapter_ids=rows).logits
+        model._runtime.fixed_decode = True
+        try:
+            got = model(ids, adapter_ids=rows).logits
+        finally:
+            model._runtime.fixed_decode = False
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got[0], model(ids[:1]).logits[0]) or rows[0] is None  # adapters did act
+        seen.update(id(f) for f in model._runtime._fixed.values())
+    assert len(seen) == 1  # one set of fixed tables (ranks 4-16 share the capacity 16)
+
+
 # ------------------------------------------------------------------------------------------ GPU
 
 
@@ -113,12 +136,20 @@ def test_graph_decode_gives_the_eager_tokens(llama_zoo, dtype):
     graphs, eager, stats = graph_and_eager(model, ids, **kwargs)
     assert graphs.tolist() == eager.tolist()
     assert stats["captures"] == 1 and stats["replays"] == 39, stats
-    # another mix of adapters and a batch of another size: captured per call, still exact
+    # Other mixes of adapters (other ranks, targets, base rows), the same batch size and a length in
+    # the same bucket: the graph captured above is replayed, no new capture.
+    for seed, mix in enumerate([[names[4]] * 8, [None, names[3], names[3], None, names[1], names[2], None, None]]):
+        ids_m, mask_m = left_padded(8, 7, seed=20 + seed, device="cuda")
+        kwargs_m = {**kwargs, "adapter_ids": mix, "attention_mask": mask_m, "max_new_tokens": 35}
+        graphs_m, eager_m, stats_m = graph_and_eager(model, ids_m, **kwargs_m)
+        assert graphs_m.tolist() == eager_m.tolist(), f"mix {seed}"
+        assert stats_m.get("captures", 0) == 0 and stats_m["replays"] == 34, stats_m
+    # a batch of another size: one more capture, still exact
     rows2 = [None, names[3], names[3]]
     ids2, mask2 = left_padded(3, 5, seed=5, device="cuda")
     kwargs2 = dict(adapter_ids=rows2, attention_mask=mask2, max_new_tokens=20, do_sample=False, pad_token_id=0)
-    graphs2, eager2, _ = graph_and_eager(model, ids2, **kwargs2)
-    assert graphs2.tolist() == eager2.tolist()
+    graphs2, eager2, stats2 = graph_and_eager(model, ids2, **kwargs2)
+    assert graphs2.tolist() == eager2.tolist() and stats2["captures"] == 1
     assert model.memory_stats()["pages_kv"] == 0
     assert "forward" not in model.base_model.__dict__
 
