@@ -44,6 +44,29 @@ _FLAGS_FOR_EAGER = ("output_attentions", "output_hidden_states")
 logger = logging.getLogger(__name__)
 
 
+def eager_reason(cache: PagedCache | None, args: tuple, kwargs: dict) -> str | None:
+    """Why a forward of a graph-enabled call on `cache` cannot be a replayed decode step (None: it can)."""
+    if args:
+        return "positional arguments"
+    given = kwargs.get("cache", kwargs.get("past_key_values"))
+    input_ids = kwargs.get("input_ids")
+    if cache is None or given is not cache or input_ids is None or input_ids.dim() != 2:
+        return "not a step on the call's cache"
+    if input_ids.shape[1] != 1 or cache.get_seq_length() == 0:
+        return "prefill"
+    if any(kwargs.get(flag) for flag in _FLAGS_FOR_EAGER):
+        return "attentions or hidden states asked for"
+    unknown = sorted(k for k, v in kwargs.items() if k not in _REPLAYABLE and v is not None)
+    if unknown:
+        return f"inputs a replay does not take ({', '.join(unknown)})"
+    mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if mask is None or mask.dim() != 2 or positions is None or positions.shape != input_ids.shape:
+        return "no 2-D attention mask or position ids"
+    if kwargs.get("use_cache") is False:
+        return "use_cache=False"
+    return None
+
+
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
@@ -87,7 +110,7 @@ class DecodeGraphs:
         self.cache = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        reason = self._eager_reason(args, kwargs)
+        reason = eager_reason(self.cache, args, kwargs)
         if reason is not None:
             self.stats[f"eager: {reason}"] += 1
             return self.forward(*args, **kwargs)
@@ -132,27 +155,6 @@ class DecodeGraphs:
         else:
             cache.adopt(None)
             self._buffers[shape] = cache.step_state()
-
-    def _eager_reason(self, args: tuple, kwargs: dict) -> str | None:
-        if args:
-            return "positional arguments"
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        input_ids = kwargs.get("input_ids")
-        if self.cache is None or cache is not self.cache or input_ids is None or input_ids.dim() != 2:
-            return "not a step on the call's cache"
-        if input_ids.shape[1] != 1 or self.cache.get_seq_length() == 0:
-            return "prefill"
-        if any(kwargs.get(flag) for flag in _FLAGS_FOR_EAGER):
-            return "attentions or hidden states asked for"
-        unknown = sorted(k for k, v in kwargs.items() if k not in _REPLAYABLE and v is not None)
-        if unknown:
-            return f"inputs a replay does not take ({', '.join(unknown)})"
-        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
-        if mask is None or mask.dim() != 2 or positions is None or positions.shape != input_ids.shape:
-            return "no 2-D attention mask or position ids"
-        if kwargs.get("use_cache") is False:
-            return "use_cache=False"
-        return None
 
     def _capture(self, key: tuple, kwargs: dict) -> Any:
         """Run the step eagerly (compiles and prepares everything; stores this step's K/V), then

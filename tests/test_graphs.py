@@ -113,6 +113,41 @@ def test_fixed_decode_tables_compute_what_the_per_call_plan_does(llama_zoo, monk
     assert len(seen) == 1  # one set of fixed tables (ranks 4-16 share the capacity 16)
 
 
+def test_which_forwards_a_graph_replays(llama_zoo):
+    """Only one-token forwards on the call's filled cache, with the inputs a replay copies in."""
+    from hf_multilora.graphs import eager_reason
+
+    base = llama_zoo.fresh_base()
+    from hf_multilora.memory.page_pool import PagePool
+
+    pool = PagePool(64, 2048, torch.float32, "cpu")
+    cache, other = PagedCache(pool, base.config), PagedCache(pool, base.config)
+    ids, mask, positions = prompts(2, 1), torch.ones(2, 5, dtype=torch.long), torch.full((2, 1), 4)
+    step = dict(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                return_dict=True, logits_to_keep=1)  # fmt: skip
+    assert eager_reason(cache, (), step) == "prefill"  # the cache is empty
+    k = torch.randn(2, cache.kv_heads, 4, cache.head_dim)
+    for layer in range(cache.num_layers):
+        cache.update(k, k, layer)
+        cache._pending = None
+    assert eager_reason(cache, (), step) is None
+    older = {k: v for k, v in step.items() if k != "cache"}
+    assert eager_reason(cache, (), {**older, "past_key_values": cache}) is None  # transformers 5.17's keyword
+    cases = {
+        "positional arguments": ((ids,), step),
+        "not a step on the call's cache": ((), {**step, "cache": other}),
+        "prefill": ((), {**step, "input_ids": prompts(2, 3)}),
+        "attentions or hidden states asked for": ((), {**step, "output_hidden_states": True}),
+        "inputs a replay does not take (inputs_embeds)": ((), {**step, "inputs_embeds": torch.zeros(2, 1, 64)}),
+        "no 2-D attention mask or position ids": ((), {**step, "position_ids": None}),
+        "use_cache=False": ((), {**step, "use_cache": False}),
+    }
+    for reason, (args, kwargs) in cases.items():
+        assert eager_reason(cache, args, kwargs) == reason
+    assert eager_reason(None, (), step) == "not a step on the call's cache"  # outside a call
+    cache.release()
+
+
 # ------------------------------------------------------------------------------------------ GPU
 
 
