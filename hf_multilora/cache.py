@@ -128,7 +128,8 @@ def paged_attention_forward(
     if step is None:
         return _dense_attention(query, key, value, key_mask, scale, sliding_window), None
     table, new_value = step
-    key_mask = cache.step_key_mask() if cache._stepping else key_mask  # a graph reads the fixed buffer
+    if cache._stepping:  # a graph reads the fixed buffer begin_step filled
+        key_mask = cache._step_mask
     length = cache.get_seq_length(module.layer_idx)
     if key_mask is not None and key_mask.shape[-1] < length:
         raise ValueError(f"the attention mask covers {key_mask.shape[-1]} positions, the cache {length}")
@@ -373,10 +374,6 @@ class PagedCache(Cache):
         self._reserved_blocks = -(-max_tokens // self.block_size)
         self._table_stale = True
 
-    @property
-    def reserved_tokens(self) -> int:
-        return self._reserved_blocks * self.block_size
-
     def begin_step(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Do the host bookkeeping of one decode token for every layer at once (a new block where one is
         due, the lengths, the key mask copied into a fixed buffer), so that the forward that follows, or a
@@ -419,10 +416,7 @@ class PagedCache(Cache):
         ``step_state`` of the same ``step_shape``) as this cache's step buffers, so that graphs captured
         over them read this cache; None: make this cache's own buffers (lengths, key mask) now."""
         batch, width = self.step_shape()
-        if state is None:
-            if self._kv_lens is None:
-                self._kv_lens = torch.empty(batch, dtype=torch.int32, device=self._device)
-            self._kv_lens_end = -1
+        if state is None:  # the prefill made the lengths
             self._step_mask = torch.ones(batch, width * self.block_size, dtype=torch.bool, device=self._device)
         else:
             table, kv_lens, mask, plans = state
@@ -435,14 +429,6 @@ class PagedCache(Cache):
     def step_buffers(self) -> tuple[torch.Tensor, ...]:
         """The fixed device buffers a step begun by ``begin_step`` reads: table, lengths, key mask."""
         return self._table, self._kv_lens, self._step_mask
-
-    def decode_plans(self) -> list[PagedDecode]:
-        """The decode launches planned for the current table (their split buffers are read by them)."""
-        return list(self._plans.values())
-
-    def step_key_mask(self) -> torch.Tensor | None:
-        """The fixed key mask of a step begun by ``begin_step`` (None outside one)."""
-        return self._step_mask if self._stepping else None
 
     def _prepare_tokens(self, end: int, new: int) -> None:
         """Pages, device table and lengths for a forward that brings the rows to ``end`` tokens, ``new`` of

@@ -178,6 +178,6 @@ class DecodeGraphs:
         cache_key = next((k for k, v in output.items() if v is self.cache), None)
         if cache_key is not None:
             output[cache_key] = None  # later calls have caches of their own
-        kept = (*self.cache.step_buffers(), *self.cache.decode_plans(), *self.lora_state())
+        kept = (*self.cache.step_state(), *self.lora_state())  # plans are only ever added to its dict
         self._graphs[key] = _Captured(graph, step["input_ids"], step["position_ids"], output, cache_key, kept)
         return None

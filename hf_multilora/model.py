@@ -312,14 +312,12 @@ class MultiLoraModel(torch.nn.Module):
                 cache.release()
 
     def _graphs_of_runtime(self) -> DecodeGraphs:
-        """The decode graphs of the current runtime (a new one after the model moved: new pool)."""
-        graphs = self._decode_graphs
-        if graphs is None or graphs.lora_state.__self__ is not self._runtime:
-            forward = self.base_model.forward
-            graphs = self._decode_graphs = DecodeGraphs(
-                forward, self._runtime.captured_state, lambda: self._hook_epoch, self._graph_stats
+        """The decode graphs of the current runtime (dropped with it when the model moves)."""
+        if self._decode_graphs is None:
+            self._decode_graphs = DecodeGraphs(
+                self.base_model.forward, self._runtime.captured_state, lambda: self._hook_epoch, self._graph_stats
             )
-        return graphs
+        return self._decode_graphs
 
     def _why_no_graphs(self, paged: bool, kwargs: dict) -> str | None:
         """Why this generate() call cannot replay its decode steps from CUDA graphs (None: it can)."""
@@ -388,7 +386,8 @@ class MultiLoraModel(torch.nn.Module):
         weight = self._first_target_weight()
         runtime = self._runtime
         if runtime is None or (weight.device, weight.dtype) != (runtime.cache.device, runtime.cache.dtype):
-            self._runtime = runtime = None  # frees the old pool before the new one is sized
+            # Frees the old pool (and the graphs that read it) before the new one is sized.
+            self._runtime = runtime = self._decode_graphs = None
             runtime = self._runtime = LoraRuntime(self._module_names, self._new_pool(weight))
         return runtime
 
