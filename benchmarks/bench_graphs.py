@@ -4,12 +4,18 @@ Rows, in interleaved rounds (every variant once per round, the order rotated; th
   static (base)        the plain base model, `cache_implementation="static"` (transformers compiles
                        the decode step with CUDA graphs), warmed up first
   graphs, no adapter   MultiLoraModel.generate(cuda_graphs=True) without adapter_ids
-  graphs x32           MultiLoraModel.generate(cuda_graphs=True), 32 distinct adapters, rows rotated
-  eager x32            the same call with cuda_graphs=False
+  graphs x32 <setup>   MultiLoraModel.generate(cuda_graphs=True), 32 distinct adapters, rows rotated;
+                       one row per adapter setup (qkvo-r16: rank 16 on q/k/v/o; all7-mixed: all
+                       seven projections, ranks 8/16/32/64)
+  eager x32 <first>    the first setup's call with cuda_graphs=False
 
 Each variant runs twice per round, with `new_tokens` and with 1 new token: the difference is the
-decode time (prefill differenced out), reported per step. Llama-2-7B shapes, random bf16 weights,
-rank-16 q/k/v/o adapters; `--tiny` checks the script on a toy model (CUDA still needed for graphs).
+decode time (prefill differenced out), reported per step. Llama-2-7B shapes, random bf16 weights;
+`--tiny` checks the script on a toy model (CUDA still needed for graphs).
+
+Roofline: the bytes a decode step must read (the weights but the embedding table, the KV of the
+rows' mean context over the decode, and the rank rows of the adapters the batch uses) over the
+step's time, as a fraction of a device-to-device copy's bandwidth (read + write) measured here.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt-lens", type=common.parse_int_list, default=(128, 512))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--distinct", type=int, default=32)
+    parser.add_argument("--setups", default="qkvo-r16,all7-mixed", help="adapter setups, comma-separated")
+    parser.add_argument("--pool-gib", type=float, default=40.0, help="the page pool (adapters and KV)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
@@ -78,25 +86,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     device, env = started
     profile = TINY if args.tiny else FULL
     dtype = torch.bfloat16
-    setup = profile.setups["qkvo-r16"]
     base = build_base(profile, device, dtype)
-    peft_model, names = add_adapters(base, setup, args.distinct, dtype, keep_fp32=False)
+    sets: dict[str, list[str]] = {}  # setup -> its adapters' names
     with tempfile.TemporaryDirectory() as tmp:
-        peft_model.save_pretrained(tmp)
-        base = peft_model.unload()
-        del peft_model
-        common.free_memory()
-        paths = {n: f"{tmp}/{n}" for n in names}
-        model = MultiLoraModel.from_pretrained(base, adapters=paths)
-        model.prefetch_adapters(names)
-        results = [run_prompt(model, names, prompt, args, device, profile.batch) for prompt in args.prompt_lens]
-    payload = {"environment": env, "args": vars(args), "graph_stats": model.graph_stats(), "results": results}
+        paths = {}
+        for name in args.setups.split(","):
+            peft_model, names = add_adapters(base, profile.setups[name], args.distinct, dtype, keep_fp32=False)
+            peft_model.save_pretrained(f"{tmp}/{name}")
+            base = peft_model.unload()
+            del peft_model
+            common.free_memory()
+            sets[name] = [f"{name}-{n}" for n in names]
+            paths.update({f"{name}-{n}": f"{tmp}/{name}/{n}" for n in names})
+        model = MultiLoraModel.from_pretrained(base, adapters=paths, pool_bytes=int(args.pool_gib * 2**30))
+        model.prefetch_adapters(list(paths))
+        bandwidth = copy_bandwidth(device)
+        print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s (read + write)")
+        results = [
+            run_prompt(model, sets, prompt, args, device, profile, bandwidth) for prompt in args.prompt_lens
+        ]
+    payload = {"environment": env, "args": vars(args), "copy_bytes_per_s": bandwidth,
+               "graph_stats": model.graph_stats(), "results": results}  # fmt: skip
     if args.json:
         common.write_json(args.json, payload)
     return 0
 
 
-def run_prompt(model: MultiLoraModel, names: list[str], prompt: int, args: Any, device: torch.device, batch: int):
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second a device-to-device copy of 1 GiB moves (read + write), median of 10."""
+    source = torch.empty(2**30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    seconds = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1000)
+    return 2 * source.numel() / common.median(seconds[2:])
+
+
+def step_bytes(
+    model: MultiLoraModel, profile: Any, setup: str | None, distinct: int, batch: int, context: float
+) -> float:
+    """What one decode step reads at least: weights (the embedding table aside: a step reads `batch`
+    rows of it), the rows' KV at `context` tokens, and every used adapter's rank rows (A and B)."""
+    base = model.base_model
+    embedding = base.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in base.parameters() if p is not embedding)
+    config, element = base.config, embedding.element_size()
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv = batch * context * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element
+    adapters = 0
+    if setup is not None:
+        spec = profile.setups[setup]
+        inner, hidden, kv_out = config.intermediate_size, config.hidden_size, config.num_key_value_heads * head_dim
+        shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
+                  "o_proj": (hidden, hidden), "gate_proj": (hidden, inner), "up_proj": (hidden, inner),
+                  "down_proj": (inner, hidden)}  # fmt: skip
+        per_rank = sum(sum(shapes[t]) for t in spec.targets) * config.num_hidden_layers * element
+        adapters = sum(spec.rank(i) for i in range(min(distinct, batch))) * per_rank
+    return weights + kv + adapters
+
+
+def run_prompt(
+    model: MultiLoraModel,
+    sets: dict[str, list[str]],
+    prompt: int,
+    args: Any,
+    device: torch.device,
+    profile: Any,
+    bandwidth: float,
+):
+    batch = profile.batch
     torch.manual_seed(prompt)
     input_ids = torch.randint(3, 32000 if not args.tiny else 128, (batch, prompt), device=device)
     mask = torch.ones_like(input_ids)
@@ -112,12 +175,20 @@ def run_prompt(model: MultiLoraModel, names: list[str], prompt: int, args: Any, 
                                   cuda_graphs=graphs, **fixed)  # fmt: skip
         return call
 
+    def rotated(names: list[str], graphs: bool) -> Callable[[int], Callable[[int], torch.Tensor]]:
+        return lambda r: ours(row_adapters(names[r:] + names[:r], len(names), batch), graphs)
+
     variants: dict[str, Callable[[int], Callable[[int], torch.Tensor]]] = {
         "static (base)": lambda r: static,
         "graphs, no adapter": lambda r: ours(None, True),
-        f"graphs x{len(names)}": lambda r: ours(row_adapters(names[r:] + names[:r], len(names), batch), True),
-        f"eager x{len(names)}": lambda r: ours(row_adapters(names[r:] + names[:r], len(names), batch), False),
     }
+    setup_of: dict[str, str | None] = {"static (base)": None, "graphs, no adapter": None}
+    for setup, names in sets.items():
+        variants[f"graphs x{len(names)} {setup}"] = rotated(names, True)
+        setup_of[f"graphs x{len(names)} {setup}"] = setup
+    first = next(iter(sets))
+    variants[f"eager x{len(sets[first])} {first}"] = rotated(sets[first], False)
+    setup_of[f"eager x{len(sets[first])} {first}"] = first
     for make in variants.values():  # warm-up: compile, capture, Triton
         for _ in range(2):
             timed(make(0), device, args.new_tokens)
@@ -140,17 +211,21 @@ def run_prompt(model: MultiLoraModel, names: list[str], prompt: int, args: Any, 
         row["decode_speed_vs_static"] = common.median([s / m for s, m in zip(static_ms, ours_ms, strict=True)])
     eager = next(r for r in rows if r["variant"].startswith("eager"))
     graphs = next(r for r in rows if r["variant"].startswith("graphs x"))
+    context = prompt + args.new_tokens / 2
     for row in rows:
-        if row["variant"].startswith("graphs"):
+        if not row["variant"].startswith("eager"):  # transformers' static cache replays graphs too
             row["replay_gpu_ms"] = replay_gpu_ms(variants[row["variant"]](0), args.new_tokens)
+        row["bytes_per_step"] = step_bytes(model, profile, setup_of[row["variant"]], args.distinct, batch, context)
+        row["roofline_fraction"] = row["bytes_per_step"] / (row["decode_ms_per_step"] / 1000) / bandwidth
     captures = model.graph_stats().get("captures", 0) - captures_before
     print(f"\n== prompt {prompt}, batch {batch}, {args.new_tokens} new tokens, {args.rounds} rounds")
     print(common.format_table(
-        ["variant", "decode ms/step", "GPU ms/replay", "tok/s", "decode speed / static"],
+        ["variant", "decode ms/step", "GPU ms/replay", "tok/s", "decode speed / static", "GB/step", "of copy bw"],
         [[r["variant"], round(r["decode_ms_per_step"], 2), round(r.get("replay_gpu_ms", float("nan")), 2),
-          round(r["tok_s"], 1), round(r["decode_speed_vs_static"], 3)] for r in rows],
+          round(r["tok_s"], 1), round(r["decode_speed_vs_static"], 3), round(r["bytes_per_step"] / 1e9, 2),
+          round(r["roofline_fraction"], 3)] for r in rows],
     ))  # fmt: skip
-    print(f"graphs x{len(names)} end-to-end / eager: {graphs['tok_s'] / eager['tok_s']:.2f}x; "
+    print(f"{graphs['variant']} end-to-end / eager: {graphs['tok_s'] / eager['tok_s']:.2f}x; "
           f"captures during the timed rounds: {captures}")  # fmt: skip
     return {"prompt": prompt, "rows": rows, "captures_in_timed_rounds": captures}
 

@@ -68,6 +68,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.masking_utils import AttentionMaskInterface
 
+from .backend import use_triton
 from .kernels.paged_attention import (
     PagedDecode,
     paged_attention,
@@ -75,7 +76,6 @@ from .kernels.paged_attention import (
     write_kv,
     write_kv_torch,
 )
-from .layers import use_triton
 from .memory.page_pool import PagePool
 
 PAGED_ATTENTION = "hf_multilora_paged"

@@ -9,7 +9,6 @@ others reuse it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .backend import use_triton
 from .kernels import sgmv
 from .memory.adapter_cache import AdapterCache
 from .memory.page_pool import PagePool
@@ -50,11 +50,6 @@ def sibling_groups(module_names: Sequence[str]) -> list[_Group]:
 def _split(name: str) -> tuple[str, str]:
     parent, _, leaf = name.rpartition(".")
     return parent, leaf
-
-
-def use_triton(t: torch.Tensor) -> bool:
-    """Triton on CUDA; HF_MULTILORA_KERNELS=triton forces it elsewhere (the interpreter, in tests)."""
-    return t.is_cuda or os.environ.get("HF_MULTILORA_KERNELS") == "triton"
 
 
 @dataclass

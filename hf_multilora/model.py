@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, StoppingCriteriaList
 
+from . import fusion
 from .adapters.host_store import HostAdapter
 from .adapters.loading import AdapterSource, ModelTargets, check_peft_adapter, load_peft_adapter
 from .cache import PagedCache, ReleaseFinishedRows, set_attention, use_paged_attention
@@ -97,6 +98,7 @@ class MultiLoraModel(torch.nn.Module):
         self._pool_size = self._checked_pool_size(pool_bytes, pool_fraction)
         self._runtime: LoraRuntime | None = None  # built on the first call, on the base's device
         self._plan_hook = base_model.register_forward_pre_hook(self._plan_forward, with_kwargs=True)
+        self._fusion = fusion.Fusion(base_model)  # RMSNorm and rotary as one launch each, on CUDA
 
     @classmethod
     def from_pretrained(
@@ -364,7 +366,8 @@ class MultiLoraModel(torch.nn.Module):
             slot_of = {n: r.slot for n, r in zip(distinct, residents, strict=True)}
             self._routing.row_slots = [slot_of[n] if n is not None else -1 for n in names] if names else None
             try:
-                yield
+                with self._fusion.active():
+                    yield
             finally:
                 self._routing.row_slots = None
                 runtime.clear()
