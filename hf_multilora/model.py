@@ -333,6 +333,42 @@ class MultiLoraModel(torch.nn.Module):
             return "the call asks for attentions or hidden states"
         return None
 
+    def page_pool(self) -> PagePool:
+        """The unified page pool (adapter rows and KV blocks), created now if no call made it yet. It is
+        replaced (and this one emptied) when the base model moves to another device or dtype."""
+        with self._lock:
+            return self._follow_base_placement().cache.pool
+
+    def _pin_adapters(self, names: Sequence[str]) -> None:
+        """Make these adapters resident and keep them so until `_unpin_adapters` (the serving engine
+        holds a running request's adapter for its whole life). PoolExhaustedError changes nothing."""
+        with self._lock:
+            self._follow_base_placement().cache.acquire_names(names, self._host_adapters)
+
+    def _unpin_adapters(self, names: Sequence[str]) -> None:
+        with self._lock:
+            if self._runtime is not None:
+                self._runtime.cache.release(names)
+
+    def _logits_of_step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: PagedCache, adapter_ids: list
+    ) -> torch.Tensor:
+        """One forward of the serving engine: rows of `input_ids` [rows, tokens] at `position_ids`,
+        their K/V added to `cache` (a serving StepCache), row i with adapter_ids[i]; returns the
+        last position's logits [rows, vocab]."""
+        base = self.base_model
+        with torch.no_grad(), self._routed((), {"input_ids": input_ids}, adapter_ids, None):
+            if self._runtime.cache.pool is not cache.pool:
+                raise RuntimeError("the base model moved to another device or dtype since the engine started")
+            previous = base.config._attn_implementation
+            use_paged_attention(base)
+            try:
+                out = base(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                           **{_cache_keyword(base): cache})  # fmt: skip
+            finally:
+                set_attention(base, previous)
+        return out.logits[:, -1]
+
     def graph_stats(self) -> dict[str, int]:
         """Counts since the model was wrapped: graphs captured, decode steps replayed, and steps run
         eagerly by reason (prefills among them)."""

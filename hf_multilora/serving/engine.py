@@ -1,0 +1,340 @@
+"""Engine: continuous batching of requests, each with its own adapter, on one MultiLoraModel.
+
+Why: `generate()` is a static batch. A long request holds it and a new one waits for all of it, and
+concurrent calls on one model queue behind its lock. Here requests join and leave the running batch
+at step boundaries (iteration-level scheduling, as in Orca / vLLM), and every decode step is ONE
+forward over all running rows, each with its own adapter (SGMV) and its own KV pages in the model's
+unified pool.
+
+One engine thread runs the loop; `submit()` (any thread, or an asyncio task) only queues. A step:
+1. Requests whose client went away (`RequestStream.cancel`) leave; their pages go back at once.
+2. Waiting requests are admitted in arrival order while the pool has room for their adapters (held
+   resident until they end) and prompts and the batch has room: each is prefilled alone (its prompt in one forward, with its adapter), and
+   its first token is sampled. The adapters of the requests still waiting are read into host memory
+   meanwhile (`prefetch_adapters(host_only=True)`), so admitting them does not wait on a disk.
+3. One decode forward for all running rows. A row that needs a new block and finds the pool empty
+   preempts the youngest running request (its pages freed; it waits again at the head of the
+   queue and recomputes its prompt and output when readmitted): requests wait instead of failing.
+   A request that could not fit even alone is refused at `submit`.
+Rows end on EOS (unless ignore_eos), at max_tokens, on a stop string, or when cancelled.
+
+Decode steps run eager for now (no CUDA graphs yet); prefills are not chunked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..memory.page_pool import PoolExhaustedError
+from ..model import MultiLoraModel
+from .requests import Request, RequestError, RequestStream, SamplingParams, StreamEvent, stop_at
+from .sampling import next_tokens
+from .step_cache import RowKV, StepCache
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloaded(RuntimeError):
+    """The queue is full: try again later (the HTTP server answers 503 with Retry-After)."""
+
+
+class Engine:
+    """Continuous batching over `model` (see the module doc).
+
+    `tokenizer`: decodes outputs (`StreamEvent.text`) and finds stop strings; without one, events
+    carry token ids only and `stop` is refused. `eos_token_id`: default the model's generation
+    config's. `max_running`: rows in the running batch at most. `max_waiting`: queued requests at
+    most (more: `EngineOverloaded`). Call `close()` (or use it as a context manager) to stop it.
+    """
+
+    def __init__(
+        self,
+        model: MultiLoraModel,
+        tokenizer: Any = None,
+        *,
+        max_running: int = 64,
+        max_waiting: int = 1024,
+        eos_token_id: int | Sequence[int] | None = None,
+    ) -> None:
+        if not isinstance(model, MultiLoraModel):
+            raise TypeError(f"Engine serves a MultiLoraModel, got {type(model).__name__}")
+        for name, value in (("max_running", max_running), ("max_waiting", max_waiting)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_running, self.max_waiting = max_running, max_waiting
+        if eos_token_id is None:
+            eos_token_id = model.base_model.generation_config.eos_token_id
+        self.eos = set() if eos_token_id is None else set(torch.as_tensor(eos_token_id).flatten().tolist())
+        self.stats: Counter[str] = Counter()
+        self.batch_sizes: Counter[int] = Counter()  # decode steps by the number of rows they ran
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._kv: dict[str, RowKV] = {}
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._pool = model.page_pool()
+        self._cache = StepCache(self._pool, model.base_model.config)
+        self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step
+        self._thread = threading.Thread(target=self._loop, name="hf_multilora-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ the clients' side
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+    ) -> RequestStream:
+        """Queue a request: `prompt` (text, needs the tokenizer, or token ids), `adapter` (a registered
+        name, or None for the base model). Returns its stream at once; bad input raises RequestError,
+        a full queue EngineOverloaded, before anything is queued."""
+        params = params or SamplingParams()
+        prompt_ids = self._prompt_ids(prompt)
+        if adapter is not None and adapter not in self.model.adapter_names:
+            raise KeyError(f"unknown adapter {adapter!r}; known adapters: {self.model.adapter_names}")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need the engine's tokenizer")
+        self._check_fits(len(prompt_ids) + params.max_tokens)
+        generator = None
+        if params.temperature > 0:
+            device = self._pool.storage.device
+            generator = torch.Generator(device=device)
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        request_id = f"req-{next(self._ids)}"
+        stream = RequestStream(request_id, len(prompt_ids))
+        request = Request(request_id, prompt_ids, adapter, params, stream, generator, time.monotonic())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineOverloaded(f"{len(self._waiting)} requests are waiting (max_waiting={self.max_waiting})")
+            self._waiting.append(request)
+            self.stats["submitted"] += 1
+            self._cond.notify_all()
+        return stream
+
+    def generate(self, prompt: str | Sequence[int], adapter: str | None = None, **params: Any) -> str:
+        """Submit and wait for the text (a convenience for scripts and tests)."""
+        return self.submit(prompt, adapter, SamplingParams(**params)).result()
+
+    def metrics(self) -> dict[str, Any]:
+        """Queue and batch sizes, pool pages by kind, counters, and output tokens per second lately."""
+        with self._cond:
+            waiting, running = len(self._waiting), len(self._running)
+            recent = list(self._recent)
+        rate = 0.0
+        if len(recent) > 1 and recent[-1][0] > recent[0][0]:
+            rate = sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
+        return {"waiting": waiting, "running": running, "tokens_per_s": rate, **self._pool.stats(), **self.stats}
+
+    def close(self) -> None:
+        """Stop the loop; requests still queued or running end with finish_reason "cancelled"."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("a text prompt needs the engine's tokenizer; give token ids")
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt)
+        vocab = self.model.base_model.config.vocab_size
+        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise RequestError(f"the prompt must be one or more token ids in [0, {vocab})")
+        return ids
+
+    def _check_fits(self, tokens: int) -> None:
+        """Refuse a request that could not run even alone in an empty pool (its KV at full length)."""
+        row = RowKV(self._cache.num_layers, self._cache.block_size)
+        pages = row.blocks_for(tokens) * self._cache.num_layers
+        if pages > self._pool.num_pages:
+            raise RequestError(
+                f"the request needs {pages} KV pages for {tokens} tokens (prompt + max_tokens); "
+                f"the pool has {self._pool.num_pages}"
+            )
+
+    # ------------------------------------------------------------------ the engine's thread
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._waiting or self._running)
+                if self._closed:
+                    break
+            try:
+                self._step()
+            except Exception as error:  # a bug or a device error: fail what runs, keep serving
+                logger.exception("hf_multilora engine step failed")
+                for request in list(self._running):
+                    self._finish(request, "error", error=f"{type(error).__name__}: {error}")
+        with self._cond:
+            leftover = list(self._waiting) + self._running
+            self._waiting.clear()
+        for request in leftover:
+            self._finish(request, "cancelled")
+
+    def _step(self) -> None:
+        for request in [r for r in list(self._waiting) + self._running if r.stream.cancelled.is_set()]:
+            self._finish(request, "cancelled")
+        self._admit()
+        if self._running:
+            self._decode()
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_running:
+            with self._cond:
+                if not self._waiting:
+                    break
+                request = self._waiting[0]
+            try:
+                self._reserve(request)
+            except PoolExhaustedError as error:
+                if self._running:
+                    break  # pages come back as running requests end
+                self._finish(request, "error", error=f"the pool has no room for it now: {error}")
+                continue
+            with self._cond:
+                self._waiting.popleft()
+            request.admitted = request.admitted or time.monotonic()
+            self._running.append(request)
+            self.stats["prefills"] += 1
+            context = request.context()
+            try:  # a prefill fails alone (an adapter that no longer loads, say)
+                logits = self._forward([request], [context], [list(range(len(context)))])
+            except Exception as error:
+                logger.exception("hf_multilora engine: prefill of %s failed", request.request_id)
+                self._finish(request, "error", error=f"{type(error).__name__}: {error}")
+                continue
+            self._emit([request], next_tokens(logits, [request]))
+        with self._cond:
+            waiting = {r.adapter for r in self._waiting if r.adapter is not None}
+        if waiting:
+            self.model.prefetch_adapters(sorted(waiting), host_only=True)
+
+    def _reserve(self, request: Request) -> None:
+        """The request's adapter held resident (for its whole run) and pages for its context; all or
+        nothing (PoolExhaustedError)."""
+        adapters = [request.adapter] if request.adapter is not None else []
+        self.model._pin_adapters(adapters)
+        row = self._kv.setdefault(request.request_id, RowKV(self._cache.num_layers, self._cache.block_size))
+        try:
+            row.grow(self._pool, len(request.context()))
+        except BaseException:
+            self.model._unpin_adapters(adapters)
+            raise
+        request.pinned = True
+
+    def _unreserve(self, request: Request) -> None:
+        row = self._kv.pop(request.request_id, None)
+        if row is not None:
+            row.free(self._pool)
+        if request.pinned and request.adapter is not None:
+            self.model._unpin_adapters([request.adapter])
+        request.pinned = False
+
+    def _decode(self) -> None:
+        while True:  # pages for every row's next token, preempting the youngest while they lack
+            try:
+                for request in self._running:
+                    row = self._kv[request.request_id]
+                    row.grow(self._pool, row.length + 1)
+                break
+            except PoolExhaustedError:
+                if len(self._running) == 1:
+                    raise
+                self._preempt(self._running[-1])
+        requests = list(self._running)
+        tokens = [[r.generated[-1]] for r in requests]
+        positions = [[self._kv[r.request_id].length] for r in requests]
+        logits = self._forward(requests, tokens, positions)
+        self.stats["decode_steps"] += 1
+        self.batch_sizes[len(requests)] += 1
+        self._emit(requests, next_tokens(logits, requests))
+
+    def _forward(self, requests: list[Request], tokens: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
+        """Last-position logits of one forward: one row per request, its tokens added to its KV."""
+        rows = [self._kv[r.request_id] for r in requests]
+        new = len(tokens[0])
+        self._cache.load(rows, new)
+        device = self._pool.storage.device
+        logits = self.model._logits_of_step(
+            torch.tensor(tokens, device=device),
+            torch.tensor(positions, device=device),
+            self._cache,
+            [r.adapter for r in requests],
+        )
+        for row in rows:
+            row.length += new
+        return logits
+
+    def _emit(self, requests: list[Request], tokens: list[int]) -> None:
+        now = time.monotonic()
+        with self._cond:
+            self._recent.append((now, len(tokens)))
+        for request, token in zip(requests, tokens, strict=True):
+            request.generated.append(token)
+            params = request.params
+            if token in self.eos and not params.ignore_eos:
+                self._send(request, None, final=True)
+                self._finish(request, "stop")
+                continue
+            stopped = self._send(request, token, final=len(request.generated) >= params.max_tokens)
+            if stopped:
+                self._finish(request, "stop")
+            elif len(request.generated) >= params.max_tokens:
+                self._finish(request, "length")
+
+    def _send(self, request: Request, token: int | None, final: bool) -> bool:
+        """Push the token and the text it completes; True when a stop string ended the request."""
+        if self.tokenizer is None:
+            if token is not None:
+                request.stream.push(StreamEvent(token, ""))
+            return False
+        output = [t for t in request.generated if t not in self.eos or request.params.ignore_eos]
+        text = self.tokenizer.decode(output, skip_special_tokens=True)
+        stop, safe = stop_at(text, request.params.stop) if request.params.stop else (None, len(text))
+        if final and stop is None:
+            safe = len(text)
+        delta = text[request.emitted_chars : safe]
+        request.emitted_chars = max(request.emitted_chars, safe)
+        if token is not None or delta:
+            request.stream.push(StreamEvent(token, delta))
+        return stop is not None
+
+    def _preempt(self, request: Request) -> None:
+        self._running.remove(request)
+        self._unreserve(request)
+        with self._cond:
+            self._waiting.appendleft(request)
+        self.stats["preemptions"] += 1
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        if request in self._running:
+            self._running.remove(request)
+        with self._cond:
+            if request in self._waiting:
+                self._waiting.remove(request)
+        self._unreserve(request)
+        request.stream.push(StreamEvent(None, "", finish_reason=reason, error=error))
+        self.stats[f"finished_{reason}"] += 1

@@ -1,0 +1,123 @@
+"""RowKV and StepCache: the serving engine's KV, one page table per request, rows of any lengths.
+
+Why not PagedCache: HF batches are rectangular (every row gains the same tokens per forward, left
+padding hides the difference), so PagedCache keeps one length for all rows. The engine's running
+batch is ragged: requests join with prompts of their own lengths and leave when they end, so every
+row has its own length and nothing is padded. The paged attention kernels already take a length
+and a page table per row; what changes is the bookkeeping.
+
+- `RowKV` is one request's pages: a host table [layers, blocks] and its length. It owns its pages
+  (`grow` takes them from the pool, all or nothing; `free` gives them back).
+- `StepCache` is a PagedCache over rows the engine owns, loaded before each forward (`load`): the
+  rows' tables side by side, their lengths on the device. It owns no page. A forward either adds one
+  token to every row (decode: the attention launch stores the token's K/V, as in PagedCache) or
+  adds tokens to one row (a prefill, or a chunk of one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..backend import use_triton
+from ..cache import _ACTIVE, PagedCache
+from ..kernels.paged_attention import write_kv, write_kv_torch
+from ..memory.page_pool import PagePool
+
+
+class RowKV:
+    """One request's KV pages: `table[layer, block]` page ids, `length` tokens stored."""
+
+    def __init__(self, layers: int, block_size: int) -> None:
+        self.table = torch.empty(layers, 0, dtype=torch.int32)
+        self.length = 0
+        self.block_size = block_size
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks this row lacks to hold `tokens` tokens in all (0 when it has them)."""
+        return max(0, -(-tokens // self.block_size) - self.table.shape[1])
+
+    def grow(self, pool: PagePool, tokens: int) -> None:
+        """Pages for `tokens` tokens in all; raises PoolExhaustedError before any change."""
+        missing = self.blocks_for(tokens)
+        if missing:
+            layers = self.table.shape[0]
+            pages = torch.tensor(pool.allocate(layers * missing, "kv"), dtype=torch.int32)
+            self.table = torch.cat([self.table, pages.view(layers, missing)], dim=1)
+
+    def free(self, pool: PagePool) -> None:
+        """All pages back to the pool; the row is empty (and can be filled again)."""
+        if self.table.numel():
+            pool.free(self.table.flatten().tolist())
+        self.table = self.table[:, :0]
+        self.length = 0
+
+
+class StepCache(PagedCache):
+    """A PagedCache view of the engine's rows for one forward at a time (see the module doc).
+
+    `load(rows, new)` before the forward: the forward adds `new` tokens to each row (decode: 1 to
+    each; prefill: any number to a single row), whose pages `RowKV.grow` has already taken. The
+    rows' lengths advance only when the engine says so (`RowKV.length`), after the forward worked.
+    """
+
+    def __init__(self, pool: PagePool, config: Any) -> None:
+        super().__init__(pool, config)
+        self._row_lens: list[int] = []
+        self._new = 0
+
+    def load(self, rows: Sequence[RowKV], new: int) -> None:
+        if not rows or new < 1 or (new > 1 and len(rows) > 1):
+            raise ValueError(f"a step adds 1 token to each row or tokens to one row; got {len(rows)} rows, {new}")
+        width = max(max(r.table.shape[1] for r in rows), 1)
+        host = torch.zeros(self.num_layers, len(rows), width, dtype=torch.int32)  # unused blocks: page 0
+        for i, row in enumerate(rows):
+            if row.blocks_for(row.length + new):
+                raise ValueError(f"row {i} has no pages for {row.length + new} tokens: grow it first")
+            host[:, i, : row.table.shape[1]] = row.table
+        device = self._device
+        staged = host.pin_memory() if device.type == "cuda" else host
+        if self._table is None or self._table.shape != host.shape:
+            self._table = torch.empty(host.shape, dtype=torch.int32, device=device)
+            self._plans = {}  # decode plans are fixed to a batch size and table width
+        self._table.copy_(staged, non_blocking=True)
+        self._layer_tables = self._table.unbind(0)
+        self._row_lens = [r.length for r in rows]
+        lens = torch.tensor([n + new for n in self._row_lens], dtype=torch.int32)
+        self._kv_lens = (lens.pin_memory() if device.type == "cuda" else lens).to(device, non_blocking=True)
+        self._new = new
+        self._lens = [max(self._row_lens)] * self.num_layers
+        self._pending = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [rows, kv_heads, new, head_dim] of the loaded step. Decode K/V are stored by the attention
+        launch (`PagedDecode`, either backend); a prefill's are written here."""
+        if self._pending is not None:
+            raise RuntimeError(f"StepCache: no paged attention read layer {self._pending[0]}'s update")
+        batch, heads, new, head_dim = key_states.shape
+        if (batch, new) != (len(self._row_lens), self._new) or (heads, head_dim) != (self.kv_heads, self.head_dim):
+            raise ValueError(
+                f"StepCache loaded for {len(self._row_lens)} rows x {self._new} new tokens of "
+                f"{self.kv_heads} x {self.head_dim}, got K/V {tuple(key_states.shape)}"
+            )
+        if new == 1:
+            self._pending = (layer_idx, key_states, value_states)
+        else:
+            write = write_kv if use_triton(key_states) else write_kv_torch
+            k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [rows, new, kv heads, dim]
+            pool = self.pool
+            write(pool.storage, pool.page_elems, self._layer_tables[layer_idx], self._row_lens[0], k, v, self.block_size)
+            self._pending = (layer_idx, key_states, None)
+        _ACTIVE.set(self._weak_self)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._lens[layer_idx] if self._row_lens and layer_idx < self.num_layers else 0
+
+    def release(self) -> None:
+        """The rows own the pages: nothing to give back."""
+        self._row_lens, self._new, self._pending = [], 0, None

@@ -1,0 +1,149 @@
+"""The serving engine without HTTP: continuous batching on the tiny Llama with its adapters (CPU)."""
+
+import threading
+
+import pytest
+import torch
+
+from hf_multilora import MultiLoraModel
+from hf_multilora.serving import Engine, RequestError, SamplingParams
+from hf_multilora.serving.requests import stop_at
+
+VOCAB = 128
+
+
+def prompt(length, seed):
+    return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def alone(model, ids, adapter, new_tokens):
+    """What one greedy generate() gives this request by itself."""
+    out = model.generate(torch.tensor([ids]), adapter_ids=[adapter], max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.fixture
+def model(llama_zoo):
+    return MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def test_concurrent_requests_get_what_each_gets_alone(model, llama_zoo):
+    names = [*llama_zoo.paths, None]
+    jobs = [(prompt(3 + (i * 5) % 11, seed=i), names[i % len(names)], 4 + i % 6) for i in range(16)]
+    expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
+    with Engine(model) as engine:
+        results = [None] * len(jobs)
+
+        def client(i):
+            ids, adapter, n = jobs[i]
+            stream = engine.submit(ids, adapter, greedy(n))
+            stream.result(timeout=120)
+            results[i] = stream
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, stream in enumerate(results):
+            assert stream.token_ids == expected[i], f"request {i} ({jobs[i][1]})"
+            assert stream.finish_reason == "length" and stream.usage.completion_tokens == jobs[i][2]
+        assert max(engine.batch_sizes) > 1  # requests shared decode steps
+        assert engine.metrics()["pages_kv"] == 0
+
+
+def test_a_request_joins_a_running_batch(model):
+    with Engine(model) as engine:
+        long = engine.submit(prompt(5, seed=1), "attn_r8", greedy(60))
+        first = next(iter(long))  # the long request is decoding
+        assert first.token_id is not None
+        short = engine.submit(prompt(4, seed=2), "qv_r4", greedy(5))
+        assert short.result(timeout=60) == "" and len(short.token_ids) == 5
+        assert not long.finished  # it joined while the long one ran, and left before it
+        long.result(timeout=60)
+        assert engine.batch_sizes[2] >= 4
+    assert long.token_ids == alone(model, prompt(5, seed=1), "attn_r8", 60)
+
+
+def test_cancelling_frees_the_pages_and_the_others_go_on(model):
+    with Engine(model) as engine:
+        victim = engine.submit(prompt(20, seed=3), "mlp_r16", greedy(500))
+        other = engine.submit(prompt(6, seed=4), None, greedy(30))
+        for count, _ in enumerate(victim, start=1):
+            if count == 3:
+                victim.cancel()
+        assert victim.finish_reason == "cancelled" and len(victim.token_ids) < 500
+        assert other.result(timeout=60) == "" and other.finish_reason == "length"
+        assert other.token_ids == alone(model, prompt(6, seed=4), None, 30)
+        assert engine.metrics()["pages_kv"] == 0
+
+
+def test_short_of_pages_the_youngest_waits_and_recomputes(llama_zoo):
+    # 8 KiB pages of 16 tokens: a 2-layer request of 8 + 32 tokens needs 2 x 3 pages at its end, 6
+    # of them 36; the pool has 30 pages, some of them taken by the three adapters
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths, pool_bytes=30 * 2**13)
+    jobs = [(prompt(8, seed=10 + i), ["attn_r8", "qv_r4", None, "rslora"][i % 4], 32) for i in range(6)]
+    expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
+    with Engine(model) as engine:
+        streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
+        for stream in streams:
+            stream.result(timeout=120)
+        assert [s.token_ids for s in streams] == expected
+        assert engine.stats["preemptions"] > 0 and max(engine.batch_sizes) < len(jobs)
+        assert engine.metrics()["pages_kv"] == 0
+    assert not model._runtime.cache._in_use  # every adapter pin of the engine was let go
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model):
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=20, seed=7, ignore_eos=True)
+    with Engine(model) as engine:
+        alone_tokens = engine.submit(prompt(5, seed=5), "qv_r4", params)
+        alone_tokens.result(timeout=60)
+        crowd = [engine.submit(prompt(4 + i, seed=20 + i), None, greedy(12)) for i in range(4)]
+        together = engine.submit(prompt(5, seed=5), "qv_r4", params)
+        together.result(timeout=60)
+        for stream in crowd:
+            stream.result(timeout=60)
+    assert alone_tokens.token_ids == together.token_ids
+
+
+def test_bad_requests_are_refused_before_queueing(model):
+    with Engine(model) as engine:
+        with pytest.raises(KeyError, match="unknown adapter 'nope'"):
+            engine.submit([5, 6], "nope")
+        with pytest.raises(RequestError, match="temperature=-1"):
+            engine.submit([5, 6], None, SamplingParams(temperature=-1))
+        with pytest.raises(RequestError, match="token ids in"):
+            engine.submit([5, VOCAB], None)
+        with pytest.raises(RequestError, match="text prompt needs the engine's tokenizer"):
+            engine.submit("hello", None)
+        with pytest.raises(RequestError, match="stop strings need"):
+            engine.submit([5], None, SamplingParams(stop=("x",)))
+        with pytest.raises(RequestError, match="KV pages for"):
+            engine.submit([5], None, SamplingParams(max_tokens=10**7))
+        assert engine.stats["submitted"] == 0
+    for bad in (dict(max_tokens=0), dict(top_p=0), dict(top_k=-1), dict(seed=-1), dict(stop="x"), dict(max_tokens=True)):
+        with pytest.raises(RequestError):
+            SamplingParams(**bad)
+
+
+def test_stop_strings_hold_back_what_could_start_one():
+    assert stop_at("hello wor", ("world",)) == (None, 6)
+    assert stop_at("hello world!", ("world",)) == (6, 6)
+    assert stop_at("abc", ("x", "cd")) == (None, 2)
+    assert stop_at("abc", ()) == (None, 3)
+
+
+def test_close_ends_what_still_runs(model):
+    engine = Engine(model)
+    stream = engine.submit(prompt(5, seed=9), None, greedy(10**4 // 4))
+    next(iter(stream))
+    engine.close()
+    assert stream.finish_reason == "cancelled"
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit([5], None)
