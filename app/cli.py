@@ -1,18 +1,25 @@
-"""`hf-multilora playground`: the command line of the playground.
+"""`hf-multilora playground` and `hf-multilora serve`: the command line.
 
 hf-multilora playground                                   # the demo assets shipped with the package
 hf-multilora playground --base PATH_OR_ID --adapter NAME=PATH [--adapter ...] [--adapter-dir DIR]
+hf-multilora serve                                        # an OpenAI-compatible server of the demo
+hf-multilora serve --base PATH_OR_ID --adapter NAME=PATH [--adapter-dir DIR] [--api-key KEY]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
-from hf_multilora import AdapterLoadError
+from hf_multilora import AdapterLoadError, MultiLoraModel
+from hf_multilora.serving import Engine
 
 from .demo import read_demo
 from .service import Playground
@@ -21,6 +28,9 @@ from .service import Playground
 def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        _serve(args, parser)
+        return
     try:
         from . import ui  # only here: `--help` and argument errors need no Gradio
     except ImportError as error:
@@ -32,10 +42,64 @@ def main(argv: Sequence[str] | None = None) -> None:
     ui.launch(ui.build(playground), args.host, args.port)
 
 
-def _playground(args: argparse.Namespace) -> Playground:
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    try:  # only here: `--help` and argument errors need neither
+        import uvicorn
+
+        from hf_multilora.serving.server import build_app
+    except ImportError as error:
+        parser.exit(1, f"the server needs FastAPI and uvicorn ({error}): pip install 'hf_multilora[serve]'\n")
+    try:
+        served = _served_model(args)
+    except (OSError, AdapterLoadError, ValueError) as error:
+        parser.error(str(error))
+    engine = Engine(served.model, served.tokenizer, max_running=args.max_running)
+    try:
+        app = build_app(engine, model_name=served.name, adapter_dir=served.adapter_dir,
+                        api_key=args.api_key or os.environ.get("HF_MULTILORA_API_KEY"),
+                        chat_template=served.chat_template)  # fmt: skip
+        print(f"hf_multilora: serving {served.name} and adapters {served.model.adapter_names} "
+              f"at http://{args.host}:{args.port}/v1", flush=True)  # fmt: skip
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+
+
+@dataclass
+class _Served:
+    model: MultiLoraModel
+    tokenizer: Any
+    name: str
+    adapter_dir: Path | None
+    chat_template: str | None
+
+
+def _served_model(args: argparse.Namespace) -> _Served:
+    adapters = _adapters(args)
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    adapter_dir = args.adapter_dir
+    if args.base is None:
+        demo = read_demo(args.assets)
+        base, adapters, name = demo.base, {**demo.adapters, **adapters}, args.served_model_name or "demo-base"
+        adapter_dir = adapter_dir or demo.root / "adapters"
+        # the demo's tokenizer has no chat template: a chat's last message goes where the text does
+        template = template or demo.prompt_format.replace("{text}", "{{ messages[-1]['content'] }}")
+    else:
+        base, name = args.base, args.served_model_name or str(args.base)
+    model = MultiLoraModel.from_pretrained(base, adapters, pool_bytes=args.pool_bytes)
+    model.to(args.device)
+    return _Served(model, AutoTokenizer.from_pretrained(base), name, adapter_dir, template)
+
+
+def _adapters(args: argparse.Namespace) -> dict[str, str]:
     adapters = dict(args.adapter)
     if len(adapters) < len(args.adapter):
         raise ValueError("--adapter: a name is given twice")
+    return adapters
+
+
+def _playground(args: argparse.Namespace) -> Playground:
+    adapters = _adapters(args)
     kwargs = {"device": args.device, "pool_bytes": args.pool_bytes}
     if args.adapter_dir is not None:
         kwargs["adapter_dir"] = args.adapter_dir
@@ -53,14 +117,33 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a Gradio playground: one prompt, several LoRA adapters and/or the base model "
         "in one batched generate(), streamed side by side. Without --base it serves the demo assets.",
     )
-    source = play.add_mutually_exclusive_group()
+    _model_arguments(play)
+    play.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible server: continuous batching, the adapter named in `model`",
+        description="Serve /v1/completions, /v1/chat/completions and /v1/models (the adapter is the "
+        "request's `model`; the base model's own name is no adapter), /v1/load_lora_adapter, "
+        "/health and /metrics. Without --base it serves the demo assets.",
+    )
+    _model_arguments(serve)
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $HF_MULTILORA_API_KEY, else open)")
+    serve.add_argument("--served-model-name", help="the base model's name in `model` (default: --base, or demo-base)")
+    serve.add_argument("--chat-template", type=Path, help="a Jinja chat template file (default: the tokenizer's)")
+    serve.add_argument("--max-running", type=int, default=64, help="requests decoded together at most (default: %(default)s)")
+    return parser
+
+
+def _model_arguments(command: argparse.ArgumentParser) -> None:
+    source = command.add_mutually_exclusive_group()
     source.add_argument(
         "--assets", type=Path, help="demo assets folder (default: the ones shipped with the package)"
     )
     source.add_argument(
         "--base", metavar="PATH_OR_ID", help="serve this base model (folder or Hub id) instead"
     )
-    play.add_argument(
+    command.add_argument(
         "--adapter",
         action="append",
         default=[],
@@ -68,21 +151,19 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="register a PEFT LoRA adapter (folder or Hub id) under NAME; repeatable",
     )
-    play.add_argument(
+    command.add_argument(
         "--adapter-dir",
         type=Path,
-        help="the only folder the page may load more adapters from "
+        help="the only folder clients may load more adapters from "
         "(default: none; with the demo, the demo's adapters)",
     )
-    play.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    play.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
-    play.add_argument(
+    command.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    command.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="device of the model (default: %(default)s)",
     )
-    play.add_argument("--pool-bytes", type=int, help="size of the page pool (default: MultiLoraModel's)")
-    return parser
+    command.add_argument("--pool-bytes", type=int, help="size of the page pool (default: MultiLoraModel's)")
 
 
 def _named_path(value: str) -> tuple[str, str]:

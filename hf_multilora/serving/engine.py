@@ -130,6 +130,14 @@ class Engine:
         """Submit and wait for the text (a convenience for scripts and tests)."""
         return self.submit(prompt, adapter, SamplingParams(**params)).result()
 
+    def unload_adapter(self, name: str) -> None:
+        """Unregister an adapter no queued or running request uses (else RequestError)."""
+        with self._cond:
+            users = sum(r.adapter == name for r in [*self._waiting, *self._running])
+            if users:
+                raise RequestError(f"adapter {name!r} is in use by {users} request(s); try again when they end")
+            self.model.unload_adapter(name)
+
     def metrics(self) -> dict[str, Any]:
         """Queue and batch sizes, pool pages by kind, counters, and output tokens per second lately."""
         with self._cond:

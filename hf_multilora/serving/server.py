@@ -1,0 +1,306 @@
+"""An OpenAI-compatible HTTP server over an Engine (FastAPI): the adapter is named in `model`.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (streamed as server-sent
+events with `"stream": true`), POST /v1/load_lora_adapter and /v1/unload_lora_adapter (folders under
+the adapter directory only), GET /health and GET /metrics (Prometheus text). `model` is an
+adapter's name, or the served base model's own name for no adapter. Errors come in OpenAI's JSON
+shape: 400 bad parameters, 401 a wrong API key, 404 an unknown model, 503 a full queue (with
+Retry-After). A client that goes away cancels its request (its pages go back at the next step).
+
+Extensions to OpenAI's parameters, as vLLM takes them: `top_k`, `ignore_eos`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..adapters.loading import AdapterLoadError
+from .engine import Engine, EngineOverloaded
+from .requests import RequestError, RequestStream, SamplingParams
+
+RETRY_AFTER_S = 1
+_SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"}
+_UNSUPPORTED = {  # OpenAI parameters we refuse rather than ignore (the answer would not be what was asked)
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "n": (None, 1), "suffix": (None, ""), "tools": (None, []), "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+}  # fmt: skip
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param)
+
+
+def build_app(
+    engine: Engine,
+    *,
+    model_name: str,
+    adapter_dir: str | Path | None = None,
+    api_key: str | None = None,
+    chat_template: str | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `engine` (whose tokenizer it needs) under `model_name` for the base.
+
+    `adapter_dir`: the only folder /v1/load_lora_adapter may load from (None: the route refuses).
+    `api_key`: required as `Authorization: Bearer <key>` on /v1 routes (None: open).
+    `chat_template`: a Jinja chat template instead of the tokenizer's own.
+    """
+    if engine.tokenizer is None:
+        raise ValueError("the server needs an engine with a tokenizer")
+    if model_name in engine.model.adapter_names:
+        raise ValueError(f"the base model's name {model_name!r} is also an adapter's name")
+    allowed = Path(adapter_dir).resolve() if adapter_dir is not None else None
+    app = FastAPI(title="hf_multilora", docs_url=None, redoc_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
+        body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.status}}
+        return JSONResponse(body, status_code=error.status, headers=headers)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Any) -> Any:
+        wrong_key = api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}"
+        if wrong_key and request.url.path.startswith("/v1/"):
+            body = {"error": {"message": "invalid or missing API key", "type": "authentication_error",
+                              "param": None, "code": 401}}  # fmt: skip
+            return JSONResponse(body, status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(prometheus_text(engine.metrics()))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        entries = [{"id": model_name, "object": "model", "created": created, "owned_by": "hf_multilora"}]
+        entries += [
+            {"id": name, "object": "model", "created": created, "owned_by": "hf_multilora", "parent": model_name}
+            for name in engine.model.adapter_names
+        ]
+        return {"object": "list", "data": entries}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await _json_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not (isinstance(prompt, str) and prompt) and not (
+            isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
+        ):
+            raise bad_request("prompt must be a non-empty string or a list of token ids (one prompt)", "prompt")
+        return await _serve(request, body, prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await _json_body(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise bad_request("messages must be a non-empty list of {role, content} with text content", "messages")
+        template = chat_template or getattr(engine.tokenizer, "chat_template", None)
+        if not template:
+            raise bad_request("the model's tokenizer has no chat template (start the server with one)")
+        prompt = engine.tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+        return await _serve(request, body, prompt, chat=True)
+
+    async def _serve(request: Request, body: dict, prompt: str | list[int], chat: bool) -> Any:
+        adapter = _adapter_of(body.get("model"))
+        params = _sampling(body)
+        try:
+            stream = engine.submit(prompt, adapter, params)
+        except KeyError as error:
+            raise ApiError(404, str(error.args[0]), "not_found_error", "model") from error
+        except RequestError as error:
+            raise bad_request(str(error)) from error
+        except EngineOverloaded as error:
+            raise ApiError(503, str(error), "overloaded_error") from error
+        reply = _Reply(stream, body["model"], chat, created=int(time.time()))
+        if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_cancel_on_exit(stream, reply.chunks(usage)), media_type="text/event-stream")
+        try:
+            async for _ in stream:
+                if await request.is_disconnected():
+                    stream.cancel()
+        finally:
+            if not stream.finished:
+                stream.cancel()
+        if stream.finish_reason == "error":
+            raise ApiError(500, f"the request failed: {stream.error}", "server_error")
+        return reply.whole()
+
+    def _adapter_of(model: object) -> str | None:
+        if not isinstance(model, str) or not model:
+            raise bad_request("model must name the base model or an adapter", "model")
+        if model == model_name:
+            return None
+        if model not in engine.model.adapter_names:
+            raise ApiError(404, f"the model {model!r} does not exist", "not_found_error", "model")
+        return model
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> PlainTextResponse:
+        body = await _json_body(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise bad_request("lora_name and lora_path must be non-empty strings")
+        if allowed is None:
+            raise ApiError(403, "loading adapters at run time is off (start the server with --adapter-dir)",
+                           "permission_error")  # fmt: skip
+        if name == model_name:
+            raise bad_request(f"{name!r} is the base model's name", "lora_name")
+        folder = Path(path) if Path(path).is_absolute() else allowed / path
+        try:
+            engine.model.load_adapter(folder, name, allowed_dir=allowed)
+        except (AdapterLoadError, ValueError, OSError) as error:
+            raise bad_request(str(error), "lora_path") from error
+        return PlainTextResponse(f"adapter {name} loaded")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> PlainTextResponse:
+        body = await _json_body(request)
+        name = body.get("lora_name")
+        if not isinstance(name, str) or name not in engine.model.adapter_names:
+            raise ApiError(404, f"no adapter named {name!r}", "not_found_error", "lora_name")
+        try:
+            engine.unload_adapter(name)
+        except RequestError as error:
+            raise ApiError(409, str(error), "conflict_error", "lora_name") from error
+        return PlainTextResponse(f"adapter {name} unloaded")
+
+    return app
+
+
+async def _json_body(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError) as error:
+        raise bad_request(f"the body is not JSON: {error}") from error
+    if not isinstance(body, dict):
+        raise bad_request("the body must be a JSON object")
+    return body
+
+
+def _sampling(body: dict) -> SamplingParams:
+    for name, neutral in _UNSUPPORTED.items():
+        if body.get(name) not in neutral:
+            raise bad_request(f"{name}={body[name]!r} is not supported", name)
+    given = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+        given["max_tokens"] = body["max_completion_tokens"]
+    if isinstance(given.get("stop"), str):
+        given["stop"] = (given["stop"],)
+    if isinstance(given.get("stop"), list):
+        given["stop"] = tuple(given["stop"])
+    try:
+        return SamplingParams(**given)
+    except (RequestError, TypeError) as error:
+        raise bad_request(str(error)) from error
+
+
+async def _cancel_on_exit(stream: RequestStream, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The response body; when the client goes away Starlette stops iterating it, and the request
+    is cancelled."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        if not stream.finished:
+            stream.cancel()
+
+
+class _Reply:
+    """OpenAI's response objects for one request: whole, or as stream chunks."""
+
+    def __init__(self, stream: RequestStream, model: str, chat: bool, created: int) -> None:
+        self.stream, self.model, self.chat, self.created = stream, model, chat, created
+        self.id = ("chatcmpl-" if chat else "cmpl-") + stream.request_id
+
+    def _usage(self) -> dict:
+        usage = self.stream.usage
+        return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.prompt_tokens + usage.completion_tokens}  # fmt: skip
+
+    def _envelope(self, choices: list, chunk: bool) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self) -> dict:
+        reason = self.stream.finish_reason
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": self.stream.text},
+                      "finish_reason": reason, "logprobs": None}  # fmt: skip
+        else:
+            choice = {"index": 0, "text": self.stream.text, "finish_reason": reason, "logprobs": None}
+        return {**self._envelope([choice], chunk=False), "usage": self._usage()}
+
+    async def chunks(self, include_usage: bool) -> AsyncIterator[str]:
+        if self.chat:
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            yield _sse(self._envelope([first], chunk=True))
+        async for event in self.stream:
+            if event.finish_reason == "error":
+                error = {"message": f"the request failed: {event.error}", "type": "server_error", "code": 500}
+                yield _sse({"error": error})
+                break
+            if not event.text and event.finish_reason is None:
+                continue
+            choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}
+            if self.chat:
+                choice["delta"] = {"content": event.text} if event.text else {}
+            else:
+                choice["text"] = event.text
+            yield _sse(self._envelope([choice], chunk=True))
+        if include_usage:
+            yield _sse({**self._envelope([], chunk=True), "usage": self._usage()})
+        yield "data: [DONE]\n\n"
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def prometheus_text(metrics: dict[str, Any]) -> str:
+    """The engine's metrics in Prometheus' text format (gauges and counters, `hf_multilora_` names)."""
+    lines = []
+    gauges = {
+        "requests_waiting": metrics["waiting"], "requests_running": metrics["running"],
+        "output_tokens_per_second": metrics["tokens_per_s"],
+    }  # fmt: skip
+    for name, value in gauges.items():
+        lines += [f"# TYPE hf_multilora_{name} gauge", f"hf_multilora_{name} {float(value)}"]
+    lines.append("# TYPE hf_multilora_pool_pages gauge")
+    for kind, key in (("total", "pages_total"), ("free", "pages_free"), ("kv", "pages_kv"), ("adapter", "pages_adapter")):
+        lines.append(f'hf_multilora_pool_pages{{kind="{kind}"}} {float(metrics.get(key, 0))}')
+    counters = {k: v for k, v in metrics.items() if k in {"submitted", "prefills", "decode_steps", "preemptions"}}
+    for name, value in counters.items():
+        lines += [f"# TYPE hf_multilora_{name}_total counter", f"hf_multilora_{name}_total {float(value)}"]
+    lines.append("# TYPE hf_multilora_requests_finished_total counter")
+    for key, value in metrics.items():
+        if key.startswith("finished_"):
+            lines.append(f'hf_multilora_requests_finished_total{{reason="{key[9:]}"}} {float(value)}')
+    return "\n".join(lines) + "\n"

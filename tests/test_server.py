@@ -1,0 +1,227 @@
+"""The OpenAI-compatible server on a loopback port, driven by the official `openai` client, serving
+the demo assets (whose adapters each learned a visible task) on the CPU."""
+
+import json
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from hf_multilora.app.cli import _parser, _served_model  # noqa: E402
+from hf_multilora.app.demo import read_demo  # noqa: E402
+
+from hf_multilora.serving import Engine  # noqa: E402
+from hf_multilora.serving.server import build_app  # noqa: E402
+
+DEMO = read_demo()
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a thread, serving build_app(engine)."""
+
+    def __init__(self, engine, **app_kwargs):
+        self.engine, self.port = engine, free_port()
+        config = uvicorn.Config(build_app(engine, **app_kwargs), host="127.0.0.1", port=self.port, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key=API_KEY, **kwargs):
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **kwargs)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A folder clients may load adapters from: copies of two demo adapters."""
+    root = tmp_path_factory.mktemp("loadable")
+    for name in ("upper", "reverse"):
+        shutil.copytree(DEMO.adapters[name], root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(adapter_dir):
+    args = _parser().parse_args(["serve", "--device", "cpu"])
+    served = _served_model(args)
+    engine = Engine(served.model, served.tokenizer)
+    server = Server(engine, model_name=served.name, adapter_dir=adapter_dir, api_key=API_KEY,
+                    chat_template=served.chat_template)  # fmt: skip
+    yield server, served
+    server.stop()
+    engine.close()
+
+
+def examples(count=2):
+    for name, spec in json.loads((DEMO.root / "demo.json").read_text())["adapters"].items():
+        for example in spec["examples"][:count]:
+            yield name, example["text"], example["expected"]
+
+
+def test_models_lists_the_base_and_every_adapter(served):
+    server, model = served
+    ids = [m.id for m in server.client().models.list().data]
+    assert ids == ["demo-base", *model.model.adapter_names]
+
+
+def test_each_demo_adapter_does_its_task_through_completions_and_chat(served):
+    server, _ = served
+    client = server.client()
+    for name, text, expected in examples():
+        prompt = DEMO.prompt_format.replace("{text}", text)
+        done = client.completions.create(model=name, prompt=prompt, max_tokens=32, temperature=0)
+        assert done.choices[0].text == expected, (name, text)
+        assert done.choices[0].finish_reason == "stop"
+        assert done.usage.completion_tokens >= len(expected) and done.usage.prompt_tokens > len(text)
+        chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": text}],
+                                              max_tokens=32, temperature=0)  # fmt: skip
+        assert chat.choices[0].message.content == expected and chat.choices[0].message.role == "assistant"
+
+
+def test_streaming_gives_the_same_text_in_pieces(served):
+    server, _ = served
+    client = server.client()
+    name, text, expected = next(examples(1))
+    prompt = DEMO.prompt_format.replace("{text}", text)
+    chunks = list(client.completions.create(model=name, prompt=prompt, max_tokens=32, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))  # fmt: skip
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == expected and len(pieces) > 2
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens >= len(expected)
+    stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": text}],
+                                            max_tokens=32, temperature=0, stream=True)  # fmt: skip
+    deltas = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(deltas) == expected
+
+
+def test_concurrent_clients_with_mixed_adapters_get_what_generate_gives_each(served):
+    server, model = served
+    names = [None, *model.model.adapter_names]
+    jobs = [(names[i % len(names)], f"{i} kid {i * 7 % 10}") for i in range(16)]
+    expected = []
+    for name, text in jobs:
+        ids = model.tokenizer(DEMO.prompt_format.replace("{text}", text), return_tensors="pt")["input_ids"]
+        out = model.model.generate(ids, adapter_ids=[name], max_new_tokens=12, do_sample=False)
+        expected.append(model.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    results = [None] * len(jobs)
+    steps_before = server.engine.batch_sizes.copy()
+
+    def call(i):
+        name, text = jobs[i]
+        reply = server.client().completions.create(
+            model=name or "demo-base", prompt=DEMO.prompt_format.replace("{text}", text), max_tokens=12, temperature=0
+        )
+        results[i] = reply.choices[0].text
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+    shared = server.engine.batch_sizes - steps_before
+    assert max(shared) > 1  # requests were decoded together
+
+
+def test_errors_come_in_openai_shape(served):
+    server, _ = served
+    client = server.client()
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="upper", prompt="x", max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="n=2 is not supported"):
+        client.completions.create(model="upper", prompt="x", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="prompt"):
+        client.completions.create(model="upper", prompt="", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        server.client(key="wrong").models.list()
+    reply = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert reply.status_code == 400 and reply.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # no key needed
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "hf_multilora_requests_running" in metrics and 'hf_multilora_pool_pages{kind="kv"}' in metrics
+
+
+def test_adapters_load_from_the_adapter_dir_only_and_unload(served, adapter_dir, tmp_path):
+    server, _ = served
+    client = server.client()
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    reply = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "upper2", "lora_path": "upper"},
+                       headers=headers)  # fmt: skip
+    assert reply.status_code == 200, reply.text
+    assert "upper2" in [m.id for m in client.models.list().data]
+    _, text, expected = next(e for e in examples() if e[0] == "upper")
+    done = client.completions.create(model="upper2", prompt=DEMO.prompt_format.replace("{text}", text),
+                                     max_tokens=32, temperature=0)  # fmt: skip
+    assert done.choices[0].text == expected
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(adapter_dir / "reverse", outside)
+    reply = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(outside)},
+                       headers=headers)  # fmt: skip
+    assert reply.status_code == 400 and "x" not in [m.id for m in client.models.list().data]
+    reply = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "upper2"}, headers=headers)
+    assert reply.status_code == 200 and "upper2" not in [m.id for m in client.models.list().data]
+    reply = httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "upper2"}, headers=headers)
+    assert reply.status_code == 404
+
+
+def test_a_client_that_goes_away_frees_its_pages(served):
+    server, _ = served
+    engine = server.engine
+    cancelled = engine.stats["finished_cancelled"]
+    stream = server.client().completions.create(model="reverse", prompt="x", max_tokens=400, temperature=0.8,
+                                                extra_body={"ignore_eos": True}, stream=True)  # fmt: skip
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while engine.stats["finished_cancelled"] == cancelled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats["finished_cancelled"] == cancelled + 1
+    assert engine.metrics()["pages_kv"] == 0
+
+
+def test_a_full_queue_answers_503_with_retry_after():
+    args = _parser().parse_args(["serve", "--device", "cpu"])
+    served = _served_model(args)
+    engine = Engine(served.model, served.tokenizer, max_running=1, max_waiting=1)
+    server = Server(engine, model_name=served.name)
+    try:
+        from hf_multilora.serving import SamplingParams
+
+        params = SamplingParams(max_tokens=2000, ignore_eos=True, temperature=0)
+        running = engine.submit([5, 6, 7], None, params)
+        next(iter(running))
+        waiting = engine.submit([5, 6, 7], None, params)
+        reply = httpx.post(f"{server.url}/v1/completions", json={"model": "demo-base", "prompt": "x", "max_tokens": 2})
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+        assert reply.json()["error"]["type"] == "overloaded_error"
+        running.cancel(), waiting.cancel()
+    finally:
+        server.stop()
+        engine.close()
