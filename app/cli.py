@@ -46,7 +46,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:  # only here: `--help` and argument errors need neither
         import uvicorn
 
-        from hf_multilora.serving.server import build_app
+        from hf_multilora.serving.server import OpenAIService, build_app
     except ImportError as error:
         parser.exit(1, f"the server needs FastAPI and uvicorn ({error}): pip install 'hf_multilora[serve]'\n")
     try:
@@ -55,9 +55,9 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(str(error))
     engine = Engine(served.model, served.tokenizer, max_running=args.max_running)
     try:
-        app = build_app(engine, model_name=served.name, adapter_dir=served.adapter_dir,
-                        api_key=args.api_key or os.environ.get("HF_MULTILORA_API_KEY"),
-                        chat_template=served.chat_template)  # fmt: skip
+        service = OpenAIService(engine, model_name=served.name, adapter_dir=served.adapter_dir,
+                                chat_template=served.chat_template)  # fmt: skip
+        app = build_app(service, api_key=args.api_key or os.environ.get("HF_MULTILORA_API_KEY"))
         print(f"hf_multilora: serving {served.name} and adapters {served.model.adapter_names} "
               f"at http://{args.host}:{args.port}/v1", flush=True)  # fmt: skip
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -17,7 +17,7 @@ from hf_multilora.app.cli import _parser, _served_model  # noqa: E402
 from hf_multilora.app.demo import read_demo  # noqa: E402
 
 from hf_multilora.serving import Engine  # noqa: E402
-from hf_multilora.serving.server import build_app  # noqa: E402
+from hf_multilora.serving.server import OpenAIService, build_app  # noqa: E402
 
 DEMO = read_demo()
 API_KEY = "test-key"
@@ -32,9 +32,10 @@ def free_port() -> int:
 class Server:
     """uvicorn in a thread, serving build_app(engine)."""
 
-    def __init__(self, engine, **app_kwargs):
+    def __init__(self, engine, api_key=None, **service_kwargs):
         self.engine, self.port = engine, free_port()
-        config = uvicorn.Config(build_app(engine, **app_kwargs), host="127.0.0.1", port=self.port, log_level="error")
+        app = build_app(OpenAIService(engine, **service_kwargs), api_key=api_key)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,41 +44,137 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param)
 
 
-def build_app(
-    engine: Engine,
-    *,
-    model_name: str,
-    adapter_dir: str | Path | None = None,
-    api_key: str | None = None,
-    chat_template: str | None = None,
-) -> FastAPI:
-    """The FastAPI app serving `engine` (whose tokenizer it needs) under `model_name` for the base.
+class OpenAIService:
+    """The OpenAI routes' logic over one Engine, free of any web framework: the FastAPI app below and
+    the Ray Serve replicas (serving/ray.py) call it.
 
-    `adapter_dir`: the only folder /v1/load_lora_adapter may load from (None: the route refuses).
-    `api_key`: required as `Authorization: Bearer <key>` on /v1 routes (None: open).
-    `chat_template`: a Jinja chat template instead of the tokenizer's own.
-    """
-    if engine.tokenizer is None:
-        raise ValueError("the server needs an engine with a tokenizer")
-    if model_name in engine.model.adapter_names:
-        raise ValueError(f"the base model's name {model_name!r} is also an adapter's name")
-    allowed = Path(adapter_dir).resolve() if adapter_dir is not None else None
+    `model_name`: the base model's name in `model`. `adapter_dir`: the only folder `load_adapter`
+    may load from (None: it refuses). `chat_template`: a Jinja chat template instead of the
+    tokenizer's own."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        model_name: str,
+        adapter_dir: str | Path | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        if engine.tokenizer is None:
+            raise ValueError("the server needs an engine with a tokenizer")
+        if model_name in engine.model.adapter_names:
+            raise ValueError(f"the base model's name {model_name!r} is also an adapter's name")
+        self.engine, self.model_name, self.chat_template = engine, model_name, chat_template
+        self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
+        self.created = int(time.time())
+
+    def models(self) -> dict:
+        def entry(name: str, parent: str | None) -> dict:
+            card = {"id": name, "object": "model", "created": self.created, "owned_by": "hf_multilora"}
+            return {**card, "parent": parent} if parent else card
+
+        entries = [entry(self.model_name, None)] + [entry(n, self.model_name) for n in self.engine.model.adapter_names]
+        return {"object": "list", "data": entries}
+
+    def submit(self, route: str, body: dict) -> Reply:
+        """Start the request of `body` for `route` ("completions" or "chat"); raises ApiError."""
+        chat = route == "chat"
+        prompt = self._chat_prompt(body) if chat else self._completion_prompt(body)
+        adapter = self.adapter_of(body.get("model"))
+        params = _sampling(body)
+        try:
+            stream = self.engine.submit(prompt, adapter, params)
+        except KeyError as error:
+            raise ApiError(404, str(error.args[0]), "not_found_error", "model") from error
+        except RequestError as error:
+            raise bad_request(str(error)) from error
+        except EngineOverloaded as error:
+            raise ApiError(503, str(error), "overloaded_error") from error
+        return Reply(stream, body["model"], chat, created=int(time.time()))
+
+    def adapter_of(self, model: object) -> str | None:
+        """The adapter `model` names (None: the base model); ApiError when it names nothing served."""
+        if not isinstance(model, str) or not model:
+            raise bad_request("model must name the base model or an adapter", "model")
+        if model == self.model_name:
+            return None
+        if model not in self.engine.model.adapter_names:
+            raise ApiError(404, f"the model {model!r} does not exist", "not_found_error", "model")
+        return model
+
+    def _completion_prompt(self, body: dict) -> str | list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if (isinstance(prompt, str) and prompt) or (
+            isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
+        ):
+            return prompt
+        raise bad_request("prompt must be a non-empty string or a list of token ids (one prompt)", "prompt")
+
+    def _chat_prompt(self, body: dict) -> str:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise bad_request("messages must be a non-empty list of {role, content} with text content", "messages")
+        tokenizer = self.engine.tokenizer
+        template = self.chat_template or getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise bad_request("the model's tokenizer has no chat template (start the server with one)")
+        return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+
+    def load_adapter(self, body: dict) -> str:
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise bad_request("lora_name and lora_path must be non-empty strings")
+        if self.adapter_dir is None:
+            raise ApiError(403, "loading adapters at run time is off (start the server with --adapter-dir)",
+                           "permission_error")  # fmt: skip
+        if name == self.model_name:
+            raise bad_request(f"{name!r} is the base model's name", "lora_name")
+        folder = Path(path) if Path(path).is_absolute() else self.adapter_dir / path
+        try:
+            self.engine.model.load_adapter(folder, name, allowed_dir=self.adapter_dir)
+        except (AdapterLoadError, ValueError, OSError) as error:
+            raise bad_request(str(error), "lora_path") from error
+        return f"adapter {name} loaded"
+
+    def unload_adapter(self, body: dict) -> str:
+        name = body.get("lora_name")
+        if not isinstance(name, str) or name not in self.engine.model.adapter_names:
+            raise ApiError(404, f"no adapter named {name!r}", "not_found_error", "lora_name")
+        try:
+            self.engine.unload_adapter(name)
+        except RequestError as error:
+            raise ApiError(409, str(error), "conflict_error", "lora_name") from error
+        return f"adapter {name} unloaded"
+
+    def metrics(self) -> str:
+        return prometheus_text(self.engine.metrics())
+
+
+def error_body(error: ApiError) -> dict:
+    return {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.status}}
+
+
+def build_app(service: OpenAIService, *, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app of `service`. `api_key`: required as `Authorization: Bearer <key>` on the /v1
+    routes (None: open)."""
     app = FastAPI(title="hf_multilora", docs_url=None, redoc_url=None)
-    created = int(time.time())
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
-        body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.status}}
-        return JSONResponse(body, status_code=error.status, headers=headers)
+        return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Any) -> Any:
         wrong_key = api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}"
         if wrong_key and request.url.path.startswith("/v1/"):
-            body = {"error": {"message": "invalid or missing API key", "type": "authentication_error",
-                              "param": None, "code": 401}}  # fmt: skip
-            return JSONResponse(body, status_code=401)
+            error = ApiError(401, "invalid or missing API key", "authentication_error")
+            return JSONResponse(error_body(error), status_code=401)
         return await call_next(request)
 
     @app.get("/health")
@@ -87,115 +183,40 @@ def build_app(
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(prometheus_text(engine.metrics()))
+        return PlainTextResponse(service.metrics())
 
     @app.get("/v1/models")
     async def models() -> dict:
-        entries = [{"id": model_name, "object": "model", "created": created, "owned_by": "hf_multilora"}]
-        entries += [
-            {"id": name, "object": "model", "created": created, "owned_by": "hf_multilora", "parent": model_name}
-            for name in engine.model.adapter_names
-        ]
-        return {"object": "list", "data": entries}
+        return service.models()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = await _json_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not (isinstance(prompt, str) and prompt) and not (
-            isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
-        ):
-            raise bad_request("prompt must be a non-empty string or a list of token ids (one prompt)", "prompt")
-        return await _serve(request, body, prompt, chat=False)
+        return await _respond(request, "completions")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body = await _json_body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise bad_request("messages must be a non-empty list of {role, content} with text content", "messages")
-        template = chat_template or getattr(engine.tokenizer, "chat_template", None)
-        if not template:
-            raise bad_request("the model's tokenizer has no chat template (start the server with one)")
-        prompt = engine.tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
-        return await _serve(request, body, prompt, chat=True)
+        return await _respond(request, "chat")
 
-    async def _serve(request: Request, body: dict, prompt: str | list[int], chat: bool) -> Any:
-        adapter = _adapter_of(body.get("model"))
-        params = _sampling(body)
-        try:
-            stream = engine.submit(prompt, adapter, params)
-        except KeyError as error:
-            raise ApiError(404, str(error.args[0]), "not_found_error", "model") from error
-        except RequestError as error:
-            raise bad_request(str(error)) from error
-        except EngineOverloaded as error:
-            raise ApiError(503, str(error), "overloaded_error") from error
-        reply = _Reply(stream, body["model"], chat, created=int(time.time()))
+    async def _respond(request: Request, route: str) -> Any:
+        body = await json_body(request)
+        reply = service.submit(route, body)
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_cancel_on_exit(stream, reply.chunks(usage)), media_type="text/event-stream")
-        try:
-            async for _ in stream:
-                if await request.is_disconnected():
-                    stream.cancel()
-        finally:
-            if not stream.finished:
-                stream.cancel()
-        if stream.finish_reason == "error":
-            raise ApiError(500, f"the request failed: {stream.error}", "server_error")
-        return reply.whole()
-
-    def _adapter_of(model: object) -> str | None:
-        if not isinstance(model, str) or not model:
-            raise bad_request("model must name the base model or an adapter", "model")
-        if model == model_name:
-            return None
-        if model not in engine.model.adapter_names:
-            raise ApiError(404, f"the model {model!r} does not exist", "not_found_error", "model")
-        return model
+            return StreamingResponse(reply.chunks(usage), media_type="text/event-stream")
+        return await reply.whole(request.is_disconnected)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> PlainTextResponse:
-        body = await _json_body(request)
-        name, path = body.get("lora_name"), body.get("lora_path")
-        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
-            raise bad_request("lora_name and lora_path must be non-empty strings")
-        if allowed is None:
-            raise ApiError(403, "loading adapters at run time is off (start the server with --adapter-dir)",
-                           "permission_error")  # fmt: skip
-        if name == model_name:
-            raise bad_request(f"{name!r} is the base model's name", "lora_name")
-        folder = Path(path) if Path(path).is_absolute() else allowed / path
-        try:
-            engine.model.load_adapter(folder, name, allowed_dir=allowed)
-        except (AdapterLoadError, ValueError, OSError) as error:
-            raise bad_request(str(error), "lora_path") from error
-        return PlainTextResponse(f"adapter {name} loaded")
+        return PlainTextResponse(service.load_adapter(await json_body(request)))
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> PlainTextResponse:
-        body = await _json_body(request)
-        name = body.get("lora_name")
-        if not isinstance(name, str) or name not in engine.model.adapter_names:
-            raise ApiError(404, f"no adapter named {name!r}", "not_found_error", "lora_name")
-        try:
-            engine.unload_adapter(name)
-        except RequestError as error:
-            raise ApiError(409, str(error), "conflict_error", "lora_name") from error
-        return PlainTextResponse(f"adapter {name} unloaded")
+        return PlainTextResponse(service.unload_adapter(await json_body(request)))
 
     return app
 
 
-async def _json_body(request: Request) -> dict:
+async def json_body(request: Request) -> dict:
     try:
         body = await request.json()
     except (ValueError, UnicodeDecodeError) as error:
@@ -222,18 +243,7 @@ def _sampling(body: dict) -> SamplingParams:
         raise bad_request(str(error)) from error
 
 
-async def _cancel_on_exit(stream: RequestStream, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The response body; when the client goes away Starlette stops iterating it, and the request
-    is cancelled."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        if not stream.finished:
-            stream.cancel()
-
-
-class _Reply:
+class Reply:
     """OpenAI's response objects for one request: whole, or as stream chunks."""
 
     def __init__(self, stream: RequestStream, model: str, chat: bool, created: int) -> None:
@@ -249,7 +259,18 @@ class _Reply:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def whole(self) -> dict:
+    async def whole(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> dict:
+        """The response once the request ended; `disconnected()` is asked after every token (a client
+        that went away cancels the request)."""
+        try:
+            async for _ in self.stream:
+                if disconnected is not None and await disconnected():
+                    self.stream.cancel()
+        finally:
+            if not self.stream.finished:
+                self.stream.cancel()
+        if self.stream.finish_reason == "error":
+            raise ApiError(500, f"the request failed: {self.stream.error}", "server_error")
         reason = self.stream.finish_reason
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": self.stream.text},
@@ -259,6 +280,16 @@ class _Reply:
         return {**self._envelope([choice], chunk=False), "usage": self._usage()}
 
     async def chunks(self, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events; when the client goes away the server stops iterating, and the request
+        is cancelled."""
+        try:
+            async for chunk in self._chunks(include_usage):
+                yield chunk
+        finally:
+            if not self.stream.finished:
+                self.stream.cancel()
+
+    async def _chunks(self, include_usage: bool) -> AsyncIterator[str]:
         if self.chat:
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
             yield _sse(self._envelope([first], chunk=True))
