@@ -49,6 +49,9 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         from hf_multilora.serving.server import OpenAIService, build_app
     except ImportError as error:
         parser.exit(1, f"the server needs FastAPI and uvicorn ({error}): pip install 'hf_multilora[serve]'\n")
+    if args.ray_replicas:
+        _serve_on_ray(args, parser)
+        return
     try:
         served = _served_model(args)
     except (OSError, AdapterLoadError, ValueError) as error:
@@ -65,6 +68,51 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         engine.close()
 
 
+def _serve_on_ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    try:
+        import ray
+        from ray import serve
+
+        from hf_multilora.serving.ray import ModelSpec, application
+    except ImportError as error:
+        parser.exit(1, f"--ray-replicas needs Ray Serve ({error}): pip install 'hf_multilora[ray]'\n")
+    source = _source(args)
+    if args.adapter_dir is not None:
+        parser.error("--adapter-dir: a Ray Serve deployment's adapters are fixed at start (use --adapter)")
+    spec = ModelSpec(base=str(source.base), adapters={n: str(p) for n, p in source.adapters.items()},
+                     model_name=source.name, chat_template=source.chat_template, pool_bytes=args.pool_bytes,
+                     max_running=args.max_running)  # fmt: skip
+    ray.init(address=args.ray_address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    api_key = args.api_key or os.environ.get("HF_MULTILORA_API_KEY")
+    print(f"hf_multilora: {args.ray_replicas} Ray Serve replicas of {source.name} at http://{args.host}:{args.port}/v1",
+          flush=True)  # fmt: skip
+    serve.run(application(spec, args.ray_replicas, api_key=api_key), blocking=True)
+
+
+@dataclass
+class _Source:
+    base: str | Path
+    adapters: dict[str, Any]
+    name: str
+    adapter_dir: Path | None
+    chat_template: str | None
+
+
+def _source(args: argparse.Namespace) -> _Source:
+    """What to serve: the demo (its adapters folder is the adapter dir, a template from its prompt
+    format) or --base, plus --adapter."""
+    adapters = _adapters(args)
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    if args.base is not None:
+        return _Source(args.base, adapters, args.served_model_name or str(args.base), args.adapter_dir, template)
+    demo = read_demo(args.assets)
+    # the demo's tokenizer has no chat template: a chat's last message goes where the text does
+    template = template or demo.prompt_format.replace("{text}", "{{ messages[-1]['content'] }}")
+    return _Source(demo.base, {**demo.adapters, **adapters}, args.served_model_name or "demo-base",
+                   args.adapter_dir or demo.root / "adapters", template)  # fmt: skip
+
+
 @dataclass
 class _Served:
     model: MultiLoraModel
@@ -75,20 +123,11 @@ class _Served:
 
 
 def _served_model(args: argparse.Namespace) -> _Served:
-    adapters = _adapters(args)
-    template = Path(args.chat_template).read_text() if args.chat_template else None
-    adapter_dir = args.adapter_dir
-    if args.base is None:
-        demo = read_demo(args.assets)
-        base, adapters, name = demo.base, {**demo.adapters, **adapters}, args.served_model_name or "demo-base"
-        adapter_dir = adapter_dir or demo.root / "adapters"
-        # the demo's tokenizer has no chat template: a chat's last message goes where the text does
-        template = template or demo.prompt_format.replace("{text}", "{{ messages[-1]['content'] }}")
-    else:
-        base, name = args.base, args.served_model_name or str(args.base)
-    model = MultiLoraModel.from_pretrained(base, adapters, pool_bytes=args.pool_bytes)
+    source = _source(args)
+    model = MultiLoraModel.from_pretrained(source.base, source.adapters, pool_bytes=args.pool_bytes)
     model.to(args.device)
-    return _Served(model, AutoTokenizer.from_pretrained(base), name, adapter_dir, template)
+    tokenizer = AutoTokenizer.from_pretrained(source.base)
+    return _Served(model, tokenizer, source.name, source.adapter_dir, source.chat_template)
 
 
 def _adapters(args: argparse.Namespace) -> dict[str, str]:
@@ -132,6 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the base model's name in `model` (default: --base, or demo-base)")
     serve.add_argument("--chat-template", type=Path, help="a Jinja chat template file (default: the tokenizer's)")
     serve.add_argument("--max-running", type=int, default=64, help="requests decoded together at most (default: %(default)s)")
+    serve.add_argument("--ray-replicas", type=int, help="serve N replicas on Ray Serve (one GPU each where there are GPUs)")
+    serve.add_argument("--ray-address", help="the Ray cluster to join (default: start one here; `auto`: the running one)")
     return parser
 
 

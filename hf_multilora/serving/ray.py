@@ -1,0 +1,189 @@
+"""The engine on Ray Serve: N replicas (one GPU each on GPUs), each request sent to a replica that
+already holds its adapter, behind the same OpenAI routes as `hf-multilora serve`.
+
+Why: one replica serves as many adapters as its pool holds, but one GPU's throughput. More replicas
+scale throughput; routing a request to a replica whose pool already holds its adapter (Ray Serve's
+model multiplexing, keyed by the request's `model`) keeps each replica's set of hot adapters small,
+as Punica's scheduler consolidates requests of an adapter on few GPUs.
+
+Layout: a `Router` deployment (the HTTP ingress: authentication, JSON, server-sent events) and a
+`Replica` deployment (a MultiLoraModel, its Engine and an OpenAIService). The router calls a replica
+with `multiplexed_model_id=<model>`; Ray Serve prefers replicas that recently loaded that id, and
+a replica "loads" it by making the adapter resident in its pool (`Replica.hold`).
+
+On one machine: `hf-multilora serve --ray-replicas 2` (or `serve.run(application(spec, replicas=2))`).
+On a cluster: `ray start --head` on one node, `ray start --address=<head>:6379` on the others, then
+on the head run `hf-multilora serve --ray-replicas N --ray-address auto` (or `serve.run` of
+`application(...)` from a script): Ray places one replica per GPU anywhere in the cluster, and the
+model and adapter paths must exist on every node (a shared filesystem or the Hub). The adapter
+catalogue is fixed when the application is built: loading adapters at run time
+(/v1/load_lora_adapter) is refused, because a replica started later would not know them.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see Request itself in the Router's methods,
+# which Ray Serve's ingress rewrites (string annotations then resolve to nothing: 422 answers).
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+from transformers import AutoTokenizer
+
+from ..model import MultiLoraModel
+from .engine import Engine
+from .server import ApiError, OpenAIService, bad_request, error_body, json_body
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every replica loads: `base` (a folder or Hub id), `adapters` {name: folder or Hub id},
+    the base model's served `model_name`, a `chat_template` (None: the tokenizer's), the `device`
+    (None: CUDA where there is one), the pool size and the engine's `max_running`."""
+
+    base: str
+    adapters: dict[str, str] = field(default_factory=dict)
+    model_name: str = "base"
+    chat_template: str | None = None
+    device: str | None = None
+    pool_bytes: int | None = None
+    max_running: int = 64
+
+
+@serve.deployment
+class Replica:
+    def __init__(self, spec: ModelSpec) -> None:
+        import torch
+
+        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = MultiLoraModel.from_pretrained(spec.base, spec.adapters, pool_bytes=spec.pool_bytes)
+        model.to(device)
+        self.engine = Engine(model, AutoTokenizer.from_pretrained(spec.base), max_running=spec.max_running)
+        self.service = OpenAIService(self.engine, model_name=spec.model_name, chat_template=spec.chat_template)
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def hold(self, model: str) -> str:
+        """Ray Serve's model loading for `model`: its adapter made resident here (a cache of names;
+        the pool's own LRU evicts adapters when pages run short)."""
+        adapter = self.service.adapter_of(model)
+        if adapter is not None:
+            self.engine.model.prefetch_adapters([adapter])
+        return model
+
+    async def respond(self, route: str, body: dict) -> tuple[int, dict]:
+        """(HTTP status, JSON) of a whole completion."""
+        try:
+            await self.hold(serve.get_multiplexed_model_id())
+            return 200, await self.service.submit(route, body).whole()
+        except ApiError as error:
+            return error.status, error_body(error)
+
+    async def respond_stream(self, route: str, body: dict) -> AsyncIterator[Any]:
+        """First (status, error JSON or None), then the server-sent events."""
+        try:
+            await self.hold(serve.get_multiplexed_model_id())
+            reply = self.service.submit(route, body)
+        except ApiError as error:
+            yield error.status, error_body(error)
+            return
+        yield 200, None
+        usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        async for chunk in reply.chunks(usage):
+            yield chunk
+
+    async def models(self) -> dict:
+        return self.service.models()
+
+    async def metrics(self) -> str:
+        return self.service.metrics()
+
+
+router_app = FastAPI(title="hf_multilora on Ray Serve", docs_url=None, redoc_url=None)
+
+
+@serve.deployment
+@serve.ingress(router_app)
+class Router:
+    """The HTTP ingress: checks the key, reads the JSON and hands the request to a replica chosen by
+    its `model`. /metrics and /v1/models come from one replica."""
+
+    def __init__(self, replica: Any, api_key: str | None = None) -> None:
+        self.replica, self.api_key = replica, api_key
+
+    def _check_key(self, request: Request) -> JSONResponse | None:
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return JSONResponse(error_body(ApiError(401, "invalid or missing API key", "authentication_error")), 401)
+        return None
+
+    @router_app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @router_app.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        return PlainTextResponse(await self.replica.metrics.remote())
+
+    @router_app.get("/v1/models")
+    async def models(self, request: Request) -> Any:
+        return self._check_key(request) or await self.replica.models.remote()
+
+    @router_app.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._forward(request, "completions")
+
+    @router_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._forward(request, "chat")
+
+    @router_app.post("/v1/load_lora_adapter")
+    @router_app.post("/v1/unload_lora_adapter")
+    async def adapters(self, request: Request) -> Any:
+        error = ApiError(501, "the adapters of a Ray Serve deployment are fixed when it is built "
+                         "(ModelSpec.adapters); run-time loading is not supported there", "not_implemented_error")  # fmt: skip
+        return self._check_key(request) or JSONResponse(error_body(error), 501)
+
+    async def _forward(self, request: Request, route: str) -> Any:
+        refused = self._check_key(request)
+        if refused is not None:
+            return refused
+        try:
+            body = await json_body(request)
+        except ApiError as error:
+            return JSONResponse(error_body(error), error.status)
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return JSONResponse(error_body(bad_request("model must name the base model or an adapter", "model")), 400)
+        handle = self.replica.options(multiplexed_model_id=model)
+        if not body.get("stream"):
+            status, payload = await handle.respond.remote(route, body)
+            return JSONResponse(payload, status)
+        events = handle.options(stream=True).respond_stream.remote(route, body)
+        status, payload = await events.__anext__()
+        if status != 200:
+            events.cancel()
+            return JSONResponse(payload, status)
+
+        async def chunks() -> AsyncIterator[str]:
+            try:
+                async for chunk in events:
+                    yield chunk
+            finally:  # the client went away: the replica's generator cancels the request
+                events.cancel()
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+def application(spec: ModelSpec, replicas: int = 1, *, api_key: str | None = None, gpus_per_replica: float | None = None) -> Any:
+    """The Ray Serve application: `replicas` Replicas of `spec` behind a Router. `gpus_per_replica`:
+    default 1 where the cluster has GPUs and the spec's device is not the CPU, else 0."""
+    if not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
+    if gpus_per_replica is None:
+        import ray
+
+        has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+        gpus_per_replica = 1 if has_gpus and spec.device != "cpu" else 0
+    replica = Replica.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": 0})
+    return Router.options(ray_actor_options={"num_cpus": 0}).bind(replica.bind(spec), api_key)

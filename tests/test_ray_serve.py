@@ -1,0 +1,80 @@
+"""The engine on Ray Serve: 2 CPU replicas of the demo model behind the Router, driven by the
+official `openai` client (skipped where Ray Serve is not installed: pip install 'hf_multilora[ray]')."""
+
+import json
+import socket
+import threading
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+openai = pytest.importorskip("openai")
+
+from hf_multilora.app.demo import read_demo  # noqa: E402
+
+from hf_multilora.serving.ray import ModelSpec, application  # noqa: E402
+
+DEMO = read_demo()
+KEY = "ray-key"
+
+
+@pytest.fixture(scope="module")
+def url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    spec = ModelSpec(
+        base=str(DEMO.base), adapters={n: str(p) for n, p in DEMO.adapters.items()}, model_name="demo-base",
+        chat_template=DEMO.prompt_format.replace("{text}", "{{ messages[-1]['content'] }}"), device="cpu",
+    )  # fmt: skip
+    serve.run(application(spec, replicas=2, api_key=KEY))
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_two_replicas_serve_every_adapter_and_stream(url):
+    replicas = serve.status().applications["default"].deployments["Replica"].replica_states
+    assert replicas.get("RUNNING") == 2
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["demo-base", *DEMO.adapters]
+    spec = json.loads((DEMO.root / "demo.json").read_text())["adapters"]
+    jobs = [(name, ex["text"], ex["expected"]) for name, s in spec.items() for ex in s["examples"][:3]]
+    results = {}
+
+    def call(job):
+        name, text, _ = job
+        reply = client.completions.create(model=name, prompt=DEMO.prompt_format.replace("{text}", text),
+                                          max_tokens=32, temperature=0)  # fmt: skip
+        results[job] = reply.choices[0].text
+
+    threads = [threading.Thread(target=call, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {job: job[2] for job in jobs} == results
+    name, text, expected = jobs[0]
+    stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": text}],
+                                            max_tokens=32, temperature=0, stream=True)  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
+
+
+def test_errors_through_the_router(url):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2, stream=True)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="upper", prompt="x", max_tokens=2, top_p=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    reply = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "b"},
+                       headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert reply.status_code == 501
+    assert "hf_multilora_requests_running" in httpx.get(f"{url}/metrics").text
