@@ -1,0 +1,251 @@
+"""Serving under load: the engine on an open-loop trace, against one generate() per request and the
+base model alone through transformers' continuous batching and static compiled batches.
+
+The trace (seeded): `--requests` requests with Poisson arrivals at each `--rates` (requests per
+second; `inf`: all at once, i.e. saturation), prompt lengths uniform in `--prompt-lens`, output
+lengths uniform in `--output-lens` (EOS ignored, so every request decodes exactly its length), and
+adapters drawn Zipf(`--zipf`) over each count in `--adapters` registered ones (q/k/v/o, ranks 8/16;
+folders written as bench_adapter_scale.py writes them, all read into host memory first, as S-LoRA's
+setting is).
+
+Rows, in one process:
+  engine           Engine.submit at each arrival (a thread waits for each request's tokens):
+                   throughput = output tokens / (last finish - first arrival); TTFT and time per
+                   output token (TPOT), p50 / p99
+  (a) generate     one MultiLoraModel.generate per request, in arrival order (a request starts when
+                   it has arrived and the one before has finished); same metrics
+  (b) hf cb        the base model alone through transformers' `generate_batch` (its continuous
+                   batching), every prompt at once, max_new_tokens = the trace's mean output length
+                   (same output tokens in total; it takes one length for all)
+  (c) hf static    the base model alone in static batches of 32 in arrival order through generate
+                   with `cache_implementation="static"` (compiled on CUDA); a batch decodes to its
+                   longest request, throughput counts the tokens asked for
+(b) and (c) run at saturation only. Llama-2-7B shapes on CUDA; `--tiny` checks the script on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bench_adapter_scale as scale
+import common
+import torch
+from bench_generate import FULL, TINY, build_base
+
+from hf_multilora import MultiLoraModel
+from hf_multilora.serving import Engine, SamplingParams
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival: float  # seconds from the start
+    prompt_ids: list[int]
+    output_len: int
+    adapter: str | None
+
+
+def make_trace(args: argparse.Namespace, rate: float, names: list[str], vocab: int) -> list[TraceRequest]:
+    rng = random.Random(args.seed)
+    weights = scale.popularity_weights(len(names), "zipf", args.zipf, rng) if names else None
+    clock, trace = 0.0, []
+    for _ in range(args.requests):
+        clock += 0.0 if math.isinf(rate) else rng.expovariate(rate)
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(*args.prompt_lens))]
+        adapter = rng.choices(names, weights=weights)[0] if names else None
+        trace.append(TraceRequest(clock, prompt, rng.randint(*args.output_lens), adapter))
+    return trace
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50": float("nan"), "p99": float("nan")}
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.5), "p99": pick(0.99)}
+
+
+def summary(trace: list[TraceRequest], starts: list[float], firsts: list[float], ends: list[float]) -> dict:
+    """Times are seconds from the trace's start."""
+    tokens = sum(r.output_len for r in trace)
+    ttft = [f - r.arrival for r, f in zip(trace, firsts, strict=True)]
+    tpot = [(e - f) / max(r.output_len - 1, 1) for r, f, e in zip(trace, firsts, ends, strict=True)]
+    return {"tok_s": tokens / max(ends) if ends else 0.0, "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
+            "seconds": max(ends)}  # fmt: skip
+
+
+def run_engine(engine: Engine, trace: list[TraceRequest]) -> dict:
+    firsts, ends = [0.0] * len(trace), [0.0] * len(trace)
+    start = time.perf_counter()
+    waiters = []
+
+    def wait(i: int, stream: Any) -> None:
+        for event in stream:
+            if event.token_id is not None and not firsts[i]:
+                firsts[i] = time.perf_counter() - start
+        ends[i] = time.perf_counter() - start
+
+    for i, request in enumerate(trace):
+        delay = request.arrival - (time.perf_counter() - start)
+        if delay > 0:
+            time.sleep(delay)
+        params = SamplingParams(max_tokens=request.output_len, temperature=0, ignore_eos=True)
+        stream = engine.submit(request.prompt_ids, request.adapter, params)
+        waiters.append(threading.Thread(target=wait, args=(i, stream)))
+        waiters[-1].start()
+    for waiter in waiters:
+        waiter.join()
+    return {**summary(trace, [], firsts, ends), "preemptions": engine.stats["preemptions"],
+            "max_batch": max(engine.batch_sizes, default=0)}  # fmt: skip
+
+
+def run_generate_each(model: MultiLoraModel, trace: list[TraceRequest], device: torch.device) -> dict:
+    """(a): requests one after another, each when it has arrived and the previous one is done (the
+    clock is simulated from measured durations, so the run does not sleep)."""
+    firsts, ends, clock = [], [], 0.0
+    for request in trace:
+        ids = torch.tensor([request.prompt_ids], device=device)
+        common.synchronize(device)
+        began = time.perf_counter()
+        model.generate(ids, adapter_ids=[request.adapter], max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        common.synchronize(device)
+        first = time.perf_counter() - began
+        began = time.perf_counter()
+        model.generate(ids, adapter_ids=[request.adapter], max_new_tokens=request.output_len,
+                       min_new_tokens=request.output_len, do_sample=False)  # fmt: skip
+        common.synchronize(device)
+        clock = max(clock, request.arrival)
+        firsts.append(clock + first)
+        clock += time.perf_counter() - began
+        ends.append(clock)
+    return summary(trace, [], firsts, ends)
+
+
+def run_hf_continuous(base: Any, trace: list[TraceRequest]) -> dict:
+    from transformers import GenerationConfig
+
+    mean = round(sum(r.output_len for r in trace) / len(trace))
+    config = GenerationConfig(max_new_tokens=mean, min_new_tokens=mean, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)  # fmt: skip
+    started = time.perf_counter()
+    base.generate_batch(inputs=[r.prompt_ids for r in trace], generation_config=config, progress_bar=False)
+    seconds = time.perf_counter() - started
+    return {"tok_s": mean * len(trace) / seconds, "seconds": seconds}
+
+
+def run_hf_static(base: Any, trace: list[TraceRequest], device: torch.device, batch: int) -> dict:
+    started, tokens = time.perf_counter(), 0
+    for i in range(0, len(trace), batch):
+        group = trace[i : i + batch]
+        width = max(len(r.prompt_ids) for r in group)
+        ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in group], device=device)
+        mask = (torch.arange(width, device=device)[None, :] >= torch.tensor(
+            [width - len(r.prompt_ids) for r in group], device=device)[:, None]).long()  # fmt: skip
+        longest = max(r.output_len for r in group)
+        base.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                      cache_implementation="static", eos_token_id=None, pad_token_id=0)  # fmt: skip
+        tokens += sum(r.output_len for r in group)
+    common.synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"tok_s": tokens / seconds, "seconds": seconds}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--requests", type=int)
+    parser.add_argument("--rates", default="inf", help="requests per second, comma-separated; inf: saturation")
+    parser.add_argument("--adapters", type=common.parse_int_list, help="registered adapter counts")
+    parser.add_argument("--zipf", type=float, default=1.0)
+    parser.add_argument("--prompt-lens", type=common.parse_int_list, help="min,max prompt tokens")
+    parser.add_argument("--output-lens", type=common.parse_int_list, help="min,max output tokens")
+    parser.add_argument("--baselines", default="generate,hf-cb,hf-static")
+    parser.add_argument("--max-running", type=int, default=64)
+    parser.add_argument("--pool-gib", type=float, default=40.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    started = common.start(args.tiny)
+    if started is None:
+        return 1
+    device, env = started
+    profile, dtype = (TINY, torch.float32) if args.tiny else (FULL, torch.bfloat16)
+    args.requests = args.requests or (24 if args.tiny else 256)
+    args.adapters = args.adapters or ((3, 10) if args.tiny else (10, 100, 1000))
+    args.prompt_lens = args.prompt_lens or ((4, 24) if args.tiny else (64, 512))
+    args.output_lens = args.output_lens or ((4, 16) if args.tiny else (32, 256))
+    rates = [float(r) for r in args.rates.split(",")]
+    base = build_base(profile, device, dtype)
+    vocab = profile.config["vocab_size"]
+    pool_bytes = 2**22 if args.tiny else int(args.pool_gib * 2**30)
+    model = MultiLoraModel(base, pool_bytes=pool_bytes)
+    tokenizer = None
+    results: list[dict] = []
+    ranks = (4, 8) if args.tiny else (8, 16)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = scale.write_weight_files(Path(tmp) / "weights", profile.config, ranks, per_rank=4)
+        for count in args.adapters:
+            names = scale.adapter_names(count, prefix=f"n{count}-")
+            folders = scale.make_folders(Path(tmp) / f"n{count}", scale.draw_ranks(count, ranks, args.seed), weights, names)
+            for name, folder in folders.items():
+                model.load_adapter(folder, name)
+            model.prefetch_adapters(names, host_only=True)
+            for rate in rates:
+                trace = make_trace(args, rate, names, vocab)
+                with Engine(model, tokenizer, max_running=args.max_running) as engine:
+                    run_engine(engine, trace[: min(8, len(trace))])  # warm-up: compiles, plans
+                    engine.stats.clear(), engine.batch_sizes.clear()
+                    row = {"adapters": count, "rate": rate, "engine": run_engine(engine, trace)}
+                if "generate" in args.baselines and math.isinf(rate):
+                    row["generate_each"] = run_generate_each(model, trace, device)
+                results.append(row)
+                print(f"adapters {count}, rate {rate}: {row}", flush=True)
+            for name in names:
+                model.unload_adapter(name)
+    saturated = make_trace(args, math.inf, [], vocab)
+    baselines: dict[str, Any] = {}
+    if "hf-cb" in args.baselines:
+        try:
+            baselines["hf_continuous_batching"] = run_hf_continuous(base, saturated)
+        except Exception as error:  # report, do not lose the rest of the run
+            baselines["hf_continuous_batching"] = {"failed": f"{type(error).__name__}: {error}"}
+    if "hf-static" in args.baselines:
+        baselines["hf_static_batches_32"] = run_hf_static(base, saturated, device, batch=32)
+    print(f"baselines (base model alone, saturation): {baselines}", flush=True)
+    print_table(results, baselines)
+    if args.json:
+        common.write_json(args.json, {"environment": env, "args": vars(args), "results": results,
+                                      "baselines": baselines})  # fmt: skip
+    return 0
+
+
+def print_table(results: list[dict], baselines: dict[str, Any]) -> None:
+    header = ["adapters", "rate", "engine tok/s", "TTFT p50 / p99 s", "TPOT p50 / p99 ms", "(a) tok/s", "engine / (a)"]
+    rows = []
+    for row in results:
+        engine, each = row["engine"], row.get("generate_each")
+        rows.append([
+            row["adapters"], row["rate"], round(engine["tok_s"], 1),
+            f"{engine['ttft_s']['p50']:.3f} / {engine['ttft_s']['p99']:.3f}",
+            f"{1000 * engine['tpot_s']['p50']:.1f} / {1000 * engine['tpot_s']['p99']:.1f}",
+            round(each["tok_s"], 1) if each else "-", round(engine["tok_s"] / each["tok_s"], 2) if each else "-",
+        ])  # fmt: skip
+    print(common.format_table(header, rows))
+    for name, values in baselines.items():
+        if "tok_s" in values:
+            ratios = ", ".join(f"{r['adapters']} adapters {r['engine']['tok_s'] / values['tok_s']:.2f}x"
+                               for r in results if math.isinf(r["rate"]))  # fmt: skip
+            print(f"engine at saturation / {name}: {ratios}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
