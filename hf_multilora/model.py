@@ -351,11 +351,17 @@ class MultiLoraModel(torch.nn.Module):
                 self._runtime.cache.release(names)
 
     def _logits_of_step(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: PagedCache, adapter_ids: list
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: PagedCache,
+        adapter_ids: list,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One forward of the serving engine: rows of `input_ids` [rows, tokens] at `position_ids`,
-        their K/V added to `cache` (a serving StepCache), row i with adapter_ids[i]; returns the
-        last position's logits [rows, vocab]."""
+        their K/V added to `cache` (a serving StepCache), row i with adapter_ids[i], keys masked by
+        the 2-D `attention_mask` where rows have padding; returns the last position's logits
+        [rows, vocab]."""
         base = self.base_model
         with torch.no_grad(), self._routed((), {"input_ids": input_ids}, adapter_ids, None):
             if self._runtime.cache.pool is not cache.pool:
@@ -363,8 +369,8 @@ class MultiLoraModel(torch.nn.Module):
             previous = base.config._attn_implementation
             use_paged_attention(base)
             try:
-                out = base(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1,
-                           **{_cache_keyword(base): cache})  # fmt: skip
+                out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                           use_cache=True, logits_to_keep=1, **{_cache_keyword(base): cache})  # fmt: skip
             finally:
                 set_attention(base, previous)
         return out.logits[:, -1]

@@ -147,3 +147,17 @@ def test_close_ends_what_still_runs(model):
     assert stream.finish_reason == "cancelled"
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit([5], None)
+
+
+def test_prompts_of_similar_lengths_are_prefilled_together(model):
+    jobs = [(prompt(n, seed=40 + i), ["attn_r8", None, "qv_r4"][i % 3], 6) for i, n in enumerate([10, 12, 11, 9, 12, 30])]
+    expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
+    with Engine(model) as engine:
+        with engine._cond:  # the engine thread waits for the lock: all six are queued before its first step
+            streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
+        for stream in streams:
+            stream.result(timeout=60)
+        # 9..12 tokens together (padding under a quarter), the 30-token prompt alone
+        assert engine.stats["prefills"] == 2
+        assert engine.metrics()["pages_kv"] == 0
+    assert [s.token_ids for s in streams] == expected

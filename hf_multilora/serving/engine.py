@@ -18,7 +18,7 @@ One engine thread runs the loop; `submit()` (any thread, or an asyncio task) onl
    A request that could not fit even alone is refused at `submit`.
 Rows end on EOS (unless ignore_eos), at max_tokens, on a stop string, or when cancelled.
 
-Decode steps run eager for now (no CUDA graphs yet); prefills are not chunked.
+Decode steps run eager for now (no CUDA graphs yet); long prompts are not chunked.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class Engine:
     `tokenizer`: decodes outputs (`StreamEvent.text`) and finds stop strings; without one, events
     carry token ids only and `stop` is refused. `eos_token_id`: default the model's generation
     config's. `max_running`: rows in the running batch at most. `max_waiting`: queued requests at
-    most (more: `EngineOverloaded`). Call `close()` (or use it as a context manager) to stop it.
+    most (more: `EngineOverloaded`). `max_prefill_rows`: newly admitted requests prefilled in one
+    forward at most. Call `close()` (or use it as a context manager) to stop it.
     """
 
     def __init__(
@@ -62,15 +63,17 @@ class Engine:
         *,
         max_running: int = 64,
         max_waiting: int = 1024,
+        max_prefill_rows: int = 16,
         eos_token_id: int | Sequence[int] | None = None,
     ) -> None:
         if not isinstance(model, MultiLoraModel):
             raise TypeError(f"Engine serves a MultiLoraModel, got {type(model).__name__}")
-        for name, value in (("max_running", max_running), ("max_waiting", max_waiting)):
+        for name, value in (("max_running", max_running), ("max_waiting", max_waiting),
+                            ("max_prefill_rows", max_prefill_rows)):  # fmt: skip
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.model, self.tokenizer = model, tokenizer
-        self.max_running, self.max_waiting = max_running, max_waiting
+        self.max_running, self.max_waiting, self.max_prefill_rows = max_running, max_waiting, max_prefill_rows
         if eos_token_id is None:
             eos_token_id = model.base_model.generation_config.eos_token_id
         self.eos = set() if eos_token_id is None else set(torch.as_tensor(eos_token_id).flatten().tolist())
@@ -210,47 +213,90 @@ class Engine:
             self._decode()
 
     def _admit(self) -> None:
+        """Admit waiting requests in arrival order and prefill them, several in one forward where
+        their prompts are of similar lengths (left-padded to the longest)."""
         while len(self._running) < self.max_running:
-            with self._cond:
-                if not self._waiting:
-                    break
-                request = self._waiting[0]
-            try:
-                self._reserve(request)
-            except PoolExhaustedError as error:
+            group = self._next_group()
+            if not group:
+                break
+            width = max(len(r.context()) for r in group)
+            admitted = []
+            for request in group:
+                try:
+                    self._reserve(request, width)
+                except PoolExhaustedError as error:
+                    if admitted or self._running:
+                        break  # pages come back as running requests end
+                    self._finish(request, "error", error=f"the pool has no room for it now: {error}")
+                    continue
+                admitted.append(request)
+            if not admitted:
                 if self._running:
-                    break  # pages come back as running requests end
-                self._finish(request, "error", error=f"the pool has no room for it now: {error}")
+                    break
                 continue
             with self._cond:
-                self._waiting.popleft()
-            request.admitted = request.admitted or time.monotonic()
-            self._running.append(request)
-            self.stats["prefills"] += 1
-            context = request.context()
-            try:  # a prefill fails alone (an adapter that no longer loads, say)
-                logits = self._forward([request], [context], [list(range(len(context)))])
-            except Exception as error:
-                logger.exception("hf_multilora engine: prefill of %s failed", request.request_id)
-                self._finish(request, "error", error=f"{type(error).__name__}: {error}")
-                continue
-            self._emit([request], next_tokens(logits, [request]))
+                for request in admitted:
+                    self._waiting.remove(request)
+            now = time.monotonic()
+            for request in admitted:
+                request.admitted = request.admitted or now
+            self._running.extend(admitted)
+            self._prefill(admitted, width)
         with self._cond:
             waiting = {r.adapter for r in self._waiting if r.adapter is not None}
         if waiting:
             self.model.prefetch_adapters(sorted(waiting), host_only=True)
 
-    def _reserve(self, request: Request) -> None:
-        """The request's adapter held resident (for its whole run) and pages for its context; all or
-        nothing (PoolExhaustedError)."""
+    def _next_group(self) -> list[Request]:
+        """The next waiting requests to prefill together: in arrival order, while the batch has room,
+        at most `max_prefill_rows`, and padding adds at most a quarter to their prompts' tokens."""
+        with self._cond:
+            waiting = list(self._waiting)
+        group: list[Request] = []
+        lengths: list[int] = []
+        for request in waiting:
+            if len(group) >= self.max_prefill_rows or len(self._running) + len(group) >= self.max_running:
+                break
+            candidate = [*lengths, len(request.context())]
+            if group and max(candidate) * len(candidate) > 1.25 * sum(candidate):
+                break
+            group.append(request)
+            lengths = candidate
+        return group
+
+    def _prefill(self, requests: list[Request], width: int) -> None:
+        """One forward for the prompts of `requests`; if it fails, each alone, so that a request whose
+        prefill cannot run (an adapter that no longer loads, say) fails by itself."""
+        self.stats["prefills"] += 1
+        contexts = [r.context() for r in requests]
+        try:
+            logits = self._forward(
+                requests,
+                [[0] * (width - len(c)) + c for c in contexts],
+                [[0] * (width - len(c)) + list(range(len(c))) for c in contexts],
+            )
+        except Exception:
+            if len(requests) == 1:
+                logger.exception("hf_multilora engine: prefill of %s failed", requests[0].request_id)
+                self._finish(requests[0], "error", error="its prefill failed (see the server log)")
+                return
+            for request in requests:
+                self._prefill([request], width)
+            return
+        self._emit(requests, next_tokens(logits, requests))
+
+    def _reserve(self, request: Request, width: int) -> None:
+        """The request's adapter held resident (for its whole run) and pages for its context, left-padded
+        to `width` slots; all or nothing (PoolExhaustedError)."""
         adapters = [request.adapter] if request.adapter is not None else []
         self.model._pin_adapters(adapters)
         row = self._kv.setdefault(request.request_id, RowKV(self._cache.num_layers, self._cache.block_size))
         try:
-            row.grow(self._pool, len(request.context()))
+            row.grow(self._pool, width)
         except BaseException:
             self.model._unpin_adapters(adapters)
             raise
+        row.pad = width - len(request.context())
         request.pinned = True
 
     def _unreserve(self, request: Request) -> None:
@@ -274,7 +320,7 @@ class Engine:
                 self._preempt(self._running[-1])
         requests = list(self._running)
         tokens = [[r.generated[-1]] for r in requests]
-        positions = [[self._kv[r.request_id].length] for r in requests]
+        positions = [[self._kv[r.request_id].length - self._kv[r.request_id].pad] for r in requests]
         logits = self._forward(requests, tokens, positions)
         self.stats["decode_steps"] += 1
         self.batch_sizes[len(requests)] += 1
@@ -284,13 +330,14 @@ class Engine:
         """Last-position logits of one forward: one row per request, its tokens added to its KV."""
         rows = [self._kv[r.request_id] for r in requests]
         new = len(tokens[0])
-        self._cache.load(rows, new)
+        attention_mask = self._cache.load(rows, new)
         device = self._pool.storage.device
         logits = self.model._logits_of_step(
             torch.tensor(tokens, device=device),
             torch.tensor(positions, device=device),
             self._cache,
             [r.adapter for r in requests],
+            attention_mask,
         )
         for row in rows:
             row.length += new

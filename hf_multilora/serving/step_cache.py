@@ -9,9 +9,10 @@ and a page table per row; what changes is the bookkeeping.
 - `RowKV` is one request's pages: a host table [layers, blocks] and its length. It owns its pages
   (`grow` takes them from the pool, all or nothing; `free` gives them back).
 - `StepCache` is a PagedCache over rows the engine owns, loaded before each forward (`load`): the
-  rows' tables side by side, their lengths on the device. It owns no page. A forward either adds one
-  token to every row (decode: the attention launch stores the token's K/V, as in PagedCache) or
-  adds tokens to one row (a prefill, or a chunk of one).
+  rows' tables side by side, their lengths on the device. It owns no page. A forward adds one token
+  to every row (decode: the attention launch stores the token's K/V, as in PagedCache) or the
+  prompts of newly admitted rows, left-padded to one length (prefill: the padding's slots are
+  masked for the row's whole life).
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from ..memory.page_pool import PagePool
 
 
 class RowKV:
-    """One request's KV pages: `table[layer, block]` page ids, `length` tokens stored."""
+    """One request's KV pages: `table[layer, block]` page ids, `length` slots filled, the first `pad`
+    of them padding (a prefill batched with longer prompts), masked for good."""
 
     def __init__(self, layers: int, block_size: int) -> None:
         self.table = torch.empty(layers, 0, dtype=torch.int32)
         self.length = 0
+        self.pad = 0
         self.block_size = block_size
 
     def blocks_for(self, tokens: int) -> int:
@@ -52,15 +55,16 @@ class RowKV:
         if self.table.numel():
             pool.free(self.table.flatten().tolist())
         self.table = self.table[:, :0]
-        self.length = 0
+        self.length = self.pad = 0
 
 
 class StepCache(PagedCache):
     """A PagedCache view of the engine's rows for one forward at a time (see the module doc).
 
-    `load(rows, new)` before the forward: the forward adds `new` tokens to each row (decode: 1 to
-    each; prefill: any number to a single row), whose pages `RowKV.grow` has already taken. The
-    rows' lengths advance only when the engine says so (`RowKV.length`), after the forward worked.
+    `load(rows, new)` before the forward: the forward adds `new` slots to each row (decode: 1;
+    prefill: the prompts, left-padded to one length), whose pages `RowKV.grow` has already taken. It
+    returns the 2-D attention mask the forward must get when a row has padding (None otherwise).
+    The rows' lengths advance only when the engine says so (`RowKV.length`), after the forward worked.
     """
 
     def __init__(self, pool: PagePool, config: Any) -> None:
@@ -68,9 +72,9 @@ class StepCache(PagedCache):
         self._row_lens: list[int] = []
         self._new = 0
 
-    def load(self, rows: Sequence[RowKV], new: int) -> None:
-        if not rows or new < 1 or (new > 1 and len(rows) > 1):
-            raise ValueError(f"a step adds 1 token to each row or tokens to one row; got {len(rows)} rows, {new}")
+    def load(self, rows: Sequence[RowKV], new: int) -> torch.Tensor | None:
+        if not rows or new < 1:
+            raise ValueError(f"a step adds tokens to one or more rows; got {len(rows)} rows, {new} tokens")
         width = max(max(r.table.shape[1] for r in rows), 1)
         host = torch.zeros(self.num_layers, len(rows), width, dtype=torch.int32)  # unused blocks: page 0
         for i, row in enumerate(rows):
@@ -90,6 +94,12 @@ class StepCache(PagedCache):
         self._new = new
         self._lens = [max(self._row_lens)] * self.num_layers
         self._pending = None
+        if not any(r.pad for r in rows):
+            return None
+        mask = torch.ones(len(rows), max(self._row_lens) + new, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            mask[i, : row.pad] = False
+        return mask.to(device, non_blocking=True)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -110,7 +120,8 @@ class StepCache(PagedCache):
             write = write_kv if use_triton(key_states) else write_kv_torch
             k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [rows, new, kv heads, dim]
             pool = self.pool
-            write(pool.storage, pool.page_elems, self._layer_tables[layer_idx], self._row_lens[0], k, v, self.block_size)
+            start = torch.tensor(self._row_lens, device=key_states.device) if batch > 1 else self._row_lens[0]
+            write(pool.storage, pool.page_elems, self._layer_tables[layer_idx], start, k, v, self.block_size)
             self._pending = (layer_idx, key_states, None)
         _ACTIVE.set(self._weak_self)
         return key_states, value_states
