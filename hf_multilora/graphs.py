@@ -75,6 +75,7 @@ class _Captured:
     output: Any  # the ModelOutput the capture returned (its cache entry cleared); the graph's outputs
     cache_key: str | None  # the output's entry that names the cache: set to the calling one's
     kept: tuple  # everything else the graph reads (see the module doc)
+    pool_bytes: int  # device memory the allocator reserved during the capture (the graph's pool)
 
 
 class DecodeGraphs:
@@ -162,6 +163,8 @@ class DecodeGraphs:
         when the capture failed (the key then runs eager)."""
         step = {**kwargs, "input_ids": kwargs["input_ids"].clone(), "position_ids": kwargs["position_ids"].clone()}
         eager = self.forward(**step)
+        device = step["input_ids"].device
+        reserved = torch.cuda.memory_reserved(device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
@@ -179,5 +182,10 @@ class DecodeGraphs:
         if cache_key is not None:
             output[cache_key] = None  # later calls have caches of their own
         kept = (*self.cache.step_state(), *self.lora_state())  # plans are only ever added to its dict
-        self._graphs[key] = _Captured(graph, step["input_ids"], step["position_ids"], output, cache_key, kept)
+        pool_bytes = max(0, torch.cuda.memory_reserved(device) - reserved)
+        self._graphs[key] = _Captured(graph, step["input_ids"], step["position_ids"], output, cache_key, kept, pool_bytes)
         return None
+
+    def pool_bytes(self) -> int:
+        """Device memory reserved while the live graphs were captured: what their memory pool holds."""
+        return sum(g.pool_bytes for g in self._graphs.values() if g is not None)

@@ -377,8 +377,10 @@ class MultiLoraModel(torch.nn.Module):
 
     def graph_stats(self) -> dict[str, int]:
         """Counts since the model was wrapped: graphs captured, decode steps replayed, and steps run
-        eagerly by reason (prefills among them)."""
-        return dict(self._graph_stats)
+        eagerly by reason (prefills among them); and `graph_pool_bytes`, the device memory the live
+        graphs' pool reserved when they were captured (0 once they were dropped with a move)."""
+        pool = self._decode_graphs.pool_bytes() if self._decode_graphs is not None else 0
+        return {**self._graph_stats, "graph_pool_bytes": pool}
 
     def _with_release_of_finished_rows(self, cache: PagedCache, kwargs: dict) -> dict:
         """kwargs plus a ReleaseFinishedRows criterion, where generate() would stop rows on EOS alone."""
