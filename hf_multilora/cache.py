@@ -69,6 +69,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.masking_utils import AttentionMaskInterface
 
 from .backend import use_triton
+from .kernels.kv_quant import KvLayout, gather_kv_quant_torch, write_kv_quant_torch
 from .kernels.paged_attention import (
     PagedDecode,
     paged_attention,
@@ -128,6 +129,8 @@ def paged_attention_forward(
     if step is None:
         return _dense_attention(query, key, value, key_mask, scale, sliding_window), None
     table, new_value = step
+    if cache.kv_layout is not None:
+        return cache._attend_quantized(module.layer_idx, query, key, value, table, key_mask, scale, sliding_window), None
     if cache._stepping:  # a graph reads the fixed buffer begin_step filled
         key_mask = cache._step_mask
     length = cache.get_seq_length(module.layer_idx)
@@ -242,25 +245,45 @@ class PagedCache(Cache):
     largest power of two whose K and V fit in one page. Call ``release()`` when done with it.
     """
 
-    def __init__(self, pool: PagePool, config: Any, block_size: int | None = None) -> None:
+    def __init__(
+        self, pool: PagePool, config: Any, block_size: int | None = None, *, kv_dtype: str | None = None
+    ) -> None:
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         self.pool, self.num_layers = pool, config.num_hidden_layers
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         token_elems = 2 * self.kv_heads * self.head_dim
-        if block_size is None:
-            block_size = 1 << max((pool.page_elems // token_elems).bit_length() - 1, 0)
-        if block_size < 1 or block_size & (block_size - 1) or block_size * token_elems > pool.page_elems:
-            raise ValueError(
-                f"block_size must be a power of two whose K and V fit in a page: {block_size} token(s) of "
-                f"{token_elems} elements, pages of {pool.page_elems}"
-            )
+        self.kv_layout = self._quantized_layout(kv_dtype, block_size)
+        if self.kv_layout is not None:
+            block_size = self.kv_layout.tokens
+        else:
+            if block_size is None:
+                block_size = 1 << max((pool.page_elems // token_elems).bit_length() - 1, 0)
+            if block_size < 1 or block_size & (block_size - 1) or block_size * token_elems > pool.page_elems:
+                raise ValueError(
+                    f"block_size must be a power of two whose K and V fit in a page: {block_size} token(s) of "
+                    f"{token_elems} elements, pages of {pool.page_elems}"
+                )
         self.block_size = block_size
         self._device = pool.storage.device
         super().__init__(layers=[_PagedLayer(self, i) for i in range(self.num_layers)])
         self._weak_self = weakref.ref(self)
         self._reserved_blocks = 0  # device table width kept from reserve(): its address stays put
         self._reset_state()
+
+    def _quantized_layout(self, kv_dtype: str | None, block_size: int | None) -> KvLayout | None:
+        """The page layout of FP8 / INT4 K/V (kernels/kv_quant.py), None for the pool's own dtype."""
+        if kv_dtype is None:
+            return None
+        if block_size is not None:
+            raise ValueError("block_size comes from the layout of quantized KV pages; give kv_dtype or block_size")
+        if self.pool.storage.is_cuda:
+            raise ValueError(
+                f"kv_dtype={kv_dtype!r} runs on the CPU only for now: the paged attention kernels do not "
+                "read quantized pages yet"
+            )
+        page_bytes = self.pool.page_elems * self.pool.storage.element_size()
+        return KvLayout.of(kv_dtype, self.kv_heads, self.head_dim, page_bytes)
 
     def _reset_state(self) -> None:
         self._host: torch.Tensor | None = None  # int32 [layers, batch, blocks] page ids, the source of truth
@@ -310,6 +333,13 @@ class PagedCache(Cache):
         start = self._lens[layer_idx]
         end = start + new
         self._prepare_tokens(end, new)
+        if self.kv_layout is not None:  # stored quantized; the attention takes this forward's K/V as they are
+            k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
+            write_kv_quant_torch(pool.storage, self.kv_layout, self._layer_tables[layer_idx], start, k, v)
+            self._lens[layer_idx] = end
+            self._pending = (layer_idx, key_states, value_states)
+            _ACTIVE.set(self._weak_self)
+            return key_states, value_states
         triton = use_triton(key_states)
         deferred = new == 1 and triton
         if not deferred:
@@ -354,6 +384,26 @@ class PagedCache(Cache):
             )  # fmt: skip
             self._plans[plan_key] = plan
         return plan(query, key, value, table, self._kv_lens, key_mask)
+
+    def _attend_quantized(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        table: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """Attention of a forward over quantized pages: the tokens before it dequantized from their
+        pages, its own tokens (key, value [batch, kv_heads, new, head_dim]) as they are."""
+        start = self._lens[layer_idx] - key.shape[2]
+        past_k, past_v = gather_kv_quant_torch(self.pool.storage, self.kv_layout, table, start)
+        dtype = query.dtype
+        full_k = torch.cat([past_k.to(dtype).transpose(1, 2), key], dim=2)
+        full_v = torch.cat([past_v.to(dtype).transpose(1, 2), value], dim=2)
+        return _dense_attention(query, full_k, full_v, key_mask, scale, sliding_window)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._lens[layer_idx] if layer_idx < self.num_layers else 0
@@ -620,7 +670,7 @@ class PagedCache(Cache):
         fresh = self.pool.allocate(len(copies), "kv") if copies else []  # raises before any change
         if copies:
             table = table.clone()
-            used = 2 * self.block_size * self.kv_heads * self.head_dim
+            used = self.pool.page_elems if self.kv_layout is not None else 2 * self.block_size * self.kv_heads * self.head_dim
             pages = self.pool.storage[: self.pool.num_pages * self.pool.page_elems].view(
                 self.pool.num_pages, -1
             )
