@@ -161,3 +161,37 @@ def test_prompts_of_similar_lengths_are_prefilled_together(model):
         assert engine.stats["prefills"] == 2
         assert engine.metrics()["pages_kv"] == 0
     assert [s.token_ids for s in streams] == expected
+
+
+@pytest.mark.parametrize("how", ["adapter files gone", "prefill raises"])
+def test_a_failing_request_does_not_disturb_the_others(llama_zoo, tmp_path, monkeypatch, how):
+    import shutil
+
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+    broken = shutil.copytree(llama_zoo.paths["qv_r4"], tmp_path / "broken")
+    model.load_adapter(broken, "broken")  # checked now, weights read at first use
+    if how == "adapter files gone":  # its admission fails
+        (broken / "adapter_model.safetensors").unlink()
+    else:  # the group's prefill fails, and again for the broken request alone
+        step = model._logits_of_step
+
+        def failing(input_ids, position_ids, cache, adapter_ids, attention_mask=None):
+            if "broken" in adapter_ids and input_ids.shape[1] > 1:
+                raise RuntimeError("simulated prefill failure")
+            return step(input_ids, position_ids, cache, adapter_ids, attention_mask)
+
+        monkeypatch.setattr(model, "_logits_of_step", failing)
+    jobs = [(prompt(10, seed=60 + i), adapter, 5) for i, adapter in enumerate(["attn_r8", "broken", None, "qv_r4"])]
+    with Engine(model) as engine:
+        with engine._cond:  # queued together: one prefill group
+            streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
+        for stream in streams:
+            stream.result(timeout=60) if stream is not streams[1] else None
+        with pytest.raises(RuntimeError, match="failed"):
+            streams[1].result(timeout=60)
+        assert streams[1].finish_reason == "error"
+        assert engine.metrics()["pages_kv"] == 0
+        assert engine.stats["prefills"] == (1 if how == "adapter files gone" else 5)  # 1 group, or 1 + 4 alone
+    monkeypatch.undo()
+    for i in (0, 2, 3):
+        assert streams[i].token_ids == alone(model, *jobs[i]), f"request {i}"

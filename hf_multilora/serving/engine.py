@@ -229,6 +229,10 @@ class Engine:
                         break  # pages come back as running requests end
                     self._finish(request, "error", error=f"the pool has no room for it now: {error}")
                     continue
+                except Exception as error:  # its adapter cannot be read (files gone, say): it fails alone
+                    logger.warning("hf_multilora engine: %s cannot start: %s", request.request_id, error)
+                    self._finish(request, "error", error=f"{type(error).__name__}: {error}")
+                    continue
                 admitted.append(request)
             if not admitted:
                 if self._running:
@@ -244,8 +248,11 @@ class Engine:
             self._prefill(admitted, width)
         with self._cond:
             waiting = {r.adapter for r in self._waiting if r.adapter is not None}
-        if waiting:
-            self.model.prefetch_adapters(sorted(waiting), host_only=True)
+        for adapter in sorted(waiting):
+            try:
+                self.model.prefetch_adapters([adapter], host_only=True)
+            except Exception:  # the request fails with the reason when it is admitted
+                logger.debug("hf_multilora engine: prefetch of %s failed", adapter, exc_info=True)
 
     def _next_group(self) -> list[Request]:
         """The next waiting requests to prefill together: in arrival order, while the batch has room,
