@@ -284,3 +284,22 @@ def test_a_failed_capture_runs_the_call_eager_unless_graphs_are_required(llama_z
     with pytest.raises(RuntimeError, match="simulated"):
         model.generate(ids, cuda_graphs=True, **kwargs)
     assert model.memory_stats()["pages_kv"] == 0 and "forward" not in model.base_model.__dict__
+
+
+@pytest.mark.gpu
+@cuda
+def test_an_adapter_on_modules_no_adapter_targeted_before_recaptures_once(llama_zoo):
+    model = MultiLoraModel.from_pretrained(
+        llama_zoo.fresh_base().cuda(), adapters={n: llama_zoo.paths[n] for n in ("qv_r4", "attn_r8")},
+        pool_bytes=POOL_BYTES,
+    )  # fmt: skip
+    ids, mask = left_padded(4, 7, seed=11, device="cuda")
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    _, _, first = graph_and_eager(model, ids, adapter_ids=["qv_r4", None, "attn_r8", "qv_r4"], **kwargs)
+    assert first["captures"] == 1
+    model.load_adapter(llama_zoo.paths["mlp_r16"], "mlp_r16")  # the MLP projections gain LoRA forwards
+    rows = ["mlp_r16", "qv_r4", None, "mlp_r16"]
+    graphs, eager, second = graph_and_eager(model, ids, adapter_ids=rows, **kwargs)
+    assert graphs.tolist() == eager.tolist() and second["captures"] == 1
+    _, _, third = graph_and_eager(model, ids, adapter_ids=rows[::-1], **kwargs)
+    assert third.get("captures", 0) == 0
