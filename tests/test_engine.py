@@ -195,3 +195,23 @@ def test_a_failing_request_does_not_disturb_the_others(llama_zoo, tmp_path, monk
     monkeypatch.undo()
     for i in (0, 2, 3):
         assert streams[i].token_ids == alone(model, *jobs[i]), f"request {i}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo, dtype):
+    """The engine on the Triton path (grouped prefill with padding, ragged decode, fused glue)."""
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().to("cuda", dtype), adapters=llama_zoo.paths,
+                                           pool_bytes=2**28)  # fmt: skip
+    names = [*llama_zoo.paths, None]
+    jobs = [(prompt(5 + i % 4, seed=80 + i), names[i % len(names)], 20 + i) for i in range(12)]
+    expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
+    with Engine(model) as engine:
+        with engine._cond:
+            streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
+        for stream in streams:
+            stream.result(timeout=120)
+        assert engine.stats["prefills"] < len(jobs) and max(engine.batch_sizes) > 1
+        assert engine.metrics()["pages_kv"] == 0
+    assert [s.token_ids for s in streams] == expected
