@@ -199,11 +199,11 @@ def test_a_failing_request_does_not_disturb_the_others(llama_zoo, tmp_path, monk
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo, dtype):
-    """The engine on the Triton path (grouped prefill with padding, ragged decode, fused glue)."""
-    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().to("cuda", dtype), adapters=llama_zoo.paths,
-                                           pool_bytes=2**28)  # fmt: skip
+def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo):
+    """The engine on the Triton path (grouped prefill with padding, ragged decode, fused glue). fp32:
+    a row's GEMMs in a batch of 12 and alone may round differently, which bf16 greedy tokens of a
+    random tiny model would show."""
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().cuda(), adapters=llama_zoo.paths, pool_bytes=2**28)
     names = [*llama_zoo.paths, None]
     jobs = [(prompt(5 + i % 4, seed=80 + i), names[i % len(names)], 20 + i) for i in range(12)]
     expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
