@@ -215,3 +215,22 @@ def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo):
         assert engine.stats["prefills"] < len(jobs) and max(engine.batch_sizes) > 1
         assert engine.metrics()["pages_kv"] == 0
     assert [s.token_ids for s in streams] == expected
+
+
+def test_incremental_text_equals_decoding_everything_each_step():
+    from hf_multilora.app.demo import read_demo
+    from transformers import AutoTokenizer
+
+    from hf_multilora.serving.detokenize import IncrementalText
+
+    tokenizer = AutoTokenizer.from_pretrained(read_demo().base)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        tokens = torch.randint(0, tokenizer.vocab_size, (60,), generator=gen).tolist()
+        text = IncrementalText(tokenizer)
+        pieces = []
+        for n in range(1, len(tokens) + 1):
+            pieces.append(text.extend(tokens[:n], final=n == len(tokens)))
+            full = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+            assert full.startswith(text.text), (trial, n)  # never ahead of, never different from, the whole
+        assert "".join(pieces) == text.text == tokenizer.decode(tokens, skip_special_tokens=True)

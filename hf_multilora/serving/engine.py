@@ -35,6 +35,7 @@ import torch
 
 from ..memory.page_pool import PoolExhaustedError
 from ..model import MultiLoraModel
+from .detokenize import IncrementalText
 from .requests import Request, RequestError, RequestStream, SamplingParams, StreamEvent, stop_at
 from .sampling import next_tokens
 from .step_cache import RowKV, StepCache
@@ -118,7 +119,8 @@ class Engine:
                 generator.manual_seed(params.seed)
         request_id = f"req-{next(self._ids)}"
         stream = RequestStream(request_id, len(prompt_ids))
-        request = Request(request_id, prompt_ids, adapter, params, stream, generator, time.monotonic())
+        text = IncrementalText(self.tokenizer) if self.tokenizer is not None else None
+        request = Request(request_id, prompt_ids, adapter, params, stream, generator, text, time.monotonic())
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -373,8 +375,9 @@ class Engine:
             if token is not None:
                 request.stream.push(StreamEvent(token, ""))
             return False
-        output = [t for t in request.generated if t not in self.eos or request.params.ignore_eos]
-        text = self.tokenizer.decode(output, skip_special_tokens=True)
+        output = request.generated if token is not None else request.generated[:-1]  # the EOS is no text
+        request.text.extend(output, final)
+        text = request.text.text
         stop, safe = stop_at(text, request.params.stop) if request.params.stop else (None, len(text))
         if final and stop is None:
             safe = len(text)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .detokenize import IncrementalText
+
 
 class RequestError(ValueError):
     """A request the engine refuses; its message names the problem (the HTTP server answers 400)."""
@@ -172,6 +174,7 @@ class Request:
     params: SamplingParams
     stream: RequestStream
     generator: torch.Generator | None
+    text: IncrementalText | None  # the output's text, decoded a few tokens per step (with a tokenizer)
     arrival: float
     generated: list[int] = field(default_factory=list)
     emitted_chars: int = 0  # of the decoded output, already sent
