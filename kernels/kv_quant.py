@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .paged_attention import _positions
+
 KV_DTYPES = ("fp8", "int4")
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn
 INT4_LEVELS = 15
@@ -119,9 +121,21 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | Non
     return levels * scale.float()[..., None] + low.float()[..., None]
 
 
-def _positions(start: torch.Tensor | int, batch: int, new: int) -> torch.Tensor:
-    first = start if isinstance(start, torch.Tensor) else torch.full((batch,), start)
-    return first.long().cpu()[:, None] + torch.arange(new)[None, :]
+def _byte_index(
+    layout: KvLayout, block_table: torch.Tensor, pos: torch.Tensor, region: int, width: int
+) -> torch.Tensor:
+    """Where `width` bytes per (row, position, head) of the region at byte `region` of each page lie in
+    the pool: [batch, positions, kv_heads, width] byte offsets, for positions pos [batch, positions]
+    (slot pos % tokens of page block_table[b, pos // tokens])."""
+    pages = block_table.long().cpu().gather(1, pos // layout.tokens)
+    cell = torch.arange(layout.kv_heads)[None, None, :] * layout.tokens + (pos % layout.tokens)[:, :, None]
+    first = pages[:, :, None] * layout.page_bytes + region + cell * width
+    return first[..., None] + torch.arange(width)
+
+
+def _regions(layout: KvLayout) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(codes, scale, min) byte offsets of K, then of V (min -1: FP8 has none)."""
+    return (layout.k_codes, layout.k_scale, layout.k_min), (layout.v_codes, layout.v_scale, layout.v_min)
 
 
 def write_kv_quant_torch(
@@ -134,25 +148,16 @@ def write_kv_quant_torch(
 ) -> None:
     """Quantize k, v [batch, new, kv_heads, head_dim] and store token i of row b at position start
     (or start[b]) + i: slot pos % tokens of page block_table[b, pos // tokens]."""
-    batch, new, heads, _ = k.shape
+    batch, new, _, _ = k.shape
     data = storage.view(torch.uint8)
-    pos = _positions(start, batch, new)
-    pages = block_table.long().cpu().gather(1, pos // layout.tokens)  # [batch, new]
-    slots = pos % layout.tokens
-    for x, codes_at, scale_at, min_at in (
-        (k, layout.k_codes, layout.k_scale, layout.k_min),
-        (v, layout.v_codes, layout.v_scale, layout.v_min),
-    ):
+    pos = _positions(start, batch, new, torch.device("cpu"))
+    for x, (codes_at, scale_at, min_at) in zip((k, v), _regions(layout), strict=True):
         codes, scale, low = quantize(x, layout.kv_dtype)  # [batch, new, heads, ...]
-        head = torch.arange(heads)
-        base = (pages * layout.page_bytes)[:, :, None]  # [batch, new, 1]
-        cell = head[None, None, :] * layout.tokens + slots[:, :, None]  # [batch, new, heads]
-        code_index = (base + codes_at + cell * layout.code_bytes)[..., None] + torch.arange(layout.code_bytes)
-        data[code_index.to(data.device)] = codes.to(data.device)
+        data[_byte_index(layout, block_table, pos, codes_at, layout.code_bytes).to(data.device)] = codes.to(data.device)
         for at, values in ((scale_at, scale), (min_at, low)):
             if values is not None:
-                meta_index = (base + at + cell * _META_BYTES)[..., None] + torch.arange(_META_BYTES)
-                data[meta_index.to(data.device)] = values.contiguous().view(torch.uint8).view(*values.shape, 2).to(data.device)
+                index = _byte_index(layout, block_table, pos, at, _META_BYTES).to(data.device)
+                data[index] = values.contiguous().view(torch.uint8).view(*values.shape, _META_BYTES).to(data.device)
 
 
 def gather_kv_quant_torch(
@@ -160,18 +165,16 @@ def gather_kv_quant_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions 0..length-1 of every row, dequantized: K, V [batch, length, kv_heads, head_dim] fp32."""
     data = storage.view(torch.uint8)
-    batch = block_table.shape[0]
-    pos = torch.arange(length)[None, :].expand(batch, length)
-    pages = block_table.long().cpu()[:, : -(-length // layout.tokens)].gather(1, pos // layout.tokens)
-    base = (pages * layout.page_bytes)[:, :, None]
-    cell = torch.arange(layout.kv_heads)[None, None, :] * layout.tokens + (pos % layout.tokens)[:, :, None]
-    out = []
-    for codes_at, scale_at, min_at in ((layout.k_codes, layout.k_scale, layout.k_min), (layout.v_codes, layout.v_scale, layout.v_min)):
-        codes = data[((base + codes_at + cell * layout.code_bytes)[..., None] + torch.arange(layout.code_bytes)).to(data.device)]
+    pos = torch.arange(length)[None, :].expand(block_table.shape[0], length)
 
-        def meta(at: int) -> torch.Tensor:
-            raw = data[((base + at + cell * _META_BYTES)[..., None] + torch.arange(_META_BYTES)).to(data.device)]
-            return raw.contiguous().view(torch.float16)[..., 0]
+    def read(region: int, width: int) -> torch.Tensor:
+        return data[_byte_index(layout, block_table, pos, region, width).to(data.device)]
 
-        out.append(dequantize(codes, meta(scale_at), meta(min_at) if min_at >= 0 else None, layout.kv_dtype))
-    return out[0], out[1]
+    def meta(region: int) -> torch.Tensor | None:
+        return read(region, _META_BYTES).contiguous().view(torch.float16)[..., 0] if region >= 0 else None
+
+    k, v = (
+        dequantize(read(codes_at, layout.code_bytes), meta(scale_at), meta(min_at), layout.kv_dtype)
+        for codes_at, scale_at, min_at in _regions(layout)
+    )
+    return k, v
