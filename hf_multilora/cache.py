@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -195,6 +195,17 @@ def use_paged_attention(model: torch.nn.Module) -> None:
         model._hf_multilora_padding_hook = model.register_forward_pre_hook(
             _hand_over_padding, with_kwargs=True
         )
+
+
+@contextlib.contextmanager
+def paged_attention_in(model: torch.nn.Module) -> Iterator[None]:
+    """`model` attends through ``PAGED_ATTENTION`` inside the block, with its own implementation again after."""
+    previous = model.config._attn_implementation
+    use_paged_attention(model)
+    try:
+        yield
+    finally:
+        set_attention(model, previous)
 
 
 def _hand_over_padding(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

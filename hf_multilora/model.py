@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, StoppingCriteria
 from . import fusion
 from .adapters.host_store import HostAdapter
 from .adapters.loading import AdapterSource, ModelTargets, check_peft_adapter, load_peft_adapter
-from .cache import PagedCache, ReleaseFinishedRows, set_attention, use_paged_attention
+from .cache import PagedCache, ReleaseFinishedRows, paged_attention_in
 from .graphs import DecodeGraphs
 from .kernels.kv_quant import KV_DTYPES
 from .kernels.sgmv import align_up
@@ -297,29 +297,27 @@ class MultiLoraModel(torch.nn.Module):
             if not paged:
                 return self.base_model.generate(*args, **kwargs)
             cache = PagedCache(self._runtime.cache.pool, self.base_model.config, kv_dtype=kv_cache_dtype)
-            previous = self.base_model.config._attn_implementation
-            use_paged_attention(self.base_model)
-            graphs, own_forward = None, self.base_model.__dict__.get("forward")
-            if no_graphs is None:
-                # Widths rounded up to a power of two: calls of similar lengths share step buffers and graphs.
-                cache.reserve(1 << (_max_tokens(self.base_model, args, kwargs) - 1).bit_length())
-                graphs = self._graphs_of_runtime()
-                graphs.start(cache, required=bool(cuda_graphs))
-                self._runtime.fixed_decode = True
-                self.base_model.forward = graphs
-            try:
-                kwargs = self._with_release_of_finished_rows(cache, kwargs)
-                return self.base_model.generate(*args, **{_cache_keyword(self.base_model): cache}, **kwargs)
-            finally:
-                if graphs is not None:
-                    if own_forward is None:
-                        del self.base_model.forward
-                    else:
-                        self.base_model.forward = own_forward
-                    graphs.stop()
-                    self._runtime.fixed_decode = False
-                set_attention(self.base_model, previous)
-                cache.release()
+            with paged_attention_in(self.base_model):
+                graphs, own_forward = None, self.base_model.__dict__.get("forward")
+                if no_graphs is None:
+                    # Widths rounded up to a power of two: calls of similar lengths share step buffers and graphs.
+                    cache.reserve(1 << (_max_tokens(self.base_model, args, kwargs) - 1).bit_length())
+                    graphs = self._graphs_of_runtime()
+                    graphs.start(cache, required=bool(cuda_graphs))
+                    self._runtime.fixed_decode = True
+                    self.base_model.forward = graphs
+                try:
+                    kwargs = self._with_release_of_finished_rows(cache, kwargs)
+                    return self.base_model.generate(*args, **{_cache_keyword(self.base_model): cache}, **kwargs)
+                finally:
+                    if graphs is not None:
+                        if own_forward is None:
+                            del self.base_model.forward
+                        else:
+                            self.base_model.forward = own_forward
+                        graphs.stop()
+                        self._runtime.fixed_decode = False
+                    cache.release()
 
     def _check_kv_cache_dtype(self, kv_cache_dtype: str | None, paged: bool) -> None:
         """Refuse a kv_cache_dtype the call cannot honour, before anything is allocated."""
@@ -391,13 +389,9 @@ class MultiLoraModel(torch.nn.Module):
         with torch.no_grad(), self._routed((), {"input_ids": input_ids}, adapter_ids, None):
             if self._runtime.cache.pool is not cache.pool:
                 raise RuntimeError("the base model moved to another device or dtype since the engine started")
-            previous = base.config._attn_implementation
-            use_paged_attention(base)
-            try:
+            with paged_attention_in(base):
                 out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                            use_cache=True, logits_to_keep=1, **{_cache_keyword(base): cache})  # fmt: skip
-            finally:
-                set_attention(base, previous)
         return out.logits[:, -1]
 
     def graph_stats(self) -> dict[str, int]:
