@@ -34,7 +34,7 @@ from transformers import AutoTokenizer
 
 from ..model import MultiLoraModel
 from .engine import Engine
-from .server import ApiError, OpenAIService, bad_request, error_body, json_body
+from .server import ApiError, OpenAIService, bad_request, error_body, json_body, key_refusal
 
 
 @dataclass(frozen=True)
@@ -112,11 +112,6 @@ class Router:
     def __init__(self, replica: Any, api_key: str | None = None) -> None:
         self.replica, self.api_key = replica, api_key
 
-    def _check_key(self, request: Request) -> JSONResponse | None:
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            return JSONResponse(error_body(ApiError(401, "invalid or missing API key", "authentication_error")), 401)
-        return None
-
     @router_app.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
@@ -127,7 +122,7 @@ class Router:
 
     @router_app.get("/v1/models")
     async def models(self, request: Request) -> Any:
-        return self._check_key(request) or await self.replica.models.remote()
+        return key_refusal(self.api_key, request) or await self.replica.models.remote()
 
     @router_app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
@@ -142,10 +137,10 @@ class Router:
     async def adapters(self, request: Request) -> Any:
         error = ApiError(501, "the adapters of a Ray Serve deployment are fixed when it is built "
                          "(ModelSpec.adapters); run-time loading is not supported there", "not_implemented_error")  # fmt: skip
-        return self._check_key(request) or JSONResponse(error_body(error), 501)
+        return key_refusal(self.api_key, request) or JSONResponse(error_body(error), 501)
 
     async def _forward(self, request: Request, route: str) -> Any:
-        refused = self._check_key(request)
+        refused = key_refusal(self.api_key, request)
         if refused is not None:
             return refused
         try:

@@ -155,6 +155,13 @@ class OpenAIService:
         return prometheus_text(self.engine.metrics())
 
 
+def key_refusal(api_key: str | None, request: Request) -> JSONResponse | None:
+    """The 401 answer to a request without `Authorization: Bearer <api_key>` (None: let it through)."""
+    if api_key is None or request.headers.get("authorization") == f"Bearer {api_key}":
+        return None
+    return JSONResponse(error_body(ApiError(401, "invalid or missing API key", "authentication_error")), 401)
+
+
 def error_body(error: ApiError) -> dict:
     return {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.status}}
 
@@ -171,11 +178,8 @@ def build_app(service: OpenAIService, *, api_key: str | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Any) -> Any:
-        wrong_key = api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}"
-        if wrong_key and request.url.path.startswith("/v1/"):
-            error = ApiError(401, "invalid or missing API key", "authentication_error")
-            return JSONResponse(error_body(error), status_code=401)
-        return await call_next(request)
+        refused = key_refusal(api_key, request) if request.url.path.startswith("/v1/") else None
+        return refused or await call_next(request)
 
     @app.get("/health")
     async def health() -> dict:
