@@ -74,7 +74,7 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     return {"p50": pick(0.5), "p99": pick(0.99)}
 
 
-def summary(trace: list[TraceRequest], starts: list[float], firsts: list[float], ends: list[float]) -> dict:
+def summary(trace: list[TraceRequest], firsts: list[float], ends: list[float]) -> dict:
     """Times are seconds from the trace's start."""
     tokens = sum(r.output_len for r in trace)
     ttft = [f - r.arrival for r, f in zip(trace, firsts, strict=True)]
@@ -104,7 +104,7 @@ def run_engine(engine: Engine, trace: list[TraceRequest]) -> dict:
         waiters[-1].start()
     for waiter in waiters:
         waiter.join()
-    return {**summary(trace, [], firsts, ends), "preemptions": engine.stats["preemptions"],
+    return {**summary(trace, firsts, ends), "preemptions": engine.stats["preemptions"],
             "max_batch": max(engine.batch_sizes, default=0)}  # fmt: skip
 
 
@@ -127,7 +127,7 @@ def run_generate_each(model: MultiLoraModel, trace: list[TraceRequest], device: 
         firsts.append(clock + first)
         clock += time.perf_counter() - began
         ends.append(clock)
-    return summary(trace, [], firsts, ends)
+    return summary(trace, firsts, ends)
 
 
 def run_hf_continuous(base: Any, trace: list[TraceRequest]) -> dict:

@@ -221,7 +221,7 @@ class Engine:
             group = self._next_group()
             if not group:
                 break
-            width = max(len(r.context()) for r in group)
+            width = max(r.context_length() for r in group)
             admitted = []
             for request in group:
                 try:
@@ -266,7 +266,7 @@ class Engine:
         for request in waiting:
             if len(group) >= self.max_prefill_rows or len(self._running) + len(group) >= self.max_running:
                 break
-            candidate = [*lengths, len(request.context())]
+            candidate = [*lengths, request.context_length()]
             if group and max(candidate) * len(candidate) > 1.25 * sum(candidate):
                 break
             group.append(request)
@@ -305,7 +305,7 @@ class Engine:
         except BaseException:
             self.model._unpin_adapters(adapters)
             raise
-        row.pad = width - len(request.context())
+        row.pad = width - request.context_length()
         request.pinned = True
 
     def _unreserve(self, request: Request) -> None:

@@ -185,6 +185,9 @@ class Request:
         """Prompt and generated tokens: what a preempted request recomputes."""
         return self.prompt_ids + self.generated
 
+    def context_length(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
 
 def stop_at(text: str, stops: Sequence[str]) -> tuple[int | None, int]:
     """(where the first stop string starts in text or None, how much of text is safe to send: the
