@@ -215,6 +215,15 @@ def _hand_over_padding(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
         cache.note_attention_mask(mask)
 
 
+def refuse_quantized_kv_on(device: torch.device, kv_dtype: str) -> None:
+    """Quantized KV pages run on the CPU only for now: ValueError on a CUDA device."""
+    if device.type == "cuda":
+        raise ValueError(
+            f"{kv_dtype!r} KV runs on the CPU only for now: the paged attention kernels do not "
+            "read quantized pages yet"
+        )
+
+
 def set_attention(model: torch.nn.Module, implementation: str) -> None:
     """Switch ``model``'s attention implementation (e.g. back to what it was before a paged call)."""
     if hasattr(model, "set_attn_implementation"):
@@ -288,11 +297,7 @@ class PagedCache(Cache):
             return None
         if block_size is not None:
             raise ValueError("block_size comes from the layout of quantized KV pages; give kv_dtype or block_size")
-        if self.pool.storage.is_cuda:
-            raise ValueError(
-                f"kv_dtype={kv_dtype!r} runs on the CPU only for now: the paged attention kernels do not "
-                "read quantized pages yet"
-            )
+        refuse_quantized_kv_on(self.pool.storage.device, kv_dtype)
         page_bytes = self.pool.page_elems * self.pool.storage.element_size()
         return KvLayout.of(kv_dtype, self.kv_heads, self.head_dim, page_bytes)
 

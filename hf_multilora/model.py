@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, StoppingCriteria
 from . import fusion
 from .adapters.host_store import HostAdapter
 from .adapters.loading import AdapterSource, ModelTargets, check_peft_adapter, load_peft_adapter
-from .cache import PagedCache, ReleaseFinishedRows, paged_attention_in
+from .cache import PagedCache, ReleaseFinishedRows, paged_attention_in, refuse_quantized_kv_on
 from .graphs import DecodeGraphs
 from .kernels.kv_quant import KV_DTYPES
 from .kernels.sgmv import align_up
@@ -330,11 +330,7 @@ class MultiLoraModel(torch.nn.Module):
                 "kv_cache_dtype applies to the paged cache: not with paged_cache=False, a cache of the "
                 "caller's own, or use_cache=False"
             )
-        if self._first_target_weight().is_cuda:
-            raise ValueError(
-                f"kv_cache_dtype={kv_cache_dtype!r} runs on the CPU only for now: the paged attention kernels "
-                "do not read quantized pages yet"
-            )
+        refuse_quantized_kv_on(self._first_target_weight().device, kv_cache_dtype)
 
     def _graphs_of_runtime(self) -> DecodeGraphs:
         """The decode graphs of the current runtime (dropped with it when the model moves)."""
