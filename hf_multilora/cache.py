@@ -308,7 +308,8 @@ class PagedCache(Cache):
         self._layer_tables: tuple[torch.Tensor, ...] = ()  # _table's layers (a view costs the host ~2 us)
         self._kv_lens: torch.Tensor | None = None  # int32 [batch] on the device, all equal to _kv_lens_end
         self._kv_lens_end = -1  # -1: _kv_lens must be filled again
-        self._step_mask: torch.Tensor | None = None  # bool [batch, reserved tokens]: see begin_step
+        self._step_mask: torch.Tensor | None = None  # bool [step rows, reserved tokens]: see begin_step
+        self._step_rows: int | None = None  # rows of the device step buffers once adopted (>= batch: see adopt)
         self._stepping = False  # between begin_step and end_step
         self.adopted = False  # the step buffers are fixed (adopt): see adopt
         self._lens = [0] * self.num_layers  # tokens per row, per layer (layers update one after another)
@@ -458,9 +459,9 @@ class PagedCache(Cache):
         self._prepare_tokens(end, 1)
         width = self._table.shape[2] * self.block_size
         mask = self._step_mask
-        if mask is None or mask.shape != (batch, width):
-            mask = self._step_mask = torch.ones(batch, width, dtype=torch.bool, device=self._device)
-        mask[:, :end].copy_(attention_mask, non_blocking=True)
+        if mask is None or mask.shape != (self._device_rows(), width):
+            mask = self._step_mask = torch.ones(self._device_rows(), width, dtype=torch.bool, device=self._device)
+        mask[:batch, :end].copy_(attention_mask, non_blocking=True)
         self._lens = [end] * self.num_layers
         self._stepping = True
         return mask
@@ -469,27 +470,42 @@ class PagedCache(Cache):
         """Close a step begun by ``begin_step``; a forward that failed part-way leaves nothing pending."""
         self._stepping, self._pending = False, None
 
-    def step_shape(self) -> tuple[int, int]:
-        """(rows, device table width in blocks): the step buffers of caches of one shape are interchangeable."""
-        return self._host.shape[1], self._table.shape[2]
+    def step_shape(self, rows: int) -> tuple[int, int]:
+        """(rows, device table width in blocks) of this cache's step buffers padded to ``rows``: the step
+        buffers of caches of one shape are interchangeable."""
+        return rows, self._table.shape[2]
 
     def step_state(self) -> tuple:
         """The step buffers (table, lengths, key mask) and decode plans, for ``adopt`` by a later cache."""
         return self._table, self._kv_lens, self._step_mask, self._plans
 
-    def adopt(self, state: tuple | None) -> None:
+    def adopt(self, state: tuple | None, rows: int | None = None) -> None:
         """After the prefill, before the first ``begin_step``: use ``state`` (another cache's
         ``step_state`` of the same ``step_shape``) as this cache's step buffers, so that graphs captured
-        over them read this cache; None: make this cache's own buffers (lengths, key mask) now."""
-        batch, width = self.step_shape()
-        if state is None:  # the prefill made the lengths
-            self._step_mask = torch.ones(batch, width * self.block_size, dtype=torch.bool, device=self._device)
+        over them read this cache; None: make this cache's own buffers (table, lengths, key mask) now.
+
+        ``rows`` (default: the batch) pads the buffers to a batch bucket, so that calls of a few batch
+        sizes share one graph: a padding row has one token (its K/V land in slot 0 of this cache's
+        discard page, taken now if the cache has none), attends to it alone, and its outputs are dropped."""
+        batch = self._host.shape[1]
+        rows = batch if rows is None else rows
+        if rows < batch:
+            raise ValueError(f"adopt: {rows} step rows cannot hold the cache's {batch} rows")
+        if rows > batch and self._discard is None:
+            self._set_discard(self.pool.allocate(1, "kv")[0])
+        self._step_rows, self._kv_lens_end, self._table_stale = rows, -1, True
+        width = self._table.shape[2] * self.block_size
+        if state is None:
+            self._upload_table()  # padded to the step rows
+            self._kv_lens = torch.empty(rows, dtype=torch.int32, device=self._device)
+            self._step_mask = torch.ones(rows, width, dtype=torch.bool, device=self._device)
         else:
             table, kv_lens, mask, plans = state
-            if table.shape != self._table.shape or kv_lens.shape != (batch,) or mask.shape != (batch, width * self.block_size):
-                raise ValueError(f"adopt: buffers of another shape than this cache's {(batch, width)}")
-            self._table, self._layer_tables, self._table_stale = table, table.unbind(0), True
-            self._kv_lens, self._kv_lens_end, self._step_mask, self._plans = kv_lens, -1, mask, plans
+            if table.shape != (self.num_layers, *self.step_shape(rows)) or kv_lens.shape != (rows,) or mask.shape != (rows, width):
+                raise ValueError(f"adopt: buffers of another shape than this cache's {self.step_shape(rows)}")
+            mask[batch:].fill_(True)  # a padding row of an earlier call may have had padding of its own
+            self._table, self._layer_tables = table, table.unbind(0)
+            self._kv_lens, self._step_mask, self._plans = kv_lens, mask, plans
         self.adopted = True
 
     def step_buffers(self) -> tuple[torch.Tensor, ...]:
@@ -506,12 +522,14 @@ class PagedCache(Cache):
         if self._table_stale:
             self._upload_table()
         if self._kv_lens_end != end:
-            batch = self._host.shape[1]
-            if self._kv_lens is None or self._kv_lens.shape[0] != batch:
-                self._kv_lens = torch.empty(batch, dtype=torch.int32, device=self._device)
+            batch, rows = self._host.shape[1], self._device_rows()
+            if self._kv_lens is None or self._kv_lens.shape[0] != rows:
+                self._kv_lens = torch.empty(rows, dtype=torch.int32, device=self._device)
             self._kv_lens.fill_(end)
+            if rows > batch:  # padding rows (adopt): their one token
+                self._kv_lens[batch:].fill_(new)
             if self._finished is not None and self._finished.any():  # they attend to their new tokens alone
-                self._kv_lens.masked_fill_(self._finished.to(self._device, non_blocking=True), new)
+                self._kv_lens[:batch].masked_fill_(self._finished.to(self._device, non_blocking=True), new)
             self._kv_lens_end = end
 
     def _upload_table(self) -> None:
@@ -519,12 +537,15 @@ class PagedCache(Cache):
         else into a new tensor of the host table's width."""
         host, device = self._host, self._device
         layers, batch, width = host.shape
+        rows = self._device_rows()
+        if rows > batch:  # padding rows (adopt) name the discard page
+            host = torch.cat([host, torch.full((layers, rows - batch, width), self._discard, dtype=torch.int32)], dim=1)
         staged = host.pin_memory() if device.type == "cuda" else host.clone()
         table = self._table
         wide = max(width, self._reserved_blocks)
-        if table is None or table.shape != (layers, batch, wide):
+        if table is None or table.shape != (layers, rows, wide):
             # Unused columns name page 0: the kernels read no block past a row's length.
-            table = self._table = torch.zeros(layers, batch, wide, dtype=torch.int32, device=device)
+            table = self._table = torch.zeros(layers, rows, wide, dtype=torch.int32, device=device)
             self._layer_tables = table.unbind(0)
             self._plans = {}
         table[:, :, :width].copy_(staged, non_blocking=True)
@@ -575,6 +596,11 @@ class PagedCache(Cache):
             self.release()
 
     # -- helpers ----------------------------------------------------------------------------------------------
+    def _device_rows(self) -> int:
+        """Rows of the device table and lengths: the batch, or the step rows it was padded to (adopt)."""
+        batch = self._host.shape[1]
+        return self._step_rows if self._step_rows and self._step_rows >= batch else batch
+
     def _length(self) -> int:
         if len(set(self._lens)) != 1:
             raise RuntimeError("PagedCache: layers hold different lengths (a forward is under way)")

@@ -15,9 +15,11 @@ storing the same K/V again is harmless.
 
 Graphs outlive calls, so a new mix of adapters replays the graph it already has: the LoRA launches
 of a decode step use `LoraRuntime`'s fixed decode tables (a tile per row, the rows' adapter
-metadata rewritten in place per call; grids depend on the batch size and a rank capacity only),
+metadata rewritten in place per call; grids depend on the batch bucket and a rank capacity only),
 and a call's PagedCache adopts the step buffers (table, lengths, key mask, decode plans) of the
-first call of its shape. The key is (batch size, the fixed LoRA plan, the adapter row table, the
+first call of its shape. Batches are padded to a few sizes (`batch_bucket`): calls of 5, 6, 7 or 8
+rows replay one graph; a padding row reads token 0 at position 0, has no adapter, writes its K/V
+into the cache's discard page and its logits are dropped. The key is (batch bucket, the fixed LoRA plan, the adapter row table, the
 LoRA modules' epoch, the step buffers' addresses). What a graph reads keeps its address while the
 graph lives: the entry holds a reference to every such object, so no other tensor can take those
 addresses and a key never matches a graph captured over freed memory.
@@ -42,6 +44,14 @@ _REPLAYABLE = {"input_ids", "attention_mask", "position_ids", "cache", "past_key
                "return_dict", "logits_to_keep"}  # fmt: skip
 _FLAGS_FOR_EAGER = ("output_attentions", "output_hidden_states")
 logger = logging.getLogger(__name__)
+
+
+def batch_bucket(rows: int) -> int:
+    """The batch size a decode step of `rows` rows is padded to: 1, 2, 4, 8, then multiples of 8 (as
+    vLLM's capture sizes): at most 7 padding rows, one graph per 8 batch sizes above 8."""
+    if rows < 1:
+        raise ValueError(f"a decode step has one or more rows, got {rows}")
+    return 1 << (rows - 1).bit_length() if rows <= 8 else -(-rows // 8) * 8
 
 
 def eager_reason(cache: PagedCache | None, args: tuple, kwargs: dict) -> str | None:
@@ -81,10 +91,10 @@ class _Captured:
 class DecodeGraphs:
     """The wrapped forward of a model's generate() calls: decode steps replayed, the rest eager.
 
-    Kept across calls (one per LoRA runtime): graphs are keyed by batch size, the LoRA launches'
-    identity (batch size and rank capacity, not the adapters), the LoRA modules (`epoch()`) and the
+    Kept across calls (one per LoRA runtime): graphs are keyed by batch bucket, the LoRA launches'
+    identity (batch bucket and rank capacity, not the adapters), the LoRA modules (`epoch()`) and the
     addresses of the KV step buffers, which a call's cache adopts from the calls before it
-    (`_buffers`, by batch size and table width). So a new adapter mix replays the same graph.
+    (`_buffers`, by batch bucket and table width). So a new adapter mix replays the same graph.
 
     `forward`: the model's own forward. `lora_state()`: the LoRA runtime's objects a captured step
     reads (kept alive with the graph). `stats`: counts of captures, replays and eager steps by
@@ -100,7 +110,7 @@ class DecodeGraphs:
         self.required = False
         self._graphs: dict[tuple, _Captured | None] = {}  # None: its capture failed
         self._buffers: dict[tuple[int, int], tuple] = {}  # (batch, table width) -> a cache's step state
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool: Any = None  # the graphs' memory pool, made at the first capture
         functools.update_wrapper(self, forward)  # generate() inspects the forward's signature
 
     def start(self, cache: PagedCache, required: bool) -> None:
@@ -115,59 +125,73 @@ class DecodeGraphs:
         if reason is not None:
             self.stats[f"eager: {reason}"] += 1
             return self.forward(*args, **kwargs)
-        cache = self.cache
-        self._adopt_buffers(cache)
-        key_mask = cache.begin_step(kwargs["attention_mask"])
+        cache, input_ids = self.cache, kwargs["input_ids"]
+        rows = input_ids.shape[0]
+        bucket = batch_bucket(rows)
+        self._adopt_buffers(cache, bucket)
+        mask = kwargs["attention_mask"]
+        key_mask = cache.begin_step(mask)
         try:
-            step_kwargs = {**kwargs, "attention_mask": key_mask[:, : kwargs["attention_mask"].shape[1]]}
-            input_ids = kwargs["input_ids"]
             lora = self.lora_state()
             key = (
-                input_ids.shape[0], id(lora[0]), lora[-1].data_ptr(), self.epoch(),
+                bucket, id(lora[0]), lora[-1].data_ptr(), self.epoch(),
                 *(t.data_ptr() for t in cache.step_buffers()),
             )  # fmt: skip
-            if key not in self._graphs or (self._graphs[key] is None and self.required):
-                output = self._capture(key, step_kwargs)
+            captured = self._graphs.get(key)
+            if captured is None:  # not captured yet, or its capture failed: a step on inputs of its own
+                step = {
+                    **kwargs, "attention_mask": key_mask[:, : mask.shape[1]],
+                    "input_ids": _padded(input_ids, bucket), "position_ids": _padded(kwargs["position_ids"], bucket),
+                }  # fmt: skip
+                if key in self._graphs and not self.required:
+                    self.stats["eager: capture failed"] += 1
+                    return _unpadded(self.forward(**step), rows)
+                output = self._capture(key, step)
                 if output is not None:  # the capture failed: the eager warm-up did this step
-                    return output
-            captured = self._graphs[key]
-            if captured is None:
-                self.stats["eager: capture failed"] += 1
-                return self.forward(**step_kwargs)
-            captured.input_ids.copy_(input_ids)
-            captured.position_ids.copy_(kwargs["position_ids"])
+                    return _unpadded(output, rows)
+                captured = self._graphs[key]
+            captured.input_ids[:rows].copy_(input_ids)
+            captured.position_ids[:rows].copy_(kwargs["position_ids"])
             captured.graph.replay()
             self.stats["replays"] += 1
-            result = type(captured.output)(captured.output)  # a shallow copy: the caller may edit it
+            result = _unpadded(captured.output, rows)  # a shallow copy: the caller may edit it
             if captured.cache_key is not None:
                 result[captured.cache_key] = cache
             return result
         finally:
             cache.end_step()
 
-    def _adopt_buffers(self, cache: PagedCache) -> None:
-        """The first step of a call: take the step buffers of an earlier call of this shape (so its
-        graphs read this call's KV), or lend this call's to later ones."""
+    def padding(self, args: tuple, kwargs: dict) -> int:
+        """Padding rows the coming forward will run with (0 unless it is a replayed decode step): its
+        LoRA plan gives them no adapter."""
+        if eager_reason(self.cache, args, kwargs) is not None:
+            return 0
+        rows = kwargs["input_ids"].shape[0]
+        return batch_bucket(rows) - rows
+
+    def _adopt_buffers(self, cache: PagedCache, rows: int) -> None:
+        """The first step of a call: take the step buffers (padded to `rows`) of an earlier call of this
+        shape (so its graphs read this call's KV), or lend this call's to later ones."""
         if cache.adopted:
             return
-        shape = cache.step_shape()
+        shape = cache.step_shape(rows)
         if shape in self._buffers:
-            cache.adopt(self._buffers[shape])
+            cache.adopt(self._buffers[shape], rows)
         else:
-            cache.adopt(None)
+            cache.adopt(None, rows)
             self._buffers[shape] = cache.step_state()
 
-    def _capture(self, key: tuple, kwargs: dict) -> Any:
-        """Run the step eagerly (compiles and prepares everything; stores this step's K/V), then
-        capture it on fixed inputs into `self._graphs[key]`. Returns None, or the eager output
-        when the capture failed (the key then runs eager)."""
-        step = {**kwargs, "input_ids": kwargs["input_ids"].clone(), "position_ids": kwargs["position_ids"].clone()}
+    def _capture(self, key: tuple, step: dict) -> Any:
+        """Run the step (`step`: padded inputs of its own) eagerly (compiles and prepares everything;
+        stores this step's K/V), then capture it on those inputs into `self._graphs[key]`. Returns
+        None, or the eager output when the capture failed (the key then runs eager)."""
         eager = self.forward(**step)
         device = step["input_ids"].device
-        reserved = torch.cuda.memory_reserved(device)
-        graph = torch.cuda.CUDAGraph()
         try:
+            graph = torch.cuda.CUDAGraph()
+            self._pool = self._pool or torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
+                reserved = torch.cuda.memory_reserved(device)  # after the capture emptied the allocator's cache
                 output = self.forward(**step)
         except RuntimeError as error:
             if self.required:
@@ -189,3 +213,18 @@ class DecodeGraphs:
     def pool_bytes(self) -> int:
         """Device memory reserved while the live graphs were captured: what their memory pool holds."""
         return sum(g.pool_bytes for g in self._graphs.values() if g is not None)
+
+
+def _padded(rows: torch.Tensor, bucket: int) -> torch.Tensor:
+    """`rows` [batch, ...] followed by zero rows up to `bucket` rows: inputs of their own for a capture."""
+    padding = rows.new_zeros((bucket - rows.shape[0], *rows.shape[1:]))
+    return torch.cat([rows, padding])
+
+
+def _unpadded(output: Any, rows: int) -> Any:
+    """A shallow copy of a forward's output with the padding rows of its tensors dropped."""
+    result = type(output)(output)
+    for name, value in output.items():
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > rows:
+            result[name] = value[:rows]
+    return result

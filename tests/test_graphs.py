@@ -8,6 +8,7 @@ from transformers import LogitsProcessorList
 
 from hf_multilora import MultiLoraModel
 from hf_multilora.cache import PagedCache
+from hf_multilora.graphs import _padded
 
 POOL_BYTES = 2**28
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -88,6 +89,56 @@ def test_reserved_table_keeps_its_address_across_blocks(llama_zoo, monkeypatch):
         eager.release()
     with pytest.raises(RuntimeError, match=r"needs reserve\(\) and a filled cache"):
         PagedCache(model._runtime.cache.pool, base.config).begin_step(mask)
+
+
+def test_steps_padded_to_a_batch_bucket_give_the_eager_logits(llama_zoo, monkeypatch):
+    """Decode steps padded to a batch bucket (what calls of several batch sizes replay one graph
+    with): the real rows' logits are the eager step's, the padding rows write only into the
+    cache's discard page, and a cache of another batch size in the bucket adopts the buffers."""
+    from hf_multilora.cache import use_paged_attention
+    from hf_multilora.graphs import batch_bucket
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 33)] == [1, 2, 4, 8, 8, 16, 16, 24, 40]
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+    base, names, lent = model.base_model, list(llama_zoo.paths), None
+    for batch, rows, seed in [(3, ["qv_r4", None, "attn_r8"], 3), (4, [names[4], names[1], None, names[4]], 5)]:
+        ids, mask = left_padded(batch, 6, seed=seed, device="cpu")
+        with model._routed((ids,), {}, rows, None):
+            use_paged_attention(base)
+            runtime = model._runtime
+            pool = runtime.cache.pool
+            stepped, eager = PagedCache(pool, base.config, block_size=4), PagedCache(pool, base.config, block_size=4)
+            stepped.reserve(6 + 6)
+            with torch.no_grad():
+                base(input_ids=ids, attention_mask=mask, cache=stepped)
+                out_e = base(input_ids=ids, attention_mask=mask, cache=eager)
+                stepped.adopt(lent, rows=4)
+                lent = stepped.step_state()
+                slots = model._routing.row_slots + [-1] * (4 - batch)
+                for _ in range(6):
+                    token = out_e.logits[:, -1].argmax(-1, keepdim=True)
+                    mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+                    key_mask = stepped.begin_step(mask)
+                    runtime.fixed_decode = True
+                    try:
+                        runtime.set_rows(slots, 1)
+                        out_s = base.forward(input_ids=_padded(token, 4), attention_mask=key_mask[:, : mask.shape[1]],
+                                             position_ids=_padded(positions, 4), cache=stepped)  # fmt: skip
+                    finally:
+                        stepped.end_step()
+                        runtime.fixed_decode = False
+                    out_e = base(input_ids=token, attention_mask=mask, position_ids=positions, cache=eager)
+                    torch.testing.assert_close(out_s.logits[:batch], out_e.logits, rtol=1e-5, atol=1e-5)
+                    table, lengths, _ = stepped.step_buffers()
+                    assert [t.data_ptr() for t in stepped.step_buffers()] == [t.data_ptr() for t in lent[:3]]
+                    if batch < 4:
+                        assert (table[:, batch:, 0] == stepped._discard).all() and (lengths[batch:] == 1).all()
+                    assert lengths[:batch].tolist() == [mask.shape[1]] * batch
+            stepped.release()
+            eager.release()
+    assert model.memory_stats()["pages_kv"] == 0
 
 
 def test_fixed_decode_tables_compute_what_the_per_call_plan_does(llama_zoo, monkeypatch):
@@ -172,10 +223,10 @@ def test_graph_decode_gives_the_eager_tokens(llama_zoo, dtype):
     assert graphs.tolist() == eager.tolist()
     assert stats["captures"] == 1 and stats["replays"] == 39, stats
     assert model.graph_stats()["graph_pool_bytes"] > 0
-    # Other mixes of adapters (other ranks, targets, base rows), the same batch size and a length in
-    # the same bucket: the graph captured above is replayed, no new capture.
-    for seed, mix in enumerate([[names[4]] * 8, [None, names[3], names[3], None, names[1], names[2], None, None]]):
-        ids_m, mask_m = left_padded(8, 7, seed=20 + seed, device="cuda")
+    # Other mixes of adapters (other ranks, targets, base rows), other batch sizes of the same bucket
+    # (5-8 rows) and a length in the same bucket: the graph captured above is replayed, no new capture.
+    for seed, mix in enumerate([[names[4]] * 5, [None, names[3], names[3], None, names[1], names[2], None]]):
+        ids_m, mask_m = left_padded(len(mix), 7, seed=20 + seed, device="cuda")
         kwargs_m = {**kwargs, "adapter_ids": mix, "attention_mask": mask_m, "max_new_tokens": 35}
         graphs_m, eager_m, stats_m = graph_and_eager(model, ids_m, **kwargs_m)
         assert graphs_m.tolist() == eager_m.tolist(), f"mix {seed}"
