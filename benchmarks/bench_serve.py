@@ -13,19 +13,22 @@ Rows, in one process:
                    throughput = output tokens / (last finish - first arrival); TTFT and time per
                    output token (TPOT), p50 / p99
   (a) generate     one MultiLoraModel.generate per request, in arrival order (a request starts when
-                   it has arrived and the one before has finished); same metrics
+                   it has arrived and the one before has finished); same metrics (`--generate-requests
+                   N`: the trace's first N requests only, for its throughput)
   (b) hf cb        the base model alone through transformers' `generate_batch` (its continuous
                    batching), every prompt at once, max_new_tokens = the trace's mean output length
                    (same output tokens in total; it takes one length for all)
   (c) hf static    the base model alone in static batches of 32 in arrival order through generate
                    with `cache_implementation="static"` (compiled on CUDA); a batch decodes to its
-                   longest request, throughput counts the tokens asked for
+                   longest request, throughput counts the tokens asked for; timed on a second pass
+                   (the first compiles)
 (b) and (c) run at saturation only. Llama-2-7B shapes on CUDA; `--tiny` checks the script on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import sys
@@ -169,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt-lens", type=common.parse_int_list, help="min,max prompt tokens")
     parser.add_argument("--output-lens", type=common.parse_int_list, help="min,max output tokens")
     parser.add_argument("--baselines", default="generate,hf-cb,hf-static")
+    parser.add_argument("--generate-requests", type=int, help="(a) on the trace's first N requests only (default: all)")
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--pool-gib", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -202,11 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for rate in rates:
                 trace = make_trace(args, rate, names, vocab)
                 with Engine(model, tokenizer, max_running=args.max_running) as engine:
-                    run_engine(engine, trace[: min(8, len(trace))])  # warm-up: compiles, plans
+                    # warm-up, the whole trace at once: compiles, plans, and captures the decode graphs
+                    # of the batch buckets and table widths the trace reaches (a server's first minutes)
+                    run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])
                     engine.stats.clear(), engine.batch_sizes.clear()
-                    row = {"adapters": count, "rate": rate, "engine": run_engine(engine, trace)}
+                    row = {"adapters": count, "rate": rate, "engine": run_engine(engine, trace),
+                           "graphs": {k: v for k, v in engine.metrics().items() if k.startswith("graph_")}}  # fmt: skip
                 if "generate" in args.baselines and math.isinf(rate):
-                    row["generate_each"] = run_generate_each(model, trace, device)
+                    row["generate_each"] = run_generate_each(model, trace[: args.generate_requests], device)
                 results.append(row)
                 print(f"adapters {count}, rate {rate}: {row}", flush=True)
             for name in names:
@@ -219,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as error:  # report, do not lose the rest of the run
             baselines["hf_continuous_batching"] = {"failed": f"{type(error).__name__}: {error}"}
     if "hf-static" in args.baselines:
+        run_hf_static(base, saturated, device, batch=32)  # warm-up: compiles the shapes of the trace's batches
         baselines["hf_static_batches_32"] = run_hf_static(base, saturated, device, batch=32)
     print(f"baselines (base model alone, saturation): {baselines}", flush=True)
     print_table(results, baselines)

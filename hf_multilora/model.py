@@ -15,7 +15,7 @@ import unicodedata
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -280,8 +280,8 @@ class MultiLoraModel(torch.nn.Module):
         attends to its own tokens exactly and to earlier ones dequantized. CPU only for now (the
         Triton kernels do not read quantized pages yet); None: the model's dtype.
 
-        `cuda_graphs`: decode steps replayed from CUDA graphs (captured per call and batch size; the
-        prefill stays eager). None: wherever the call allows it (CUDA, the paged cache, no
+        `cuda_graphs`: decode steps replayed from CUDA graphs (captured per batch bucket and length
+        bucket; the prefill stays eager). None: wherever the call allows it (CUDA, the paged cache, no
         attentions or hidden states asked for); True: required (ValueError naming why not);
         False: eager. `graph_stats()` counts captures, replays and eager steps by reason.
         """
@@ -297,27 +297,16 @@ class MultiLoraModel(torch.nn.Module):
             if not paged:
                 return self.base_model.generate(*args, **kwargs)
             cache = PagedCache(self._runtime.cache.pool, self.base_model.config, kv_dtype=kv_cache_dtype)
-            with paged_attention_in(self.base_model):
-                graphs, own_forward = None, self.base_model.__dict__.get("forward")
-                if no_graphs is None:
-                    # Widths rounded up to a power of two: calls of similar lengths share step buffers and graphs.
-                    cache.reserve(1 << (_max_tokens(self.base_model, args, kwargs) - 1).bit_length())
-                    graphs = self._graphs_of_runtime()
-                    graphs.start(cache, required=bool(cuda_graphs))
-                    self._runtime.fixed_decode = True
-                    self.base_model.forward = graphs
-                try:
+            if no_graphs is None:
+                # Widths rounded up to a power of two: calls of similar lengths share step buffers and graphs.
+                cache.reserve(1 << (_max_tokens(self.base_model, args, kwargs) - 1).bit_length())
+            graphs = self._decode_graphs_in(cache, bool(cuda_graphs)) if no_graphs is None else nullcontext()
+            try:
+                with paged_attention_in(self.base_model), graphs:
                     kwargs = self._with_release_of_finished_rows(cache, kwargs)
                     return self.base_model.generate(*args, **{_cache_keyword(self.base_model): cache}, **kwargs)
-                finally:
-                    if graphs is not None:
-                        if own_forward is None:
-                            del self.base_model.forward
-                        else:
-                            self.base_model.forward = own_forward
-                        graphs.stop()
-                        self._runtime.fixed_decode = False
-                    cache.release()
+            finally:
+                cache.release()
 
     def _check_kv_cache_dtype(self, kv_cache_dtype: str | None, paged: bool) -> None:
         """Refuse a kv_cache_dtype the call cannot honour, before anything is allocated."""
@@ -339,6 +328,25 @@ class MultiLoraModel(torch.nn.Module):
                 self.base_model.forward, self._runtime.captured_state, lambda: self._hook_epoch, self._graph_stats
             )
         return self._decode_graphs
+
+    @contextmanager
+    def _decode_graphs_in(self, cache: PagedCache, required: bool) -> Iterator[None]:
+        """Within: the base model's decode steps on `cache` replayed from CUDA graphs (`DecodeGraphs` is
+        its forward; one-token LoRA forwards use the fixed decode tables)."""
+        base, graphs = self.base_model, self._graphs_of_runtime()
+        own_forward = base.__dict__.get("forward")
+        graphs.start(cache, required)
+        self._runtime.fixed_decode = True
+        base.forward = graphs
+        try:
+            yield
+        finally:
+            if own_forward is None:
+                del base.forward
+            else:
+                base.forward = own_forward
+            graphs.stop()
+            self._runtime.fixed_decode = False
 
     def _why_no_graphs(self, paged: bool, kwargs: dict) -> str | None:
         """Why this generate() call cannot replay its decode steps from CUDA graphs (None: it can)."""
@@ -376,16 +384,19 @@ class MultiLoraModel(torch.nn.Module):
         cache: PagedCache,
         adapter_ids: list,
         attention_mask: torch.Tensor | None = None,
+        cuda_graphs: bool = False,
     ) -> torch.Tensor:
         """One forward of the serving engine: rows of `input_ids` [rows, tokens] at `position_ids`,
         their K/V added to `cache` (a serving StepCache), row i with adapter_ids[i], keys masked by
         the 2-D `attention_mask` where rows have padding; returns the last position's logits
-        [rows, vocab]."""
+        [rows, vocab]. `cuda_graphs`: a decode step is replayed from a CUDA graph (the engine checked
+        `_why_no_graphs` and gives a mask and the discard page)."""
         base = self.base_model
         with torch.no_grad(), self._routed((), {"input_ids": input_ids}, adapter_ids, None):
             if self._runtime.cache.pool is not cache.pool:
                 raise RuntimeError("the base model moved to another device or dtype since the engine started")
-            with paged_attention_in(base):
+            graphs = self._decode_graphs_in(cache, required=False) if cuda_graphs else nullcontext()
+            with paged_attention_in(base), graphs:
                 out = base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                            use_cache=True, logits_to_keep=1, **{_cache_keyword(base): cache})  # fmt: skip
         return out.logits[:, -1]
@@ -440,7 +451,9 @@ class MultiLoraModel(torch.nn.Module):
         if row_slots is None:
             return
         rows, tokens_per_row = forward_shape(args, kwargs)
-        self._runtime.set_rows(expand_rows(row_slots, rows), tokens_per_row)
+        graphs = self._decode_graphs if self._runtime.fixed_decode else None
+        padding = graphs.padding(args, kwargs) if graphs is not None else 0
+        self._runtime.set_rows(expand_rows(row_slots, rows) + [-1] * padding, tokens_per_row)
 
     def _follow_base_placement(self) -> LoraRuntime:
         """The runtime on the base's device and dtype: built at the first call, and again (with a

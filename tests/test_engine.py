@@ -57,6 +57,26 @@ def test_concurrent_requests_get_what_each_gets_alone(model, llama_zoo):
         assert engine.metrics()["pages_kv"] == 0
 
 
+def test_decode_steps_padded_to_batch_buckets_give_what_each_gets_alone(model, llama_zoo):
+    """The CUDA-graph decode path on the CPU: the capture fails there, so each step runs the padded
+    forward a replay would (rows padded to a batch bucket, padding rows on the discard page, their
+    LoRA rows empty, their logits dropped); 7 rows ending one by one cover buckets 8, 4, 2 and 1."""
+    names = [*llama_zoo.paths, None]
+    jobs = [(prompt(4 + i % 3, seed=40 + i), names[i % len(names)], 3 + 2 * i) for i in range(7)]
+    expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
+    with Engine(model) as engine:
+        engine.cuda_graphs = True
+        with engine._cond:
+            streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
+        for stream in streams:
+            stream.result(timeout=120)
+        assert [s.token_ids for s in streams] == expected
+        assert set(engine.batch_sizes) == set(range(1, 8)), engine.batch_sizes
+        stats = model.graph_stats()
+        assert stats["eager: capture failed"] == engine.stats["decode_steps"]  # every step went the padded way
+        assert engine.metrics()["pages_kv"] == 0  # the padding rows' page went back with the last request
+
+
 def test_a_request_joins_a_running_batch(model):
     with Engine(model) as engine:
         long = engine.submit(prompt(5, seed=1), "attn_r8", greedy(60))
@@ -163,6 +183,27 @@ def test_prompts_of_similar_lengths_are_prefilled_together(model):
     assert [s.token_ids for s in streams] == expected
 
 
+def test_while_rows_decode_a_small_prefill_waits_a_bounded_number_of_steps(model):
+    """Two 6-token prompts and a 60-token one queue behind a running request: the long one cannot
+    join the short ones' forward (padding would more than double it), and three wait, so the pair
+    waits for more rows, max_prefill_wait steps, then goes; the long one, now the only one
+    waiting, goes at once."""
+    jobs = [(prompt(8, seed=70), "attn_r8", 30), (prompt(6, seed=71), "qv_r4", 5), (prompt(6, seed=72), None, 5),
+            (prompt(60, seed=73), "attn_r8", 5)]  # fmt: skip
+    expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
+    with Engine(model, min_prefill_rows=4, max_prefill_wait=3) as engine:
+        first = engine.submit(*jobs[0][:2], greedy(jobs[0][2]))
+        next(iter(first))  # it decodes
+        with engine._cond:
+            streams = [first] + [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs[1:]]
+        for stream in streams:
+            stream.result(timeout=60)
+        assert engine.stats["prefill_waits"] == 3 and engine.stats["prefills"] == 3
+    assert [s.token_ids for s in streams] == expected
+    with pytest.raises(ValueError, match="max_prefill_wait must be an int >= 0"):
+        Engine(model, max_prefill_wait=-1)
+
+
 @pytest.mark.parametrize("how", ["adapter files gone", "prefill raises"])
 def test_a_failing_request_does_not_disturb_the_others(llama_zoo, tmp_path, monkeypatch, how):
     import shutil
@@ -175,10 +216,10 @@ def test_a_failing_request_does_not_disturb_the_others(llama_zoo, tmp_path, monk
     else:  # the group's prefill fails, and again for the broken request alone
         step = model._logits_of_step
 
-        def failing(input_ids, position_ids, cache, adapter_ids, attention_mask=None):
+        def failing(input_ids, position_ids, cache, adapter_ids, attention_mask=None, **kwargs):
             if "broken" in adapter_ids and input_ids.shape[1] > 1:
                 raise RuntimeError("simulated prefill failure")
-            return step(input_ids, position_ids, cache, adapter_ids, attention_mask)
+            return step(input_ids, position_ids, cache, adapter_ids, attention_mask, **kwargs)
 
         monkeypatch.setattr(model, "_logits_of_step", failing)
     jobs = [(prompt(10, seed=60 + i), adapter, 5) for i, adapter in enumerate(["attn_r8", "broken", None, "qv_r4"])]
@@ -207,6 +248,7 @@ def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo):
     names = [*llama_zoo.paths, None]
     jobs = [(prompt(5 + i % 4, seed=80 + i), names[i % len(names)], 20 + i) for i in range(12)]
     expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
+    before = model.graph_stats()
     with Engine(model) as engine:
         with engine._cond:
             streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
@@ -214,6 +256,10 @@ def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo):
             stream.result(timeout=120)
         assert engine.stats["prefills"] < len(jobs) and max(engine.batch_sizes) > 1
         assert engine.metrics()["pages_kv"] == 0
+        # decode steps replayed graphs: the first step of a (batch bucket, table width) captures
+        captures, replays = (model.graph_stats().get(k, 0) - before.get(k, 0) for k in ("captures", "replays"))
+        assert 0 < captures < replays == engine.stats["decode_steps"]
+        assert "eager: capture failed" not in model.graph_stats()
     assert [s.token_ids for s in streams] == expected
 
 

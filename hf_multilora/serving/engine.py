@@ -18,7 +18,11 @@ One engine thread runs the loop; `submit()` (any thread, or an asyncio task) onl
    A request that could not fit even alone is refused at `submit`.
 Rows end on EOS (unless ignore_eos), at max_tokens, on a stop string, or when cancelled.
 
-Decode steps run eager for now (no CUDA graphs yet); long prompts are not chunked.
+On CUDA, decode steps replay CUDA graphs (`graphs.DecodeGraphs`, as generate() does): the running
+rows are padded to a batch bucket (1, 2, 4, 8, then multiples of 8) and their tables to a
+power-of-two width, so requests joining and leaving replay the graphs already captured; the engine
+then holds one page for the padding rows' K/V while it decodes. Prefills stay eager; long prompts
+are not chunked.
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ class Engine:
     carry token ids only and `stop` is refused. `eos_token_id`: default the model's generation
     config's. `max_running`: rows in the running batch at most. `max_waiting`: queued requests at
     most (more: `EngineOverloaded`). `max_prefill_rows`: newly admitted requests prefilled in one
-    forward at most. Call `close()` (or use it as a context manager) to stop it.
+    forward at most. `min_prefill_rows`, `max_prefill_wait`: while rows decode, a prefill of fewer
+    rows waits up to that many decode steps for more rows to end (see `_defer`). `cuda_graphs`: decode steps replayed from CUDA graphs; None: wherever the model
+    allows it (on CUDA), True: required (ValueError naming why not), False: eager. Call `close()` (or
+    use it as a context manager) to stop it.
     """
 
     def __init__(
@@ -65,16 +72,29 @@ class Engine:
         max_running: int = 64,
         max_waiting: int = 1024,
         max_prefill_rows: int = 16,
+        min_prefill_rows: int = 4,
+        max_prefill_wait: int = 8,
         eos_token_id: int | Sequence[int] | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if not isinstance(model, MultiLoraModel):
             raise TypeError(f"Engine serves a MultiLoraModel, got {type(model).__name__}")
         for name, value in (("max_running", max_running), ("max_waiting", max_waiting),
-                            ("max_prefill_rows", max_prefill_rows)):  # fmt: skip
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                            ("max_prefill_rows", max_prefill_rows), ("min_prefill_rows", min_prefill_rows),
+                            ("max_prefill_wait", max_prefill_wait)):  # fmt: skip
+            lowest = 0 if name == "max_prefill_wait" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
+        if cuda_graphs not in (None, True, False):
+            raise TypeError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+        no_graphs = model._why_no_graphs(True, {}) if cuda_graphs is not False else "cuda_graphs=False"
+        if cuda_graphs and no_graphs:
+            raise ValueError(f"cuda_graphs=True, but {no_graphs}")
+        self.cuda_graphs = no_graphs is None
         self.model, self.tokenizer = model, tokenizer
         self.max_running, self.max_waiting, self.max_prefill_rows = max_running, max_waiting, max_prefill_rows
+        self.min_prefill_rows, self.max_prefill_wait = min_prefill_rows, max_prefill_wait
+        self._deferred = 0  # decode steps the head of the queue has waited for a larger prefill
         if eos_token_id is None:
             eos_token_id = model.base_model.generation_config.eos_token_id
         self.eos = set() if eos_token_id is None else set(torch.as_tensor(eos_token_id).flatten().tolist())
@@ -151,7 +171,11 @@ class Engine:
         rate = 0.0
         if len(recent) > 1 and recent[-1][0] > recent[0][0]:
             rate = sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
-        return {"waiting": waiting, "running": running, "tokens_per_s": rate, **self._pool.stats(), **self.stats}
+        graphs = self.model.graph_stats()
+        return {
+            "waiting": waiting, "running": running, "tokens_per_s": rate, **self._pool.stats(), **self.stats,
+            "graph_captures": graphs.get("captures", 0), "graph_replays": graphs.get("replays", 0),
+        }  # fmt: skip
 
     def close(self) -> None:
         """Stop the loop; requests still queued or running end with finish_reason "cancelled"."""
@@ -219,7 +243,7 @@ class Engine:
         their prompts are of similar lengths (left-padded to the longest)."""
         while len(self._running) < self.max_running:
             group = self._next_group()
-            if not group:
+            if not group or self._defer(group):
                 break
             width = max(r.context_length() for r in group)
             admitted = []
@@ -256,9 +280,25 @@ class Engine:
             except Exception:  # the request fails with the reason when it is admitted
                 logger.debug("hf_multilora engine: prefetch of %s failed", adapter, exc_info=True)
 
+    def _defer(self, group: list[Request]) -> bool:
+        """Whether `group` waits for a larger prefill: while rows decode, each prefill forward costs
+        the running batch a step of its own (tens of ms at 7B, mostly fixed), so a group smaller
+        than `min_prefill_rows` (or than what waits, or than the free rows) waits for more rows to
+        end, `max_prefill_wait` decode steps at most."""
+        with self._cond:
+            waiting = len(self._waiting)
+        quorum = min(self.min_prefill_rows, self.max_prefill_rows, waiting, self.max_running - len(self._running))
+        if not self._running or len(group) >= quorum or self._deferred >= self.max_prefill_wait:
+            self._deferred = 0
+            return False
+        self._deferred += 1
+        self.stats["prefill_waits"] += 1
+        return True
+
     def _next_group(self) -> list[Request]:
         """The next waiting requests to prefill together: in arrival order, while the batch has room,
-        at most `max_prefill_rows`, and padding adds at most a quarter to their prompts' tokens."""
+        at most `max_prefill_rows`, and padding at most doubles their prompts' tokens (a forward's
+        fixed cost is worth more prompt tokens than that at 7B)."""
         with self._cond:
             waiting = list(self._waiting)
         group: list[Request] = []
@@ -267,7 +307,7 @@ class Engine:
             if len(group) >= self.max_prefill_rows or len(self._running) + len(group) >= self.max_running:
                 break
             candidate = [*lengths, request.context_length()]
-            if group and max(candidate) * len(candidate) > 1.25 * sum(candidate):
+            if group and max(candidate) * len(candidate) > 2 * sum(candidate):
                 break
             group.append(request)
             lengths = candidate
@@ -322,6 +362,8 @@ class Engine:
                 for request in self._running:
                     row = self._kv[request.request_id]
                     row.grow(self._pool, row.length + 1)
+                if self.cuda_graphs:
+                    self._cache.hold_discard()
                 break
             except PoolExhaustedError:
                 if len(self._running) == 1:
@@ -330,16 +372,19 @@ class Engine:
         requests = list(self._running)
         tokens = [[r.generated[-1]] for r in requests]
         positions = [[self._kv[r.request_id].length - self._kv[r.request_id].pad] for r in requests]
-        logits = self._forward(requests, tokens, positions)
+        logits = self._forward(requests, tokens, positions, graphs=self.cuda_graphs)
         self.stats["decode_steps"] += 1
         self.batch_sizes[len(requests)] += 1
         self._emit(requests, next_tokens(logits, requests))
 
-    def _forward(self, requests: list[Request], tokens: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
-        """Last-position logits of one forward: one row per request, its tokens added to its KV."""
+    def _forward(
+        self, requests: list[Request], tokens: list[list[int]], positions: list[list[int]], graphs: bool = False
+    ) -> torch.Tensor:
+        """Last-position logits of one forward: one row per request, its tokens added to its KV.
+        `graphs`: a decode step replayed from a CUDA graph."""
         rows = [self._kv[r.request_id] for r in requests]
         new = len(tokens[0])
-        attention_mask = self._cache.load(rows, new)
+        attention_mask = self._cache.load(rows, new, mask_always=graphs)
         device = self._pool.storage.device
         logits = self.model._logits_of_step(
             torch.tensor(tokens, device=device),
@@ -347,6 +392,7 @@ class Engine:
             self._cache,
             [r.adapter for r in requests],
             attention_mask,
+            cuda_graphs=graphs,
         )
         for row in rows:
             row.length += new
@@ -401,5 +447,7 @@ class Engine:
             if request in self._waiting:
                 self._waiting.remove(request)
         self._unreserve(request)
+        if not self._running:
+            self._cache.release()  # the padding rows' page, until decoding resumes
         request.stream.push(StreamEvent(None, "", finish_reason=reason, error=error))
         self.stats[f"finished_{reason}"] += 1

@@ -63,16 +63,25 @@ class StepCache(PagedCache):
 
     `load(rows, new)` before the forward: the forward adds `new` slots to each row (decode: 1;
     prefill: the prompts, left-padded to one length), whose pages `RowKV.grow` has already taken. It
-    returns the 2-D attention mask the forward must get when a row has padding (None otherwise).
-    The rows' lengths advance only when the engine says so (`RowKV.length`), after the forward worked.
+    returns the 2-D attention mask the forward must get when a row has padding (None otherwise;
+    `mask_always`: a mask of ones then). The rows' lengths advance only when the engine says so
+    (`RowKV.length`), after the forward worked.
+
+    A decode step replayed from a CUDA graph (`graphs.DecodeGraphs`) goes through PagedCache's step
+    protocol instead of the per-step tensors: `adopt` picks the fixed buffers of the step's batch
+    bucket and table width (power-of-two blocks), `begin_step` copies the loaded rows into them, the
+    padding rows with one token on the discard page (`hold_discard` takes it first).
     """
 
     def __init__(self, pool: PagePool, config: Any) -> None:
         super().__init__(pool, config)
         self._row_lens: list[int] = []
         self._new = 0
+        self._step_host: torch.Tensor | None = None  # int32 [layers, rows, blocks]: the loaded rows' tables
+        self._uploaded = False  # the loaded step's tables and lengths are on the device
+        self._eager: tuple[torch.Tensor, dict] | None = None  # the device table and decode plans of eager forwards
 
-    def load(self, rows: Sequence[RowKV], new: int) -> torch.Tensor | None:
+    def load(self, rows: Sequence[RowKV], new: int, *, mask_always: bool = False) -> torch.Tensor | None:
         if not rows or new < 1:
             raise ValueError(f"a step adds tokens to one or more rows; got {len(rows)} rows, {new} tokens")
         width = max(max(r.table.shape[1] for r in rows), 1)
@@ -81,25 +90,81 @@ class StepCache(PagedCache):
             if row.blocks_for(row.length + new):
                 raise ValueError(f"row {i} has no pages for {row.length + new} tokens: grow it first")
             host[:, i, : row.table.shape[1]] = row.table
-        device = self._device
-        staged = host.pin_memory() if device.type == "cuda" else host
-        if self._table is None or self._table.shape != host.shape:
-            self._table = torch.empty(host.shape, dtype=torch.int32, device=device)
-            self._plans = {}  # decode plans are fixed to a batch size and table width
-        self._table.copy_(staged, non_blocking=True)
-        self._layer_tables = self._table.unbind(0)
+        self._step_host, self._uploaded, self.adopted = host, False, False
         self._row_lens = [r.length for r in rows]
-        lens = torch.tensor([n + new for n in self._row_lens], dtype=torch.int32)
-        self._kv_lens = (lens.pin_memory() if device.type == "cuda" else lens).to(device, non_blocking=True)
         self._new = new
         self._lens = [max(self._row_lens)] * self.num_layers
         self._pending = None
-        if not any(r.pad for r in rows):
+        if not mask_always and not any(r.pad for r in rows):
             return None
         mask = torch.ones(len(rows), max(self._row_lens) + new, dtype=torch.bool)
         for i, row in enumerate(rows):
             mask[i, : row.pad] = False
-        return mask.to(device, non_blocking=True)
+        return mask.to(self._device, non_blocking=True)
+
+    def _upload(self) -> None:
+        """The loaded step's tables and lengths on the device, for an eager forward."""
+        host, device = self._step_host, self._device
+        if self._eager is None or self._eager[0].shape != host.shape:
+            self._eager = (torch.empty(host.shape, dtype=torch.int32, device=device), {})  # plans: per shape
+        table, self._plans = self._eager
+        table.copy_(_staged(host, device), non_blocking=True)
+        self._table, self._layer_tables = table, table.unbind(0)
+        lens = torch.tensor([n + self._new for n in self._row_lens], dtype=torch.int32)
+        self._kv_lens = _staged(lens, device).to(device, non_blocking=True)
+        self._uploaded = True
+
+    def hold_discard(self) -> None:
+        """Take the page padding rows write into (PoolExhaustedError if none is free); `release` frees it."""
+        if self._discard is None:
+            self._set_discard(self.pool.allocate(1, "kv")[0])
+
+    # -- the step protocol of DecodeGraphs (see PagedCache.begin_step) ----------------------------------------
+    def step_shape(self, rows: int) -> tuple[int, int]:
+        width = self._step_host.shape[2]
+        return rows, 1 << (width - 1).bit_length()
+
+    def adopt(self, state: tuple | None, rows: int | None = None) -> None:
+        """Use `state` (the step buffers of an earlier step of this `step_shape`), or new ones."""
+        batch = len(self._row_lens)
+        rows = batch if rows is None else rows
+        if rows < batch or (rows > batch and self._discard is None):
+            raise ValueError(f"adopt: {rows} step rows for {batch} rows (padding needs hold_discard() first)")
+        if state is None:
+            _, width = self.step_shape(rows)
+            state = (
+                torch.zeros(self.num_layers, rows, width, dtype=torch.int32, device=self._device),
+                torch.empty(rows, dtype=torch.int32, device=self._device),
+                torch.ones(rows, width * self.block_size, dtype=torch.bool, device=self._device),
+                {},
+            )
+        self._table, self._kv_lens, self._step_mask, self._plans = state
+        self._layer_tables = self._table.unbind(0)
+        self.adopted = True
+
+    def step_state(self) -> tuple:
+        return self._table, self._kv_lens, self._step_mask, self._plans
+
+    def begin_step(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Copy the loaded decode step (`attention_mask` [rows, longest + 1]) into the adopted buffers;
+        returns the key mask buffer."""
+        batch, end = len(self._row_lens), max(self._row_lens) + 1
+        if not self.adopted or self._new != 1 or attention_mask.shape != (batch, end):
+            raise ValueError(
+                f"begin_step: a decode step of {batch} rows loaded and adopted, with a [{batch}, {end}] mask; "
+                f"got {self._new} new token(s), a mask of {tuple(attention_mask.shape)}"
+            )
+        host, (layers, rows, _) = self._step_host, self._table.shape
+        width = host.shape[2]
+        padded = torch.full((layers, rows, width), 0 if self._discard is None else self._discard, dtype=torch.int32)
+        padded[:, :batch] = host  # padding rows: every block on the discard page, one token
+        lens = torch.tensor([n + 1 for n in self._row_lens] + [1] * (rows - batch), dtype=torch.int32)
+        self._table[:, :, :width].copy_(_staged(padded, self._device), non_blocking=True)
+        self._kv_lens.copy_(_staged(lens, self._device), non_blocking=True)
+        self._step_mask[:batch, :end].copy_(attention_mask, non_blocking=True)
+        self._step_mask[batch:].fill_(True)
+        self._uploaded = self._stepping = True
+        return self._step_mask
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -109,11 +174,14 @@ class StepCache(PagedCache):
         if self._pending is not None:
             raise RuntimeError(f"StepCache: no paged attention read layer {self._pending[0]}'s update")
         batch, heads, new, head_dim = key_states.shape
-        if (batch, new) != (len(self._row_lens), self._new) or (heads, head_dim) != (self.kv_heads, self.head_dim):
+        rows = self._table.shape[1] if self._stepping else len(self._row_lens)
+        if (batch, new) != (rows, self._new) or (heads, head_dim) != (self.kv_heads, self.head_dim):
             raise ValueError(
-                f"StepCache loaded for {len(self._row_lens)} rows x {self._new} new tokens of "
+                f"StepCache loaded for {rows} rows x {self._new} new tokens of "
                 f"{self.kv_heads} x {self.head_dim}, got K/V {tuple(key_states.shape)}"
             )
+        if not self._uploaded:
+            self._upload()
         if new == 1:
             self._pending = (layer_idx, key_states, value_states)
         else:
@@ -130,5 +198,13 @@ class StepCache(PagedCache):
         return self._lens[layer_idx] if self._row_lens and layer_idx < self.num_layers else 0
 
     def release(self) -> None:
-        """The rows own the pages: nothing to give back."""
+        """The rows own their pages: only the discard page goes back."""
         self._row_lens, self._new, self._pending = [], 0, None
+        if self._discard is not None:
+            self.pool.free([self._discard])
+            self._discard = None
+
+
+def _staged(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` ready for a non-blocking copy to `device` (pinned for CUDA)."""
+    return host.pin_memory() if device.type == "cuda" else host
