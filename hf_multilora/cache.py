@@ -59,7 +59,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +93,16 @@ class PagedAttentionMask:
     """
 
     key_mask: torch.Tensor | None
+
+
+class StepBuffers(NamedTuple):
+    """The fixed device buffers decode steps replayed from a graph read (see ``PagedCache.begin_step``),
+    and the decode plans made over them; caches of one step shape lend them to each other (``adopt``)."""
+
+    table: torch.Tensor  # int32 [layers, step rows, blocks]
+    kv_lens: torch.Tensor  # int32 [step rows]
+    key_mask: torch.Tensor  # bool [step rows, blocks * block_size]
+    plans: dict  # PagedDecode by (query shape, mask, window, scale)
 
 
 def paged_mask(
@@ -475,11 +485,11 @@ class PagedCache(Cache):
         buffers of caches of one shape are interchangeable."""
         return rows, self._table.shape[2]
 
-    def step_state(self) -> tuple:
-        """The step buffers (table, lengths, key mask) and decode plans, for ``adopt`` by a later cache."""
-        return self._table, self._kv_lens, self._step_mask, self._plans
+    def step_state(self) -> StepBuffers:
+        """The step buffers and decode plans, for ``adopt`` by a later cache."""
+        return StepBuffers(self._table, self._kv_lens, self._step_mask, self._plans)
 
-    def adopt(self, state: tuple | None, rows: int | None = None) -> None:
+    def adopt(self, state: StepBuffers | None, rows: int | None = None) -> None:
         """After the prefill, before the first ``begin_step``: use ``state`` (another cache's
         ``step_state`` of the same ``step_shape``) as this cache's step buffers, so that graphs captured
         over them read this cache; None: make this cache's own buffers (table, lengths, key mask) now.
@@ -500,12 +510,12 @@ class PagedCache(Cache):
             self._kv_lens = torch.empty(rows, dtype=torch.int32, device=self._device)
             self._step_mask = torch.ones(rows, width, dtype=torch.bool, device=self._device)
         else:
-            table, kv_lens, mask, plans = state
+            table, kv_lens, mask = state.table, state.kv_lens, state.key_mask
             if table.shape != (self.num_layers, *self.step_shape(rows)) or kv_lens.shape != (rows,) or mask.shape != (rows, width):
                 raise ValueError(f"adopt: buffers of another shape than this cache's {self.step_shape(rows)}")
             mask[batch:].fill_(True)  # a padding row of an earlier call may have had padding of its own
             self._table, self._layer_tables = table, table.unbind(0)
-            self._kv_lens, self._step_mask, self._plans = kv_lens, mask, plans
+            self._kv_lens, self._step_mask, self._plans = kv_lens, mask, state.plans
         self.adopted = True
 
     def step_buffers(self) -> tuple[torch.Tensor, ...]:

@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from .cache import PagedCache
+from .cache import PagedCache, StepBuffers
+from .layers import LoraCapture
 
 # Keywords HF's generate() gives a decode forward that a replay reproduces (inputs copied in, or
 # fixed for the call); anything else makes the step eager.
@@ -103,13 +104,13 @@ class DecodeGraphs:
     """
 
     def __init__(
-        self, forward: Callable, lora_state: Callable[[], tuple], epoch: Callable[[], int], stats: Counter
+        self, forward: Callable, lora_state: Callable[[], LoraCapture], epoch: Callable[[], int], stats: Counter
     ) -> None:
         self.forward, self.lora_state, self.epoch, self.stats = forward, lora_state, epoch, stats
         self.cache: PagedCache | None = None
         self.required = False
         self._graphs: dict[tuple, _Captured | None] = {}  # None: its capture failed
-        self._buffers: dict[tuple[int, int], tuple] = {}  # (batch, table width) -> a cache's step state
+        self._buffers: dict[tuple[int, int], StepBuffers] = {}  # (batch bucket, table width) -> the first cache's
         self._pool: Any = None  # the graphs' memory pool, made at the first capture
         functools.update_wrapper(self, forward)  # generate() inspects the forward's signature
 
@@ -134,7 +135,7 @@ class DecodeGraphs:
         try:
             lora = self.lora_state()
             key = (
-                bucket, id(lora[0]), lora[-1].data_ptr(), self.epoch(),
+                bucket, id(lora.plan), lora.rows.data_ptr(), self.epoch(),
                 *(t.data_ptr() for t in cache.step_buffers()),
             )  # fmt: skip
             captured = self._graphs.get(key)

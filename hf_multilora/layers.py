@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -143,6 +143,18 @@ class _FixedDecode:
         self.scales.copy_(cache.scales.index_select(1, index) * valid[None, :])
 
 
+class LoraCapture(NamedTuple):
+    """What a forward under the runtime's current plan reads besides the pool and the tables (a
+    captured graph keeps it alive): the plan, its prepared launches and shrink workspace, the fixed
+    decode tables, and the adapter cache's row table (replaced when it grows)."""
+
+    plan: sgmv.SgmvPlan | None
+    recipes: dict
+    workspace: torch.Tensor | None
+    fixed: _FixedDecode | None
+    rows: torch.Tensor
+
+
 class LoraRuntime:
     def __init__(self, module_names: Sequence[str], pool: PagePool) -> None:
         self.module_names = list(module_names)
@@ -212,11 +224,8 @@ class LoraRuntime:
         self.plan, self._recipes, self._workspace = fixed.plan, fixed.recipes, fixed.workspace
         self.module_mask = (1 << len(self.module_names)) - 1
 
-    def captured_state(self) -> tuple:
-        """What a forward under the current plan reads besides the pool and the tables: the plan, the
-        prepared launches and the shrink workspace (a captured graph keeps them alive), and the row
-        table of the adapter cache (replaced when it grows)."""
-        return self.plan, self._recipes, self._workspace, self._fixed_now, self.cache.rows
+    def captured_state(self) -> LoraCapture:
+        return LoraCapture(self.plan, self._recipes, self._workspace, self._fixed_now, self.cache.rows)
 
     def clear(self) -> None:
         self.plan, self.owner, self.module_mask, self._plan_key, self._shrunk = None, None, 0, None, None

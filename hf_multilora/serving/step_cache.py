@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..backend import use_triton
-from ..cache import _ACTIVE, PagedCache
+from ..cache import _ACTIVE, PagedCache, StepBuffers
 from ..kernels.paged_attention import write_kv, write_kv_torch
 from ..memory.page_pool import PagePool
 
@@ -124,7 +124,7 @@ class StepCache(PagedCache):
         width = self._step_host.shape[2]
         return rows, 1 << (width - 1).bit_length()
 
-    def adopt(self, state: tuple | None, rows: int | None = None) -> None:
+    def adopt(self, state: StepBuffers | None, rows: int | None = None) -> None:
         """Use `state` (the step buffers of an earlier step of this `step_shape`), or new ones."""
         batch = len(self._row_lens)
         rows = batch if rows is None else rows
@@ -132,7 +132,7 @@ class StepCache(PagedCache):
             raise ValueError(f"adopt: {rows} step rows for {batch} rows (padding needs hold_discard() first)")
         if state is None:
             _, width = self.step_shape(rows)
-            state = (
+            state = StepBuffers(
                 torch.zeros(self.num_layers, rows, width, dtype=torch.int32, device=self._device),
                 torch.empty(rows, dtype=torch.int32, device=self._device),
                 torch.ones(rows, width * self.block_size, dtype=torch.bool, device=self._device),
@@ -142,8 +142,8 @@ class StepCache(PagedCache):
         self._layer_tables = self._table.unbind(0)
         self.adopted = True
 
-    def step_state(self) -> tuple:
-        return self._table, self._kv_lens, self._step_mask, self._plans
+    def step_state(self) -> StepBuffers:
+        return StepBuffers(self._table, self._kv_lens, self._step_mask, self._plans)
 
     def begin_step(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Copy the loaded decode step (`attention_mask` [rows, longest + 1]) into the adopted buffers;
