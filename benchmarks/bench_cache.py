@@ -24,7 +24,12 @@
 3. Lockstep decode (`--lockstep-contexts`, default 512): PagedCache and DynamicCache decode steps
    taken in turn on one prompt, so both meet the host in the same state (see `lockstep`); paged
    tok/s / dynamic tok/s per round, median over rounds.
-4. `--profile`: per decode step and cache, GPU time per kernel and the busiest host ops (profiles
+4. `--kv-dtypes bf16,fp8,int4` (with `--kv-batch`, `--kv-contexts`): the decode attention of one
+   Llama-2-7B layer (32 heads x 128, pages of 256 KiB) per KV dtype, in interleaved rounds (CUDA
+   events, median): bf16 through `PagedDecode` (stores the new token and attends), fp8 / int4
+   through `write_kv_quant` + `paged_attention_quant` (the same work for quantized pages). Reports
+   microseconds, the KV bytes read per call / time, and the speed-up over bf16.
+5. `--profile`: per decode step and cache, GPU time per kernel and the busiest host ops (profiles
    of 1 and of 1 + N new tokens, differenced), to tell a GPU-bound step from a host-bound one.
 """
 
@@ -392,6 +397,67 @@ def capacity(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
     return results
 
 
+def kv_dtype_kernels(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Section 4 of the module doc."""
+    from hf_multilora.kernels.kv_quant import KvLayout
+    from hf_multilora.kernels.paged_attention import PagedDecode
+    from hf_multilora.kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
+
+    heads, dim, batch, dtype = 32, 128, args.kv_batch, torch.bfloat16
+    page_elems = 2 * 16 * heads * dim  # 16 bf16 tokens of K and V
+    results = []
+    for context in args.kv_contexts:
+        calls, bytes_read = {}, {}
+        for kv_dtype in args.kv_dtypes:
+            layout = None if kv_dtype == "bf16" else KvLayout.of(kv_dtype, heads, dim, page_elems * 2)
+            tokens = 16 if layout is None else layout.tokens
+            blocks = -(-context // tokens)
+            storage = torch.randn(batch * blocks * page_elems + page_elems, dtype=dtype, device=device)
+            if layout is not None:  # random codes and sane scales: write real tokens over the random bytes
+                storage.zero_()
+            table = torch.randperm(batch * blocks, device=device).int().view(batch, blocks)
+            kv_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+            q = torch.randn(batch, heads, 1, dim, dtype=dtype, device=device)
+            k = torch.randn(batch, heads, 1, dim, dtype=dtype, device=device)
+            if layout is None:
+                plan = PagedDecode(storage, page_elems, 16, batch, heads, heads, dim, blocks, dim**-0.5)
+                calls[kv_dtype] = lambda plan=plan, q=q, k=k, table=table, kv_lens=kv_lens, storage=storage: plan(
+                    q, k, k, table, kv_lens
+                )
+                bytes_read[kv_dtype] = batch * context * 2 * heads * dim * 2
+            else:
+                history = torch.randn(batch, context, heads, dim, dtype=dtype, device=device)
+                write_kv_quant(storage, layout, table, 0, history, history)
+                del history
+                qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+
+                def call(storage=storage, layout=layout, table=table, kv_lens=kv_lens, qt=qt, kt=kt) -> None:
+                    write_kv_quant(storage, layout, table, kv_lens - 1, kt, kt)
+                    paged_attention_quant(qt, kt, kt, storage, layout, table, kv_lens, dim**-0.5)
+
+                calls[kv_dtype] = call
+                per_token = layout.code_bytes * 2 + (4 if kv_dtype == "fp8" else 8)  # codes + scales (+ mins)
+                bytes_read[kv_dtype] = batch * context * heads * per_token
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(args.repeats + 1):  # the first round warms up (compiles)
+            for name, call in calls.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    call()
+                end.record()
+                torch.cuda.synchronize(device)
+                times[name].append(start.elapsed_time(end) * 1000 / 20)
+        for name, samples in times.items():
+            us = sorted(samples[1:])[len(samples[1:]) // 2]
+            base = sorted(times["bf16"][1:])[len(samples[1:]) // 2] if "bf16" in times else None
+            row = {"context": context, "batch": batch, "kv_dtype": name, "us": us,
+                   "gb_s": bytes_read[name] / us / 1e3, "speedup_vs_bf16": base / us if base else None}  # fmt: skip
+            results.append(row)
+            print(f"kv {row}", flush=True)
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -419,6 +485,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="also: GPU kernels and host ops per decode step, per cache"
     )
+    parser.add_argument("--kv-dtypes", type=lambda s: s.split(","), help="e.g. bf16,fp8,int4: section 4 only")
+    parser.add_argument("--kv-batch", type=int, default=16)
+    parser.add_argument("--kv-contexts", type=common.parse_int_list, default=(1024, 4096, 16384))
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -428,6 +497,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = common.environment(device)
     print(f"device {env['device']}; torch {env['torch']}, transformers {env.get('transformers')}", flush=True)
     result: dict[str, Any] = {"environment": env, "args": vars(args)}
+    if args.kv_dtypes:
+        result["kv_dtypes"] = kv_dtype_kernels(args, device)
+        print(common.format_table(
+            ("context", "kv dtype", "us", "GB/s", "x bf16"),
+            [(r["context"], r["kv_dtype"], r["us"], r["gb_s"], r["speedup_vs_bf16"] or "-") for r in result["kv_dtypes"]],
+        ))  # fmt: skip
+        if args.json:
+            common.write_json(args.json, result)
+        return 0
     if not args.skip_throughput:
         result["throughput"] = throughput(args, device)
     if not args.skip_lockstep:

@@ -77,6 +77,7 @@ from .kernels.paged_attention import (
     write_kv,
     write_kv_torch,
 )
+from .kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
 from .memory.page_pool import PagePool
 
 PAGED_ATTENTION = "hf_multilora_paged"
@@ -226,11 +227,12 @@ def _hand_over_padding(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
 
 
 def refuse_quantized_kv_on(device: torch.device, kv_dtype: str) -> None:
-    """Quantized KV pages run on the CPU only for now: ValueError on a CUDA device."""
-    if device.type == "cuda":
+    """ValueError where `kv_dtype` pages cannot be written: FP8 on a GPU without FP8 conversion."""
+    if kv_dtype == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
         raise ValueError(
-            f"{kv_dtype!r} KV runs on the CPU only for now: the paged attention kernels do not "
-            "read quantized pages yet"
+            f"'fp8' KV needs a GPU with FP8 conversion (compute capability 8.9+); this one is {major}.{minor}: "
+            "use kv_cache_dtype='int4'"
         )
 
 
@@ -362,7 +364,8 @@ class PagedCache(Cache):
         self._prepare_tokens(end, new)
         if self.kv_layout is not None:  # stored quantized; the attention takes this forward's K/V as they are
             k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
-            write_kv_quant_torch(pool.storage, self.kv_layout, self._layer_tables[layer_idx], start, k, v)
+            write = write_kv_quant if use_triton(key_states) else write_kv_quant_torch
+            write(pool.storage, self.kv_layout, self._layer_tables[layer_idx], start, k, v)
             self._lens[layer_idx] = end
             self._pending = (layer_idx, key_states, value_states)
             _ACTIVE.set(self._weak_self)
@@ -425,6 +428,13 @@ class PagedCache(Cache):
     ) -> torch.Tensor:
         """Attention of a forward over quantized pages: the tokens before it dequantized from their
         pages, its own tokens (key, value [batch, kv_heads, new, head_dim]) as they are."""
+        if use_triton(query):
+            mask = key_mask if key_mask is None or key_mask.dtype == torch.bool else key_mask.bool()
+            return paged_attention_quant(
+                q=query.transpose(1, 2), k_new=key.transpose(1, 2), v_new=value.transpose(1, 2),
+                storage=self.pool.storage, layout=self.kv_layout, block_table=table, kv_lens=self._kv_lens,
+                scale=scale, key_mask=mask, sliding_window=sliding_window,
+            )  # fmt: skip
         start = self._lens[layer_idx] - key.shape[2]
         past_k, past_v = gather_kv_quant_torch(self.pool.storage, self.kv_layout, table, start)
         dtype = query.dtype

@@ -104,6 +104,81 @@ def test_written_tokens_gather_as_their_quantized_values(kv_dtype):
         assert torch.equal(got, dequantize(*quantize(x, kv_dtype), kv_dtype))
 
 
+# ------------------------------------------------------------------ Triton kernels (interpreter on CPU: int4)
+
+
+def kernel_dtypes():
+    """FP8 on a GPU only: the interpreter's fp32 -> e4m3 rounding is not exact."""
+    return ["int4", "fp8"] if torch.cuda.is_available() else ["int4"]
+
+
+def kernel_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("kv_dtype", kernel_dtypes())
+def test_triton_write_stores_the_bytes_of_the_torch_write(kv_dtype):
+    """Byte for byte, on random K/V (and a constant head) at ragged positions across shuffled pages."""
+    from hf_multilora.kernels.paged_attention_quant import write_kv_quant
+
+    heads, dim, device = 2, 16, kernel_device()
+    layout = KvLayout.of(kv_dtype, heads, dim, 1024)
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randperm(40, generator=gen)[:12].view(2, 6).int()
+    k = torch.randn(2, 9, heads, dim, generator=gen) * 3
+    v = torch.randn(2, 9, heads, dim, generator=gen)
+    k[1, 4, 0] = 0.75  # all equal: scale 0
+    start = torch.tensor([layout.tokens - 4, 2 * layout.tokens + 1])
+    expected = torch.zeros(40 * 1024 // 4)
+    write_kv_quant_torch(expected, layout, table, start, k, v)
+    got = torch.zeros(40 * 1024 // 4, device=device)
+    write_kv_quant(got, layout, table.to(device), start.to(device), k.to(device).transpose(1, 2).transpose(1, 2),
+                   v.to(device))  # fmt: skip
+    assert torch.equal(got.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+def reference_quant_attention(q, k_new, v_new, pool, layout, table, kv_lens, scale, key_mask, window):
+    """Dequantize the pages (gather_kv_quant_torch), append this forward's K/V exact, attend densely."""
+    from hf_multilora.cache import _dense_attention
+
+    past = int(kv_lens[0]) - q.shape[1]
+    past_k, past_v = gather_kv_quant_torch(pool.cpu(), layout, table.cpu(), past)
+    keys = torch.cat([past_k.to(q.dtype), k_new.cpu()], 1).transpose(1, 2)
+    values = torch.cat([past_v.to(q.dtype), v_new.cpu()], 1).transpose(1, 2)
+    mask = None if key_mask is None else key_mask.cpu()[:, : past + q.shape[1]]
+    return _dense_attention(q.cpu().transpose(1, 2), keys, values, mask, scale, window)  # [b, q, h, d]
+
+
+@pytest.mark.parametrize("kv_dtype", kernel_dtypes())
+@pytest.mark.parametrize("q_len, heads, window, masked", [(1, 4, None, False), (1, 8, 11, True), (5, 4, None, True),
+                                                          (3, 2, 7, False)])  # fmt: skip
+def test_triton_attention_over_quantized_pages_matches_the_reference(kv_dtype, q_len, heads, window, masked):
+    """MHA (2 KV heads x 2) and GQA (x4), decode and prefill chunks, key mask and window, pages
+    written by the Triton write: the kernel equals dequantize-then-attend within fp32 rounding."""
+    from hf_multilora.kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
+
+    kv_heads, dim, device = 2, 16, kernel_device()
+    layout = KvLayout.of(kv_dtype, kv_heads, dim, 1024)
+    gen = torch.Generator().manual_seed(7 + q_len + heads)
+    past = 2 * layout.tokens + 5
+    table = torch.randperm(40, generator=gen)[:12].view(2, 6).int().to(device)
+    pool = torch.zeros(40 * 1024 // 4, device=device)
+    k_all = torch.randn(2, past + q_len, kv_heads, dim, generator=gen).to(device)
+    v_all = torch.randn(2, past + q_len, kv_heads, dim, generator=gen).to(device)
+    write_kv_quant(pool, layout, table, 0, k_all, v_all)  # this forward's too, as PagedCache stores them
+    q = torch.randn(2, q_len, heads, dim, generator=gen).to(device)
+    kv_lens = torch.full((2,), past + q_len, dtype=torch.int32, device=device)
+    key_mask = None
+    if masked:
+        key_mask = torch.rand(2, past + q_len + 3, generator=gen).to(device) > 0.3
+        key_mask[:, -q_len - 3 :] = True
+    k_new, v_new = k_all[:, past:], v_all[:, past:]
+    got = paged_attention_quant(q, k_new, v_new, pool, layout, table, kv_lens, 0.25, key_mask, window)
+    expected = reference_quant_attention(q, k_new, v_new, pool, layout, table, kv_lens, 0.25, key_mask, window)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+    assert got.abs().amax() > 0.1
+
+
 # ------------------------------------------------------------------ in generate()
 
 
@@ -134,13 +209,21 @@ def left_padded(lengths, seed):
     return ids, mask
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
 @pytest.mark.parametrize("kv_dtype", ["fp8", "int4"])
 @pytest.mark.parametrize("zoo_name", ["llama_zoo", "qwen2_zoo"])  # MHA; GQA
-def test_generate_with_quantized_kv_equals_the_fake_quant_reference(zoo_name, kv_dtype, request):
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
+def test_generate_with_quantized_kv_equals_the_fake_quant_reference(zoo_name, kv_dtype, where, request):
+    """The torch path (CPU) and the Triton kernels (GPU), against a DynamicCache storing
+    dequant(quant(K/V))."""
     zoo = request.getfixturevalue(zoo_name)
-    model = MultiLoraModel.from_pretrained(zoo.fresh_base(), adapters=zoo.paths)
+    base = zoo.fresh_base().to("cuda" if where == "cuda" else "cpu")
+    model = MultiLoraModel.from_pretrained(base, adapters=zoo.paths)
     rows = ["attn_r8", None, "qv_r4", "mlp_r16"]
     ids, mask = left_padded([9, 4, 20, 13], seed=3)  # ragged, crossing pages of odd token counts
+    ids, mask = ids.to(base.device), mask.to(base.device)
     kwargs = dict(adapter_ids=rows, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
     scored = dict(output_scores=True, return_dict_in_generate=True)
     quantized = model.generate(ids, kv_cache_dtype=kv_dtype, **kwargs, **scored)
@@ -161,6 +244,22 @@ def test_generate_with_quantized_kv_equals_the_fake_quant_reference(zoo_name, kv
     assert model.generate(ids, kv_cache_dtype=kv_dtype, **ending).tolist() == model.generate(
         ids, past_key_values=FakeQuantCache(kv_dtype), **ending
     ).tolist()
+
+
+def test_generate_with_int4_kv_on_the_triton_kernels_equals_the_torch_path(qwen2_zoo, monkeypatch):
+    """The Triton write and attention inside generate() (interpreter; GQA, ragged left padding,
+    adapters) give the torch path's tokens and scores."""
+    model = MultiLoraModel.from_pretrained(qwen2_zoo.fresh_base(), adapters=qwen2_zoo.paths)
+    ids, mask = left_padded([9, 4, 20], seed=4)
+    kwargs = dict(adapter_ids=["attn_r8", None, "qv_r4"], attention_mask=mask, max_new_tokens=6, do_sample=False,
+                  pad_token_id=0, kv_cache_dtype="int4", output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    torch_path = model.generate(ids, **kwargs)
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
+    triton_path = model.generate(ids, **kwargs)
+    assert triton_path.sequences.tolist() == torch_path.sequences.tolist()
+    for got, expected in zip(triton_path.scores, torch_path.scores, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert model.memory_stats()["pages_kv"] == 0
 
 
 def test_quantized_pages_hold_more_tokens_in_the_cache(llama_zoo):

@@ -9,8 +9,10 @@ unified pool.
 One engine thread runs the loop; `submit()` (any thread, or an asyncio task) only queues. A step:
 1. Requests whose client went away (`RequestStream.cancel`) leave; their pages go back at once.
 2. Waiting requests are admitted in arrival order while the pool has room for their adapters (held
-   resident until they end) and prompts and the batch has room: each is prefilled alone (its prompt in one forward, with its adapter), and
-   its first token is sampled. The adapters of the requests still waiting are read into host memory
+   resident until they end) and prompts and the batch has room, and prefilled, those of similar
+   prompt lengths in one forward (each row with its adapter; `_next_group`), and their first
+   tokens sampled. While rows decode, a small prefill waits a few steps for more rows to end
+   (`_defer`): each prefill forward costs the running batch a step. The adapters of the requests still waiting are read into host memory
    meanwhile (`prefetch_adapters(host_only=True)`), so admitting them does not wait on a disk.
 3. One decode forward for all running rows. A row that needs a new block and finds the pool empty
    preempts the youngest running request (its pages freed; it waits again at the head of the

@@ -1,0 +1,331 @@
+"""Triton kernels for quantized KV pages (layout: kernels/kv_quant.py): the write that quantizes,
+and the attention that reads the pages.
+
+Why: `write_kv_quant_torch` / `gather_kv_quant_torch` build byte indices on the host and dequantize
+the whole history into a dense tensor every forward (what transformers' QuantizedCache does too),
+so they cost more than the bf16 cache they save memory for. Here the write is one launch that
+quantizes each (token, head) in registers, and the attention dequantizes a key tile at a time
+inside the online softmax; nothing of the history is materialised.
+
+Semantics (those of PagedCache's quantized path): a forward brings row b to `kv_lens[b]` tokens,
+`q_len` of them its own; the `kv_lens[b] - q_len` before it are read from the pages, dequantized
+and cast to the query's dtype; the forward's own K/V are attended exactly, from the tensors the
+layer just computed (it also stores them quantized, for later forwards). Causal, with an optional
+bool key mask [batch, >= kv_len] and sliding window, GQA by head groups.
+
+Quantization matches `kv_quant.quantize` bit for bit: scale and min rounded to fp16 first, codes from
+the rounded values, IEEE divisions (`div_rn`), round-half-to-even levels. FP8 needs a GPU with FP8
+conversion (sm_89+); the interpreter's FP8 rounding is not exact, so FP8 is tested on the GPU only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .kv_quant import KvLayout
+from .paged_attention import _dot, _next_power_of_2, _positions
+from .sgmv import _dot_in_fp32
+
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _store_quantized(
+    base,  # uint8 pointer: the page
+    src,  # the token's [head_dim] of this head (stride s_d)
+    s_d,
+    cell,  # head * TOKENS + slot
+    CODES_AT: tl.constexpr,
+    SCALE_AT: tl.constexpr,
+    MIN_AT: tl.constexpr,
+    CODE_BYTES: tl.constexpr,
+    INT4: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # >= CODE_BYTES
+):
+    offs = tl.arange(0, BLOCK_C)
+    ok = offs < CODE_BYTES
+    scale_ptr = (base + SCALE_AT + cell * 2).to(tl.pointer_type(tl.float16))
+    if INT4:  # byte d: dims d (low nibble) and d + CODE_BYTES
+        lo = tl.load(src + offs * s_d, mask=ok, other=0.0).to(tl.float32)
+        hi = tl.load(src + (offs + CODE_BYTES) * s_d, mask=ok, other=0.0).to(tl.float32)
+        low16 = tl.minimum(tl.min(tl.where(ok, lo, float("inf"))), tl.min(tl.where(ok, hi, float("inf"))))
+        low16 = low16.to(tl.float16)
+        high = tl.maximum(tl.max(tl.where(ok, lo, float("-inf"))), tl.max(tl.where(ok, hi, float("-inf"))))
+        low = low16.to(tl.float32)
+        scale16 = tl.math.div_rn(high - low, 15.0).to(tl.float16)
+        scale = scale16.to(tl.float32)
+        divisor = tl.where(scale > 0, scale, 1.0)
+        level_lo = tl.math.div_rn(lo - low, divisor)
+        level_hi = tl.math.div_rn(hi - low, divisor)
+        # (y + 1.5 * 2**23) - 1.5 * 2**23 rounds y half-to-even (|y| < 2**22), as torch.round does
+        level_lo = tl.minimum(tl.maximum((level_lo + 12582912.0) - 12582912.0, 0.0), 15.0).to(tl.uint8)
+        level_hi = tl.minimum(tl.maximum((level_hi + 12582912.0) - 12582912.0, 0.0), 15.0).to(tl.uint8)
+        tl.store(base + CODES_AT + cell * CODE_BYTES + offs, level_lo | (level_hi << 4), mask=ok)
+        tl.store((base + MIN_AT + cell * 2).to(tl.pointer_type(tl.float16)), low16)
+    else:
+        x = tl.load(src + offs * s_d, mask=ok, other=0.0).to(tl.float32)
+        scale16 = tl.math.div_rn(tl.max(tl.abs(x)), 448.0).to(tl.float16)
+        scale = scale16.to(tl.float32)
+        divisor = tl.where(scale > 0, scale, 1.0)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, divisor), -448.0), 448.0)
+        tl.store(base + CODES_AT + cell * CODE_BYTES + offs, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=ok)
+    tl.store(scale_ptr, scale16)
+
+
+@triton.jit
+def _write_kv_quant_kernel(
+    data_ptr,  # uint8 [pool bytes]
+    k_ptr,  # [batch, new, kv_heads, head_dim], any strides
+    v_ptr,
+    table_ptr,  # int32 [batch, max_blocks]
+    pos_ptr,  # int64 [batch, new]: each token's position
+    new_len,
+    page_bytes,
+    table_stride,
+    k_sb, k_st, k_sh, k_sd,
+    v_sb, v_st, v_sh, v_sd,
+    TOKENS: tl.constexpr,
+    CODE_BYTES: tl.constexpr,
+    K_CODES: tl.constexpr,
+    V_CODES: tl.constexpr,
+    K_SCALE: tl.constexpr,
+    V_SCALE: tl.constexpr,
+    K_MIN: tl.constexpr,
+    V_MIN: tl.constexpr,
+    INT4: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0)  # b * new_len + t
+    head = tl.program_id(1)
+    b = (token // new_len).to(tl.int64)
+    t = (token % new_len).to(tl.int64)
+    pos = tl.load(pos_ptr + token)
+    page = tl.load(table_ptr + b * table_stride + pos // TOKENS).to(tl.int64)
+    base = data_ptr + page * page_bytes
+    cell = head * TOKENS + pos % TOKENS
+    _store_quantized(base, k_ptr + b * k_sb + t * k_st + head * k_sh, k_sd, cell, K_CODES, K_SCALE, K_MIN,
+                     CODE_BYTES, INT4, BLOCK_C)  # fmt: skip
+    _store_quantized(base, v_ptr + b * v_sb + t * v_st + head * v_sh, v_sd, cell, V_CODES, V_SCALE, V_MIN,
+                     CODE_BYTES, INT4, BLOCK_C)  # fmt: skip
+
+
+def write_kv_quant(
+    storage: torch.Tensor,
+    layout: KvLayout,
+    block_table: torch.Tensor,
+    start: torch.Tensor | int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    """`write_kv_quant_torch` in one launch: quantize k, v [batch, new, kv_heads, head_dim] and store
+    token i of row b at position start (or start[b]) + i."""
+    batch, new, heads, head_dim = k.shape
+    if v.shape != k.shape or (heads, head_dim) != (layout.kv_heads, layout.head_dim):
+        raise ValueError(f"k/v {tuple(k.shape)} / {tuple(v.shape)} do not match the layout's heads x dims")
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be int32 [batch, blocks], got {block_table.dtype} {tuple(block_table.shape)}")
+    pos = _positions(start, batch, new, k.device).to(torch.int64).contiguous()
+    _write_kv_quant_kernel[(batch * new, heads)](
+        data_ptr=storage.view(torch.uint8), k_ptr=k, v_ptr=v, table_ptr=block_table, pos_ptr=pos,
+        new_len=new, page_bytes=layout.page_bytes, table_stride=block_table.stride(0),
+        k_sb=k.stride(0), k_st=k.stride(1), k_sh=k.stride(2), k_sd=k.stride(3),
+        v_sb=v.stride(0), v_st=v.stride(1), v_sh=v.stride(2), v_sd=v.stride(3),
+        TOKENS=layout.tokens, CODE_BYTES=layout.code_bytes, K_CODES=layout.k_codes, V_CODES=layout.v_codes,
+        K_SCALE=layout.k_scale, V_SCALE=layout.v_scale, K_MIN=max(layout.k_min, 0), V_MIN=max(layout.v_min, 0),
+        INT4=layout.kv_dtype == "int4", BLOCK_C=_next_power_of_2(layout.code_bytes),
+    )  # fmt: skip
+
+
+@triton.jit
+def _dequantized_tile(
+    base,  # uint8 pointers [BLOCK_N]: each key's page
+    cell,  # [BLOCK_N] head * TOKENS + slot
+    offs_d,  # [BLOCK_D]
+    ok,  # [BLOCK_N, BLOCK_D]
+    CODES_AT: tl.constexpr,
+    SCALE_AT: tl.constexpr,
+    MIN_AT: tl.constexpr,
+    CODE_BYTES: tl.constexpr,
+    INT4: tl.constexpr,
+):
+    """Keys (or values) [BLOCK_N, BLOCK_D] in fp32: code * scale (+ min)."""
+    scale = tl.load((base + SCALE_AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=tl.max(ok, 1) > 0, other=0.0)
+    if INT4:
+        byte = tl.load(base[:, None] + CODES_AT + (cell * CODE_BYTES)[:, None] + (offs_d % CODE_BYTES)[None, :],
+                       mask=ok, other=0)  # fmt: skip
+        level = tl.where((offs_d >= CODE_BYTES)[None, :], byte >> 4, byte & 15).to(tl.float32)
+        low = tl.load((base + MIN_AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=tl.max(ok, 1) > 0, other=0.0)
+        return level * scale.to(tl.float32)[:, None] + low.to(tl.float32)[:, None]
+    else:
+        byte = tl.load(base[:, None] + CODES_AT + (cell * CODE_BYTES)[:, None] + offs_d[None, :], mask=ok, other=0)
+        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale.to(tl.float32)[:, None]
+
+
+@triton.jit
+def _online_softmax_step(m_i, l_i, acc, s, seen, v, DOT_IN_FP32: tl.constexpr):
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_IN_FP32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _quant_attention_kernel(
+    q_ptr,  # [batch, q_len, heads, head_dim], any strides
+    k_new_ptr,  # [batch, q_len, kv_heads, head_dim]: this forward's keys, attended exactly
+    v_new_ptr,
+    data_ptr,  # uint8 [pool bytes]
+    table_ptr,  # int32 [batch, max_blocks]
+    kv_lens_ptr,  # int32 [batch]: tokens after this forward
+    key_mask_ptr,  # bool [batch, >= kv_len] (unused without HAS_KEY_MASK)
+    out_ptr,  # [batch, q_len, heads, head_dim]
+    q_len,
+    page_bytes,
+    window,
+    qk_scale,  # softmax scale * log2(e)
+    q_sb, q_st, q_sh, q_sd,
+    kn_sb, kn_st, kn_sh, kn_sd,
+    vn_sb, vn_st, vn_sh, vn_sd,
+    o_sb, o_st, o_sh, o_sd,
+    table_stride,
+    km_sb, km_st,
+    TOKENS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CODE_BYTES: tl.constexpr,
+    K_CODES: tl.constexpr,
+    V_CODES: tl.constexpr,
+    K_SCALE: tl.constexpr,
+    V_SCALE: tl.constexpr,
+    K_MIN: tl.constexpr,
+    V_MIN: tl.constexpr,
+    INT4: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows: BLOCK_M // GROUP_PAD positions x GROUP_PAD heads
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0) // KV_HEADS
+    kv_head = tl.program_id(0) % KV_HEADS
+    b64 = b.to(tl.int64)
+    kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
+    past = kv_len - q_len  # tokens in the pages before this forward
+    offs_m = tl.arange(0, BLOCK_M)
+    q_first = tl.program_id(1) * (BLOCK_M // GROUP_PAD)
+    q_idx = q_first + offs_m // GROUP_PAD
+    g = offs_m % GROUP_PAD
+    row_ok = (q_idx < q_len) & (g < GROUP)
+    head = kv_head * GROUP + g
+    q_pos = past + q_idx
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b64 * q_sb + q_idx.to(tl.int64)[:, None] * q_st + head[:, None] * q_sh + offs_d[None, :] * q_sd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: fully masked rows end as zeros
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(past + q_first - window + 1, 0)
+    for n0 in range(lo, past, BLOCK_N):  # the pages
+        k_pos = n0 + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < past
+        page = tl.load(table_ptr + b64 * table_stride + k_pos // TOKENS, mask=k_ok, other=0).to(tl.int64)
+        base = data_ptr + page * page_bytes
+        cell = kv_head * TOKENS + k_pos % TOKENS
+        tile_ok = k_ok[:, None] & d_ok[None, :]
+        k = _dequantized_tile(base, cell, offs_d, tile_ok, K_CODES, K_SCALE, K_MIN, CODE_BYTES, INT4).to(q.dtype)
+        s = _dot(q, tl.trans(k), DOT_IN_FP32) * qk_scale
+        seen = k_ok[None, :] & row_ok[:, None]
+        if HAS_WINDOW:
+            seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+        if HAS_KEY_MASK:
+            real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=k_ok, other=0)
+            seen = seen & (real != 0)[None, :]
+        v = _dequantized_tile(base, cell, offs_d, tile_ok, V_CODES, V_SCALE, V_MIN, CODE_BYTES, INT4).to(q.dtype)
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, seen, v, DOT_IN_FP32)
+
+    q_last = tl.minimum(q_len, q_first + BLOCK_M // GROUP_PAD)
+    for n0 in range(0, q_last, BLOCK_N):  # this forward's own tokens, exact
+        j = n0 + tl.arange(0, BLOCK_N)
+        j_ok = j < q_last
+        tile_ok = j_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_new_ptr + b64 * kn_sb + j.to(tl.int64)[:, None] * kn_st + kv_head * kn_sh + offs_d[None, :] * kn_sd,
+                    mask=tile_ok, other=0.0)  # fmt: skip
+        s = _dot(q, tl.trans(k.to(q.dtype)), DOT_IN_FP32) * qk_scale
+        k_pos = past + j
+        seen = j_ok[None, :] & row_ok[:, None] & (j[None, :] <= q_idx[:, None])
+        if HAS_WINDOW:
+            seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+        if HAS_KEY_MASK:
+            real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=j_ok, other=0)
+            seen = seen & (real != 0)[None, :]
+        v = tl.load(v_new_ptr + b64 * vn_sb + j.to(tl.int64)[:, None] * vn_st + kv_head * vn_sh + offs_d[None, :] * vn_sd,
+                    mask=tile_ok, other=0.0)  # fmt: skip
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, seen, v.to(q.dtype), DOT_IN_FP32)
+
+    denom = tl.where(l_i > 0, l_i, 1.0)
+    out = out_ptr + b64 * o_sb + q_idx.to(tl.int64)[:, None] * o_st + head[:, None] * o_sh + offs_d[None, :] * o_sd
+    tl.store(out, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def paged_attention_quant(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    storage: torch.Tensor,
+    layout: KvLayout,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention of q [batch, q_len, heads, head_dim] over each row's quantized pages (its first
+    kv_lens[b] - q_len tokens, dequantized) and this forward's k_new, v_new [batch, q_len, kv_heads,
+    head_dim] (exact); see the module doc. Returns [batch, q_len, heads, head_dim] in q's dtype."""
+    batch, q_len, heads, head_dim = q.shape
+    if k_new.shape != (batch, q_len, layout.kv_heads, head_dim) or v_new.shape != k_new.shape:
+        raise ValueError(f"k_new/v_new must be [{batch}, {q_len}, {layout.kv_heads}, {head_dim}], got "
+                         f"{tuple(k_new.shape)} / {tuple(v_new.shape)}")  # fmt: skip
+    if head_dim != layout.head_dim or heads % layout.kv_heads:
+        raise ValueError(f"q heads x dims {heads} x {head_dim} do not fit the layout's {layout.kv_heads} x {layout.head_dim}")
+    if kv_lens.shape != (batch,) or block_table.dtype != torch.int32 or block_table.shape[0] != batch:
+        raise ValueError("kv_lens must be [batch] and block_table int32 [batch, blocks]")
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.dim() != 2 or key_mask.shape[0] != batch):
+        raise ValueError(f"key_mask must be bool [batch, kv_len], got {key_mask.dtype} {tuple(key_mask.shape)}")
+    group = heads // layout.kv_heads
+    group_pad = _next_power_of_2(group)
+    block_m = max(16, group_pad) if q_len * group_pad <= 16 else max(64, group_pad)
+    out = torch.empty_like(q)
+    mask = key_mask if key_mask is not None else kv_lens  # a placeholder pointer when there is none
+    km = key_mask.stride() if key_mask is not None else (0, 0)
+    grid = (batch * layout.kv_heads, math.ceil(q_len / (block_m // group_pad)))
+    _quant_attention_kernel[grid](
+        q_ptr=q, k_new_ptr=k_new, v_new_ptr=v_new, data_ptr=storage.view(torch.uint8), table_ptr=block_table,
+        kv_lens_ptr=kv_lens, key_mask_ptr=mask, out_ptr=out,
+        q_len=q_len, page_bytes=layout.page_bytes, window=sliding_window or 0, qk_scale=scale * LOG2_E,
+        q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), q_sd=q.stride(3),
+        kn_sb=k_new.stride(0), kn_st=k_new.stride(1), kn_sh=k_new.stride(2), kn_sd=k_new.stride(3),
+        vn_sb=v_new.stride(0), vn_st=v_new.stride(1), vn_sh=v_new.stride(2), vn_sd=v_new.stride(3),
+        o_sb=out.stride(0), o_st=out.stride(1), o_sh=out.stride(2), o_sd=out.stride(3),
+        table_stride=block_table.stride(0), km_sb=km[0], km_st=km[1],
+        TOKENS=layout.tokens, KV_HEADS=layout.kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        CODE_BYTES=layout.code_bytes, K_CODES=layout.k_codes, V_CODES=layout.v_codes, K_SCALE=layout.k_scale,
+        V_SCALE=layout.v_scale, K_MIN=max(layout.k_min, 0), V_MIN=max(layout.v_min, 0),
+        INT4=layout.kv_dtype == "int4", HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
+        DOT_IN_FP32=_dot_in_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, _next_power_of_2(head_dim)),
+    )  # fmt: skip
+    return out
