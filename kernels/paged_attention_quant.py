@@ -33,6 +33,15 @@ from .sgmv import _dot_in_fp32
 LOG2_E = 1.4426950408889634
 
 
+def _layout_args(layout: KvLayout) -> dict:
+    """The page layout as the kernels' compile-time arguments (FP8 has no min regions: 0, unused)."""
+    return dict(
+        TOKENS=layout.tokens, CODE_BYTES=layout.code_bytes, K_CODES=layout.k_codes, V_CODES=layout.v_codes,
+        K_SCALE=layout.k_scale, V_SCALE=layout.v_scale, K_MIN=max(layout.k_min, 0), V_MIN=max(layout.v_min, 0),
+        INT4=layout.kv_dtype == "int4",
+    )  # fmt: skip
+
+
 @triton.jit
 def _store_quantized(
     base,  # uint8 pointer: the page
@@ -134,9 +143,7 @@ def write_kv_quant(
         new_len=new, page_bytes=layout.page_bytes, table_stride=block_table.stride(0),
         k_sb=k.stride(0), k_st=k.stride(1), k_sh=k.stride(2), k_sd=k.stride(3),
         v_sb=v.stride(0), v_st=v.stride(1), v_sh=v.stride(2), v_sd=v.stride(3),
-        TOKENS=layout.tokens, CODE_BYTES=layout.code_bytes, K_CODES=layout.k_codes, V_CODES=layout.v_codes,
-        K_SCALE=layout.k_scale, V_SCALE=layout.v_scale, K_MIN=max(layout.k_min, 0), V_MIN=max(layout.v_min, 0),
-        INT4=layout.kv_dtype == "int4", BLOCK_C=_next_power_of_2(layout.code_bytes),
+        **_layout_args(layout), BLOCK_C=_next_power_of_2(layout.code_bytes),
     )  # fmt: skip
 
 
@@ -322,10 +329,8 @@ def paged_attention_quant(
         vn_sb=v_new.stride(0), vn_st=v_new.stride(1), vn_sh=v_new.stride(2), vn_sd=v_new.stride(3),
         o_sb=out.stride(0), o_st=out.stride(1), o_sh=out.stride(2), o_sd=out.stride(3),
         table_stride=block_table.stride(0), km_sb=km[0], km_st=km[1],
-        TOKENS=layout.tokens, KV_HEADS=layout.kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        CODE_BYTES=layout.code_bytes, K_CODES=layout.k_codes, V_CODES=layout.v_codes, K_SCALE=layout.k_scale,
-        V_SCALE=layout.v_scale, K_MIN=max(layout.k_min, 0), V_MIN=max(layout.v_min, 0),
-        INT4=layout.kv_dtype == "int4", HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
+        KV_HEADS=layout.kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        **_layout_args(layout), HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
         DOT_IN_FP32=_dot_in_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, _next_power_of_2(head_dim)),
     )  # fmt: skip
     return out
