@@ -202,6 +202,10 @@ def test_while_rows_decode_a_small_prefill_waits_a_bounded_number_of_steps(model
     assert [s.token_ids for s in streams] == expected
     with pytest.raises(ValueError, match="max_prefill_wait must be an int >= 0"):
         Engine(model, max_prefill_wait=-1)
+    with pytest.raises(ValueError, match="cuda_graphs=True, but the base model is on cpu"):
+        Engine(model, cuda_graphs=True)
+    with pytest.raises(TypeError, match="cuda_graphs must be None, True or False"):
+        Engine(model, cuda_graphs="yes")
 
 
 @pytest.mark.parametrize("how", ["adapter files gone", "prefill raises"])
