@@ -27,7 +27,14 @@ import triton
 import triton.language as tl
 
 from .kv_quant import KvLayout
-from .paged_attention import _dot, _next_power_of_2, _positions
+from .paged_attention import (
+    MAX_SPLITS,
+    _combine_splits_kernel,
+    _dot,
+    _next_power_of_2,
+    _positions,
+    num_splits_for,
+)
 from .sgmv import _dot_in_fp32
 
 LOG2_E = 1.4426950408889634
@@ -193,6 +200,9 @@ def _quant_attention_kernel(
     kv_lens_ptr,  # int32 [batch]: tokens after this forward
     key_mask_ptr,  # bool [batch, >= kv_len] (unused without HAS_KEY_MASK)
     out_ptr,  # [batch, q_len, heads, head_dim]
+    part_acc_ptr,  # fp32 [splits, batch, q_len, heads, head_dim] (NUM_SPLITS > 1)
+    part_ml_ptr,  # fp32 [2, splits, batch, q_len, heads]: running max, then sum
+    batch,
     q_len,
     page_bytes,
     window,
@@ -219,6 +229,7 @@ def _quant_attention_kernel(
     HAS_KEY_MASK: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,  # programs per (row, KV head, query tile), each over a share of the pages
     BLOCK_M: tl.constexpr,  # query rows: BLOCK_M // GROUP_PAD positions x GROUP_PAD heads
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -246,9 +257,13 @@ def _quant_attention_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(past + q_first - window + 1, 0)
-    for n0 in range(lo, past, BLOCK_N):  # the pages
+    split = tl.program_id(2)
+    tiles_per_split = tl.cdiv(tl.cdiv(tl.maximum(past - lo, 0), BLOCK_N), NUM_SPLITS)
+    first = lo + split * tiles_per_split * BLOCK_N
+    end = tl.minimum(past, first + tiles_per_split * BLOCK_N)
+    for n0 in range(first, end, BLOCK_N):  # this split's share of the pages
         k_pos = n0 + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < past
+        k_ok = k_pos < end
         page = tl.load(table_ptr + b64 * table_stride + k_pos // TOKENS, mask=k_ok, other=0).to(tl.int64)
         base = data_ptr + page * page_bytes
         cell = kv_head * TOKENS + k_pos % TOKENS
@@ -265,6 +280,7 @@ def _quant_attention_kernel(
         m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, seen, v, DOT_IN_FP32)
 
     q_last = tl.minimum(q_len, q_first + BLOCK_M // GROUP_PAD)
+    q_last = tl.where(split == NUM_SPLITS - 1, q_last, 0)  # the last split attends this forward's own tokens
     for n0 in range(0, q_last, BLOCK_N):  # this forward's own tokens, exact
         j = n0 + tl.arange(0, BLOCK_N)
         j_ok = j < q_last
@@ -283,9 +299,17 @@ def _quant_attention_kernel(
                     mask=tile_ok, other=0.0)  # fmt: skip
         m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, seen, v.to(q.dtype), DOT_IN_FP32)
 
-    denom = tl.where(l_i > 0, l_i, 1.0)
-    out = out_ptr + b64 * o_sb + q_idx.to(tl.int64)[:, None] * o_st + head[:, None] * o_sh + offs_d[None, :] * o_sd
-    tl.store(out, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        denom = tl.where(l_i > 0, l_i, 1.0)
+        out = out_ptr + b64 * o_sb + q_idx.to(tl.int64)[:, None] * o_st + head[:, None] * o_sh + offs_d[None, :] * o_sd
+        tl.store(out, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:  # partials in paged_attention's layout, merged by its combine kernel
+        n_rows = batch * q_len * (KV_HEADS * GROUP)
+        row = ((split * batch + b64) * q_len + q_idx) * (KV_HEADS * GROUP) + head
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
+        tl.store(part_ml_ptr + row, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + NUM_SPLITS * n_rows + row, l_i, mask=row_ok)
 
 
 def paged_attention_quant(
@@ -299,10 +323,14 @@ def paged_attention_quant(
     scale: float,
     key_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of q [batch, q_len, heads, head_dim] over each row's quantized pages (its first
     kv_lens[b] - q_len tokens, dequantized) and this forward's k_new, v_new [batch, q_len, kv_heads,
-    head_dim] (exact); see the module doc. Returns [batch, q_len, heads, head_dim] in q's dtype."""
+    head_dim] (exact); see the module doc. Returns [batch, q_len, heads, head_dim] in q's dtype.
+    `num_splits`: programs sharing each (row, KV head, query tile)'s pages, merged afterwards (a
+    power of two; default: as `paged_attention` picks, from the table's width, without reading
+    kv_lens)."""
     batch, q_len, heads, head_dim = q.shape
     if k_new.shape != (batch, q_len, layout.kv_heads, head_dim) or v_new.shape != k_new.shape:
         raise ValueError(f"k_new/v_new must be [{batch}, {q_len}, {layout.kv_heads}, {head_dim}], got "
@@ -316,14 +344,22 @@ def paged_attention_quant(
     group = heads // layout.kv_heads
     group_pad = _next_power_of_2(group)
     block_m = max(16, group_pad) if q_len * group_pad <= 16 else max(64, group_pad)
+    q_tiles = math.ceil(q_len / (block_m // group_pad))
+    if num_splits is None:
+        num_splits = num_splits_for(batch, layout.kv_heads, q_tiles, block_table.shape[1] * layout.tokens, sliding_window, q_len)
+    elif num_splits < 1 or num_splits > MAX_SPLITS or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two in [1, {MAX_SPLITS}], got {num_splits}")
     out = torch.empty_like(q)
+    n_rows = batch * q_len * heads
+    part_acc = torch.empty(num_splits * n_rows * head_dim if num_splits > 1 else 1, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(2 * num_splits * n_rows if num_splits > 1 else 1, dtype=torch.float32, device=q.device)
     mask = key_mask if key_mask is not None else kv_lens  # a placeholder pointer when there is none
     km = key_mask.stride() if key_mask is not None else (0, 0)
-    grid = (batch * layout.kv_heads, math.ceil(q_len / (block_m // group_pad)))
-    _quant_attention_kernel[grid](
+    block_d = max(16, _next_power_of_2(head_dim))
+    _quant_attention_kernel[(batch * layout.kv_heads, q_tiles, num_splits)](
         q_ptr=q, k_new_ptr=k_new, v_new_ptr=v_new, data_ptr=storage.view(torch.uint8), table_ptr=block_table,
-        kv_lens_ptr=kv_lens, key_mask_ptr=mask, out_ptr=out,
-        q_len=q_len, page_bytes=layout.page_bytes, window=sliding_window or 0, qk_scale=scale * LOG2_E,
+        kv_lens_ptr=kv_lens, key_mask_ptr=mask, out_ptr=out, part_acc_ptr=part_acc, part_ml_ptr=part_ml,
+        batch=batch, q_len=q_len, page_bytes=layout.page_bytes, window=sliding_window or 0, qk_scale=scale * LOG2_E,
         q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), q_sd=q.stride(3),
         kn_sb=k_new.stride(0), kn_st=k_new.stride(1), kn_sh=k_new.stride(2), kn_sd=k_new.stride(3),
         vn_sb=v_new.stride(0), vn_st=v_new.stride(1), vn_sh=v_new.stride(2), vn_sd=v_new.stride(3),
@@ -331,6 +367,12 @@ def paged_attention_quant(
         table_stride=block_table.stride(0), km_sb=km[0], km_st=km[1],
         KV_HEADS=layout.kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         **_layout_args(layout), HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
-        DOT_IN_FP32=_dot_in_fp32(q.dtype), BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, _next_power_of_2(head_dim)),
+        DOT_IN_FP32=_dot_in_fp32(q.dtype), NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d,
     )  # fmt: skip
+    if num_splits > 1:
+        _combine_splits_kernel[(n_rows,)](
+            part_acc_ptr=part_acc, part_ml_ptr=part_ml, out_ptr=out, q_len=q_len, n_rows=n_rows,
+            o_stride_b=out.stride(0), o_stride_t=out.stride(1), o_stride_h=out.stride(2), o_stride_d=out.stride(3),
+            HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=1,
+        )  # fmt: skip
     return out

@@ -150,11 +150,13 @@ def reference_quant_attention(q, k_new, v_new, pool, layout, table, kv_lens, sca
 
 
 @pytest.mark.parametrize("kv_dtype", kernel_dtypes())
-@pytest.mark.parametrize("q_len, heads, window, masked", [(1, 4, None, False), (1, 8, 11, True), (5, 4, None, True),
-                                                          (3, 2, 7, False)])  # fmt: skip
-def test_triton_attention_over_quantized_pages_matches_the_reference(kv_dtype, q_len, heads, window, masked):
-    """MHA (2 KV heads x 2) and GQA (x4), decode and prefill chunks, key mask and window, pages
-    written by the Triton write: the kernel equals dequantize-then-attend within fp32 rounding."""
+@pytest.mark.parametrize("q_len, heads, window, masked, splits", [(1, 4, None, False, 1), (1, 8, 11, True, 4),
+                                                                  (5, 4, None, True, 2), (3, 2, 7, False, 1),
+                                                                  (1, 4, None, True, 8)])  # fmt: skip
+def test_triton_attention_over_quantized_pages_matches_the_reference(kv_dtype, q_len, heads, window, masked, splits):
+    """MHA (2 KV heads x 2) and GQA (x4), decode and prefill chunks, key mask and window, the pages
+    shared by 1-8 split programs, pages written by the Triton write: the kernel equals
+    dequantize-then-attend within fp32 rounding."""
     from hf_multilora.kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
 
     kv_heads, dim, device = 2, 16, kernel_device()
@@ -173,7 +175,7 @@ def test_triton_attention_over_quantized_pages_matches_the_reference(kv_dtype, q
         key_mask = torch.rand(2, past + q_len + 3, generator=gen).to(device) > 0.3
         key_mask[:, -q_len - 3 :] = True
     k_new, v_new = k_all[:, past:], v_all[:, past:]
-    got = paged_attention_quant(q, k_new, v_new, pool, layout, table, kv_lens, 0.25, key_mask, window)
+    got = paged_attention_quant(q, k_new, v_new, pool, layout, table, kv_lens, 0.25, key_mask, window, splits)
     expected = reference_quant_attention(q, k_new, v_new, pool, layout, table, kv_lens, 0.25, key_mask, window)
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
     assert got.abs().amax() > 0.1
