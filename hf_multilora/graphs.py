@@ -115,7 +115,7 @@ class DecodeGraphs:
         functools.update_wrapper(self, forward)  # generate() inspects the forward's signature
 
     def start(self, cache: PagedCache, required: bool) -> None:
-        """A generate() call on `cache` (reserved) begins."""
+        """A generate() call on `cache` (reserved), or a serving engine's step on its StepCache, begins."""
         self.cache, self.required = cache, required
 
     def stop(self) -> None:
