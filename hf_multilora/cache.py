@@ -226,6 +226,12 @@ def _hand_over_padding(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
         cache.note_attention_mask(mask)
 
 
+def staged_for(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` ready for a non-blocking copy to `device` (pinned for CUDA; on the CPU the copy is
+    synchronous, so the tensor itself)."""
+    return host.pin_memory() if device.type == "cuda" else host
+
+
 def refuse_quantized_kv_on(device: torch.device, kv_dtype: str) -> None:
     """ValueError where `kv_dtype` pages cannot be written: FP8 on a GPU without FP8 conversion."""
     if kv_dtype == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
@@ -560,7 +566,7 @@ class PagedCache(Cache):
         rows = self._device_rows()
         if rows > batch:  # padding rows (adopt) name the discard page
             host = torch.cat([host, torch.full((layers, rows - batch, width), self._discard, dtype=torch.int32)], dim=1)
-        staged = host.pin_memory() if device.type == "cuda" else host.clone()
+        staged = staged_for(host, device)
         table = self._table
         wide = max(width, self._reserved_blocks)
         if table is None or table.shape != (layers, rows, wide):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..backend import use_triton
-from ..cache import _ACTIVE, PagedCache, StepBuffers
+from ..cache import _ACTIVE, PagedCache, StepBuffers, staged_for
 from ..kernels.paged_attention import write_kv, write_kv_torch
 from ..memory.page_pool import PagePool
 
@@ -108,10 +108,10 @@ class StepCache(PagedCache):
         if self._eager is None or self._eager[0].shape != host.shape:
             self._eager = (torch.empty(host.shape, dtype=torch.int32, device=device), {})  # plans: per shape
         table, self._plans = self._eager
-        table.copy_(_staged(host, device), non_blocking=True)
+        table.copy_(staged_for(host, device), non_blocking=True)
         self._table, self._layer_tables = table, table.unbind(0)
         lens = torch.tensor([n + self._new for n in self._row_lens], dtype=torch.int32)
-        self._kv_lens = _staged(lens, device).to(device, non_blocking=True)
+        self._kv_lens = staged_for(lens, device).to(device, non_blocking=True)
         self._uploaded = True
 
     def hold_discard(self) -> None:
@@ -159,8 +159,8 @@ class StepCache(PagedCache):
         padded = torch.full((layers, rows, width), 0 if self._discard is None else self._discard, dtype=torch.int32)
         padded[:, :batch] = host  # padding rows: every block on the discard page, one token
         lens = torch.tensor([n + 1 for n in self._row_lens] + [1] * (rows - batch), dtype=torch.int32)
-        self._table[:, :, :width].copy_(_staged(padded, self._device), non_blocking=True)
-        self._kv_lens.copy_(_staged(lens, self._device), non_blocking=True)
+        self._table[:, :, :width].copy_(staged_for(padded, self._device), non_blocking=True)
+        self._kv_lens.copy_(staged_for(lens, self._device), non_blocking=True)
         self._step_mask[:batch, :end].copy_(attention_mask, non_blocking=True)
         self._step_mask[batch:].fill_(True)
         self._uploaded = self._stepping = True
@@ -203,8 +203,3 @@ class StepCache(PagedCache):
         if self._discard is not None:
             self.pool.free([self._discard])
             self._discard = None
-
-
-def _staged(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` ready for a non-blocking copy to `device` (pinned for CUDA)."""
-    return host.pin_memory() if device.type == "cuda" else host
