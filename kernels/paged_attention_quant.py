@@ -159,7 +159,8 @@ def _dequantized_tile(
     base,  # uint8 pointers [BLOCK_N]: each key's page
     cell,  # [BLOCK_N] head * TOKENS + slot
     offs_d,  # [BLOCK_D]
-    ok,  # [BLOCK_N, BLOCK_D]
+    k_ok,  # [BLOCK_N]: keys to read
+    d_ok,  # [BLOCK_D]: dims of the head
     CODES_AT: tl.constexpr,
     SCALE_AT: tl.constexpr,
     MIN_AT: tl.constexpr,
@@ -167,12 +168,13 @@ def _dequantized_tile(
     INT4: tl.constexpr,
 ):
     """Keys (or values) [BLOCK_N, BLOCK_D] in fp32: code * scale (+ min)."""
-    scale = tl.load((base + SCALE_AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=tl.max(ok, 1) > 0, other=0.0)
+    ok = k_ok[:, None] & d_ok[None, :]
+    scale = tl.load((base + SCALE_AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=k_ok, other=0.0)
     if INT4:
         byte = tl.load(base[:, None] + CODES_AT + (cell * CODE_BYTES)[:, None] + (offs_d % CODE_BYTES)[None, :],
                        mask=ok, other=0)  # fmt: skip
         level = tl.where((offs_d >= CODE_BYTES)[None, :], byte >> 4, byte & 15).to(tl.float32)
-        low = tl.load((base + MIN_AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=tl.max(ok, 1) > 0, other=0.0)
+        low = tl.load((base + MIN_AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=k_ok, other=0.0)
         return level * scale.to(tl.float32)[:, None] + low.to(tl.float32)[:, None]
     else:
         byte = tl.load(base[:, None] + CODES_AT + (cell * CODE_BYTES)[:, None] + offs_d[None, :], mask=ok, other=0)
@@ -267,8 +269,7 @@ def _quant_attention_kernel(
         page = tl.load(table_ptr + b64 * table_stride + k_pos // TOKENS, mask=k_ok, other=0).to(tl.int64)
         base = data_ptr + page * page_bytes
         cell = kv_head * TOKENS + k_pos % TOKENS
-        tile_ok = k_ok[:, None] & d_ok[None, :]
-        k = _dequantized_tile(base, cell, offs_d, tile_ok, K_CODES, K_SCALE, K_MIN, CODE_BYTES, INT4).to(q.dtype)
+        k = _dequantized_tile(base, cell, offs_d, k_ok, d_ok, K_CODES, K_SCALE, K_MIN, CODE_BYTES, INT4).to(q.dtype)
         s = _dot(q, tl.trans(k), DOT_IN_FP32) * qk_scale
         seen = k_ok[None, :] & row_ok[:, None]
         if HAS_WINDOW:
@@ -276,7 +277,7 @@ def _quant_attention_kernel(
         if HAS_KEY_MASK:
             real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=k_ok, other=0)
             seen = seen & (real != 0)[None, :]
-        v = _dequantized_tile(base, cell, offs_d, tile_ok, V_CODES, V_SCALE, V_MIN, CODE_BYTES, INT4).to(q.dtype)
+        v = _dequantized_tile(base, cell, offs_d, k_ok, d_ok, V_CODES, V_SCALE, V_MIN, CODE_BYTES, INT4).to(q.dtype)
         m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, seen, v, DOT_IN_FP32)
 
     q_last = tl.minimum(q_len, q_first + BLOCK_M // GROUP_PAD)
