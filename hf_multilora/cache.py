@@ -63,7 +63,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.masking_utils import AttentionMaskInterface
@@ -210,13 +210,44 @@ def use_paged_attention(model: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def paged_attention_in(model: torch.nn.Module) -> Iterator[None]:
-    """`model` attends through ``PAGED_ATTENTION`` inside the block, with its own implementation again after."""
-    previous = model.config._attn_implementation
-    use_paged_attention(model)
+    """`model` attends through ``PAGED_ATTENTION`` inside the block, with its own implementation again after.
+
+    transformers' `set_attn_implementation` walks every submodule and checks the model's source
+    (~2 ms at 7B): the serving engine enters this block at every step. So the first switch of a
+    model goes through it, and records what it set in each config the attention layers read; later
+    switches write those values, and the block's exit writes back each config's own value.
+    """
+    configs = _attention_configs(model)
+    previous = [c._attn_implementation_internal for c in configs]
+    paged = getattr(model, "_hf_multilora_paged_implementations", None)
+    if paged is None:
+        use_paged_attention(model)
+        paged = model._hf_multilora_paged_implementations = [c._attn_implementation_internal for c in configs]
+    else:
+        for config, implementation in zip(configs, paged, strict=True):
+            config._attn_implementation_internal = implementation
     try:
         yield
     finally:
-        set_attention(model, previous)
+        for config, implementation in zip(configs, previous, strict=True):
+            config._attn_implementation_internal = implementation
+
+
+def _attention_configs(model: torch.nn.Module) -> list[PretrainedConfig]:
+    """The configs (the model's, its sub-models', their sub-configs) whose attention implementation
+    `set_attn_implementation` may set; found once per model."""
+    found = getattr(model, "_hf_multilora_attention_configs", None)
+    if found is None:
+        pending = [m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)]
+        unique: dict[int, PretrainedConfig] = {}
+        while pending:
+            config = pending.pop()
+            if id(config) not in unique:
+                unique[id(config)] = config
+                subs = (getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
+                pending.extend(sub for sub in subs if isinstance(sub, PretrainedConfig))
+        found = model._hf_multilora_attention_configs = list(unique.values())
+    return found
 
 
 def _hand_over_padding(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -8,6 +8,7 @@ from transformers import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from hf_multilora import MultiLoraModel
+from hf_multilora.cache import PAGED_ATTENTION
 from hf_multilora.model import KV_BLOCK_SIZE
 
 ZOOS = ["llama_zoo", "qwen2_zoo", "mistral_zoo", "gpt2_zoo"]
@@ -228,6 +229,26 @@ def test_generate_runs_on_a_paged_cache_and_gives_its_pages_back(llama_zoo, kv_p
     assert model.base_model.config._attn_implementation == implementation
     dense = model.generate(input_ids, adapter_ids=rows, max_new_tokens=6, do_sample=False, paged_cache=False)
     assert torch.equal(paged, dense) and not any(kv_pages_at_release[1:])  # later: idempotent re-releases
+
+
+def test_paged_calls_switch_the_attention_through_transformers_once(llama_zoo, monkeypatch):
+    """Only a model's first paged call goes through set_attn_implementation (a walk of every module,
+    ms at 7B, and the engine switches at every step); each call after it still attends through the
+    paged implementation and gives the model back its own, whatever it was set to meanwhile."""
+    model = multi(llama_zoo)
+    base = model.base_model
+    switches, seen = [], []
+    real_switch = type(base).set_attn_implementation
+    monkeypatch.setattr(base, "set_attn_implementation", lambda impl, **kw: (switches.append(impl), real_switch(base, impl, **kw))[1])
+    attention = type(base.model.layers[0].self_attn).forward
+    monkeypatch.setattr(type(base.model.layers[0].self_attn), "forward",
+                        lambda self, *a, **kw: (seen.append(self.config._attn_implementation), attention(self, *a, **kw))[1])  # fmt: skip
+    input_ids = prompts(2, 5, seed=3)
+    for own in ("sdpa", "eager", "sdpa"):
+        real_switch(base, own)
+        model.generate(input_ids, adapter_ids=mixed_rows(llama_zoo)[:2], max_new_tokens=3, do_sample=False)
+        assert base.config._attn_implementation == own
+    assert switches == [PAGED_ATTENTION] and set(seen) == {PAGED_ATTENTION}
 
 
 def test_rows_that_end_on_eos_give_their_pages_back_during_generate(llama_zoo, kv_pages_at_release):
