@@ -4,7 +4,7 @@ base model alone through transformers' continuous batching and static compiled b
 The trace (seeded): `--requests` requests with Poisson arrivals at each `--rates` (requests per
 second; `inf`: all at once, i.e. saturation), prompt lengths uniform in `--prompt-lens`, output
 lengths uniform in `--output-lens` (EOS ignored, so every request decodes exactly its length), and
-adapters drawn Zipf(`--zipf`) over each count in `--adapters` registered ones (q/k/v/o, ranks 8/16;
+adapters drawn Zipf(`--zipf`) (or `--popularity uniform`) over each count in `--adapters` registered ones (q/k/v/o, ranks 8/16;
 folders written as bench_adapter_scale.py writes them, all read into host memory first, as S-LoRA's
 setting is).
 
@@ -59,7 +59,7 @@ class TraceRequest:
 
 def make_trace(args: argparse.Namespace, rate: float, names: list[str], vocab: int) -> list[TraceRequest]:
     rng = random.Random(args.seed)
-    weights = scale.popularity_weights(len(names), "zipf", args.zipf, rng) if names else None
+    weights = scale.popularity_weights(len(names), args.popularity, args.zipf, rng) if names else None
     clock, trace = 0.0, []
     for _ in range(args.requests):
         clock += 0.0 if math.isinf(rate) else rng.expovariate(rate)
@@ -168,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int)
     parser.add_argument("--rates", default="inf", help="requests per second, comma-separated; inf: saturation")
     parser.add_argument("--adapters", type=common.parse_int_list, help="registered adapter counts")
+    parser.add_argument("--popularity", choices=("zipf", "uniform"), default="zipf", help="how requests pick adapters")
     parser.add_argument("--zipf", type=float, default=1.0)
     parser.add_argument("--prompt-lens", type=common.parse_int_list, help="min,max prompt tokens")
     parser.add_argument("--output-lens", type=common.parse_int_list, help="min,max output tokens")
@@ -210,8 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # of the batch buckets and table widths the trace reaches (a server's first minutes)
                     run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])
                     engine.stats.clear(), engine.batch_sizes.clear()
+                    before = model.memory_stats()
                     row = {"adapters": count, "rate": rate, "engine": run_engine(engine, trace),
                            "graphs": {k: v for k, v in engine.metrics().items() if k.startswith("graph_")}}  # fmt: skip
+                    after = model.memory_stats()
+                    row["residency"] = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
                 if "generate" in args.baselines and math.isinf(rate):
                     row["generate_each"] = run_generate_each(model, trace[: args.generate_requests], device)
                 results.append(row)

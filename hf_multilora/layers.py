@@ -170,6 +170,9 @@ class LoraRuntime:
         self._torch_loras: dict[int, sgmv.TorchLora] = {}  # without Triton: per module, for _torch_version
         self._torch_version = -1
         self._workspace: torch.Tensor | None = None  # every group's shrink output, one group at a time
+        # The adapter locations and scales of the plan's tiles, [modules, tiles, ...]: gathered once
+        # per plan for all modules (a prefill prepares every module's launches anew).
+        self._tile_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kernels = False
         # (input, group first) whose v the workspace holds: siblings reuse it until another shrink
         self._shrunk: tuple[torch.Tensor, int] | None = None
@@ -208,6 +211,7 @@ class LoraRuntime:
             sizes = {g.size for g in self.groups}
             need = max(sgmv.shrink_workspace_numel(self.plan, size) for size in sizes)
             self._workspace = torch.empty(need, dtype=torch.float32, device=cache.device)
+            self._tile_tables = (sgmv.tile_view(cache.locations, self.plan), sgmv.tile_view(cache.scales, self.plan))
 
     def _use_fixed(self, row_slots: Sequence[int], max_rank: int) -> None:
         """Plan a decode step on the fixed tables of this batch size: every LoRA module launches
@@ -222,6 +226,7 @@ class LoraRuntime:
         fixed.fill(row_slots, self.cache)
         self._fixed_now = fixed
         self.plan, self._recipes, self._workspace = fixed.plan, fixed.recipes, fixed.workspace
+        self._tile_tables = (fixed.locations, fixed.scales)
         self.module_mask = (1 << len(self.module_names)) - 1
 
     def captured_state(self) -> LoraCapture:
@@ -229,7 +234,7 @@ class LoraRuntime:
 
     def clear(self) -> None:
         self.plan, self.owner, self.module_mask, self._plan_key, self._shrunk = None, None, 0, None, None
-        self._recipes, self._workspace, self._fixed_now = {}, None, None
+        self._recipes, self._workspace, self._fixed_now, self._tile_tables = {}, None, None, None
 
     def apply(self, module: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add the LoRA delta of module `module` to y (the base layer's output for input x), in place."""
@@ -290,7 +295,8 @@ class LoraRuntime:
     def _prepare(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> _Recipe:
         """Plan once, run many: the launches of this module under the current plan. All groups share
         one shrink workspace: a group's v is used by its members before any other shrink runs."""
-        cache, plan, group, fixed = self.cache, self.plan, self.groups[module], self._fixed_now
+        cache, plan, group = self.cache, self.plan, self.groups[module]
+        tile_locations, tile_scales = self._tile_tables
         first = self._recipes.get(group.first) if group.first != module else None
         members = slice(group.first, group.first + group.size)
         shrink = (
@@ -303,7 +309,7 @@ class LoraRuntime:
                 cache.locations[members],
                 plan,
                 out=self._workspace,
-                tile_locations=fixed.locations[members] if fixed else None,
+                tile_locations=tile_locations[members],
             )
         )
         position = module - group.first
@@ -316,7 +322,7 @@ class LoraRuntime:
             cache.locations[m],
             cache.scales[m],
             plan,
-            tile_tables=(fixed.locations[m], fixed.scales[m]) if fixed else None,
+            tile_tables=(tile_locations[m], tile_scales[m]),
         )
         self._recipes[module] = _Recipe(shrink, expand, x2.dtype, tuple(x2.shape), tuple(out2.shape))
         return self._recipes[module]

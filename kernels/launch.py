@@ -61,6 +61,10 @@ class BoundLaunch:
     before it ends. The first launch, and any through Triton's own path, is an ordinary one: what
     the caller made just before (tables the kernel reads before its wait, say) is complete before
     any launch can overlap it.
+
+    The compiled launchers come from the kernel's shared SpecializedLaunch: a prefill prepares a
+    BoundLaunch per LoRA module for one forward, and compiling each through Triton's path cost
+    more host time than the launches.
     """
 
     def __init__(
@@ -74,16 +78,16 @@ class BoundLaunch:
     ) -> None:
         self._fn, self._grid, self._args = fn, grid, list(args)
         self._constexprs, self._num_warps, self._pdl = constexprs, num_warps, pdl
-        self._direct = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
         self._compiled: tuple | None = None
         self._first_key: tuple | None = None
-        first = self._args[0]
-        self._stream_device = first.device.index if first.is_cuda else None
+        self._stream_device = self._args[0].device.index
         # The fixed arguments as the compiled launcher takes them: tensors as their addresses (it
         # accepts ints for pointers, which skips a data_ptr() call and a driver pointer check per
-        # tensor per launch). self._args keeps the tensors themselves alive.
+        # tensor per launch), then the constexprs in the kernel's order. self._args keeps the
+        # tensors themselves alive.
+        names = specialized(fn).arg_names[len(self._args) :]
         self._tail = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._args[1:])
-        self._tail += tuple(constexprs.values())
+        self._tail += tuple(constexprs[name] for name in names)
 
     def __call__(self, first: torch.Tensor) -> None:
         address = first.data_ptr()
@@ -94,35 +98,20 @@ class BoundLaunch:
             run(*self._grid, stream, function, metadata, None, None, None, address, *self._tail)
             return
         self._args[0] = first
-        if not self._direct or self._stream_device is None or _launch_hooks_set():
-            self._fn[self._grid](*self._args, num_warps=self._num_warps, **self._constexprs)
-            return
-        # Compile (no launch), then launch exactly once through the compiled launcher.
-        kernel = self._fn.warmup(*self._args, grid=self._grid, num_warps=self._num_warps, **self._constexprs)
-        run = kernel.run  # first: it loads the module and sets kernel.function
-        stream = torch._C._cuda_getCurrentRawStream(self._stream_device)
-        try:
-            run(
-                *self._grid,
-                stream,
-                kernel.function,
-                kernel.packed_metadata,
-                None,
-                None,
-                None,
-                address,
-                *self._tail,
-            )
-        except (TypeError, ValueError, OverflowError):  # rejected while parsing arguments, before any launch
-            self._fn[self._grid](*self._args, num_warps=self._num_warps, **self._constexprs)
-            return
-        if self._pdl:  # the same code, whose launcher sets the PDL attribute: for every later launch
-            kernel = self._fn.warmup(
-                *self._args, grid=self._grid, num_warps=self._num_warps, launch_pdl=True, **self._constexprs
-            )
-            run = kernel.run
-        self._compiled = (run, kernel.function, kernel.packed_metadata)
-        self._first_key = key
+        launch = specialized(self._fn)
+        entry = launch(self._grid, self._args, self._constexprs, self._num_warps)
+        if entry is not None and self._pdl:  # the same code, whose launcher sets the PDL attribute
+            entry = launch.compiled(self._args, self._constexprs, self._num_warps, pdl=True)
+        self._compiled, self._first_key = entry, key
+
+
+_NOT_COMPILED = object()
+
+
+@cache
+def specialized(fn: Any) -> SpecializedLaunch:
+    """The one SpecializedLaunch of a kernel that BoundLaunches share."""
+    return SpecializedLaunch(fn)
 
 
 class SpecializedLaunch:
@@ -148,33 +137,46 @@ class SpecializedLaunch:
     ) -> tuple | None:
         """Launch; returns the compiled launcher used, (run, function, metadata), or None where the
         launch went through Triton's own path."""
-        options = {"num_warps": num_warps, "num_stages": num_stages}
         first = args[0]
         if not self._direct or not first.is_cuda or _launch_hooks_set():
-            self._fn[tuple(grid)](*args, **options, **constexprs)
+            self._fn[tuple(grid)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
             return None
-        fixed = [constexprs[name] for name in self.arg_names[len(args) :]]
-        values = [*args, *fixed]
-        key = (num_warps, num_stages, *map(_specialization, args), *fixed)  # constexprs by value
         grid3 = (*grid, 1, 1)[:3]
-        stream = torch._C._cuda_getCurrentRawStream(first.device.index)
-        flat = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values]
-        if key in self._compiled:
-            entry = self._compiled[key]
-            if entry is None:
-                self._fn[tuple(grid)](*args, **options, **constexprs)
-            else:
+        key = self._key(args, constexprs, num_warps, num_stages, pdl=False)
+        entry = self._compiled.get(key, _NOT_COMPILED)
+        if entry is _NOT_COMPILED:
+            entry = self._compile(key, args, constexprs, num_warps, num_stages, pdl=False)
+        if entry is not None:
+            flat = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in args]
+            flat += [constexprs[name] for name in self.arg_names[len(args) :]]
+            stream = torch._C._cuda_getCurrentRawStream(first.device.index)
+            try:
                 entry[0](*grid3, stream, entry[1], entry[2], None, None, None, *flat)
-            return entry
-        kernel = self._fn.warmup(*args, grid=grid3, **options, **constexprs)
-        entry = (kernel.run, kernel.function, kernel.packed_metadata)  # run first: it sets function
-        try:
-            entry[0](*grid3, stream, entry[1], entry[2], None, None, None, *flat)
-        except (TypeError, ValueError, OverflowError):  # rejected while parsing arguments, before any launch
-            self._compiled[key] = None
-            self._fn[tuple(grid)](*args, **options, **constexprs)
-            return None
-        self._compiled[key] = entry
+                return entry
+            except (TypeError, ValueError, OverflowError):  # rejected while parsing arguments, before any launch
+                entry = self._compiled[key] = None
+        self._fn[tuple(grid)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        return None
+
+    def compiled(
+        self, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int, num_stages: int = 3, pdl: bool = False
+    ) -> tuple | None:
+        """The launcher for these arguments, compiled if need be but not launched; `pdl`: one whose
+        launches are programmatic dependent launches."""
+        key = self._key(args, constexprs, num_warps, num_stages, pdl)
+        entry = self._compiled.get(key, _NOT_COMPILED)
+        return self._compile(key, args, constexprs, num_warps, num_stages, pdl) if entry is _NOT_COMPILED else entry
+
+    def _key(self, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int, num_stages: int, pdl: bool) -> tuple:
+        fixed = [constexprs[name] for name in self.arg_names[len(args) :]]  # constexprs by value
+        return (num_warps, num_stages, pdl, args[0].device.index, *map(_specialization, args), *fixed)
+
+    def _compile(
+        self, key: tuple, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int, num_stages: int, pdl: bool
+    ) -> tuple:
+        options = {"num_warps": num_warps, "num_stages": num_stages, **({"launch_pdl": True} if pdl else {})}
+        kernel = self._fn.warmup(*args, grid=(1, 1, 1), **options, **constexprs)
+        entry = self._compiled[key] = (kernel.run, kernel.function, kernel.packed_metadata)  # run first: it sets function
         return entry
 
 

@@ -5,6 +5,7 @@ import types
 
 import pytest
 import torch
+from conftest import DEVICE
 from hf_multilora.kernels import fused_glue
 from transformers.models.llama import modeling_llama
 
@@ -105,8 +106,8 @@ def counted(monkeypatch):
 
 
 def test_the_model_uses_the_fused_code_inside_its_calls_only(llama_zoo, monkeypatch, counted):
-    base = llama_zoo.fresh_base().half()
-    ids = prompts(2, 5, seed=3)
+    base = llama_zoo.fresh_base().half().to(DEVICE)  # on CUDA, the compiled kernels
+    ids = prompts(2, 5, seed=3).to(DEVICE)
     plain = base(ids).logits
     original_rotary = modeling_llama.apply_rotary_pos_emb
     model = MultiLoraModel.from_pretrained(base, adapters=llama_zoo.paths)
@@ -141,8 +142,8 @@ def test_the_model_uses_the_fused_code_inside_its_calls_only(llama_zoo, monkeypa
 
 def test_a_kernel_that_does_not_reproduce_the_original_is_not_used(llama_zoo, monkeypatch):
     """The probe guards against a transformers whose Llama code computes something else."""
-    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().half(), adapters=llama_zoo.paths)
-    ids = prompts(2, 5, seed=3)
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().half().to(DEVICE), adapters=llama_zoo.paths)
+    ids = prompts(2, 5, seed=3).to(DEVICE)
     expected = model(ids).logits
     monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
     monkeypatch.setattr(fusion, "_probed", {})
