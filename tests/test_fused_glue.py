@@ -164,3 +164,20 @@ def test_only_llama_code_is_replaced():
     module.apply_rotary_pos_emb = modeling_llama.apply_rotary_pos_emb
     assert fusion._rotary_like_llama(module)
     assert not fusion._same_code(modeling_llama.LlamaMLP.forward, modeling_llama.LlamaRMSNorm.forward)
+
+
+def test_the_rotary_probe_allows_rounding_where_terms_cancel_and_nothing_more():
+    """Where x * cos and rotate_half(x) * sin nearly cancel, rounding once (the kernel) and after
+    each op (transformers) differ by far more than the result's own ulp; the probe must accept that
+    (an elementwise allclose rejected the kernel on CUDA in fp16) and still reject a wrong formula."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(1, 2, 64, 32, generator=gen) * 8).half()
+    angle = torch.rand(1, 64, 32, generator=gen) * 6.3
+    cos, sin = angle.cos().half(), angle.sin().half()
+    exact = x.float() * cos.float()[:, None] + modeling_llama.rotate_half(x.float()) * sin.float()[:, None]
+    rounded_once = exact.half()
+    per_op = x * cos[:, None] + modeling_llama.rotate_half(x) * sin[:, None]
+    assert not torch.allclose(rounded_once, per_op, rtol=1e-3, atol=1e-3)
+    assert fusion._within_rounding(rounded_once, per_op, x, cos, sin)
+    wrong = (x.float() * cos.float()[:, None] - modeling_llama.rotate_half(x.float()) * sin.float()[:, None]).half()
+    assert not fusion._within_rounding(wrong, per_op, x, cos, sin)
