@@ -211,11 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # of the batch buckets and table widths the trace reaches (a server's first minutes)
                     run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])
                     engine.stats.clear(), engine.batch_sizes.clear()
-                    before = model.memory_stats()
-                    row = {"adapters": count, "rate": rate, "engine": run_engine(engine, trace),
-                           "graphs": {k: v for k, v in engine.metrics().items() if k.startswith("graph_")}}  # fmt: skip
-                    after = model.memory_stats()
+                    before, graphs = model.memory_stats(), model.graph_stats()
+                    row = {"adapters": count, "rate": rate, "engine": run_engine(engine, trace)}
+                    after, graphs_after = model.memory_stats(), model.graph_stats()
+                    # in the timed run only (the model's counters run from its wrapping)
                     row["residency"] = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
+                    row["graphs"] = {k: graphs_after.get(k, 0) - graphs.get(k, 0) for k in ("captures", "replays")}
                 if "generate" in args.baselines and math.isinf(rate):
                     row["generate_each"] = run_generate_each(model, trace[: args.generate_requests], device)
                 results.append(row)
