@@ -71,23 +71,25 @@ class BoundLaunch:
         self,
         fn: Any,
         grid: tuple[int, int, int],
-        args: Sequence[Any],
+        args: dict[str, Any],
         constexprs: dict[str, Any],
         num_warps: int,
         pdl: bool = False,
     ) -> None:
-        self._fn, self._grid, self._args = fn, grid, list(args)
+        """`args`: the kernel's arguments before its constexprs, by name (the first one is the
+        activation); `constexprs` likewise."""
+        if [*args, *constexprs] != list(fn.arg_names):
+            raise ValueError(f"{fn.__name__} takes {fn.arg_names}; got {[*args]} then constexprs {[*constexprs]}")
+        self._fn, self._grid, self._args = fn, grid, list(args.values())
         self._constexprs, self._num_warps, self._pdl = constexprs, num_warps, pdl
         self._compiled: tuple | None = None
         self._first_key: tuple | None = None
         self._stream_device = self._args[0].device.index
         # The fixed arguments as the compiled launcher takes them: tensors as their addresses (it
         # accepts ints for pointers, which skips a data_ptr() call and a driver pointer check per
-        # tensor per launch), then the constexprs in the kernel's order. self._args keeps the
-        # tensors themselves alive.
-        names = specialized(fn).arg_names[len(self._args) :]
+        # tensor per launch), then the constexprs. self._args keeps the tensors themselves alive.
         self._tail = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._args[1:])
-        self._tail += tuple(constexprs[name] for name in names)
+        self._tail += tuple(constexprs.values())
 
     def __call__(self, first: torch.Tensor) -> None:
         address = first.data_ptr()

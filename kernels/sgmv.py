@@ -428,11 +428,18 @@ class ShrinkCall:
             k_per_split = triton.cdiv(triton.cdiv(k, g.splits), g.block_k) * g.block_k
             if tile_locations is None:
                 tile_locations = tile_view(locations, plan)
-            args = (
-                x, weights, rows, tile_locations, plan.tiles, plan.sorted_tokens, self.v,
-                plan.num_tiles, k, k_per_split, x.stride(0),
-                tile_locations.stride(0), tile_locations.stride(1),
-                self.v.stride(0), self.v.stride(1), self.v.stride(2), g.width,
+            args = dict(
+                x_ptr=x,  # [T, K] the activation (row-major)
+                w_ptr=weights,  # [pool elements] the pool storage holding the rank rows
+                rows_ptr=rows,  # [rows] int64 element offset of each rank row
+                loc_ptr=tile_locations,  # [slices, tiles, LOCATION_FIELDS] each tile's adapter rows
+                tiles_ptr=plan.tiles,  # [3, tiles] int32 (slot, start, end)
+                sorted_ptr=plan.sorted_tokens,  # [T_active] int32 tokens grouped by slot
+                v_ptr=self.v,  # [splits, slices, T, width] fp32 out
+                num_tiles=plan.num_tiles, K=k, k_per_split=k_per_split, x_stride=x.stride(0),
+                loc_stride_s=tile_locations.stride(0), loc_stride_tile=tile_locations.stride(1),
+                v_stride_split=self.v.stride(0), v_stride_s=self.v.stride(1), v_stride_t=self.v.stride(2),
+                v_width=g.width,
             )  # fmt: skip
             pdl = _use_pdl(plan, x.device)
             constexprs = dict(
@@ -497,11 +504,20 @@ class ExpandCall:
             widest = max(b - a for a, b in itertools.pairwise(offsets))
             block_n = 128 if widest >= 128 else max(16, triton.next_power_of_2(widest))
             tile_locations, tile_scales = tile_tables or (tile_view(locations, plan), tile_view(scales, plan))
-            args = (
-                y, v, weights, rows, tile_locations, tile_scales, plan.tiles, plan.sorted_tokens,
-                _device_offsets(offsets, y.device), plan.num_tiles, y.stride(0),
-                v.stride(0), v.stride(1), v.stride(2), v.shape[3],
-                tile_locations.stride(0), tile_locations.stride(1), tile_scales.stride(0), tile_scales.stride(1),
+            args = dict(
+                y_ptr=y,  # [T, sum of slice widths] updated in place
+                v_ptr=v,  # [splits, slices, T, width] fp32, the shrink's partials
+                w_ptr=weights,  # [pool elements] the pool storage holding the rank rows
+                rows_ptr=rows,  # [rows] int64 element offset of each rank row
+                loc_ptr=tile_locations,  # [slices, tiles, LOCATION_FIELDS] each tile's adapter rows
+                scale_ptr=tile_scales,  # [slices, tiles] fp32
+                tiles_ptr=plan.tiles,  # [3, tiles] int32 (slot, start, end)
+                sorted_ptr=plan.sorted_tokens,  # [T_active] int32 tokens grouped by slot
+                slice_offsets_ptr=_device_offsets(offsets, y.device),  # [slices + 1] int32 columns of y
+                num_tiles=plan.num_tiles, y_stride=y.stride(0),
+                v_stride_split=v.stride(0), v_stride_s=v.stride(1), v_stride_t=v.stride(2), v_width=v.shape[3],
+                loc_stride_s=tile_locations.stride(0), loc_stride_tile=tile_locations.stride(1),
+                scale_stride_s=tile_scales.stride(0), scale_stride_tile=tile_scales.stride(1),
             )  # fmt: skip
             pdl = _use_pdl(plan, y.device)
             constexprs = dict(

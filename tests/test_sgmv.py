@@ -301,3 +301,19 @@ def test_decode_layers_in_a_cuda_graph_see_finished_inputs():
     for _ in range(3):
         check(graph.replay)
         check(forward)
+
+
+def test_bound_launch_takes_the_kernel_arguments_by_name_in_order():
+    from hf_multilora.kernels import sgmv
+    from hf_multilora.kernels.launch import BoundLaunch
+
+    names = sgmv._sgmv_shrink_kernel.arg_names
+    x = torch.zeros(2, 16, device=DEVICE)
+    args = dict.fromkeys(names[:17], 0) | {"x_ptr": x}
+    constexprs = dict.fromkeys(names[17:], 1)
+    BoundLaunch(sgmv._sgmv_shrink_kernel, (1, 1, 1), args, constexprs, num_warps=4)  # accepted, not launched
+    swapped = dict(zip([names[1], names[0], *names[2:17]], args.values(), strict=True))
+    with pytest.raises(ValueError, match="_sgmv_shrink_kernel takes"):
+        BoundLaunch(sgmv._sgmv_shrink_kernel, (1, 1, 1), swapped, constexprs, num_warps=4)
+    with pytest.raises(ValueError, match="then constexprs"):
+        BoundLaunch(sgmv._sgmv_shrink_kernel, (1, 1, 1), args, dict(list(constexprs.items())[:-1]), num_warps=4)
