@@ -45,8 +45,8 @@ from hf_multilora.kernels.sgmv import (
 )
 
 from hf_multilora.adapters.host_store import pack_adapter
-from hf_multilora.memory.adapter_cache import AdapterCache, page_layout
 from hf_multilora.memory.page_pool import PagePool
+from hf_multilora.memory.residency import AdapterResidency, page_layout
 
 TOLERANCE = 2e-2  # relative error of bf16 kernel outputs against the fp32-product references
 TARGET_DECODE_RATIO = 0.5  # (shrink + expand) / base GEMM at decode
@@ -103,9 +103,9 @@ def pack_adapters(
     widths: Sequence[int],
     dtype: torch.dtype,
     device: torch.device,
-) -> AdapterCache:
+) -> AdapterResidency:
     """Random adapters laid out exactly as the runtime lays them out: host tensors packed by
-    `pack_adapter`, their rank rows copied into pages of a pool by an AdapterCache (one module per
+    `pack_adapter`, their rank rows copied into pages of a pool by an AdapterResidency (one module per
     slice), all resident."""
     modules = [f"slice{s}" for s in range(len(widths))]
     adapters = [
@@ -127,7 +127,7 @@ def pack_adapters(
     ]
     page_elems = align_up(max(PAGE_ELEMS, in_features, *widths))
     pages = sum(len(page_layout(a, page_elems).ranges) for a in adapters)
-    cache = AdapterCache(modules, PagePool(pages, page_elems, dtype, device))
+    cache = AdapterResidency(modules, PagePool(pages, page_elems, dtype, device))
     cache.acquire(adapters)
     if [cache.resident(a.name).slot for a in adapters] != list(range(n_adapters)):
         raise SystemExit("expected adapter i in slot i (make_plan relies on it)")

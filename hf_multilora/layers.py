@@ -1,8 +1,8 @@
 """The LoRA step of one targeted linear layer: y = base(x), then y += SGMV delta, in place.
 
-One `LoraRuntime` is shared by every LoRA layer of a model. It holds the adapter cache (adapter
-rows in pool pages) and the plan of the current forward (built once by routing, reused by every layer), and picks Triton on
-CUDA and plain PyTorch (`sgmv.TorchLora`) elsewhere. Projections that read the same input (q/k/v,
+One `LoraRuntime` is shared by every LoRA layer of a model. It holds the adapter residency (adapter
+rows in pool pages) and the plan of the current forward (built once by routing, reused by every
+layer), and picks Triton on CUDA and plain PyTorch (`sgmv.TorchLora`) elsewhere. Projections that read the same input (q/k/v,
 gate/up) are siblings: the first one's shrink covers all of them in one multi-slice launch and the
 others reuse it.
 """
@@ -18,8 +18,8 @@ import torch
 
 from .backend import use_triton
 from .kernels import sgmv
-from .memory.adapter_cache import AdapterCache
 from .memory.page_pool import PagePool
+from .memory.residency import AdapterResidency
 
 _SIBLING_SETS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"})
 
@@ -113,11 +113,11 @@ class _FixedDecode:
     scales: torch.Tensor  # [modules, rows]
     workspace: torch.Tensor
     recipes: dict[int, _Recipe]  # prepared launches; they read `rows`, so they go when it is replaced
-    rows: torch.Tensor  # the adapter cache's row table when the recipes were prepared
+    rows: torch.Tensor  # the adapter residency's row table when the recipes were prepared
 
     @classmethod
     def build(cls, runtime: LoraRuntime, rows: int, max_rank: int) -> _FixedDecode:
-        device, modules = runtime.cache.device, len(runtime.module_names)
+        device, modules = runtime.residency.device, len(runtime.module_names)
         token = torch.arange(rows, dtype=torch.int32)
         packed = torch.cat([token, token, torch.zeros_like(token), token, token + 1]).to(device)
         plan = sgmv.SgmvPlan(
@@ -131,22 +131,22 @@ class _FixedDecode:
             torch.zeros(modules, rows, dtype=torch.float32, device=device),
             torch.empty(need, dtype=torch.float32, device=device),
             {},
-            runtime.cache.rows,
+            runtime.residency.rows,
         )
 
-    def fill(self, row_slots: Sequence[int], cache: AdapterCache) -> None:
+    def fill(self, row_slots: Sequence[int], residency: AdapterResidency) -> None:
         """Gather the rows' adapter metadata into the fixed tables (device ops, no sync)."""
-        slots = torch.tensor(row_slots, dtype=torch.int64).to(cache.device, non_blocking=True)
+        slots = torch.tensor(row_slots, dtype=torch.int64).to(residency.device, non_blocking=True)
         valid = slots >= 0
         index = slots.clamp(min=0)
-        self.locations.copy_(cache.locations.index_select(1, index) * valid[None, :, None])
-        self.scales.copy_(cache.scales.index_select(1, index) * valid[None, :])
+        self.locations.copy_(residency.locations.index_select(1, index) * valid[None, :, None])
+        self.scales.copy_(residency.scales.index_select(1, index) * valid[None, :])
 
 
 class LoraCapture(NamedTuple):
     """What a forward under the runtime's current plan reads besides the pool and the tables (a
     captured graph keeps it alive): the plan, its prepared launches and shrink workspace, the fixed
-    decode tables, and the adapter cache's row table (replaced when it grows)."""
+    decode tables, and the adapter residency's row table (replaced when it grows)."""
 
     plan: sgmv.SgmvPlan | None
     recipes: dict
@@ -158,7 +158,7 @@ class LoraCapture(NamedTuple):
 class LoraRuntime:
     def __init__(self, module_names: Sequence[str], pool: PagePool) -> None:
         self.module_names = list(module_names)
-        self.cache = AdapterCache(self.module_names, pool)
+        self.residency = AdapterResidency(self.module_names, pool)
         self.groups = sibling_groups(self.module_names)
         self.plan: sgmv.SgmvPlan | None = None
         # The thread whose routed call the plan belongs to: the base model is shared, and a plain
@@ -191,27 +191,27 @@ class LoraRuntime:
         if row_slots is None or all(s < 0 for s in row_slots):
             self.clear()
             return
-        cache = self.cache
-        key = (tuple(row_slots), tokens_per_row, cache.version)
+        residency = self.residency
+        key = (tuple(row_slots), tokens_per_row, residency.version)
         if key == self._plan_key:
             return
-        used = [cache.resident_at(s) for s in set(row_slots) if s >= 0]
+        used = [residency.resident_at(s) for s in set(row_slots) if s >= 0]
         self.clear()
         max_rank = max(r.max_rank for r in used)
         self.owner = threading.get_ident()
         self._plan_key = key
-        self._kernels = use_triton(cache.pool.storage)
+        self._kernels = use_triton(residency.pool.storage)
         if self.fixed_decode and tokens_per_row == 1 and self._kernels:
             self._use_fixed(row_slots, max_rank)
             return
         for r in used:
             self.module_mask |= r.module_mask
-        self.plan = sgmv.plan_sgmv(row_slots, tokens_per_row, max_rank, cache.device)
+        self.plan = sgmv.plan_sgmv(row_slots, tokens_per_row, max_rank, residency.device)
         if self._kernels:
             sizes = {g.size for g in self.groups}
             need = max(sgmv.shrink_workspace_numel(self.plan, size) for size in sizes)
-            self._workspace = torch.empty(need, dtype=torch.float32, device=cache.device)
-            self._tile_tables = (sgmv.tile_view(cache.locations, self.plan), sgmv.tile_view(cache.scales, self.plan))
+            self._workspace = torch.empty(need, dtype=torch.float32, device=residency.device)
+            self._tile_tables = (sgmv.tile_view(residency.locations, self.plan), sgmv.tile_view(residency.scales, self.plan))
 
     def _use_fixed(self, row_slots: Sequence[int], max_rank: int) -> None:
         """Plan a decode step on the fixed tables of this batch size: every LoRA module launches
@@ -221,16 +221,16 @@ class LoraRuntime:
         fixed = self._fixed.get(key)
         if fixed is None:
             fixed = self._fixed[key] = _FixedDecode.build(self, len(row_slots), capacity)
-        if fixed.rows is not self.cache.rows:  # grown for new adapters: prepare anew (a new dict: graphs
-            fixed.recipes, fixed.rows = {}, self.cache.rows  # may still hold the old launches)
-        fixed.fill(row_slots, self.cache)
+        if fixed.rows is not self.residency.rows:  # grown for new adapters: prepare anew (a new dict: graphs
+            fixed.recipes, fixed.rows = {}, self.residency.rows  # may still hold the old launches)
+        fixed.fill(row_slots, self.residency)
         self._fixed_now = fixed
         self.plan, self._recipes, self._workspace = fixed.plan, fixed.recipes, fixed.workspace
         self._tile_tables = (fixed.locations, fixed.scales)
         self.module_mask = (1 << len(self.module_names)) - 1
 
     def captured_state(self) -> LoraCapture:
-        return LoraCapture(self.plan, self._recipes, self._workspace, self._fixed_now, self.cache.rows)
+        return LoraCapture(self.plan, self._recipes, self._workspace, self._fixed_now, self.residency.rows)
 
     def clear(self) -> None:
         self.plan, self.owner, self.module_mask, self._plan_key, self._shrunk = None, None, 0, None, None
@@ -259,7 +259,7 @@ class LoraRuntime:
                 f"layer {self.module_names[module]} got {x2.shape[0]} tokens but the batch was planned "
                 f"for {self.plan.num_tokens}; pass adapter_ids with the call that runs this forward"
             )
-        dtype = self.cache.dtype
+        dtype = self.residency.dtype
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
         out = y if y.is_contiguous() and y.dtype == dtype else y.contiguous().to(dtype)
@@ -295,7 +295,7 @@ class LoraRuntime:
     def _prepare(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> _Recipe:
         """Plan once, run many: the launches of this module under the current plan. All groups share
         one shrink workspace: a group's v is used by its members before any other shrink runs."""
-        cache, plan, group = self.cache, self.plan, self.groups[module]
+        residency, plan, group = self.residency, self.plan, self.groups[module]
         tile_locations, tile_scales = self._tile_tables
         first = self._recipes.get(group.first) if group.first != module else None
         members = slice(group.first, group.first + group.size)
@@ -304,9 +304,9 @@ class LoraRuntime:
             if first
             else sgmv.ShrinkCall(
                 x2,
-                cache.pool.storage,
-                cache.rows,
-                cache.locations[members],
+                residency.pool.storage,
+                residency.rows,
+                residency.locations[members],
                 plan,
                 out=self._workspace,
                 tile_locations=tile_locations[members],
@@ -317,10 +317,10 @@ class LoraRuntime:
         expand = sgmv.ExpandCall(
             out2,
             shrink.v[:, position : position + 1],
-            cache.pool.storage,
-            cache.rows,
-            cache.locations[m],
-            cache.scales[m],
+            residency.pool.storage,
+            residency.rows,
+            residency.locations[m],
+            residency.scales[m],
             plan,
             tile_tables=(tile_locations[m], tile_scales[m]),
         )
@@ -329,14 +329,14 @@ class LoraRuntime:
 
     def _apply_reference(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> None:
         """The plain-PyTorch path (CPU): the module's `TorchLora`, which keeps the matrices of the slots
-        it has seen; all are dropped when the adapter cache changes (its version)."""
-        cache = self.cache
-        if self._torch_version != cache.version:
-            self._torch_loras, self._torch_version = {}, cache.version
+        it has seen; all are dropped when the adapter residency changes (its version)."""
+        residency = self.residency
+        if self._torch_version != residency.version:
+            self._torch_loras, self._torch_version = {}, residency.version
         lora = self._torch_loras.get(module)
         if lora is None:
             m = slice(module, module + 1)
             lora = self._torch_loras[module] = sgmv.TorchLora(
-                cache.pool.storage, cache.rows, cache.locations[m], cache.scales[m], x2.shape[1], (0, out2.shape[1])
+                residency.pool.storage, residency.rows, residency.locations[m], residency.scales[m], x2.shape[1], (0, out2.shape[1])
             )
         lora(x2, out2, self.plan)

@@ -179,14 +179,14 @@ class MultiLoraModel(torch.nn.Module):
                 for start in range(0, len(names), _HOST_READ_THREADS):
                     self._host_adapters(names[start : start + _HOST_READ_THREADS])
                 return
-            cache = self._follow_base_placement().cache
-            cache.acquire_names(adapter_names, self._host_adapters)
-            cache.release(adapter_names)
+            residency = self._follow_base_placement().residency
+            residency.acquire_names(adapter_names, self._host_adapters)
+            residency.release(adapter_names)
 
     def _forget_copies(self, adapter_name: str) -> None:
         self._hosts.pop(adapter_name, None)
         if self._runtime is not None:
-            self._runtime.cache.drop(adapter_name)
+            self._runtime.residency.drop(adapter_name)
 
     def _host_adapters(self, names: list[str]) -> list[HostAdapter]:
         """Host copies of `names`, read from disk when not cached; then the cache is trimmed to
@@ -299,7 +299,7 @@ class MultiLoraModel(torch.nn.Module):
         with self._routed(args, kwargs, adapter_ids, adapter_names):
             if not paged:
                 return self.base_model.generate(*args, **kwargs)
-            cache = PagedCache(self._runtime.cache.pool, self.base_model.config, kv_dtype=kv_cache_dtype)
+            cache = PagedCache(self._runtime.residency.pool, self.base_model.config, kv_dtype=kv_cache_dtype)
             if no_graphs is None:
                 # Widths rounded up to a power of two: calls of similar lengths share step buffers and graphs.
                 cache.reserve(1 << (_max_tokens(self.base_model, args, kwargs) - 1).bit_length())
@@ -367,18 +367,18 @@ class MultiLoraModel(torch.nn.Module):
         """The unified page pool (adapter rows and KV blocks), created now if no call made it yet. It is
         replaced (and this one emptied) when the base model moves to another device or dtype."""
         with self._lock:
-            return self._follow_base_placement().cache.pool
+            return self._follow_base_placement().residency.pool
 
     def _pin_adapters(self, names: Sequence[str]) -> None:
         """Make these adapters resident and keep them so until `_unpin_adapters` (the serving engine
         holds a running request's adapter for its whole life). PoolExhaustedError changes nothing."""
         with self._lock:
-            self._follow_base_placement().cache.acquire_names(names, self._host_adapters)
+            self._follow_base_placement().residency.acquire_names(names, self._host_adapters)
 
     def _unpin_adapters(self, names: Sequence[str]) -> None:
         with self._lock:
             if self._runtime is not None:
-                self._runtime.cache.release(names)
+                self._runtime.residency.release(names)
 
     def _logits_of_step(
         self,
@@ -396,7 +396,7 @@ class MultiLoraModel(torch.nn.Module):
         `_why_no_graphs` and gives a mask and the discard page)."""
         base = self.base_model
         with torch.no_grad(), self._routed((), {"input_ids": input_ids}, adapter_ids, None):
-            if self._runtime.cache.pool is not cache.pool:
+            if self._runtime.residency.pool is not cache.pool:
                 raise RuntimeError("the base model moved to another device or dtype since the engine started")
             graphs = self._decode_graphs_in(cache, required=False) if cuda_graphs else nullcontext()
             with paged_attention_in(base), graphs:
@@ -435,7 +435,7 @@ class MultiLoraModel(torch.nn.Module):
             )
             runtime = self._follow_base_placement()
             distinct = list(dict.fromkeys(n for n in names or () if n is not None))
-            residents = runtime.cache.acquire_names(distinct, self._host_adapters)
+            residents = runtime.residency.acquire_names(distinct, self._host_adapters)
             slot_of = {n: r.slot for n, r in zip(distinct, residents, strict=True)}
             self._routing.row_slots = [slot_of[n] if n is not None else -1 for n in names] if names else None
             try:
@@ -444,7 +444,7 @@ class MultiLoraModel(torch.nn.Module):
             finally:
                 self._routing.row_slots = None
                 runtime.clear()
-                runtime.cache.release(distinct)
+                runtime.residency.release(distinct)
 
     def _plan_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Plan each forward of a routed call once; forwards outside one (in any thread) leave the
@@ -463,7 +463,7 @@ class MultiLoraModel(torch.nn.Module):
         new pool, copies rebuilt from the host store) after base_model.to(another device/dtype)."""
         weight = self._first_target_weight()
         runtime = self._runtime
-        if runtime is None or (weight.device, weight.dtype) != (runtime.cache.device, runtime.cache.dtype):
+        if runtime is None or (weight.device, weight.dtype) != (runtime.residency.device, runtime.residency.dtype):
             # Frees the old pool (and the graphs that read it) before the new one is sized.
             self._runtime = runtime = self._decode_graphs = None
             runtime = self._runtime = LoraRuntime(self._module_names, self._new_pool(weight))
@@ -527,7 +527,7 @@ class MultiLoraModel(torch.nn.Module):
             "host_loads": self._host_loads,
         }
         if self._runtime is not None:
-            stats.update(self._runtime.cache.stats())
+            stats.update(self._runtime.residency.stats())
         return stats
 
     def __getattr__(self, name: str) -> Any:

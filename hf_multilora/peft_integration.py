@@ -157,8 +157,8 @@ class _PeftState:
         key = (tuple(adapter_names), tokens_per_row)
         if key != self._route_key or renewed:
             self._import(wanted)
-            cache = self.runtime.cache
-            slots = {n: r.slot for n in wanted if (r := cache.resident(n)) is not None}
+            residency = self.runtime.residency
+            slots = {n: r.slot for n in wanted if (r := residency.resident(n)) is not None}
             self.runtime.set_rows([slots.get(n, -1) for n in adapter_names], tokens_per_row)
             self.fallback_mask = 0
             for name in wanted:
@@ -173,8 +173,8 @@ class _PeftState:
     def _check(self, name: str) -> None:
         """Judge adapter `name` as PEFT holds it now in every patched layer, and forget the device
         copy of an older version."""
-        if self.runtime.cache.resident(name) is not None:
-            self.runtime.cache.drop(name)
+        if self.runtime.residency.resident(name) is not None:
+            self.runtime.residency.drop(name)
         source, mask, reasons = None, 0, set()
         for i, layer in enumerate(self.layers):
             if name not in layer.lora_A:
@@ -198,9 +198,9 @@ class _PeftState:
     def _import(self, wanted: list[str]) -> None:
         """Copy the adapters of this forward that are not resident from the PEFT layers into the
         pool (once per adapter version), keeping the resident ones pinned meanwhile."""
-        cache = self.runtime.cache
-        cache.acquire_names(wanted, self._pack)
-        cache.release(wanted)
+        residency = self.runtime.residency
+        residency.acquire_names(wanted, self._pack)
+        residency.release(wanted)
 
     def _pack(self, names: list[str]) -> list[HostAdapter]:
         """The named adapters as read from the PEFT layers now, packed like host adapters (on the
@@ -214,8 +214,8 @@ class _PeftState:
                     a, b = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
                     loras[layer_name] = (a, b, float(layer.scaling[name]))
             if loras:
-                cache = self.runtime.cache
-                packed.append(pack_adapter(name, "peft", {}, loras, cache.dtype, cache.device))
+                residency = self.runtime.residency
+                packed.append(pack_adapter(name, "peft", {}, loras, residency.dtype, residency.device))
         return packed
 
 

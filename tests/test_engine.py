@@ -116,7 +116,7 @@ def test_short_of_pages_the_youngest_waits_and_recomputes(llama_zoo):
         assert [s.token_ids for s in streams] == expected
         assert engine.stats["preemptions"] > 0 and max(engine.batch_sizes) < len(jobs)
         assert engine.metrics()["pages_kv"] == 0
-    assert not model._runtime.cache._in_use  # every adapter pin of the engine was let go
+    assert not model._runtime.residency._in_use  # every adapter pin of the engine was let go
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(model):

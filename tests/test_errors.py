@@ -154,8 +154,8 @@ def test_a_failed_placement_gives_back_every_page_it_took():
     """Host-side tables fail (a scale float32 cannot hold) or a later step fails: the pool, the row
     table and the slots are as before, and the cache keeps working."""
     from hf_multilora.adapters.host_store import pack_adapter
-    from hf_multilora.memory.adapter_cache import AdapterCache
     from hf_multilora.memory.page_pool import PagePool
+    from hf_multilora.memory.residency import AdapterResidency
 
     gen = torch.Generator().manual_seed(0)
 
@@ -164,7 +164,7 @@ def test_a_failed_placement_gives_back_every_page_it_took():
         return pack_adapter(name, "test", {}, loras, torch.float32)
 
     pool = PagePool(16, 64, torch.float32, "cpu")
-    cache = AdapterCache(["q", "v"], pool)
+    cache = AdapterResidency(["q", "v"], pool)
     cache.acquire([adapter("good", 0.5)])
     cache.release(["good"])
     state = lambda: (pool.num_free, cache._rows_end, list(cache._free_row_ranges), sorted(cache._free_slots))  # noqa: E731

@@ -61,8 +61,8 @@ def test_reserved_table_keeps_its_address_across_blocks(llama_zoo, monkeypatch):
 
     with model._routed((ids,), {}, rows, None):
         use_paged_attention(base)
-        stepped = PagedCache(model._runtime.cache.pool, base.config, block_size=4)
-        eager = PagedCache(model._runtime.cache.pool, base.config, block_size=4)
+        stepped = PagedCache(model._runtime.residency.pool, base.config, block_size=4)
+        eager = PagedCache(model._runtime.residency.pool, base.config, block_size=4)
         stepped.reserve(6 + 8)
         with torch.no_grad():
             out_s = base(input_ids=ids, attention_mask=mask, cache=stepped)
@@ -88,7 +88,7 @@ def test_reserved_table_keeps_its_address_across_blocks(llama_zoo, monkeypatch):
         stepped.release()
         eager.release()
     with pytest.raises(RuntimeError, match=r"needs reserve\(\) and a filled cache"):
-        PagedCache(model._runtime.cache.pool, base.config).begin_step(mask)
+        PagedCache(model._runtime.residency.pool, base.config).begin_step(mask)
 
 
 def test_steps_padded_to_a_batch_bucket_give_the_eager_logits(llama_zoo, monkeypatch):
@@ -107,7 +107,7 @@ def test_steps_padded_to_a_batch_bucket_give_the_eager_logits(llama_zoo, monkeyp
         with model._routed((ids,), {}, rows, None):
             use_paged_attention(base)
             runtime = model._runtime
-            pool = runtime.cache.pool
+            pool = runtime.residency.pool
             stepped, eager = PagedCache(pool, base.config, block_size=4), PagedCache(pool, base.config, block_size=4)
             stepped.reserve(6 + 6)
             with torch.no_grad():

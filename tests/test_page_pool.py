@@ -17,7 +17,7 @@ from hf_multilora.memory.page_pool import PagePool, PoolExhaustedError
 
 
 class FakeReclaimer:
-    """Owns some "adapter" pages (like the cache of idle adapters) and frees them when asked.
+    """Owns some "adapter" pages (like the residency of idle adapters) and frees them when asked.
 
     `shortfall` > 0 makes it buggy: it promises all its pages but frees `shortfall` fewer than asked.
     """

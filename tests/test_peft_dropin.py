@@ -334,12 +334,12 @@ def test_enable_on_a_model_whose_lora_layers_are_all_unsupported(llama_zoo, kind
     calls = [["default", "__base__", "default"], ["plain", "__base__", "plain"]]
     got = [outcome(peft_model, inputs, adapter_names=calls[0])]
     if linear:  # the unsupported adapter never reaches the kernels' storage
-        assert peft_model._hf_multilora_state.runtime.cache.resident("default") is None
+        assert peft_model._hf_multilora_state.runtime.residency.resident("default") is None
     # A plain adapter added now works as in PEFT (on the kernels where the model has patched layers).
     peft_model.add_adapter("plain", LoraConfig(r=4, init_lora_weights=False, target_modules=later))
     got.append(outcome(peft_model, inputs, adapter_names=calls[1]))
     if linear:
-        assert peft_model._hf_multilora_state.runtime.cache.resident("plain") is not None
+        assert peft_model._hf_multilora_state.runtime.residency.resident("plain") is not None
     hf_multilora.disable(peft_model)
     for rows, g in zip(calls, got, strict=True):
         assert_same_outcome(g, outcome(peft_model, inputs, adapter_names=rows))

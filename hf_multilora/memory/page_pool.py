@@ -34,7 +34,7 @@ class PoolExhaustedError(RuntimeError):
 
 
 class Reclaimer(Protocol):
-    """Something that holds pages it can give back on demand (e.g. the cache of idle adapters)."""
+    """Something that holds pages it can give back on demand (e.g. the residency of idle adapters)."""
 
     def reclaimable_pages(self) -> int: ...
 

@@ -13,8 +13,8 @@ from test_model import prompts
 
 from hf_multilora import AdapterLoadError, MultiLoraModel, PoolExhaustedError
 from hf_multilora.adapters.host_store import pack_adapter
-from hf_multilora.memory.adapter_cache import AdapterCache, page_layout
 from hf_multilora.memory.page_pool import PagePool
+from hf_multilora.memory.residency import AdapterResidency, page_layout
 
 
 def random_adapter(name: str, shapes: dict, seed: int, dtype=torch.float32):
@@ -58,9 +58,9 @@ def test_page_layout_refuses_rows_wider_than_a_page():
         page_layout(adapter, 256)
 
 
-def cache_with_pages(n_pages: int, page_elems: int = 256) -> AdapterCache:
+def cache_with_pages(n_pages: int, page_elems: int = 256) -> AdapterResidency:
     pool = PagePool(n_pages, page_elems, torch.float32, DEVICE)
-    return AdapterCache(sorted(SHAPES), pool)
+    return AdapterResidency(sorted(SHAPES), pool)
 
 
 def test_adapters_in_use_are_never_evicted_and_exhaustion_changes_nothing():

@@ -1,6 +1,6 @@
 """Device residency of adapters: their rank rows live in pages of the unified pool.
 
-The host store is the source of truth; this is a cache of it. A resident adapter has
+The host store is the source of truth; the device holds copies of some adapters. A resident adapter has
 - pages of the pool (kind "adapter"), filled with its rank rows in host order, so a page holds one
   contiguous range of the host tensor and placing an adapter costs one copy per page;
 - a range of the row table `rows` (element offset of each of its rank rows in the pool storage);
@@ -72,7 +72,7 @@ class Resident:
     host: torch.Tensor | None = None  # the copied host tensor, kept alive until `ready`
 
 
-class AdapterCache:
+class AdapterResidency:
     def __init__(self, module_names: Sequence[str], pool: PagePool) -> None:
         self.module_index = {name: i for i, name in enumerate(module_names)}
         self.pool = pool
@@ -135,7 +135,7 @@ class AdapterCache:
             resident = self._resident[name]
             if resident.ready is not None and stream is not None:
                 stream.wait_event(resident.ready)
-                if resident.ready.query():  # copied: the source may go (the host cache decides)
+                if resident.ready.query():  # copied: the source may go (the host store decides)
                     resident.ready = resident.host = None
 
     def release(self, names: Sequence[str]) -> None:
@@ -145,7 +145,7 @@ class AdapterCache:
 
     def acquire_names(self, names: Sequence[str], load: Callable[[list[str]], list[HostAdapter]]) -> list[Resident]:
         """`acquire` by name: resident adapters are only pinned, as their host copy may have left
-        the host cache and nothing needs copying; `load(names)` gives the host adapters of the
+        the host store and nothing needs copying; `load(names)` gives the host adapters of the
         others (it may leave some out: they are then not resident). Unpin with `release(names)`."""
         names = list(dict.fromkeys(names))
         resident = [n for n in names if n in self._resident]
