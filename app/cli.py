@@ -2,6 +2,7 @@
 
 hf-multilora playground                                   # the demo assets shipped with the package
 hf-multilora playground --base PATH_OR_ID --adapter NAME=PATH [--adapter ...] [--adapter-dir DIR]
+hf-multilora playground --continuous-batching             # concurrent users share the engine's batches
 hf-multilora serve                                        # an OpenAI-compatible server of the demo
 hf-multilora serve --base PATH_OR_ID --adapter NAME=PATH [--adapter-dir DIR] [--api-key KEY]
 """
@@ -139,7 +140,7 @@ def _adapters(args: argparse.Namespace) -> dict[str, str]:
 
 def _playground(args: argparse.Namespace) -> Playground:
     adapters = _adapters(args)
-    kwargs = {"device": args.device, "pool_bytes": args.pool_bytes}
+    kwargs = {"device": args.device, "pool_bytes": args.pool_bytes, "continuous_batching": args.continuous_batching}
     if args.adapter_dir is not None:
         kwargs["adapter_dir"] = args.adapter_dir
     if args.base is None:
@@ -158,6 +159,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     _model_arguments(play)
     play.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    play.add_argument(
+        "--continuous-batching",
+        action="store_true",
+        help="each row is a request of a continuous-batching engine: the rows of concurrent users share batches",
+    )
     serve = commands.add_parser(
         "serve",
         help="an OpenAI-compatible server: continuous batching, the adapter named in `model`",

@@ -2,12 +2,16 @@
 base) in ONE batched generate() call, streamed; adapters loaded from an allowed folder; a history
 of the page pool for the memory panel.
 
+With an `Engine` (continuous batching), each row is a request of its own instead, and the rows of
+users who ask at the same time share the engine's decode steps rather than waiting in turn.
+
 Kept free of Gradio so that it can be used and tested on its own; `ui.py` only wires it up.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +23,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from hf_multilora import MultiLoraModel
+from hf_multilora.serving import Engine, SamplingParams, StreamEvent
 
 from .demo import Demo
 from .streaming import BatchStreamer, Snapshot
@@ -47,6 +52,11 @@ class Settings:
             raise PlaygroundError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise PlaygroundError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    def sampling_params(self) -> SamplingParams:
+        """The same settings for one request of the serving engine."""
+        return SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed)  # fmt: skip
 
     def generate_kwargs(self) -> dict[str, Any]:
         """The keywords of generate() for these settings (the seed is set separately)."""
@@ -92,10 +102,15 @@ class Playground:
         prompt_format: str = "{text}",
         adapter_dir: str | os.PathLike | None = None,
         demo: Demo | None = None,
+        engine: Engine | None = None,
     ) -> None:
         """Serve `model` through `tokenizer`. The user's text goes where `{text}` is in
         `prompt_format`. Adapters can be loaded from folders under `adapter_dir` only (None: not
-        at all). `demo` carries the tasks and examples shown in demo mode."""
+        at all). `demo` carries the tasks and examples shown in demo mode. `engine` (an Engine of
+        `model`): rows are requests of it, so concurrent users share batches; greedy rows give
+        what generate() gives, sampled ones are seeded per row (the same seed for each)."""
+        if engine is not None and engine.model is not model:
+            raise PlaygroundError("the engine serves another model than the playground's")
         if BASE_CHOICE in model.adapter_names:
             raise PlaygroundError(
                 f"{BASE_CHOICE!r} names the base model here; register the adapter under another name"
@@ -110,6 +125,7 @@ class Playground:
         self.prompt_format = prompt_format
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
         self.demo = demo
+        self.engine = engine
         # One request at a time on the model: the seed, generate() and the memory sample belong together.
         self._lock = threading.Lock()
         # Replaced, never mutated, so that readers in other threads can copy it while a request runs.
@@ -126,14 +142,18 @@ class Playground:
         *,
         device: str | None = None,
         pool_bytes: int | None = None,
+        continuous_batching: bool = False,
         **kwargs: Any,
     ) -> Playground:
         """Load the base model and tokenizer (a folder or a Hub id) and register `adapters`;
-        `kwargs` go to the constructor."""
+        `continuous_batching`: serve the rows through an Engine of the model (see the
+        constructor's `engine`); `kwargs` go to the constructor."""
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = MultiLoraModel.from_pretrained(base, adapters, pool_bytes=pool_bytes)
         if device is not None:
             model.to(device)
+        if continuous_batching:
+            kwargs["engine"] = Engine(model, tokenizer)
         return cls(model, tokenizer, **kwargs)
 
     @classmethod
@@ -169,6 +189,9 @@ class Playground:
         adapter_ids = self._adapter_ids(choices)
         if not text.strip():
             raise PlaygroundError("type a prompt first")
+        if self.engine is not None:
+            yield from self._engine_stream(text, choices, adapter_ids, settings)
+            return
         batch = self.tokenizer([self.prompt(text)] * len(adapter_ids), return_tensors="pt", padding=True)
         streamer = BatchStreamer(len(adapter_ids), self._eos_ids, on_step=self._note_kv_pages)
         cancel = threading.Event()
@@ -187,6 +210,49 @@ class Playground:
         finally:
             cancel.set()  # the consumer went away: stop generating at the next step
             worker.join()
+
+    def _engine_stream(
+        self, text: str, choices: Sequence[str], adapter_ids: list[str | None], settings: Settings
+    ) -> Iterator[Progress]:
+        """A request of the engine per row; their events merged into the same Progress updates."""
+        prompt_ids = self.tokenizer(self.prompt(text))["input_ids"]
+        events: queue.Queue[tuple[int, StreamEvent, float]] = queue.Queue()
+        streams = []
+        try:
+            for adapter in adapter_ids:
+                streams.append(self.engine.submit(prompt_ids, adapter, settings.sampling_params()))
+            readers = [
+                threading.Thread(target=_forward_events, args=(row, stream, events), name="playground-row", daemon=True)
+                for row, stream in enumerate(streams)
+            ]  # fmt: skip
+            for reader in readers:
+                reader.start()
+            rows = len(streams)
+            tokens: list[list[int]] = [[] for _ in range(rows)]
+            finished_at: list[float | None] = [None] * rows
+            eos = [False] * rows
+            started = time.perf_counter()
+            while any(t is None for t in finished_at):
+                batch = [events.get()]
+                while not events.empty():  # everything that came meanwhile: one update
+                    batch.append(events.get())
+                for row, event, at in batch:
+                    if event.error is not None:
+                        raise RuntimeError(f"the {choices[row]!r} row failed: {event.error}")
+                    if event.token_id is not None:
+                        tokens[row].append(event.token_id)
+                    if event.finish_reason is not None:
+                        finished_at[row], eos[row] = at, event.finish_reason == "stop"
+                self._note_kv_pages()
+                done = all(t is not None for t in finished_at)
+                if done:
+                    with self._lock:
+                        self._record_memory("generate")
+                snapshot = Snapshot([list(t) for t in tokens], list(finished_at), list(eos), done)
+                yield self._progress(choices, snapshot, started)
+        finally:
+            for stream in streams:
+                stream.cancel()  # the consumer went away (or a row failed): the engine frees the rest
 
     def _adapter_ids(self, choices: Sequence[str]) -> list[str | None]:
         if not choices:
@@ -311,6 +377,11 @@ class Playground:
         self._steps += 1
         self._kv_peak = 0
         self._history = (*self._history[1 - HISTORY_LENGTH :], sample)
+
+
+def _forward_events(row: int, stream: Any, events: queue.Queue) -> None:
+    for event in stream:
+        events.put((row, event, time.perf_counter()))
 
 
 class _Cancelled(StoppingCriteria):

@@ -19,6 +19,7 @@ from .service import BASE_CHOICE, Playground, Progress, Settings
 
 MAX_ROWS = 8  # output boxes on the page; a request may use at most this many rows
 MAX_NEW_TOKENS = 32  # the slider's start when the model's generation config sets none
+ENGINE_USERS = 16  # requests of the page streamed at once through a continuous-batching engine
 STATS_HEADERS = ["row", "new tokens", "seconds", "tokens/s", "status"]
 # Errors caused by the request (bad input, an adapter that cannot be loaded, a full page pool):
 # shown to the user as they are. AdapterLoadError and PlaygroundError are ValueErrors.
@@ -174,7 +175,9 @@ def build(playground: Playground) -> gr.Blocks:
             [prompt, choices, max_new_tokens, temperature, top_p, seed],
             [*boxes, stats, latency, texts],
             api_name="generate",
-            concurrency_limit=1,  # one batched generate() at a time: other users wait in the queue
+            # One batched generate() at a time: other users wait in the queue; with an engine their
+            # rows join its running batch instead.
+            concurrency_limit=1 if playground.engine is None else ENGINE_USERS,
             # The inputs as sent: Gradio would check the rows against the choices this session last
             # saw, refusing an adapter loaded since (by an API client, by another user);
             # Playground checks them against the adapters registered now.

@@ -8,6 +8,7 @@ import itertools
 import os
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -253,6 +254,49 @@ def test_memory_history(served_dir):
     assert first["pages_kv_peak"] > second["pages_kv_peak"] > 0  # longer and wider request, more KV
     assert first["pages_kv"] == second["pages_kv"] == 0  # given back when a request ends
     assert second["adapters_resident"] == ["attn_r8", "qv_r4"] and second["misses"] == 2
+
+
+def test_with_an_engine_concurrent_users_share_decode_steps(served_dir):
+    """Rows are requests of a continuous-batching engine: a user who asks while another's rows
+    decode joins their steps, each greedy row is what a batched generate() gives, and a stream
+    closed early frees its requests' pages."""
+    from hf_multilora.serving import Engine
+
+    plain = make_playground(served_dir, prompt_format="Q: {text}\nA:")
+    engine = Engine(plain.model, plain.tokenizer, min_prefill_rows=1)
+    playground = Playground(plain.model, plain.tokenizer, prompt_format="Q: {text}\nA:", engine=engine)
+    try:
+        first = playground.generate_stream("hello there", ["qv_r4", BASE_CHOICE], Settings(max_new_tokens=40))
+        assert not next(first).done  # the first user's rows are decoding
+        second = run(playground, "good morning", ["attn_r8"], GREEDY)[-1]
+        rest = list(first)
+        assert rest[-1].done and max(engine.batch_sizes) == 3  # a step ran both users' rows
+        for final, text, choices, settings in [(rest[-1], "hello there", ["qv_r4", BASE_CHOICE], Settings(max_new_tokens=40)),
+                                               (second, "good morning", ["attn_r8"], GREEDY)]:  # fmt: skip
+            assert [row.text for row in final.rows] == direct_texts(plain, text, choices, settings)
+            assert all(row.finished for row in final.rows)
+        stream = playground.generate_stream("hi", ["attn_r8", "qv_r4"], Settings(max_new_tokens=10_000))
+        assert not next(stream).done
+        stream.close()  # the browser went away
+        deadline = time.monotonic() + 30
+        while engine.metrics()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.metrics()["running"] == 0 and plain.model.memory_stats()["pages_kv"] == 0
+        assert playground.memory()[-1]["event"] == "generate"
+    finally:
+        engine.close()
+
+
+def test_an_engine_of_another_model_is_refused(served_dir, playground):
+    from hf_multilora.serving import Engine
+
+    other = make_playground(served_dir)
+    engine = Engine(other.model, other.tokenizer)
+    try:
+        with pytest.raises(PlaygroundError, match="another model"):
+            Playground(playground.model, playground.tokenizer, engine=engine)
+    finally:
+        engine.close()
 
 
 def test_word_diff():
