@@ -140,10 +140,10 @@ def paged_attention_forward(
     if step is None:
         return _dense_attention(query, key, value, key_mask, scale, sliding_window), None
     table, new_value = step
-    if cache.kv_layout is not None:
-        return cache._attend_quantized(module.layer_idx, query, key, value, table, key_mask, scale, sliding_window), None
     if cache._stepping:  # a graph reads the fixed buffer begin_step filled
         key_mask = cache._step_mask
+    if cache.kv_layout is not None:
+        return cache._attend_quantized(module.layer_idx, query, key, value, table, key_mask, scale, sliding_window), None
     length = cache.get_seq_length(module.layer_idx)
     if key_mask is not None and key_mask.shape[-1] < length:
         raise ValueError(f"the attention mask covers {key_mask.shape[-1]} positions, the cache {length}")
@@ -381,6 +381,8 @@ class PagedCache(Cache):
                 f"call use_paged_attention(model) (attention implementation {PAGED_ATTENTION!r})"
             )
         if self._stepping:  # begin_step did this token's bookkeeping; the decode launch stores K/V
+            if self.kv_layout is not None:  # quantized: stored here, at each row's last position
+                self._write_quantized(layer_idx, self._kv_lens - 1, key_states, value_states)
             self._pending = (layer_idx, key_states, value_states)
             _ACTIVE.set(self._weak_self)
             return key_states, value_states
@@ -400,9 +402,7 @@ class PagedCache(Cache):
         end = start + new
         self._prepare_tokens(end, new)
         if self.kv_layout is not None:  # stored quantized; the attention takes this forward's K/V as they are
-            k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
-            write = write_kv_quant if use_triton(key_states) else write_kv_quant_torch
-            write(pool.storage, self.kv_layout, self._layer_tables[layer_idx], start, k, v)
+            self._write_quantized(layer_idx, start, key_states, value_states)
             self._lens[layer_idx] = end
             self._pending = (layer_idx, key_states, value_states)
             _ACTIVE.set(self._weak_self)
@@ -417,6 +417,14 @@ class PagedCache(Cache):
         self._pending = (layer_idx, key_states, value_states if deferred else None)
         _ACTIVE.set(self._weak_self)
         return key_states, value_states
+
+    def _write_quantized(
+        self, layer_idx: int, start: torch.Tensor | int, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> None:
+        """Quantize and store K/V [batch, kv_heads, new, head_dim] from position start (or start[b])."""
+        k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
+        write = write_kv_quant if use_triton(key_states) else write_kv_quant_torch
+        write(self.pool.storage, self.kv_layout, self._layer_tables[layer_idx], start, k, v)
 
     def _take_step(
         self, layer_idx: int, key: torch.Tensor
@@ -502,7 +510,8 @@ class PagedCache(Cache):
         """Do the host bookkeeping of one decode token for every layer at once (a new block where one is
         due, the lengths, the key mask copied into a fixed buffer), so that the forward that follows, or a
         graph replay of one, does nothing on the host: ``update`` then only hands each layer's K/V to the
-        attention. Needs Triton (the decode launch stores the new K/V) and ``reserve``; ``attention_mask``
+        attention (quantized K/V it stores first, at positions read from the fixed lengths). Needs Triton
+        (the decode launch stores the new K/V) and ``reserve``; ``attention_mask``
         is the step's 2-D mask, [batch, tokens so far + 1]. Returns the fixed key mask buffer. Call
         ``end_step`` after the forward."""
         if not self._reserved_blocks or self._host is None:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .cache import PagedCache, StepBuffers
+from .kernels.kv_quant import KvLayout
 from .layers import LoraCapture
 
 # Keywords HF's generate() gives a decode forward that a replay reproduces (inputs copied in, or
@@ -95,7 +96,8 @@ class DecodeGraphs:
     Kept across calls (one per LoRA runtime): graphs are keyed by batch bucket, the LoRA launches'
     identity (batch bucket and rank capacity, not the adapters), the LoRA modules (`epoch()`) and the
     addresses of the KV step buffers, which a call's cache adopts from the calls before it
-    (`_buffers`, by batch bucket and table width). So a new adapter mix replays the same graph.
+    (`_buffers`, by batch bucket, table width and the layout of quantized KV pages). So a new adapter
+    mix replays the same graph.
 
     `forward`: the model's own forward. `lora_state()`: the LoRA runtime's objects a captured step
     reads (kept alive with the graph). `stats`: counts of captures, replays and eager steps by
@@ -110,7 +112,8 @@ class DecodeGraphs:
         self.cache: PagedCache | None = None
         self.required = False
         self._graphs: dict[tuple, _Captured | None] = {}  # None: its capture failed
-        self._buffers: dict[tuple[int, int], StepBuffers] = {}  # (batch bucket, table width) -> the first cache's
+        # (batch bucket, table width, KV page layout) -> the first cache's
+        self._buffers: dict[tuple[int, int, KvLayout | None], StepBuffers] = {}
         self._pool: Any = None  # the graphs' memory pool, made at the first capture
         functools.update_wrapper(self, forward)  # generate() inspects the forward's signature
 
@@ -175,7 +178,7 @@ class DecodeGraphs:
         shape (so its graphs read this call's KV), or lend this call's to later ones."""
         if cache.adopted:
             return
-        shape = cache.step_shape(rows)
+        shape = (*cache.step_shape(rows), cache.kv_layout)  # a graph reads pages of one layout
         if shape in self._buffers:
             cache.adopt(self._buffers[shape], rows)
         else:

@@ -278,8 +278,8 @@ class MultiLoraModel(torch.nn.Module):
         `kv_cache_dtype`: "fp8" or "int4" stores the paged cache's K/V quantized per token and head
         (kernels/kv_quant.py: 1.9x / 3.7x the tokens per page at Llama-2-7B's shapes); each forward
         attends to its own tokens exactly and to earlier ones dequantized (on CUDA inside the Triton
-        attention, kernels/paged_attention_quant.py; FP8 needs compute capability 8.9+). Such calls
-        decode eager, not from CUDA graphs, for now. None: the model's dtype.
+        attention, kernels/paged_attention_quant.py; FP8 needs compute capability 8.9+), decode steps
+        replayed from CUDA graphs as with the model's own dtype. None: the model's dtype.
 
         `cuda_graphs`: decode steps replayed from CUDA graphs (captured per batch bucket and length
         bucket; the prefill stays eager). None: wherever the call allows it (CUDA, the paged cache, no
@@ -292,8 +292,6 @@ class MultiLoraModel(torch.nn.Module):
         paged = paged and kwargs.get("use_cache", True) is not False
         self._check_kv_cache_dtype(kv_cache_dtype, paged)
         no_graphs = self._why_no_graphs(paged, kwargs) if cuda_graphs is not False else "cuda_graphs=False"
-        if no_graphs is None and kv_cache_dtype is not None:
-            no_graphs = "quantized KV pages are not read inside CUDA graphs yet (kv_cache_dtype)"
         if cuda_graphs and no_graphs:
             raise ValueError(f"cuda_graphs=True, but {no_graphs}")
         with self._routed(args, kwargs, adapter_ids, adapter_names):
