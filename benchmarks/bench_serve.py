@@ -175,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baselines", default="generate,hf-cb,hf-static")
     parser.add_argument("--generate-requests", type=int, help="(a) on the trace's first N requests only (default: all)")
     parser.add_argument("--max-running", type=int, default=64)
+    parser.add_argument("--kv-cache-dtype", choices=("fp8", "int4"), help="the engine's KV pages (default: the model's dtype)")
     parser.add_argument("--pool-gib", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
@@ -206,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model.prefetch_adapters(names, host_only=True)
             for rate in rates:
                 trace = make_trace(args, rate, names, vocab)
-                with Engine(model, tokenizer, max_running=args.max_running) as engine:
+                with Engine(model, tokenizer, max_running=args.max_running, kv_cache_dtype=args.kv_cache_dtype) as engine:
                     # warm-up, the whole trace at once: compiles, plans, and captures the decode graphs
                     # of the batch buckets and table widths the trace reaches (a server's first minutes)
                     run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])

@@ -191,6 +191,39 @@ def _dense_attention(
     return out.transpose(1, 2).contiguous()
 
 
+def _ragged_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    starts: list[int],
+    key_mask: torch.Tensor | None,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One new token per row (query, key, value [batch, heads, 1, head_dim]) after rows of different
+    lengths (the serving engine's): row b's token goes to slot starts[b] after its past keys
+    (past_k/v [batch, kv_heads, longest, head_dim], slot-aligned with `key_mask`), and the slots
+    after it (other rows' lengths) are masked and zeroed."""
+    if query.shape[2] != 1:
+        raise ValueError(f"rows of different lengths take one new token each, got {query.shape[2]}")
+    batch, longest = query.shape[0], past_k.shape[2]
+    rows, slots = torch.arange(batch), torch.arange(longest + 1)
+    position = torch.tensor(starts)[:, None]
+    allowed = slots[None, :] <= position
+    if sliding_window is not None:
+        allowed = allowed & (slots[None, :] > position - sliding_window)
+    allowed = allowed.to(query.device)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, : longest + 1].bool()
+    keep = (slots[None, :] < position).to(query.device)[:, None, :, None]  # the past slots each row has
+    full_k = torch.where(keep, torch.cat([past_k, torch.zeros_like(key)], dim=2), 0)
+    full_v = torch.where(keep, torch.cat([past_v, torch.zeros_like(value)], dim=2), 0)
+    full_k[rows, :, starts], full_v[rows, :, starts] = key[:, :, 0], value[:, :, 0]
+    return _dense_attention(query, full_k, full_v, allowed, scale, None)
+
+
 AttentionInterface.register(PAGED_ATTENTION, paged_attention_forward)
 AttentionMaskInterface.register(PAGED_ATTENTION, paged_mask)
 
@@ -480,12 +513,15 @@ class PagedCache(Cache):
                 storage=self.pool.storage, layout=self.kv_layout, block_table=table, kv_lens=self._kv_lens,
                 scale=scale, key_mask=mask, sliding_window=sliding_window,
             )  # fmt: skip
-        start = self._lens[layer_idx] - key.shape[2]
-        past_k, past_v = gather_kv_quant_torch(self.pool.storage, self.kv_layout, table, start)
-        dtype = query.dtype
-        full_k = torch.cat([past_k.to(dtype).transpose(1, 2), key], dim=2)
-        full_v = torch.cat([past_v.to(dtype).transpose(1, 2), value], dim=2)
-        return _dense_attention(query, full_k, full_v, key_mask, scale, sliding_window)
+        new = key.shape[2]
+        starts = (self._kv_lens - new).tolist()  # each row's tokens before this forward
+        longest = max(starts)
+        past_k, past_v = gather_kv_quant_torch(self.pool.storage, self.kv_layout, table, longest)
+        past_k, past_v = past_k.to(query.dtype).transpose(1, 2), past_v.to(query.dtype).transpose(1, 2)
+        if min(starts) == longest:  # one length for every row (generate, a prefill)
+            full_k, full_v = torch.cat([past_k, key], dim=2), torch.cat([past_v, value], dim=2)
+            return _dense_attention(query, full_k, full_v, key_mask, scale, sliding_window)
+        return _ragged_decode_attention(query, key, value, past_k, past_v, starts, key_mask, scale, sliding_window)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._lens[layer_idx] if layer_idx < self.num_layers else 0

@@ -16,10 +16,11 @@ def prompt(length, seed):
     return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def alone(model, ids, adapter, new_tokens):
+def alone(model, ids, adapter, new_tokens, kv_cache_dtype=None):
     """What one greedy generate() gives this request by itself."""
-    out = model.generate(torch.tensor([ids]), adapter_ids=[adapter], max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    device = model.base_model.device
+    out = model.generate(torch.tensor([ids], device=device), adapter_ids=[adapter], max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, kv_cache_dtype=kv_cache_dtype)  # fmt: skip
     return out[0, len(ids) :].tolist()
 
 
@@ -75,6 +76,30 @@ def test_decode_steps_padded_to_batch_buckets_give_what_each_gets_alone(model, l
         stats = model.graph_stats()
         assert stats["eager: capture failed"] == engine.stats["decode_steps"]  # every step went the padded way
         assert engine.metrics()["pages_kv"] == 0  # the padding rows' page went back with the last request
+
+
+@pytest.mark.parametrize("zoo_name", ["llama_zoo", "mistral_zoo"])  # MHA; GQA with a sliding window of 8
+def test_quantized_kv_requests_get_what_each_gets_alone(zoo_name, request):
+    """int4 KV pages in the engine: rows of different lengths decode together (each writes and reads
+    from its own length) and each gets what generate(kv_cache_dtype="int4") gives it alone."""
+    zoo = request.getfixturevalue(zoo_name)
+    model = MultiLoraModel.from_pretrained(zoo.fresh_base(), adapters=zoo.paths)
+    names = [*zoo.paths, None]
+    # short and long prompts: prefill groups of different widths, then decode steps over rows of
+    # different lengths (seeds whose greedy outputs hold no EOS: generate's min_new_tokens forbids
+    # it where the engine's ignore_eos takes it)
+    jobs = [(prompt(3 + (i % 2) * 20 + i % 3, seed=60 + i), names[i % len(names)], 3 + i % 5) for i in range(8)]
+    expected = [alone(model, ids, adapter, n, kv_cache_dtype="int4") for ids, adapter, n in jobs]
+    with Engine(model, kv_cache_dtype="int4", min_prefill_rows=1) as engine:
+        assert engine._cache.block_size > 3.7 * 16  # tokens per page: 16 in the model's dtype
+        with engine._cond:  # all queued before the first step: prefilled in groups, then decoded together
+            streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
+        for stream in streams:
+            stream.result(timeout=120)
+        assert [s.token_ids for s in streams] == expected
+        assert max(engine.batch_sizes) > 1 and engine.metrics()["pages_kv"] == 0
+    with pytest.raises(ValueError, match="kv_cache_dtype must be None or one of"):
+        Engine(model, kv_cache_dtype="int8")
 
 
 def test_a_request_joins_a_running_batch(model):
@@ -244,16 +269,17 @@ def test_a_failing_request_does_not_disturb_the_others(llama_zoo, tmp_path, monk
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo):
-    """The engine on the Triton path (grouped prefill with padding, ragged decode, fused glue). fp32:
-    a row's GEMMs in a batch of 12 and alone may round differently, which bf16 greedy tokens of a
-    random tiny model would show."""
+@pytest.mark.parametrize("kv_dtype", [None, "int4"])
+def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo, kv_dtype):
+    """The engine on the Triton path (grouped prefill with padding, ragged decode, fused glue), with
+    KV pages in the model's dtype and in int4. fp32: a row's GEMMs in a batch of 12 and alone may
+    round differently, which bf16 greedy tokens of a random tiny model would show."""
     model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().cuda(), adapters=llama_zoo.paths, pool_bytes=2**28)
     names = [*llama_zoo.paths, None]
     jobs = [(prompt(5 + i % 4, seed=80 + i), names[i % len(names)], 20 + i) for i in range(12)]
-    expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
+    expected = [alone(model, ids, adapter, n, kv_cache_dtype=kv_dtype) for ids, adapter, n in jobs]
     before = model.graph_stats()
-    with Engine(model) as engine:
+    with Engine(model, kv_cache_dtype=kv_dtype) as engine:
         with engine._cond:
             streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
         for stream in streams:

@@ -61,9 +61,12 @@ class Engine:
     config's. `max_running`: rows in the running batch at most. `max_waiting`: queued requests at
     most (more: `EngineOverloaded`). `max_prefill_rows`: newly admitted requests prefilled in one
     forward at most. `min_prefill_rows`, `max_prefill_wait`: while rows decode, a prefill of fewer
-    rows waits up to that many decode steps for more rows to end (see `_defer`). `cuda_graphs`: decode steps replayed from CUDA graphs; None: wherever the model
-    allows it (on CUDA), True: required (ValueError naming why not), False: eager. Call `close()` (or
-    use it as a context manager) to stop it.
+    rows waits up to that many decode steps for more rows to end (see `_defer`). `cuda_graphs`:
+    decode steps replayed from CUDA graphs; None: wherever the model allows it (on CUDA), True:
+    required (ValueError naming why not), False: eager. `kv_cache_dtype`: "fp8" or "int4" keeps the
+    requests' KV quantized in the pool (as `generate(kv_cache_dtype=...)`: more tokens per page, so
+    more requests fit); None: the model's dtype. Call `close()` (or use it as a context manager) to
+    stop it.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Engine:
         max_prefill_wait: int = 8,
         eos_token_id: int | Sequence[int] | None = None,
         cuda_graphs: bool | None = None,
+        kv_cache_dtype: str | None = None,
     ) -> None:
         if not isinstance(model, MultiLoraModel):
             raise TypeError(f"Engine serves a MultiLoraModel, got {type(model).__name__}")
@@ -89,6 +93,7 @@ class Engine:
                 raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
         if cuda_graphs not in (None, True, False):
             raise TypeError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
+        model._check_kv_cache_dtype(kv_cache_dtype, paged=True)
         no_graphs = model._why_no_graphs(True, {}) if cuda_graphs is not False else "cuda_graphs=False"
         if cuda_graphs and no_graphs:
             raise ValueError(f"cuda_graphs=True, but {no_graphs}")
@@ -109,7 +114,7 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = False
         self._pool = model.page_pool()
-        self._cache = StepCache(self._pool, model.base_model.config)
+        self._cache = StepCache(self._pool, model.base_model.config, kv_dtype=kv_cache_dtype)
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step
         self._thread = threading.Thread(target=self._loop, name="hf_multilora-engine", daemon=True)
         self._thread.start()

@@ -41,7 +41,7 @@ from .server import ApiError, OpenAIService, bad_request, error_body, json_body,
 class ModelSpec:
     """What every replica loads: `base` (a folder or Hub id), `adapters` {name: folder or Hub id},
     the base model's served `model_name`, a `chat_template` (None: the tokenizer's), the `device`
-    (None: CUDA where there is one), the pool size and the engine's `max_running`."""
+    (None: CUDA where there is one), the pool size and the engine's `max_running` and `kv_cache_dtype`."""
 
     base: str
     adapters: dict[str, str] = field(default_factory=dict)
@@ -50,6 +50,7 @@ class ModelSpec:
     device: str | None = None
     pool_bytes: int | None = None
     max_running: int = 64
+    kv_cache_dtype: str | None = None
 
 
 @serve.deployment
@@ -60,7 +61,8 @@ class Replica:
         device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = MultiLoraModel.from_pretrained(spec.base, spec.adapters, pool_bytes=spec.pool_bytes)
         model.to(device)
-        self.engine = Engine(model, AutoTokenizer.from_pretrained(spec.base), max_running=spec.max_running)
+        self.engine = Engine(model, AutoTokenizer.from_pretrained(spec.base), max_running=spec.max_running,
+                             kv_cache_dtype=spec.kv_cache_dtype)  # fmt: skip
         self.service = OpenAIService(self.engine, model_name=spec.model_name, chat_template=spec.chat_template)
 
     @serve.multiplexed(max_num_models_per_replica=64)

@@ -73,8 +73,8 @@ class StepCache(PagedCache):
     padding rows with one token on the discard page (`hold_discard` takes it first).
     """
 
-    def __init__(self, pool: PagePool, config: Any) -> None:
-        super().__init__(pool, config)
+    def __init__(self, pool: PagePool, config: Any, kv_dtype: str | None = None) -> None:
+        super().__init__(pool, config, kv_dtype=kv_dtype)
         self._row_lens: list[int] = []
         self._new = 0
         self._step_host: torch.Tensor | None = None  # int32 [layers, rows, blocks]: the loaded rows' tables
@@ -170,7 +170,7 @@ class StepCache(PagedCache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [rows, kv_heads, new, head_dim] of the loaded step. Decode K/V are stored by the attention
-        launch (`PagedDecode`, either backend); a prefill's are written here."""
+        launch (`PagedDecode`, either backend); a prefill's, and quantized ones, are written here."""
         if self._pending is not None:
             raise RuntimeError(f"StepCache: no paged attention read layer {self._pending[0]}'s update")
         batch, heads, new, head_dim = key_states.shape
@@ -182,7 +182,10 @@ class StepCache(PagedCache):
             )
         if not self._uploaded:
             self._upload()
-        if new == 1:
+        if self.kv_layout is not None:  # each row from its own length: the lengths' buffer less the new tokens
+            self._write_quantized(layer_idx, self._kv_lens - new, key_states, value_states)
+            self._pending = (layer_idx, key_states, value_states)
+        elif new == 1:
             self._pending = (layer_idx, key_states, value_states)
         else:
             write = write_kv if use_triton(key_states) else write_kv_torch
