@@ -8,6 +8,9 @@ Rows, in interleaved rounds (every variant once per round, the order rotated; th
                        one row per adapter setup (qkvo-r16: rank 16 on q/k/v/o; all7-mixed: all
                        seven projections, ranks 8/16/32/64)
   eager x32 <first>    the first setup's call with cuda_graphs=False
+  graphs x32 <first> kv <dtype>   the first setup's graph call with `kv_cache_dtype` (`--kv-dtypes
+                       fp8,int4`; quantized KV pages), for issue 15's decode target (batch 16 x
+                       4096: `--batch 16 --prompt-lens 4096`)
 
 Each variant runs twice per round, with `new_tokens` and with 1 new token: the difference is the
 decode time (prefill differenced out), reported per step. Llama-2-7B shapes, random bf16 weights;
@@ -30,6 +33,7 @@ from typing import Any
 import common
 import torch
 from bench_generate import FULL, TINY, add_adapters, build_base, row_adapters
+from hf_multilora.kernels.kv_quant import KvLayout
 
 from hf_multilora import MultiLoraModel
 
@@ -76,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--distinct", type=int, default=32)
     parser.add_argument("--setups", default="qkvo-r16,all7-mixed", help="adapter setups, comma-separated")
     parser.add_argument("--pool-gib", type=float, default=40.0, help="the page pool (adapters and KV)")
+    parser.add_argument("--batch", type=int, help="rows per call (default: the profile's, 32 at full size)")
+    parser.add_argument("--kv-dtypes", default="", help="quantized KV rows to add, comma-separated: fp8,int4")
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
@@ -128,16 +134,28 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def step_bytes(
-    model: MultiLoraModel, profile: Any, setup: str | None, distinct: int, batch: int, context: float
+    model: MultiLoraModel,
+    profile: Any,
+    setup: str | None,
+    distinct: int,
+    batch: int,
+    context: float,
+    kv_dtype: str | None = None,
 ) -> float:
     """What one decode step reads at least: weights (the embedding table aside: a step reads `batch`
-    rows of it), the rows' KV at `context` tokens, and every used adapter's rank rows (A and B)."""
+    rows of it), the rows' KV at `context` tokens (quantized: codes and scales, as a page holds
+    them), and every used adapter's rank rows (A and B)."""
     base = model.base_model
     embedding = base.get_input_embeddings().weight
     weights = sum(p.numel() * p.element_size() for p in base.parameters() if p is not embedding)
     config, element = base.config, embedding.element_size()
     head_dim = config.hidden_size // config.num_attention_heads
-    kv = batch * context * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element
+    kv_per_token = 2 * config.num_key_value_heads * head_dim * element  # one layer's K and V
+    if kv_dtype is not None:
+        pool = model.page_pool()
+        page_bytes = pool.page_elems * pool.storage.element_size()
+        kv_per_token = page_bytes / KvLayout.of(kv_dtype, config.num_key_value_heads, head_dim, page_bytes).tokens
+    kv = batch * context * config.num_hidden_layers * kv_per_token
     adapters = 0
     if setup is not None:
         spec = profile.setups[setup]
@@ -159,7 +177,7 @@ def run_prompt(
     profile: Any,
     bandwidth: float,
 ):
-    batch = profile.batch
+    batch = args.batch or profile.batch
     torch.manual_seed(prompt)
     input_ids = torch.randint(3, 32000 if not args.tiny else 128, (batch, prompt), device=device)
     mask = torch.ones_like(input_ids)
@@ -169,14 +187,16 @@ def run_prompt(
     def static(n: int) -> torch.Tensor:
         return base.generate(input_ids, max_new_tokens=n, min_new_tokens=n, cache_implementation="static", **fixed)
 
-    def ours(rows: list[str] | None, graphs: bool) -> Callable[[int], torch.Tensor]:
+    def ours(rows: list[str] | None, graphs: bool, kv_dtype: str | None = None) -> Callable[[int], torch.Tensor]:
         def call(n: int) -> torch.Tensor:
             return model.generate(input_ids, adapter_ids=rows, max_new_tokens=n, min_new_tokens=n,
-                                  cuda_graphs=graphs, **fixed)  # fmt: skip
+                                  cuda_graphs=graphs, kv_cache_dtype=kv_dtype, **fixed)  # fmt: skip
         return call
 
-    def rotated(names: list[str], graphs: bool) -> Callable[[int], Callable[[int], torch.Tensor]]:
-        return lambda r: ours(row_adapters(names[r:] + names[:r], len(names), batch), graphs)
+    def rotated(
+        names: list[str], graphs: bool, kv_dtype: str | None = None
+    ) -> Callable[[int], Callable[[int], torch.Tensor]]:
+        return lambda r: ours(row_adapters(names[r:] + names[:r], len(names), batch), graphs, kv_dtype)
 
     variants: dict[str, Callable[[int], Callable[[int], torch.Tensor]]] = {
         "static (base)": lambda r: static,
@@ -189,6 +209,10 @@ def run_prompt(
     first = next(iter(sets))
     variants[f"eager x{len(sets[first])} {first}"] = rotated(sets[first], False)
     setup_of[f"eager x{len(sets[first])} {first}"] = first
+    kv_of: dict[str, str] = {}
+    for kv_dtype in filter(None, args.kv_dtypes.split(",")):
+        name = f"graphs x{len(sets[first])} {first} kv {kv_dtype}"
+        variants[name], setup_of[name], kv_of[name] = rotated(sets[first], True, kv_dtype), first, kv_dtype
     for make in variants.values():  # warm-up: compile, capture, Triton
         for _ in range(2):
             timed(make(0), device, args.new_tokens)
@@ -215,7 +239,8 @@ def run_prompt(
     for row in rows:
         if not row["variant"].startswith("eager"):  # transformers' static cache replays graphs too
             row["replay_gpu_ms"] = replay_gpu_ms(variants[row["variant"]](0), args.new_tokens)
-        row["bytes_per_step"] = step_bytes(model, profile, setup_of[row["variant"]], args.distinct, batch, context)
+        row["bytes_per_step"] = step_bytes(model, profile, setup_of[row["variant"]], args.distinct, batch, context,
+                                           kv_of.get(row["variant"]))  # fmt: skip
         row["roofline_fraction"] = row["bytes_per_step"] / (row["decode_ms_per_step"] / 1000) / bandwidth
     captures = model.graph_stats().get("captures", 0) - captures_before
     print(f"\n== prompt {prompt}, batch {batch}, {args.new_tokens} new tokens, {args.rounds} rounds")
@@ -227,6 +252,12 @@ def run_prompt(
     ))  # fmt: skip
     print(f"{graphs['variant']} end-to-end / eager: {graphs['tok_s'] / eager['tok_s']:.2f}x; "
           f"captures during the timed rounds: {captures}")  # fmt: skip
+    own_ms = [1000 * (f - o) / steps for f, o in graphs["rounds"]]
+    for row in rows:
+        if row["variant"] in kv_of:  # decode speed against the same call with the model's own KV dtype, per round
+            kv_ms = [1000 * (f - o) / steps for f, o in row["rounds"]]
+            row["decode_speed_vs_own_kv"] = common.median([a / b for a, b in zip(own_ms, kv_ms, strict=True)])
+            print(f"{row['variant']}: decode speed / {graphs['variant']}: {row['decode_speed_vs_own_kv']:.2f}x")
     return {"prompt": prompt, "rows": rows, "captures_in_timed_rounds": captures}
 
 
