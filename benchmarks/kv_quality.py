@@ -1,0 +1,300 @@
+"""What quantized KV pages cost in quality, on a language model trained here (no pretrained LM is
+reachable offline).
+
+The model: a small Llama (`--layers`, `--hidden`, heads of 128 dims; one model per `--kv-heads`
+value: MHA and GQA) trained for `--steps` on the Python standard library's source (it ships with
+every Python, so the corpus is the same offline everywhere; site-packages left out), windows of
+`--context` tokens, a byte-level BPE of `--vocab` tokens trained on the same text, plus 10% synthetic
+passkey documents (filler with "The pass key is NNNNN." at some depth, then the question). Seeded.
+
+For each KV dtype (the model's own, fp8, int4), on held-out windows:
+  decode NLL     prefill `--prefill` tokens, then teacher-forced decode steps over the next
+                 `--score` tokens through a PagedCache of that dtype (the prefill attends its own
+                 tokens exactly, so decode steps carry the quantization); perplexity and its change
+                 against the model's dtype, with a bootstrap 95% interval over the windows
+  top-1          agreement of each decode step's argmax with the model's dtype's
+  greedy         positions where greedy outputs (`generate`, `--greedy` tokens) equal the paged
+                 model-dtype run's, next to the floor: the paged model-dtype run against
+                 transformers' DynamicCache (kernels that sum in another order already diverge)
+  passkey        accuracy of the 5 digits over context lengths x depths (`--passkey-trials` each)
+Heavy-hitter budgets (issue 15's 0.5 / 0.2 rows) are not built yet; transformers' QuantizedCache
+rows need optimum-quanto or hqq, and are reported as missing where neither is installed.
+
+Full size needs a CUDA GPU (bf16; training estimated at ~3 minutes per model on an H200, not run yet:
+one model per call fits the device calls of 10 minutes); `--tiny` checks the
+script end to end on a CPU in a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import random
+import sys
+import sysconfig
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import common
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_multilora import MultiLoraModel
+from hf_multilora.cache import PagedCache, paged_attention_in
+from hf_multilora.model import _cache_keyword
+
+KV_DTYPES = (None, "fp8", "int4")  # None: the model's own dtype
+
+
+def corpus_text(megabytes: float) -> str:
+    """The standard library's .py files in path order, up to `megabytes`."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, size = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "dist-packages" in path.parts:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(text)
+        size += len(text)
+        if size >= megabytes * 1e6:
+            break
+    return "\n".join(texts)
+
+
+def train_tokenizer(text: str, vocab: int) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
+    tokenizer.train_from_iterator((text[i : i + 100_000] for i in range(0, len(text), 100_000)), trainer=trainer)
+    return tokenizer
+
+
+def passkey_document(tokenizer: Tokenizer, filler: list[int], length: int, depth: float, rng: random.Random
+                     ) -> tuple[list[int], str]:  # fmt: skip
+    """`length` tokens: filler with the key sentence at `depth` (0: start, 1: end), then the question;
+    returns (ids, the 5 digits)."""
+    key = f"{rng.randrange(10_000, 100_000)}"
+    needle = tokenizer.encode(f"\n# The pass key is {key}. Remember it. {key} is the pass key.\n").ids
+    question = tokenizer.encode("\n# What is the pass key? The pass key is").ids
+    room = length - len(needle) - len(question)
+    start = rng.randrange(0, len(filler) - room)
+    text = filler[start : start + room]
+    at = int(depth * room)
+    return text[:at] + needle + text[at:] + question, key
+
+
+def train(config: LlamaConfig, stream: torch.Tensor, tokenizer: Tokenizer, args: argparse.Namespace,
+          device: torch.device) -> LlamaForCausalLM:  # fmt: skip
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = random.Random(args.seed)
+    filler = stream.tolist()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    started = time.perf_counter()
+    for step in range(args.steps):
+        lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = []
+        for _ in range(args.train_batch):
+            if rng.random() < 0.1:
+                ids, _ = passkey_document(tokenizer, filler, args.context + 1, rng.random(), rng)
+                rows.append(torch.tensor(ids))
+            else:
+                start = rng.randrange(0, len(stream) - args.context - 1)
+                rows.append(stream[start : start + args.context + 1])
+        batch = torch.stack(rows).to(device)
+        with autocast:
+            logits = model(input_ids=batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
+            print(f"  step {step}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return model.eval()
+
+
+def decode_scores(multi: MultiLoraModel, windows: torch.Tensor, prefill: int, kv_dtype: str | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Teacher-forced: per window and scored token, the NLL and the argmax [windows, score]."""
+    base = multi.base_model
+    cache = PagedCache(multi.page_pool(), base.config, kv_dtype=kv_dtype)
+    keyword = _cache_keyword(base)
+    nll, top = [], []
+    try:
+        with torch.no_grad(), paged_attention_in(base):
+            logits = base(input_ids=windows[:, :prefill], use_cache=True, **{keyword: cache}).logits[:, -1]
+            for t in range(prefill, windows.shape[1]):
+                logp = torch.log_softmax(logits.float(), -1)
+                nll.append(-logp.gather(1, windows[:, t : t + 1])[:, 0])
+                top.append(logits.argmax(-1))
+                if t + 1 < windows.shape[1]:
+                    logits = base(input_ids=windows[:, t : t + 1], use_cache=True, **{keyword: cache}).logits[:, -1]
+    finally:
+        cache.release()
+    return torch.stack(nll, 1).cpu(), torch.stack(top, 1).cpu()
+
+
+def bootstrap_ppl_change(nll: torch.Tensor, reference: torch.Tensor, rounds: int = 1000) -> tuple[float, float, float]:
+    """Perplexity change in % (per-window means resampled): point estimate and a 95% interval."""
+    gen = torch.Generator().manual_seed(0)
+    per_window, per_window_ref = nll.mean(1), reference.mean(1)
+
+    def change(index: torch.Tensor) -> float:
+        return 100 * (math.exp(per_window[index].mean()) / math.exp(per_window_ref[index].mean()) - 1)
+
+    n = per_window.shape[0]
+    samples = sorted(change(torch.randint(0, n, (n,), generator=gen)) for _ in range(rounds))
+    return change(torch.arange(n)), samples[int(0.025 * rounds)], samples[int(0.975 * rounds)]
+
+
+def greedy(multi: MultiLoraModel, prompts: torch.Tensor, tokens: int, **kwargs: Any) -> torch.Tensor:
+    out = multi.generate(prompts, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, **kwargs)  # fmt: skip
+    return out[:, prompts.shape[1] :].cpu()
+
+
+def passkey_accuracy(multi: MultiLoraModel, tokenizer: Tokenizer, filler: list[int], args: argparse.Namespace,
+                     kv_dtype: str | None, device: torch.device) -> dict[str, float]:  # fmt: skip
+    accuracy = {}
+    for length in args.passkey_lengths:
+        for depth in (0.1, 0.5, 0.9):
+            rng = random.Random(f"{length}-{depth}")  # the same documents for every dtype
+            docs = [passkey_document(tokenizer, filler, length, depth, rng) for _ in range(args.passkey_trials)]
+            ids = torch.tensor([d for d, _ in docs], device=device)
+            out = greedy(multi, ids, 6, kv_cache_dtype=kv_dtype)
+            hits = [key in tokenizer.decode(row.tolist()) for row, (_, key) in zip(out, docs, strict=True)]
+            accuracy[f"{length}@{depth}"] = sum(hits) / len(hits)
+    return accuracy
+
+
+def evaluate(model: LlamaForCausalLM, held_out: torch.Tensor, tokenizer: Tokenizer, args: argparse.Namespace,
+             device: torch.device, dtype: torch.dtype) -> dict[str, Any]:  # fmt: skip
+    multi = MultiLoraModel(model.to(dtype), pool_bytes=args.pool_mib * 2**20)
+    rng = random.Random(args.seed + 1)
+    length = args.prefill + args.score
+    starts = [rng.randrange(0, len(held_out) - length) for _ in range(args.windows)]
+    windows = torch.stack([held_out[s : s + length] for s in starts]).to(device)
+    scores = {kv: decode_scores(multi, windows, args.prefill, kv) for kv in KV_DTYPES}
+    prompts = windows[: args.greedy_rows, : args.prefill]
+    own = greedy(multi, prompts, args.greedy)
+    floor = greedy(multi, prompts, args.greedy, paged_cache=False)
+    filler = held_out.tolist()
+    result: dict[str, Any] = {"kv": {}, "greedy_floor": (own == floor).float().mean().item()}
+    for kv in KV_DTYPES:
+        nll, top = scores[kv]
+        ppl_change = bootstrap_ppl_change(nll, scores[None][0])
+        result["kv"][kv or "model dtype"] = {
+            "ppl": math.exp(nll.mean()),
+            "ppl_change_pct": ppl_change,
+            "top1_agreement": (top == scores[None][1]).float().mean().item(),
+            "greedy_agreement": (greedy(multi, prompts, args.greedy, kv_cache_dtype=kv) == own).float().mean().item(),
+            "passkey": passkey_accuracy(multi, tokenizer, filler, args, kv, device),
+        }
+    backends = [m for m in ("optimum.quanto", "hqq") if _installed(m)]
+    result["quantized_cache"] = f"not run: {'not wired yet' if backends else 'needs optimum-quanto or hqq'}"
+    return result
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def print_result(kv_heads: int, result: dict[str, Any]) -> None:
+    print(f"\n== {kv_heads} KV heads; greedy agreement floor (paged vs DynamicCache, model dtype): "
+          f"{result['greedy_floor']:.3f}")  # fmt: skip
+    rows = []
+    for name, r in result["kv"].items():
+        point, low, high = r["ppl_change_pct"]
+        passkey = sum(r["passkey"].values()) / len(r["passkey"])
+        rows.append([name, round(r["ppl"], 3), f"{point:+.2f}% [{low:+.2f}, {high:+.2f}]", round(r["top1_agreement"], 4),
+                     round(r["greedy_agreement"], 3), round(passkey, 3)])  # fmt: skip
+    print(common.format_table(["KV", "decode ppl", "ppl change (95% CI)", "top-1 vs model dtype", "greedy vs model dtype",
+                               "passkey accuracy"], rows))  # fmt: skip
+    print(f"transformers QuantizedCache: {result['quantized_cache']}")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--kv-heads", type=common.parse_int_list, help="one model per value (default: MHA and 2)")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--context", type=int, help="training window")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--train-batch", type=int)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--corpus-mb", type=float)
+    parser.add_argument("--prefill", type=int)
+    parser.add_argument("--score", type=int)
+    parser.add_argument("--windows", type=int)
+    parser.add_argument("--greedy", type=int, help="greedy tokens per prompt")
+    parser.add_argument("--greedy-rows", type=int)
+    parser.add_argument("--passkey-lengths", type=common.parse_int_list)
+    parser.add_argument("--passkey-trials", type=int)
+    parser.add_argument("--pool-mib", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    full = dict(layers=8, hidden=768, context=2048, steps=2000, train_batch=16, vocab=8192, corpus_mb=24.0,
+                prefill=1536, score=512, windows=32, greedy=64, greedy_rows=16, passkey_lengths=(1024, 2048),
+                passkey_trials=20, pool_mib=16384)  # fmt: skip
+    tiny = dict(layers=2, hidden=128, context=128, steps=30, train_batch=8, vocab=512, corpus_mb=0.5, prefill=48,
+                score=16, windows=4, greedy=8, greedy_rows=2, passkey_lengths=(96,), passkey_trials=2, pool_mib=64)  # fmt: skip
+    for key, value in (tiny if args.tiny else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.kv_heads is None:  # MHA, and GQA with 2 KV heads where there are more heads than that
+        heads = max(1, args.hidden // 128)
+        args.kv_heads = (heads, 2) if heads > 2 else (heads,)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = common.start(args.tiny)
+    if started is None:
+        return 1
+    device, env = started
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    text = corpus_text(args.corpus_mb)
+    tokenizer = train_tokenizer(text, args.vocab)
+    ids = torch.tensor(tokenizer.encode(text).ids)
+    split = int(0.95 * len(ids))
+    train_ids, held_out = ids[:split], ids[split:]
+    print(f"corpus: {len(text) / 1e6:.1f} MB of the standard library, {len(ids) / 1e6:.2f}M tokens", flush=True)
+    heads = max(1, args.hidden // 128)
+    results = {}
+    for kv_heads in args.kv_heads:
+        config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=args.hidden,
+                             intermediate_size=int(args.hidden * 8 / 3) // 64 * 64, num_hidden_layers=args.layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             max_position_embeddings=max(args.context, *args.passkey_lengths, args.prefill + args.score),
+                             rope_theta=10_000.0)  # fmt: skip
+        print(f"training: {args.layers} layers, {heads} heads / {kv_heads} KV heads, {args.steps} steps", flush=True)
+        model = train(config, train_ids, tokenizer, args, device)
+        results[kv_heads] = evaluate(model, held_out, tokenizer, args, device, dtype)
+        print_result(kv_heads, results[kv_heads])
+    if args.json:
+        common.write_json(args.json, {"environment": env, "args": vars(args), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
