@@ -145,9 +145,7 @@ class SpecializedLaunch:
             return None
         grid3 = (*grid, 1, 1)[:3]
         key = self._key(args, constexprs, num_warps, num_stages, pdl=False)
-        entry = self._compiled.get(key, _NOT_COMPILED)
-        if entry is _NOT_COMPILED:
-            entry = self._compile(key, args, constexprs, num_warps, num_stages, pdl=False)
+        entry = self._entry(key, args, constexprs, num_warps, num_stages, pdl=False)
         if entry is not None:
             flat = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in args]
             flat += [constexprs[name] for name in self.arg_names[len(args) :]]
@@ -156,7 +154,7 @@ class SpecializedLaunch:
                 entry[0](*grid3, stream, entry[1], entry[2], None, None, None, *flat)
                 return entry
             except (TypeError, ValueError, OverflowError):  # rejected while parsing arguments, before any launch
-                entry = self._compiled[key] = None
+                self._compiled[key] = None
         self._fn[tuple(grid)](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         return None
 
@@ -165,20 +163,22 @@ class SpecializedLaunch:
     ) -> tuple | None:
         """The launcher for these arguments, compiled if need be but not launched; `pdl`: one whose
         launches are programmatic dependent launches."""
-        key = self._key(args, constexprs, num_warps, num_stages, pdl)
-        entry = self._compiled.get(key, _NOT_COMPILED)
-        return self._compile(key, args, constexprs, num_warps, num_stages, pdl) if entry is _NOT_COMPILED else entry
+        return self._entry(self._key(args, constexprs, num_warps, num_stages, pdl), args, constexprs, num_warps,
+                           num_stages, pdl)  # fmt: skip
 
     def _key(self, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int, num_stages: int, pdl: bool) -> tuple:
         fixed = [constexprs[name] for name in self.arg_names[len(args) :]]  # constexprs by value
         return (num_warps, num_stages, pdl, args[0].device.index, *map(_specialization, args), *fixed)
 
-    def _compile(
+    def _entry(
         self, key: tuple, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int, num_stages: int, pdl: bool
-    ) -> tuple:
-        options = {"num_warps": num_warps, "num_stages": num_stages, **({"launch_pdl": True} if pdl else {})}
-        kernel = self._fn.warmup(*args, grid=(1, 1, 1), **options, **constexprs)
-        entry = self._compiled[key] = (kernel.run, kernel.function, kernel.packed_metadata)  # run first: it sets function
+    ) -> tuple | None:
+        """The launcher kept under `key` (None: launch through Triton's path), compiled on first use."""
+        entry = self._compiled.get(key, _NOT_COMPILED)
+        if entry is _NOT_COMPILED:
+            options = {"num_warps": num_warps, "num_stages": num_stages, **({"launch_pdl": True} if pdl else {})}
+            kernel = self._fn.warmup(*args, grid=(1, 1, 1), **options, **constexprs)
+            entry = self._compiled[key] = (kernel.run, kernel.function, kernel.packed_metadata)  # run first: sets function
         return entry
 
 
