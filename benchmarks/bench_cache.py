@@ -436,8 +436,7 @@ def kv_dtype_kernels(args: argparse.Namespace, device: torch.device) -> list[dic
                     paged_attention_quant(qt, kt, kt, storage, layout, table, kv_lens, dim**-0.5)
 
                 calls[kv_dtype] = call
-                per_token = layout.code_bytes * 2 + (4 if kv_dtype == "fp8" else 8)  # codes + scales (+ mins)
-                bytes_read[kv_dtype] = batch * context * heads * per_token
+                bytes_read[kv_dtype] = batch * context * layout.token_bytes
         times: dict[str, list[float]] = {name: [] for name in calls}
         for _ in range(args.repeats + 1):  # the first round warms up (compiles)
             for name, call in calls.items():

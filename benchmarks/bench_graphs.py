@@ -143,8 +143,8 @@ def step_bytes(
     kv_dtype: str | None = None,
 ) -> float:
     """What one decode step reads at least: weights (the embedding table aside: a step reads `batch`
-    rows of it), the rows' KV at `context` tokens (quantized: codes and scales, as a page holds
-    them), and every used adapter's rank rows (A and B)."""
+    rows of it), the rows' KV at `context` tokens (quantized: codes and scales,
+    `KvLayout.token_bytes`), and every used adapter's rank rows (A and B)."""
     base = model.base_model
     embedding = base.get_input_embeddings().weight
     weights = sum(p.numel() * p.element_size() for p in base.parameters() if p is not embedding)
@@ -154,7 +154,7 @@ def step_bytes(
     if kv_dtype is not None:
         pool = model.page_pool()
         page_bytes = pool.page_elems * pool.storage.element_size()
-        kv_per_token = page_bytes / KvLayout.of(kv_dtype, config.num_key_value_heads, head_dim, page_bytes).tokens
+        kv_per_token = KvLayout.of(kv_dtype, config.num_key_value_heads, head_dim, page_bytes).token_bytes
     kv = batch * context * config.num_hidden_layers * kv_per_token
     adapters = 0
     if setup is not None:

@@ -61,6 +61,13 @@ class KvLayout:
     k_min: int  # INT4 only (-1 for FP8)
     v_min: int
 
+    @property
+    def token_bytes(self) -> int:
+        """Bytes one token of one layer takes, all KV heads: K and V codes, scales (and minimums);
+        what an attention reads per key, the regions' alignment aside."""
+        meta = 2 if self.kv_dtype == "fp8" else 4
+        return self.kv_heads * (2 * self.code_bytes + meta * _META_BYTES)
+
     @classmethod
     def of(cls, kv_dtype: str, kv_heads: int, head_dim: int, page_bytes: int) -> KvLayout:
         """The layout with the most token slots that fit `page_bytes`; ValueError for an unknown

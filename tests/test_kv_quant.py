@@ -36,6 +36,9 @@ def test_llama_pages_hold_more_tokens(kv_dtype, tokens):
     assert end <= LLAMA_7B_PAGE
     assert layout.v_codes - layout.k_codes >= 32 * tokens * layout.code_bytes  # regions do not overlap
     assert KvLayout._bytes(kv_dtype, 32, layout.code_bytes, tokens + 1) > LLAMA_7B_PAGE  # one more would not fit
+    # what one token takes: its K and V codes and metadata in every region, alignment aside
+    assert layout.token_bytes == 32 * (2 * layout.code_bytes + len(regions[2:]) * 2)
+    assert layout.token_bytes * tokens <= LLAMA_7B_PAGE < layout.token_bytes * (tokens + 1) + 6 * 16
     with pytest.raises(ValueError, match="cannot hold one"):
         KvLayout.of(kv_dtype, 32, 128, 64)
 
