@@ -196,11 +196,12 @@ def evaluate(model: LlamaForCausalLM, held_out: torch.Tensor, tokenizer: Tokeniz
     for kv in KV_DTYPES:
         nll, top = scores[kv]
         ppl_change = bootstrap_ppl_change(nll, scores[None][0])
+        outputs = own if kv is None else greedy(multi, prompts, args.greedy, kv_cache_dtype=kv)
         result["kv"][kv or "model dtype"] = {
             "ppl": math.exp(nll.mean()),
             "ppl_change_pct": ppl_change,
             "top1_agreement": (top == scores[None][1]).float().mean().item(),
-            "greedy_agreement": (greedy(multi, prompts, args.greedy, kv_cache_dtype=kv) == own).float().mean().item(),
+            "greedy_agreement": (outputs == own).float().mean().item(),
             "passkey": passkey_accuracy(multi, tokenizer, filler, args, kv, device),
         }
     backends = [m for m in ("optimum.quanto", "hqq") if _installed(m)]
@@ -227,6 +228,11 @@ def print_result(kv_heads: int, result: dict[str, Any]) -> None:
     print(common.format_table(["KV", "decode ppl", "ppl change (95% CI)", "top-1 vs model dtype", "greedy vs model dtype",
                                "passkey accuracy"], rows))  # fmt: skip
     print(f"transformers QuantizedCache: {result['quantized_cache']}")
+
+
+def attention_heads(hidden: int) -> int:
+    """Heads of 128 dims, as Llama-2-7B's."""
+    return max(1, hidden // 128)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -261,7 +267,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.kv_heads is None:  # MHA, and GQA with 2 KV heads where there are more heads than that
-        heads = max(1, args.hidden // 128)
+        heads = attention_heads(args.hidden)
         args.kv_heads = (heads, 2) if heads > 2 else (heads,)
     return args
 
@@ -279,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = int(0.95 * len(ids))
     train_ids, held_out = ids[:split], ids[split:]
     print(f"corpus: {len(text) / 1e6:.1f} MB of the standard library, {len(ids) / 1e6:.2f}M tokens", flush=True)
-    heads = max(1, args.hidden // 128)
+    heads = attention_heads(args.hidden)
     results = {}
     for kv_heads in args.kv_heads:
         config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=args.hidden,
