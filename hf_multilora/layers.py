@@ -2,9 +2,9 @@
 
 One `LoraRuntime` is shared by every LoRA layer of a model. It holds the adapter residency (adapter
 rows in pool pages) and the plan of the current forward (built once by routing, reused by every
-layer), and picks Triton on CUDA and plain PyTorch (`sgmv.TorchLora`) elsewhere. Projections that read the same input (q/k/v,
-gate/up) are siblings: the first one's shrink covers all of them in one multi-slice launch and the
-others reuse it.
+layer), and picks Triton on CUDA and plain PyTorch (`sgmv.TorchLora`) elsewhere. Projections that
+read the same input (q/k/v, gate/up) are siblings: the first one's shrink covers all of them in one
+multi-slice launch and the others reuse it.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ class LoraRuntime:
             sizes = {g.size for g in self.groups}
             need = max(sgmv.shrink_workspace_numel(self.plan, size) for size in sizes)
             self._workspace = torch.empty(need, dtype=torch.float32, device=residency.device)
-            self._tile_tables = (sgmv.tile_view(residency.locations, self.plan), sgmv.tile_view(residency.scales, self.plan))
+            self._tile_tables = tuple(sgmv.tile_view(t, self.plan) for t in (residency.locations, residency.scales))
 
     def _use_fixed(self, row_slots: Sequence[int], max_rank: int) -> None:
         """Plan a decode step on the fixed tables of this batch size: every LoRA module launches
