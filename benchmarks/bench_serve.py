@@ -23,12 +23,16 @@ Rows, in one process:
                    longest request, throughput counts the tokens asked for; timed on a second pass
                    (the first compiles)
 (b) and (c) run at saturation only. Llama-2-7B shapes on CUDA; `--tiny` checks the script on CPU.
+
+`--kv-cache-dtypes model,int4` runs the engine once per KV dtype on each trace (quantized KV pages in
+the same pool: more requests fit), `--rounds` times each in alternating order, and prints their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import random
 import sys
@@ -111,6 +115,26 @@ def run_engine(engine: Engine, trace: list[TraceRequest]) -> dict:
             "max_batch": max(engine.batch_sizes, default=0)}  # fmt: skip
 
 
+def run_trace(
+    model: MultiLoraModel, tokenizer: Any, trace: list[TraceRequest], args: argparse.Namespace, kv_dtype: str,
+    warm_up: bool,
+) -> dict:
+    """One engine over the trace; with `warm_up`, the whole trace at once first: compiles, plans, and
+    captures the decode graphs of the batch buckets and table widths the trace reaches (a server's
+    first minutes). Residency and graph counts are the timed run's (the model's run from its wrapping)."""
+    kv_cache_dtype = None if kv_dtype == "model" else kv_dtype
+    with Engine(model, tokenizer, max_running=args.max_running, kv_cache_dtype=kv_cache_dtype) as engine:
+        if warm_up:
+            run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])
+            engine.stats.clear(), engine.batch_sizes.clear()
+        before, graphs = model.memory_stats(), model.graph_stats()
+        result = run_engine(engine, trace)
+        after, graphs_after = model.memory_stats(), model.graph_stats()
+    result["residency"] = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
+    result["graphs"] = {k: graphs_after.get(k, 0) - graphs.get(k, 0) for k in ("captures", "replays")}
+    return result
+
+
 def run_generate_each(model: MultiLoraModel, trace: list[TraceRequest], device: torch.device) -> dict:
     """(a): requests one after another, each when it has arrived and the previous one is done (the
     clock is simulated from measured durations, so the run does not sleep)."""
@@ -175,7 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baselines", default="generate,hf-cb,hf-static")
     parser.add_argument("--generate-requests", type=int, help="(a) on the trace's first N requests only (default: all)")
     parser.add_argument("--max-running", type=int, default=64)
-    parser.add_argument("--kv-cache-dtype", choices=("fp8", "int4"), help="the engine's KV pages (default: the model's dtype)")
+    parser.add_argument("--kv-cache-dtypes", type=lambda s: s.split(","), default=["model"],
+                        help="the engine's KV pages, one engine run each in turn per trace: model (the "
+                             "model's dtype), fp8, int4")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each KV dtype per trace, alternated")
     parser.add_argument("--pool-gib", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
@@ -207,21 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             model.prefetch_adapters(names, host_only=True)
             for rate in rates:
                 trace = make_trace(args, rate, names, vocab)
-                with Engine(model, tokenizer, max_running=args.max_running, kv_cache_dtype=args.kv_cache_dtype) as engine:
-                    # warm-up, the whole trace at once: compiles, plans, and captures the decode graphs
-                    # of the batch buckets and table widths the trace reaches (a server's first minutes)
-                    run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])
-                    engine.stats.clear(), engine.batch_sizes.clear()
-                    before, graphs = model.memory_stats(), model.graph_stats()
-                    row = {"adapters": count, "rate": rate, "engine": run_engine(engine, trace)}
-                    after, graphs_after = model.memory_stats(), model.graph_stats()
-                    # in the timed run only (the model's counters run from its wrapping)
-                    row["residency"] = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
-                    row["graphs"] = {k: graphs_after.get(k, 0) - graphs.get(k, 0) for k in ("captures", "replays")}
-                if "generate" in args.baselines and math.isinf(rate):
-                    row["generate_each"] = run_generate_each(model, trace[: args.generate_requests], device)
-                results.append(row)
-                print(f"adapters {count}, rate {rate}: {row}", flush=True)
+                for turn in range(args.rounds * len(args.kv_cache_dtypes)):
+                    kv_dtype = args.kv_cache_dtypes[(turn + turn // len(args.kv_cache_dtypes)) % len(args.kv_cache_dtypes)]
+                    row = {"adapters": count, "rate": rate, "kv_cache_dtype": kv_dtype,
+                           "engine": run_trace(model, tokenizer, trace, args, kv_dtype, warm_up=turn < len(args.kv_cache_dtypes))}  # fmt: skip
+                    if "generate" in args.baselines and math.isinf(rate) and turn == 0:
+                        row["generate_each"] = run_generate_each(model, trace[: args.generate_requests], device)
+                    results.append(row)
+                    print(f"adapters {count}, rate {rate}: {row}", flush=True)
             for name in names:
                 model.unload_adapter(name)
     saturated = make_trace(args, math.inf, [], vocab)
@@ -243,17 +263,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_table(results: list[dict], baselines: dict[str, Any]) -> None:
-    header = ["adapters", "rate", "engine tok/s", "TTFT p50 / p99 s", "TPOT p50 / p99 ms", "(a) tok/s", "engine / (a)"]
+    header = ["adapters", "rate", "KV", "engine tok/s", "TTFT p50 / p99 s", "TPOT p50 / p99 ms", "(a) tok/s",
+              "engine / (a)"]  # fmt: skip
     rows = []
     for row in results:
         engine, each = row["engine"], row.get("generate_each")
         rows.append([
-            row["adapters"], row["rate"], round(engine["tok_s"], 1),
+            row["adapters"], row["rate"], row["kv_cache_dtype"], round(engine["tok_s"], 1),
             f"{engine['ttft_s']['p50']:.3f} / {engine['ttft_s']['p99']:.3f}",
             f"{1000 * engine['tpot_s']['p50']:.1f} / {1000 * engine['tpot_s']['p99']:.1f}",
             round(each["tok_s"], 1) if each else "-", round(engine["tok_s"] / each["tok_s"], 2) if each else "-",
         ])  # fmt: skip
     print(common.format_table(header, rows))
+    for kv_dtype in sorted({r["kv_cache_dtype"] for r in results} - {"model"}):
+        for (count, rate), runs in itertools.groupby(results, key=lambda r: (r["adapters"], r["rate"])):
+            runs = list(runs)
+            own = [r["engine"]["tok_s"] for r in runs if r["kv_cache_dtype"] == "model"]
+            quantized = [r["engine"]["tok_s"] for r in runs if r["kv_cache_dtype"] == kv_dtype]
+            if own and quantized:
+                print(f"{count} adapters, rate {rate}: {kv_dtype} KV / the model's dtype: "
+                      f"{common.median(quantized) / common.median(own):.2f}x")  # fmt: skip
     for name, values in baselines.items():
         if "tok_s" in values:
             ratios = ", ".join(f"{r['adapters']} adapters {r['engine']['tok_s'] / values['tok_s']:.2f}x"

@@ -458,14 +458,16 @@ def num_splits_for(
     max_context: int,
     sliding_window: int | None = None,
     q_len: int = 1,
+    target_programs: int = _TARGET_PROGRAMS,
 ) -> int:
     """Context splits for a launch of batch * kv_heads * q_tiles programs: doubled while the GPU
-    is under-filled and each split keeps >= _MIN_KEYS_PER_SPLIT keys of the longest possible context."""
+    is under-filled (fewer than `target_programs`) and each split keeps >= _MIN_KEYS_PER_SPLIT keys
+    of the longest possible context."""
     if sliding_window is not None:
         max_context = min(max_context, sliding_window + q_len)
     programs, splits = batch * kv_heads * q_tiles, 1
     while (
-        programs * splits * 2 <= _TARGET_PROGRAMS
+        programs * splits * 2 <= target_programs
         and max_context >= 2 * splits * _MIN_KEYS_PER_SPLIT
         and splits * 2 <= MAX_SPLITS
     ):

@@ -28,11 +28,13 @@ import triton.language as tl
 
 from .kv_quant import KvLayout
 from .paged_attention import (
+    _TARGET_PROGRAMS,
     MAX_SPLITS,
     _combine_splits_kernel,
     _dot,
     _next_power_of_2,
     _positions,
+    _tiles,
     num_splits_for,
 )
 from .sgmv import _dot_in_fp32
@@ -155,41 +157,35 @@ def write_kv_quant(
 
 
 @triton.jit
-def _dequantized_tile(
+def _code_tile(
     base,  # uint8 pointers [BLOCK_N]: each key's page
     cell,  # [BLOCK_N] head * TOKENS + slot
-    offs_d,  # [BLOCK_D]
+    offs_h,  # [BLOCK_H]: code bytes of one (token, head), contiguous
     k_ok,  # [BLOCK_N]: keys to read
-    d_ok,  # [BLOCK_D]: dims of the head
+    h_ok,  # [BLOCK_H]: bytes of the token
     CODES_AT: tl.constexpr,
-    SCALE_AT: tl.constexpr,
-    MIN_AT: tl.constexpr,
     CODE_BYTES: tl.constexpr,
-    INT4: tl.constexpr,
 ):
-    """Keys (or values) [BLOCK_N, BLOCK_D] in fp32: code * scale (+ min)."""
-    ok = k_ok[:, None] & d_ok[None, :]
-    scale = tl.load((base + SCALE_AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=k_ok, other=0.0)
-    if INT4:
-        byte = tl.load(base[:, None] + CODES_AT + (cell * CODE_BYTES)[:, None] + (offs_d % CODE_BYTES)[None, :],
-                       mask=ok, other=0)  # fmt: skip
-        level = tl.where((offs_d >= CODE_BYTES)[None, :], byte >> 4, byte & 15).to(tl.float32)
-        low = tl.load((base + MIN_AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=k_ok, other=0.0)
-        return level * scale.to(tl.float32)[:, None] + low.to(tl.float32)[:, None]
-    else:
-        byte = tl.load(base[:, None] + CODES_AT + (cell * CODE_BYTES)[:, None] + offs_d[None, :], mask=ok, other=0)
-        return byte.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale.to(tl.float32)[:, None]
+    """The code bytes [BLOCK_N, BLOCK_H] of each key, every byte loaded once (an INT4 byte holds dims
+    d and d + head_dim / 2: the caller splits its nibbles)."""
+    return tl.load(base[:, None] + CODES_AT + (cell * CODE_BYTES)[:, None] + offs_h[None, :],
+                   mask=k_ok[:, None] & h_ok[None, :], other=0)  # fmt: skip
 
 
 @triton.jit
-def _online_softmax_step(m_i, l_i, acc, s, seen, v, DOT_IN_FP32: tl.constexpr):
+def _meta(base, cell, k_ok, AT: tl.constexpr):
+    """The fp16 scale (or min) [BLOCK_N] of each key, in fp32."""
+    return tl.load((base + AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=k_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _softmax_step(m_i, l_i, s, seen):
+    """One tile of the online softmax: (new max, new sum, the old accumulators' factor, p)."""
     s = tl.where(seen, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_IN_FP32)
-    return m_new, l_i, acc
+    return m_new, l_i * alpha + tl.sum(p, axis=1), alpha, p
 
 
 @triton.jit
@@ -220,7 +216,7 @@ def _quant_attention_kernel(
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    CODE_BYTES: tl.constexpr,
+    CODE_BYTES: tl.constexpr,  # the dims of a half: INT4 head_dim / 2 (dims d and d + CODE_BYTES share byte d); FP8 head_dim
     K_CODES: tl.constexpr,
     V_CODES: tl.constexpr,
     K_SCALE: tl.constexpr,
@@ -234,8 +230,12 @@ def _quant_attention_kernel(
     NUM_SPLITS: tl.constexpr,  # programs per (row, KV head, query tile), each over a share of the pages
     BLOCK_M: tl.constexpr,  # query rows: BLOCK_M // GROUP_PAD positions x GROUP_PAD heads
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # >= CODE_BYTES
 ):  # fmt: skip
+    """The codes go into the dot products as they are (INT4 levels and e4m3 values are exact in
+    fp16/bf16) and the affine terms come out: a key's score is scale * (q . levels) + min * sum(q),
+    and p @ V is (p * scale) @ levels + p @ min. INT4 keeps the two halves of the head's dims apart
+    (the low and high nibbles of the same bytes) in two accumulators, A (dims < CODE_BYTES) and B."""
     b = tl.program_id(0) // KV_HEADS
     kv_head = tl.program_id(0) % KV_HEADS
     b64 = b.to(tl.int64)
@@ -248,13 +248,18 @@ def _quant_attention_kernel(
     row_ok = (q_idx < q_len) & (g < GROUP)
     head = kv_head * GROUP + g
     q_pos = past + q_idx
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b64 * q_sb + q_idx.to(tl.int64)[:, None] * q_st + head[:, None] * q_sh + offs_d[None, :] * q_sd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < CODE_BYTES
+    q_rows = q_ptr + b64 * q_sb + q_idx.to(tl.int64)[:, None] * q_st + head[:, None] * q_sh
+    q_a = tl.load(q_rows + offs_h[None, :] * q_sd, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+    q_b = tl.zeros_like(q_a)  # INT4 only: dims CODE_BYTES.. of the head
+    if INT4:
+        q_b = tl.load(q_rows + (CODE_BYTES + offs_h[None, :]) * q_sd, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+    q_sum = tl.sum(q_a.to(tl.float32), axis=1) + tl.sum(q_b.to(tl.float32), axis=1)  # INT4's min term
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: fully masked rows end as zeros
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc_a = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)  # INT4 only
 
     lo = 0
     if HAS_WINDOW:
@@ -269,26 +274,45 @@ def _quant_attention_kernel(
         page = tl.load(table_ptr + b64 * table_stride + k_pos // TOKENS, mask=k_ok, other=0).to(tl.int64)
         base = data_ptr + page * page_bytes
         cell = kv_head * TOKENS + k_pos % TOKENS
-        k = _dequantized_tile(base, cell, offs_d, k_ok, d_ok, K_CODES, K_SCALE, K_MIN, CODE_BYTES, INT4).to(q.dtype)
-        s = _dot(q, tl.trans(k), DOT_IN_FP32) * qk_scale
+        k_codes = _code_tile(base, cell, offs_h, k_ok, h_ok, K_CODES, CODE_BYTES)
+        k_scale = _meta(base, cell, k_ok, K_SCALE)
+        if INT4:
+            s = _dot(q_a, tl.trans((k_codes & 15).to(q_a.dtype)), DOT_IN_FP32)
+            s += _dot(q_b, tl.trans((k_codes >> 4).to(q_a.dtype)), DOT_IN_FP32)
+            s = s * k_scale[None, :] + q_sum[:, None] * _meta(base, cell, k_ok, K_MIN)[None, :]
+        else:
+            s = _dot(q_a, tl.trans(k_codes.to(tl.float8e4nv, bitcast=True).to(q_a.dtype)), DOT_IN_FP32)
+            s = s * k_scale[None, :]
         seen = k_ok[None, :] & row_ok[:, None]
         if HAS_WINDOW:
             seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
         if HAS_KEY_MASK:
             real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=k_ok, other=0)
             seen = seen & (real != 0)[None, :]
-        v = _dequantized_tile(base, cell, offs_d, k_ok, d_ok, V_CODES, V_SCALE, V_MIN, CODE_BYTES, INT4).to(q.dtype)
-        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, seen, v, DOT_IN_FP32)
+        m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s * qk_scale, seen)
+        v_codes = _code_tile(base, cell, offs_h, k_ok, h_ok, V_CODES, CODE_BYTES)
+        p_scaled = (p * _meta(base, cell, k_ok, V_SCALE)[None, :]).to(q_a.dtype)
+        if INT4:
+            p_min = tl.sum(p * _meta(base, cell, k_ok, V_MIN)[None, :], axis=1)[:, None]
+            acc_a = acc_a * alpha[:, None] + _dot(p_scaled, (v_codes & 15).to(q_a.dtype), DOT_IN_FP32) + p_min
+            acc_b = acc_b * alpha[:, None] + _dot(p_scaled, (v_codes >> 4).to(q_a.dtype), DOT_IN_FP32) + p_min
+        else:
+            v = v_codes.to(tl.float8e4nv, bitcast=True).to(q_a.dtype)
+            acc_a = acc_a * alpha[:, None] + _dot(p_scaled, v, DOT_IN_FP32)
 
     q_last = tl.minimum(q_len, q_first + BLOCK_M // GROUP_PAD)
     q_last = tl.where(split == NUM_SPLITS - 1, q_last, 0)  # the last split attends this forward's own tokens
     for n0 in range(0, q_last, BLOCK_N):  # this forward's own tokens, exact
         j = n0 + tl.arange(0, BLOCK_N)
         j_ok = j < q_last
-        tile_ok = j_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_new_ptr + b64 * kn_sb + j.to(tl.int64)[:, None] * kn_st + kv_head * kn_sh + offs_d[None, :] * kn_sd,
-                    mask=tile_ok, other=0.0)  # fmt: skip
-        s = _dot(q, tl.trans(k.to(q.dtype)), DOT_IN_FP32) * qk_scale
+        tile_ok = j_ok[:, None] & h_ok[None, :]
+        k_rows = k_new_ptr + b64 * kn_sb + j.to(tl.int64)[:, None] * kn_st + kv_head * kn_sh
+        v_rows = v_new_ptr + b64 * vn_sb + j.to(tl.int64)[:, None] * vn_st + kv_head * vn_sh
+        k = tl.load(k_rows + offs_h[None, :] * kn_sd, mask=tile_ok, other=0.0)
+        s = _dot(q_a, tl.trans(k.to(q_a.dtype)), DOT_IN_FP32)
+        if INT4:
+            k = tl.load(k_rows + (CODE_BYTES + offs_h[None, :]) * kn_sd, mask=tile_ok, other=0.0)
+            s += _dot(q_b, tl.trans(k.to(q_a.dtype)), DOT_IN_FP32)
         k_pos = past + j
         seen = j_ok[None, :] & row_ok[:, None] & (j[None, :] <= q_idx[:, None])
         if HAS_WINDOW:
@@ -296,21 +320,42 @@ def _quant_attention_kernel(
         if HAS_KEY_MASK:
             real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=j_ok, other=0)
             seen = seen & (real != 0)[None, :]
-        v = tl.load(v_new_ptr + b64 * vn_sb + j.to(tl.int64)[:, None] * vn_st + kv_head * vn_sh + offs_d[None, :] * vn_sd,
-                    mask=tile_ok, other=0.0)  # fmt: skip
-        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, seen, v.to(q.dtype), DOT_IN_FP32)
+        m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s * qk_scale, seen)
+        p = p.to(q_a.dtype)
+        v = tl.load(v_rows + offs_h[None, :] * vn_sd, mask=tile_ok, other=0.0)
+        acc_a = acc_a * alpha[:, None] + _dot(p, v.to(q_a.dtype), DOT_IN_FP32)
+        if INT4:
+            v = tl.load(v_rows + (CODE_BYTES + offs_h[None, :]) * vn_sd, mask=tile_ok, other=0.0)
+            acc_b = acc_b * alpha[:, None] + _dot(p, v.to(q_a.dtype), DOT_IN_FP32)
 
-    out_mask = row_ok[:, None] & d_ok[None, :]
+    out_mask = row_ok[:, None] & h_ok[None, :]
     if NUM_SPLITS == 1:
-        denom = tl.where(l_i > 0, l_i, 1.0)
-        out = out_ptr + b64 * o_sb + q_idx.to(tl.int64)[:, None] * o_st + head[:, None] * o_sh + offs_d[None, :] * o_sd
-        tl.store(out, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        denom = tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out = out_ptr + b64 * o_sb + q_idx.to(tl.int64)[:, None] * o_st + head[:, None] * o_sh
+        tl.store(out + offs_h[None, :] * o_sd, (acc_a / denom).to(out_ptr.dtype.element_ty), mask=out_mask)
+        if INT4:
+            tl.store(out + (CODE_BYTES + offs_h[None, :]) * o_sd, (acc_b / denom).to(out_ptr.dtype.element_ty),
+                     mask=out_mask)  # fmt: skip
     else:  # partials in paged_attention's layout, merged by its combine kernel
         n_rows = batch * q_len * (KV_HEADS * GROUP)
         row = ((split * batch + b64) * q_len + q_idx) * (KV_HEADS * GROUP) + head
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_h[None, :], acc_a, mask=out_mask)
+        if INT4:
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + CODE_BYTES + offs_h[None, :], acc_b, mask=out_mask)
         tl.store(part_ml_ptr + row, m_i, mask=row_ok)
         tl.store(part_ml_ptr + NUM_SPLITS * n_rows + row, l_i, mask=row_ok)
+
+
+def _quant_tiles(q_len: int, group: int, head_dim: int, layout: KvLayout) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, target programs for the split rule). Prefill: the
+    bf16 kernel's tiles. Decode: swept on the H200 (2026-11-30, batch 16 x 4096, a Llama-2-7B
+    layer; 3 x 2 x 2 x 4 tiles x warps x stages x splits): 2 stages (3 was up to 1.9x slower with
+    128-key tiles), 4 warps, 64-key tiles for int4 and 128 for fp8, and 2-8 context splits all
+    beat one (int4 303 -> 289 us, fp8 331 -> 295)."""
+    block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, _next_power_of_2(layout.tokens))
+    if q_len > max(1, 16 // _next_power_of_2(group)):
+        return block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS
+    return block_m, 128 if layout.kv_dtype == "fp8" else 64, 4, 2, 4 * _TARGET_PROGRAMS
 
 
 def paged_attention_quant(
@@ -344,10 +389,11 @@ def paged_attention_quant(
         raise ValueError(f"key_mask must be bool [batch, kv_len], got {key_mask.dtype} {tuple(key_mask.shape)}")
     group = heads // layout.kv_heads
     group_pad = _next_power_of_2(group)
-    block_m = max(16, group_pad) if q_len * group_pad <= 16 else max(64, group_pad)
+    block_m, block_n, num_warps, num_stages, target_programs = _quant_tiles(q_len, group, head_dim, layout)
     q_tiles = math.ceil(q_len / (block_m // group_pad))
     if num_splits is None:
-        num_splits = num_splits_for(batch, layout.kv_heads, q_tiles, block_table.shape[1] * layout.tokens, sliding_window, q_len)
+        num_splits = num_splits_for(batch, layout.kv_heads, q_tiles, block_table.shape[1] * layout.tokens,
+                                    sliding_window, q_len, target_programs)  # fmt: skip
     elif num_splits < 1 or num_splits > MAX_SPLITS or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two in [1, {MAX_SPLITS}], got {num_splits}")
     out = torch.empty_like(q)
@@ -368,7 +414,8 @@ def paged_attention_quant(
         table_stride=block_table.stride(0), km_sb=km[0], km_st=km[1],
         KV_HEADS=layout.kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         **_layout_args(layout), HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
-        DOT_IN_FP32=_dot_in_fp32(q.dtype), NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d,
+        DOT_IN_FP32=_dot_in_fp32(q.dtype), NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _combine_splits_kernel[(n_rows,)](
