@@ -2,10 +2,12 @@
 reachable offline).
 
 The model: a small Llama (`--layers`, `--hidden`, heads of 128 dims; one model per `--kv-heads`
-value: MHA and GQA) trained for `--steps` on the Python standard library's source (it ships with
-every Python, so the corpus is the same offline everywhere; site-packages left out), windows of
-`--context` tokens, a byte-level BPE of `--vocab` tokens trained on the same text, plus 10% synthetic
-passkey documents (filler with "The pass key is NNNNN." at some depth, then the question). Seeded.
+value: MHA and GQA) trained for `--steps` on Python source: the standard library's, then the
+installed packages' (site-packages), up to `--corpus-mb`, every 20th file held out. (The standard
+library alone, 11 MB, was memorised in the first GPU run: 23 passes, train loss 0.08 against a
+held-out perplexity of 193.) Windows of `--context` tokens, a byte-level BPE of `--vocab` tokens
+trained on the first 32 MB, plus 10% synthetic passkey documents (filler with "The pass key is
+NNNNN." at some depth, then the question and its answer). Seeded.
 
 For each KV dtype (the model's own, fp8, int4), on held-out windows:
   decode NLL     prefill `--prefill` tokens, then teacher-forced decode steps over the next
@@ -20,9 +22,8 @@ For each KV dtype (the model's own, fp8, int4), on held-out windows:
 Heavy-hitter budgets (issue 15's 0.5 / 0.2 rows) are not built yet; transformers' QuantizedCache
 rows need optimum-quanto or hqq, and are reported as missing where neither is installed.
 
-Full size needs a CUDA GPU (bf16; training estimated at ~3 minutes per model on an H200, not run yet:
-one model per call fits the device calls of 10 minutes); `--tiny` checks the
-script end to end on a CPU in a minute.
+Full size needs a CUDA GPU (bf16; training takes ~2.5 minutes per model on an H200: one model per
+device call of 10 minutes); `--tiny` checks the script end to end on a CPU in a minute.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import random
 import sys
 import sysconfig
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,22 +51,24 @@ from hf_multilora.model import _cache_keyword
 KV_DTYPES = (None, "fp8", "int4")  # None: the model's own dtype
 
 
-def corpus_text(megabytes: float) -> str:
-    """The standard library's .py files in path order, up to `megabytes`."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def corpus_files(megabytes: float) -> list[str]:
+    """The .py files of the standard library, then of site-packages, in path order, up to `megabytes`."""
+    paths = sysconfig.get_paths()
+    roots = dict.fromkeys(Path(paths[name]) for name in ("stdlib", "purelib", "platlib"))
     texts, size = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "dist-packages" in path.parts:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        texts.append(text)
-        size += len(text)
-        if size >= megabytes * 1e6:
-            break
-    return "\n".join(texts)
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            if root.name not in ("site-packages", "dist-packages") and {"site-packages", "dist-packages"} & set(path.parts):
+                continue  # a virtual environment inside the standard library's folder: read as site-packages
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            texts.append(text)
+            size += len(text)
+            if size >= megabytes * 1e6:
+                return texts
+    return texts
 
 
 def train_tokenizer(text: str, vocab: int) -> Tokenizer:
@@ -78,13 +81,14 @@ def train_tokenizer(text: str, vocab: int) -> Tokenizer:
     return tokenizer
 
 
-def passkey_document(tokenizer: Tokenizer, filler: list[int], length: int, depth: float, rng: random.Random
-                     ) -> tuple[list[int], str]:  # fmt: skip
-    """`length` tokens: filler with the key sentence at `depth` (0: start, 1: end), then the question;
+def passkey_document(tokenizer: Tokenizer, filler: list[int], length: int, depth: float, rng: random.Random,
+                     answered: bool = False) -> tuple[list[int], str]:  # fmt: skip
+    """`length` tokens: filler with the key sentence at `depth` (0: start, 1: end), then the question
+    (and, `answered`, for training, its answer: without it the model never learns to reply);
     returns (ids, the 5 digits)."""
     key = f"{rng.randrange(10_000, 100_000)}"
     needle = tokenizer.encode(f"\n# The pass key is {key}. Remember it. {key} is the pass key.\n").ids
-    question = tokenizer.encode("\n# What is the pass key? The pass key is").ids
+    question = tokenizer.encode("\n# What is the pass key? The pass key is" + (f" {key}." if answered else "")).ids
     room = length - len(needle) - len(question)
     start = rng.randrange(0, len(filler) - room)
     text = filler[start : start + room]
@@ -108,7 +112,7 @@ def train(config: LlamaConfig, stream: torch.Tensor, tokenizer: Tokenizer, args:
         rows = []
         for _ in range(args.train_batch):
             if rng.random() < 0.1:
-                ids, _ = passkey_document(tokenizer, filler, args.context + 1, rng.random(), rng)
+                ids, _ = passkey_document(tokenizer, filler, args.context + 1, rng.random(), rng, answered=True)
                 rows.append(torch.tensor(ids))
             else:
                 start = rng.randrange(0, len(stream) - args.context - 1)
@@ -258,7 +262,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    full = dict(layers=8, hidden=768, context=2048, steps=2000, train_batch=16, vocab=8192, corpus_mb=24.0,
+    full = dict(layers=8, hidden=768, context=2048, steps=2000, train_batch=16, vocab=8192, corpus_mb=160.0,
                 prefill=1536, score=512, windows=32, greedy=64, greedy_rows=16, passkey_lengths=(1024, 2048),
                 passkey_trials=20, pool_mib=16384)  # fmt: skip
     tiny = dict(layers=2, hidden=128, context=128, steps=30, train_batch=8, vocab=512, corpus_mb=0.5, prefill=48,
@@ -279,12 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     device, env = started
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    text = corpus_text(args.corpus_mb)
-    tokenizer = train_tokenizer(text, args.vocab)
-    ids = torch.tensor(tokenizer.encode(text).ids)
-    split = int(0.95 * len(ids))
-    train_ids, held_out = ids[:split], ids[split:]
-    print(f"corpus: {len(text) / 1e6:.1f} MB of the standard library, {len(ids) / 1e6:.2f}M tokens", flush=True)
+    files = corpus_files(args.corpus_mb)
+    tokenizer = train_tokenizer("\n".join(files)[: 32 * 10**6], args.vocab)
+
+    def stream(texts: Iterable[str]) -> torch.Tensor:
+        return torch.tensor([t for encoding in tokenizer.encode_batch(list(texts)) for t in encoding.ids])
+
+    train_ids, held_out = stream(files[i] for i in range(len(files)) if i % 20), stream(files[::20])
+    print(f"corpus: {len(files)} files, {sum(map(len, files)) / 1e6:.1f} MB of Python, "
+          f"{len(train_ids) / 1e6:.2f}M tokens to train on, {len(held_out) / 1e6:.2f}M held out", flush=True)  # fmt: skip
     heads = attention_heads(args.hidden)
     results = {}
     for kv_heads in args.kv_heads:
