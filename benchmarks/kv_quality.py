@@ -19,8 +19,9 @@ For each KV dtype (the model's own, fp8, int4), on held-out windows:
                  model-dtype run's, next to the floor: the paged model-dtype run against
                  transformers' DynamicCache (kernels that sum in another order already diverge)
   passkey        accuracy of the 5 digits over context lengths x depths (`--passkey-trials` each)
-Heavy-hitter budgets (issue 15's 0.5 / 0.2 rows) are not built yet; transformers' QuantizedCache
-rows need optimum-quanto or hqq, and are reported as missing where neither is installed.
+The same for heavy-hitter eviction (`kv_budget` 0.5 and 0.2, `--kv-recent` 64, alone and with int4;
+the teacher-forced decode evicts as generate() does). transformers' QuantizedCache rows need
+optimum-quanto or hqq, and are reported as missing where neither is installed.
 
 Full size needs a CUDA GPU (bf16; training takes ~2.5 minutes per model on an H200: one model per
 device call of 10 minutes); `--tiny` checks the script end to end on a CPU in a minute.
@@ -48,7 +49,17 @@ from hf_multilora import MultiLoraModel
 from hf_multilora.cache import PagedCache, paged_attention_in
 from hf_multilora.model import _cache_keyword
 
-KV_DTYPES = (None, "fp8", "int4")  # None: the model's own dtype
+# name -> the cache's settings: kv_cache_dtype (None: the model's own), and heavy-hitter eviction's kv_budget
+VARIANTS = {
+    "model dtype": dict(kv_cache_dtype=None, kv_budget=None),
+    "fp8": dict(kv_cache_dtype="fp8", kv_budget=None),
+    "int4": dict(kv_cache_dtype="int4", kv_budget=None),
+    "budget 0.5": dict(kv_cache_dtype=None, kv_budget=0.5),
+    "budget 0.2": dict(kv_cache_dtype=None, kv_budget=0.2),
+    "int4 + budget 0.5": dict(kv_cache_dtype="int4", kv_budget=0.5),
+    "int4 + budget 0.2": dict(kv_cache_dtype="int4", kv_budget=0.2),
+}
+OWN = "model dtype"
 
 
 def corpus_files(megabytes: float) -> list[str]:
@@ -130,11 +141,12 @@ def train(config: LlamaConfig, stream: torch.Tensor, tokenizer: Tokenizer, args:
     return model.eval()
 
 
-def decode_scores(multi: MultiLoraModel, windows: torch.Tensor, prefill: int, kv_dtype: str | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def decode_scores(multi: MultiLoraModel, windows: torch.Tensor, prefill: int, kv_cache_dtype: str | None,
+                  kv_budget: float | None, kv_recent: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Teacher-forced: per window and scored token, the NLL and the argmax [windows, score]."""
     base = multi.base_model
-    cache = PagedCache(multi.page_pool(), base.config, kv_dtype=kv_dtype)
+    cache = PagedCache(multi.page_pool(), base.config, kv_dtype=kv_cache_dtype, kv_budget=kv_budget,
+                       kv_recent=kv_recent)  # fmt: skip
     keyword = _cache_keyword(base)
     nll, top = [], []
     try:
@@ -171,14 +183,14 @@ def greedy(multi: MultiLoraModel, prompts: torch.Tensor, tokens: int, **kwargs: 
 
 
 def passkey_accuracy(multi: MultiLoraModel, tokenizer: Tokenizer, filler: list[int], args: argparse.Namespace,
-                     kv_dtype: str | None, device: torch.device) -> dict[str, float]:  # fmt: skip
+                     variant: dict[str, Any], device: torch.device) -> dict[str, float]:  # fmt: skip
     accuracy = {}
     for length in args.passkey_lengths:
         for depth in (0.1, 0.5, 0.9):
             rng = random.Random(f"{length}-{depth}")  # the same documents for every dtype
             docs = [passkey_document(tokenizer, filler, length, depth, rng) for _ in range(args.passkey_trials)]
             ids = torch.tensor([d for d, _ in docs], device=device)
-            out = greedy(multi, ids, 6, kv_cache_dtype=kv_dtype)
+            out = greedy(multi, ids, 6, **variant)
             hits = [key in tokenizer.decode(row.tolist()) for row, (_, key) in zip(out, docs, strict=True)]
             accuracy[f"{length}@{depth}"] = sum(hits) / len(hits)
     return accuracy
@@ -191,22 +203,23 @@ def evaluate(model: LlamaForCausalLM, held_out: torch.Tensor, tokenizer: Tokeniz
     length = args.prefill + args.score
     starts = [rng.randrange(0, len(held_out) - length) for _ in range(args.windows)]
     windows = torch.stack([held_out[s : s + length] for s in starts]).to(device)
-    scores = {kv: decode_scores(multi, windows, args.prefill, kv) for kv in KV_DTYPES}
+    variants = {name: {**variant, "kv_recent": args.kv_recent} for name, variant in VARIANTS.items()}
+    scores = {name: decode_scores(multi, windows, args.prefill, **variant) for name, variant in variants.items()}
     prompts = windows[: args.greedy_rows, : args.prefill]
     own = greedy(multi, prompts, args.greedy)
     floor = greedy(multi, prompts, args.greedy, paged_cache=False)
     filler = held_out.tolist()
     result: dict[str, Any] = {"kv": {}, "greedy_floor": (own == floor).float().mean().item()}
-    for kv in KV_DTYPES:
-        nll, top = scores[kv]
-        ppl_change = bootstrap_ppl_change(nll, scores[None][0])
-        outputs = own if kv is None else greedy(multi, prompts, args.greedy, kv_cache_dtype=kv)
-        result["kv"][kv or "model dtype"] = {
+    for name, variant in variants.items():
+        nll, top = scores[name]
+        ppl_change = bootstrap_ppl_change(nll, scores[OWN][0])
+        outputs = own if name == OWN else greedy(multi, prompts, args.greedy, **variant)
+        result["kv"][name] = {
             "ppl": math.exp(nll.mean()),
             "ppl_change_pct": ppl_change,
-            "top1_agreement": (top == scores[None][1]).float().mean().item(),
+            "top1_agreement": (top == scores[OWN][1]).float().mean().item(),
             "greedy_agreement": (outputs == own).float().mean().item(),
-            "passkey": passkey_accuracy(multi, tokenizer, filler, args, kv, device),
+            "passkey": passkey_accuracy(multi, tokenizer, filler, args, variant, device),
         }
     backends = [m for m in ("optimum.quanto", "hqq") if _installed(m)]
     result["quantized_cache"] = f"not run: {'not wired yet' if backends else 'needs optimum-quanto or hqq'}"
@@ -259,14 +272,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--passkey-lengths", type=common.parse_int_list)
     parser.add_argument("--passkey-trials", type=int)
     parser.add_argument("--pool-mib", type=int)
+    parser.add_argument("--kv-recent", type=int, help="newest tokens eviction always keeps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     full = dict(layers=8, hidden=768, context=2048, steps=2000, train_batch=16, vocab=8192, corpus_mb=160.0,
                 prefill=1536, score=512, windows=32, greedy=64, greedy_rows=16, passkey_lengths=(1024, 2048),
-                passkey_trials=20, pool_mib=16384)  # fmt: skip
+                passkey_trials=20, pool_mib=16384, kv_recent=64)  # fmt: skip
     tiny = dict(layers=2, hidden=128, context=128, steps=30, train_batch=8, vocab=512, corpus_mb=0.5, prefill=48,
-                score=16, windows=4, greedy=8, greedy_rows=2, passkey_lengths=(96,), passkey_trials=2, pool_mib=64)  # fmt: skip
+                score=16, windows=4, greedy=8, greedy_rows=2, passkey_lengths=(96,), passkey_trials=2, pool_mib=64,
+                kv_recent=4)  # fmt: skip
     for key, value in (tiny if args.tiny else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -69,9 +69,11 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.masking_utils import AttentionMaskInterface
 
 from .backend import use_triton
+from .eviction import LOG2_E, HeavyHitters, KvBudget, SlotRegion, move_slots
 from .kernels.kv_quant import KvLayout, gather_kv_quant_torch, write_kv_quant_torch
 from .kernels.paged_attention import (
     PagedDecode,
+    gather_kv,
     paged_attention,
     paged_attention_torch,
     write_kv,
@@ -142,27 +144,17 @@ def paged_attention_forward(
     table, new_value = step
     if cache._stepping:  # a graph reads the fixed buffer begin_step filled
         key_mask = cache._step_mask
+    logits = None
+    if cache.eviction is not None:  # the slots' own mask; a decode's key logits for the scores
+        key_mask = cache._evicting_mask(module.layer_idx, key, key_mask)
+        if query.shape[2] == 1 and use_triton(query):
+            logits = torch.empty(*query.shape[:2], key_mask.shape[1], dtype=torch.float32, device=query.device)
     if cache.kv_layout is not None:
-        return cache._attend_quantized(module.layer_idx, query, key, value, table, key_mask, scale, sliding_window), None
-    length = cache.get_seq_length(module.layer_idx)
-    if key_mask is not None and key_mask.shape[-1] < length:
-        raise ValueError(f"the attention mask covers {key_mask.shape[-1]} positions, the cache {length}")
-    if new_value is not None:
-        return cache._decode(query, key, new_value, table, key_mask, scale, sliding_window), None
-    pool = cache.pool
-    attend = paged_attention if use_triton(query) else paged_attention_torch
-    out = attend(
-        query.transpose(1, 2),
-        pool.storage,
-        pool.page_elems,
-        table,
-        cache._kv_lens,
-        cache.block_size,
-        cache.kv_heads,
-        scale,
-        key_mask=key_mask,
-        sliding_window=sliding_window,
-    )
+        out = cache._attend_quantized(module.layer_idx, query, key, value, table, key_mask, scale, sliding_window, logits)
+    else:
+        out = cache._attend(module.layer_idx, query, key, new_value, table, key_mask, scale, sliding_window, logits)
+    if cache.eviction is not None:
+        cache._score(module.layer_idx, query, key, table, key_mask, scale, logits)
     return out, None
 
 
@@ -348,7 +340,14 @@ class PagedCache(Cache):
     """
 
     def __init__(
-        self, pool: PagePool, config: Any, block_size: int | None = None, *, kv_dtype: str | None = None
+        self,
+        pool: PagePool,
+        config: Any,
+        block_size: int | None = None,
+        *,
+        kv_dtype: str | None = None,
+        kv_budget: float | None = None,
+        kv_recent: int = 64,
     ) -> None:
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         self.pool, self.num_layers = pool, config.num_hidden_layers
@@ -367,6 +366,7 @@ class PagedCache(Cache):
                     f"{token_elems} elements, pages of {pool.page_elems}"
                 )
         self.block_size = block_size
+        self.budget = KvBudget.of(kv_budget, kv_recent)  # heavy-hitter eviction (eviction.py), None: off
         self._device = pool.storage.device
         super().__init__(layers=[_PagedLayer(self, i) for i in range(self.num_layers)])
         self._weak_self = weakref.ref(self)
@@ -401,6 +401,8 @@ class PagedCache(Cache):
         self._fill_mask: torch.Tensor | None = None  # attention mask of the call filling the empty cache
         self._finished: torch.Tensor | None = None  # bool [batch] on the host: rows whose pages are released
         self._finishing: torch.Tensor | None = None  # bool [batch] on the device, from ReleaseFinishedRows
+        self._evicted = 0  # tokens per row evicted so far: the logical length is _lens + _evicted
+        self.eviction = HeavyHitters(self.budget, self.num_layers, self.kv_heads) if self.budget else None
 
     # -- what attention layers call -------------------------------------------------------------------------
     def update(
@@ -431,6 +433,8 @@ class PagedCache(Cache):
             self._host = torch.empty(self.num_layers, batch, 0, dtype=torch.int32)
         elif batch != self._host.shape[1]:
             raise ValueError(f"PagedCache holds {self._host.shape[1]} rows, got K/V for {batch}")
+        if self.eviction is not None:
+            self._before_evicting_forward(layer_idx, new)
         start = self._lens[layer_idx]
         end = start + new
         self._prepare_tokens(end, new)
@@ -441,7 +445,7 @@ class PagedCache(Cache):
             _ACTIVE.set(self._weak_self)
             return key_states, value_states
         triton = use_triton(key_states)
-        deferred = new == 1 and triton
+        deferred = new == 1 and triton and self.eviction is None  # eviction reads the stored key's logit
         if not deferred:
             write = write_kv if triton else write_kv_torch
             k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [batch, new, kv heads, dim]
@@ -493,6 +497,32 @@ class PagedCache(Cache):
             self._plans[plan_key] = plan
         return plan(query, key, value, table, self._kv_lens, key_mask)
 
+    def _attend(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        new_value: torch.Tensor | None,
+        table: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        scale: float,
+        sliding_window: int | None,
+        logits: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention of a forward over pages in the pool's dtype (its K/V already stored, or stored by
+        the decode launch when `new_value` is given)."""
+        length = self._lens[layer_idx]
+        if key_mask is not None and key_mask.shape[-1] < length:
+            raise ValueError(f"the attention mask covers {key_mask.shape[-1]} positions, the cache {length}")
+        if new_value is not None:
+            return self._decode(query, key, new_value, table, key_mask, scale, sliding_window)
+        pool = self.pool
+        args = (query.transpose(1, 2), pool.storage, pool.page_elems, table, self._kv_lens, self.block_size,
+                self.kv_heads, scale)  # fmt: skip
+        if use_triton(query):
+            return paged_attention(*args, key_mask=key_mask, sliding_window=sliding_window, logits=logits)
+        return paged_attention_torch(*args, key_mask=key_mask, sliding_window=sliding_window)
+
     def _attend_quantized(
         self,
         layer_idx: int,
@@ -503,6 +533,7 @@ class PagedCache(Cache):
         key_mask: torch.Tensor | None,
         scale: float,
         sliding_window: int | None,
+        logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of a forward over quantized pages: the tokens before it dequantized from their
         pages, its own tokens (key, value [batch, kv_heads, new, head_dim]) as they are."""
@@ -511,7 +542,7 @@ class PagedCache(Cache):
             return paged_attention_quant(
                 q=query.transpose(1, 2), k_new=key.transpose(1, 2), v_new=value.transpose(1, 2),
                 storage=self.pool.storage, layout=self.kv_layout, block_table=table, kv_lens=self._kv_lens,
-                scale=scale, key_mask=mask, sliding_window=sliding_window,
+                scale=scale, key_mask=mask, sliding_window=sliding_window, logits=logits,
             )  # fmt: skip
         new = key.shape[2]
         starts = (self._kv_lens - new).tolist()  # each row's tokens before this forward
@@ -524,7 +555,8 @@ class PagedCache(Cache):
         return _ragged_decode_attention(query, key, value, past_k, past_v, starts, key_mask, scale, sliding_window)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._lens[layer_idx] if layer_idx < self.num_layers else 0
+        """Tokens seen (positions), evicted ones included."""
+        return self._lens[layer_idx] + self._evicted if layer_idx < self.num_layers else 0
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.get_seq_length(layer_idx) + query_length, 0
@@ -667,6 +699,7 @@ class PagedCache(Cache):
         """Keep the rows ``indices`` (ints or a bool mask), in that order; rows may repeat."""
         if self._host is None:
             return
+        self._refuse_with_eviction("reordering or selecting rows (beam search, contrastive search)")
         indices = torch.as_tensor(indices).cpu()
         indices = indices.nonzero().flatten() if indices.dtype == torch.bool else indices.long()
         self._replace(self._host.index_select(1, indices), self._length(), indices)
@@ -674,11 +707,13 @@ class PagedCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat each row ``repeats`` times in place (beams / ``num_return_sequences``), sharing its pages."""
         if self._host is not None:
+            self._refuse_with_eviction("repeating rows of a filled cache")
             rows = torch.arange(self._host.shape[1]).repeat_interleave(repeats)
             self._replace(self._host.index_select(1, rows), self._length(), rows)
 
     def crop(self, max_length: int) -> None:
         """HF semantics: ``crop(-n)`` drops the last n tokens, ``crop(n > 0)`` keeps the first n, 0 does nothing."""
+        self._refuse_with_eviction("crop (assisted decoding)")
         length = self._length()
         keep = max(length + max_length, 0) if max_length < 0 else min(max_length or length, length)
         if self._host is not None and keep != length:
@@ -686,6 +721,10 @@ class PagedCache(Cache):
 
     def reset(self) -> None:
         self.release()
+
+    def _refuse_with_eviction(self, what: str) -> None:
+        if self.eviction is not None:
+            raise NotImplementedError(f"heavy-hitter eviction (kv_budget) does not support {what}")
 
     def release(self) -> None:
         """Give every page back to the pool and empty the cache (idempotent; the cache stays usable)."""
@@ -696,6 +735,94 @@ class PagedCache(Cache):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # at interpreter exit the pool may already be gone
             self.release()
+
+    # -- heavy-hitter eviction (eviction.py) ------------------------------------------------------------------
+    def _before_evicting_forward(self, layer_idx: int, new: int) -> None:
+        """A prompt is scored in the cache's first forward only; a decode token that starts a new block
+        first compacts every layer to the budget (so a row holds at most the budget and one block)."""
+        if new > 1 and self._lens[layer_idx]:
+            raise NotImplementedError(
+                "heavy-hitter eviction scores the prompt in the cache's first forward; later forwards take one "
+                "token per row (no chunked prefill, assisted decoding or multi-turn reuse of the cache)"
+            )
+        slots = self._lens[0]
+        if layer_idx == 0 and new == 1 and slots and slots % self.block_size == 0:
+            self._compact(slots)
+
+    def _evicting_mask(self, layer_idx: int, key: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """The key mask over the layer's slots (HF's mask is over positions, which no longer line up)."""
+        slots = self._lens[layer_idx]
+        return self.eviction.slot_mask(key, key_mask, slots, slots + self._evicted)
+
+    def _score(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, table: torch.Tensor,
+               key_mask: torch.Tensor, scale: float, logits: torch.Tensor | None) -> None:  # fmt: skip
+        """Add this forward's attention to the layer's scores: the prompt's (an observation window of
+        its last queries) or a decode step's (the kernel's logits, or computed here on the torch path)."""
+        slots, new = self._lens[layer_idx], key.shape[2]
+        self.eviction.note_positions(layer_idx, slots, new, slots + self._evicted)
+        if new > 1:
+            self.eviction.add_prefill(layer_idx, query, key, key_mask, scale)
+            return
+        if logits is None:  # the torch path: the keys as the attention read them, this token's exact
+            if self.kv_layout is not None:
+                keys, _ = gather_kv_quant_torch(self.pool.storage, self.kv_layout, table, slots)
+            else:
+                keys, _ = gather_kv(self.pool.storage, self.pool.page_elems, table, self._kv_lens, self.block_size,
+                                    self.kv_heads, self.head_dim)  # fmt: skip
+            keys = keys[:, :slots].to(query.dtype).clone()
+            keys[:, -1] = key[:, :, 0]
+            group = query.shape[1] // self.kv_heads
+            logits = torch.einsum("bhd,bnhd->bhn", query[:, :, 0].float(), keys.float().repeat_interleave(group, 2))
+            logits = (logits * (scale * LOG2_E)).masked_fill(~key_mask[:, None, :slots], float("-inf"))
+        self.eviction.add_decode(layer_idx, logits, slots)
+
+    def _compact(self, slots: int) -> None:
+        """Keep each layer's chosen slots (HeavyHitters.keep) in fresh pages and free the old ones; nothing
+        changes if the pool cannot give the pages."""
+        keep = self.eviction.keep(slots, slots + self._evicted)
+        if keep is None:
+            return
+        layers, batch, _ = self._host.shape
+        kept = keep.shape[-1]
+        blocks = -(-kept // self.block_size)
+        live = ~self._finished if self._finished is not None else torch.ones(batch, dtype=torch.bool)
+        pages = self.pool.allocate(layers * int(live.sum()) * blocks, "kv")  # raises before any change
+        table = torch.full((layers, batch, blocks), -1 if self._discard is None else self._discard, dtype=torch.int32)
+        table[:, live] = torch.tensor(pages, dtype=torch.int32).view(layers, int(live.sum()), blocks)
+        new_table = staged_for(table, self._device).to(self._device, non_blocking=True).long()
+        if self._table_stale:
+            self._upload_table()
+        data, regions, page_size = self._slot_regions()
+        for layer in range(layers):
+            old = self._layer_tables[layer][:batch].long()
+            move_slots(data, regions, page_size, self.block_size, old, new_table[layer].clamp(min=0), keep[layer])
+        self.pool.free(sorted(set(self._pages_of(self._host)) - set(pages)))
+        self.eviction.compact(keep)
+        self._set_table(table)
+        self._lens = [kept] * self.num_layers
+        self._evicted += slots - kept
+        self._kv_lens_end = -1
+
+    def _slot_regions(self) -> tuple[torch.Tensor, list[SlotRegion], int]:
+        """The storage in the units the page layout counts (elements; bytes for quantized pages), the
+        regions of a token's data, and the page size in those units."""
+        dim, layout = self.head_dim, self.kv_layout
+        if layout is None:
+            token = self.kv_heads * dim
+            regions = [SlotRegion(start, token, dim, dim) for start in (0, self.block_size * token)]
+            return self.pool.storage, regions, self.pool.page_elems
+        tokens, codes = layout.tokens, layout.code_bytes
+        regions = [SlotRegion(start, codes, tokens * codes, codes) for start in (layout.k_codes, layout.v_codes)]
+        metas = (layout.k_scale, layout.v_scale, layout.k_min, layout.v_min)
+        regions += [SlotRegion(start, 2, tokens * 2, 2) for start in metas if start >= 0]
+        return self.pool.storage.view(torch.uint8), regions, layout.page_bytes
+
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        """With eviction: the position of the token each slot of the layer holds, int64 [batch, kv_heads,
+        slots] (what its last forward attended to, per KV head)."""
+        if self.eviction is None:
+            raise ValueError("kept_positions needs heavy-hitter eviction (kv_budget < 1)")
+        return self.eviction.positions[layer_idx][..., : self._lens[layer_idx]]
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _device_rows(self) -> int:

@@ -25,6 +25,7 @@ from . import fusion
 from .adapters.host_store import HostAdapter
 from .adapters.loading import AdapterSource, ModelTargets, check_peft_adapter, load_peft_adapter
 from .cache import PagedCache, ReleaseFinishedRows, paged_attention_in, refuse_quantized_kv_on
+from .eviction import KvBudget
 from .graphs import DecodeGraphs
 from .kernels.kv_quant import KV_DTYPES
 from .kernels.sgmv import align_up
@@ -263,6 +264,8 @@ class MultiLoraModel(torch.nn.Module):
         adapter_names: Sequence | None = None,
         cuda_graphs: bool | None = None,
         kv_cache_dtype: str | None = None,
+        kv_budget: float | None = None,
+        kv_recent: int = 64,
         **kwargs: Any,
     ):
         """The base model's generate(); row i uses adapter_ids[i] (a name, an int, or None for the base).
@@ -281,6 +284,13 @@ class MultiLoraModel(torch.nn.Module):
         attention, kernels/paged_attention_quant.py; FP8 needs compute capability 8.9+), decode steps
         replayed from CUDA graphs as with the model's own dtype. None: the model's dtype.
 
+        `kv_budget` (in (0, 1]) with `kv_recent`: heavy-hitter eviction (H2O / Q-Hitter; eviction.py):
+        per row and KV head the cache keeps the `kv_recent` newest tokens and the most attended others,
+        `kv_budget` of the tokens in all, and gives the rest's pages back (the prompt scored from its
+        last 32 queries, as SnapKV does; decode steps add the attention they computed). 1.0 or None:
+        no eviction. Combines with `kv_cache_dtype`; not with beams, assisted decoding, sliding-window
+        models or CUDA graphs (steps run eager).
+
         `cuda_graphs`: decode steps replayed from CUDA graphs (captured per batch bucket and length
         bucket; the prefill stays eager). None: wherever the call allows it (CUDA, the paged cache, no
         attentions or hidden states asked for); True: required (ValueError naming why not);
@@ -291,13 +301,17 @@ class MultiLoraModel(torch.nn.Module):
         paged = kwargs.pop("paged_cache", True) and not {"past_key_values", "cache"} & kwargs.keys()
         paged = paged and kwargs.get("use_cache", True) is not False
         self._check_kv_cache_dtype(kv_cache_dtype, paged)
+        evicting = self._check_kv_budget(kv_budget, kv_recent, paged, kwargs)
         no_graphs = self._why_no_graphs(paged, kwargs) if cuda_graphs is not False else "cuda_graphs=False"
+        if evicting and cuda_graphs is not False:
+            no_graphs = "heavy-hitter eviction (kv_budget) runs decode steps eagerly"
         if cuda_graphs and no_graphs:
             raise ValueError(f"cuda_graphs=True, but {no_graphs}")
         with self._routed(args, kwargs, adapter_ids, adapter_names):
             if not paged:
                 return self.base_model.generate(*args, **kwargs)
-            cache = PagedCache(self._runtime.residency.pool, self.base_model.config, kv_dtype=kv_cache_dtype)
+            cache = PagedCache(self._runtime.residency.pool, self.base_model.config, kv_dtype=kv_cache_dtype,
+                               kv_budget=kv_budget, kv_recent=kv_recent)  # fmt: skip
             if no_graphs is None:
                 # Widths rounded up to a power of two: calls of similar lengths share step buffers and graphs.
                 cache.reserve(1 << (_max_tokens(self.base_model, args, kwargs) - 1).bit_length())
@@ -321,6 +335,28 @@ class MultiLoraModel(torch.nn.Module):
                 "caller's own, or use_cache=False"
             )
         refuse_quantized_kv_on(self._first_target_weight().device, kv_cache_dtype)
+
+    def _check_kv_budget(self, kv_budget: float | None, kv_recent: int, paged: bool, kwargs: dict) -> bool:
+        """Whether the call evicts; a budget the call cannot honour is refused before anything is allocated."""
+        if KvBudget.of(kv_budget, kv_recent) is None:
+            return False
+        if not paged:
+            raise ValueError(
+                "kv_budget applies to the paged cache: not with paged_cache=False, a cache of the caller's own, "
+                "or use_cache=False"
+            )
+        config = kwargs.get("generation_config") or self.base_model.generation_config
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        if beams > 1:
+            raise ValueError("kv_budget (heavy-hitter eviction) does not support beam search: num_beams must be 1")
+        for name in ("assistant_model", "prompt_lookup_num_tokens"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"kv_budget (heavy-hitter eviction) does not support assisted decoding ({name})")
+        text = self.base_model.config.get_text_config(decoder=True)
+        if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+            raise ValueError("kv_budget (heavy-hitter eviction) does not support sliding-window attention: a "
+                             "window over kept slots is not a window over positions")  # fmt: skip
+        return True
 
     def _graphs_of_runtime(self) -> DecodeGraphs:
         """The decode graphs of the current runtime (dropped with it when the model moves)."""

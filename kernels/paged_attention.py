@@ -80,6 +80,7 @@ def _paged_attention_kernel(
     out_ptr,
     part_acc_ptr,
     part_ml_ptr,
+    logits_ptr,  # fp32 [batch, heads, >= kv_len] (STORE_LOGITS): each key's score, for heavy-hitter eviction
     batch,
     q_len,
     page_elems,
@@ -102,6 +103,8 @@ def _paged_attention_kernel(
     bt_stride_b,
     km_stride_b,
     km_stride_t,
+    lg_stride_b,
+    lg_stride_h,
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
@@ -115,6 +118,7 @@ def _paged_attention_kernel(
     HAS_KEY_MASK: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     NEW_KV: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,  # decode only (q_len 1, keys read from the pages: not NEW_KV)
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     TOKEN_ELEMS: tl.constexpr = KV_HEADS * HEAD_DIM
@@ -177,6 +181,9 @@ def _paged_attention_kernel(
             real = tl.load(key_mask_ptr + b64 * km_stride_b + k_pos * km_stride_t, mask=k_ok, other=0)
             seen = seen & (real != 0)[None, :]
         s = tl.where(seen, s, float("-inf"))
+        if STORE_LOGITS:
+            logits = logits_ptr + b64 * lg_stride_b + head[:, None] * lg_stride_h + k_pos[None, :]
+            tl.store(logits, s, mask=row_ok[:, None] & k_ok[None, :])
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -405,6 +412,18 @@ def _check_pool(
         )
 
 
+def check_logits(logits: torch.Tensor | None, q: torch.Tensor) -> None:
+    """A logits buffer takes one decode token per row: fp32 [batch, heads, slots], last dim contiguous."""
+    if logits is None:
+        return
+    batch, q_len, heads, _ = q.shape
+    if q_len != 1:
+        raise ValueError(f"key logits are stored for decode (one query token per row), got {q_len}")
+    if logits.dtype != torch.float32 or logits.dim() != 3 or logits.shape[:2] != (batch, heads) or logits.stride(2) != 1:
+        raise ValueError(f"logits must be fp32 [{batch}, {heads}, slots] with contiguous slots, got "
+                         f"{logits.dtype} {tuple(logits.shape)}")  # fmt: skip
+
+
 def _check_attention(
     q: torch.Tensor,
     storage: torch.Tensor,
@@ -498,6 +517,7 @@ def _plan_launch(
     has_key_mask: bool,
     num_splits: int | None,
     new_kv: bool,
+    store_logits: bool = False,
 ) -> _Launch:
     batch, q_len, heads, head_dim = q_shape
     group = heads // kv_heads
@@ -513,7 +533,7 @@ def _plan_launch(
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
         HAS_WINDOW=sliding_window is not None, HAS_KEY_MASK=has_key_mask, DOT_IN_FP32=_dot_in_fp32(dtype),
-        NEW_KV=new_kv,
+        NEW_KV=new_kv, STORE_LOGITS=store_logits,
     )  # fmt: skip
     combine = None
     if num_splits > 1:
@@ -564,27 +584,33 @@ def paged_attention(
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [batch, q_len, heads, head_dim] over each row's paged K/V (see the module doc).
 
     Returns `out` (allocated like q when not given) [batch, q_len, heads, head_dim] in q's dtype.
     `num_splits` (a power of two <= MAX_SPLITS) forces the context split; default: `num_splits_for`.
-    No device->host synchronisation. On a CPU without the Triton interpreter it runs
-    `paged_attention_torch`.
+    `logits` (decode, q_len 1): fp32 [batch, heads, >= kv_len] receives each key's score in the log2
+    domain (q . k * scale * log2(e); -inf where masked), what heavy-hitter eviction accumulates
+    without another pass over the keys. No device->host synchronisation. On a CPU without the Triton
+    interpreter it runs `paged_attention_torch`.
     """
     _check_attention(
         q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, key_mask, sliding_window
     )
+    check_logits(logits, q)
     out = _output(q, out)
     if q.shape[0] == 0 or q.shape[1] == 0:
         return out
     if not _use_triton(q):
+        if logits is not None:
+            raise ValueError("logits come from the Triton kernel; the torch path scores keys itself")
         return paged_attention_torch(
             q, storage, page_elems, block_table, kv_lens, block_size, kv_heads, scale, key_mask, sliding_window, out
         )
     launch = _plan_launch(
         tuple(q.shape), q.dtype, kv_heads, block_size, block_table.shape[1], sliding_window,
-        key_mask is not None, num_splits, new_kv=False,
+        key_mask is not None, num_splits, new_kv=False, store_logits=logits is not None,
     )  # fmt: skip
     part_acc, part_ml = _partials(launch, q.shape, q.device) if launch.combine else (out, out)  # unused: out
     mask_arg, km_strides = _key_mask_arg(key_mask, kv_lens)
@@ -592,8 +618,10 @@ def paged_attention(
         launch.grid,
         (
             q, storage, q, q, block_table, kv_lens, mask_arg, out, part_acc, part_ml,  # no new K/V: q unused
+            out if logits is None else logits,  # unused without logits
             q.shape[0], q.shape[1], page_elems, sliding_window or 0, scale * LOG2_E,
             *q.stride(), *out.stride(), 0, 0, 0, 0, 0, 0, block_table.stride(0), *km_strides,
+            *(logits.stride()[:2] if logits is not None else (0, 0)),
         ),
         launch.constexprs,
         launch.num_warps,
@@ -703,10 +731,10 @@ class PagedDecode:
         part_acc, part_ml = self._partials or (out, out)  # unused without splits
         qs, ks, vs = q.stride(), k.stride(), v.stride()
         self._attention(
-            (q, self.storage, k, v, block_table, kv_lens, mask_arg, out, part_acc, part_ml),
+            (q, self.storage, k, v, block_table, kv_lens, mask_arg, out, part_acc, part_ml, out),  # no logits
             (
                 *self._scalars, qs[0], qs[2], qs[1], qs[3], *out.stride(), ks[0], ks[1], ks[3],
-                vs[0], vs[1], vs[3], block_table.stride(0), *km_strides,
+                vs[0], vs[1], vs[3], block_table.stride(0), *km_strides, 0, 0,
             ),
         )  # fmt: skip
         if self._combine is not None:

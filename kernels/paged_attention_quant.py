@@ -35,6 +35,7 @@ from .paged_attention import (
     _next_power_of_2,
     _positions,
     _tiles,
+    check_logits,
     num_splits_for,
 )
 from .sgmv import _dot_in_fp32
@@ -179,9 +180,9 @@ def _meta(base, cell, k_ok, AT: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(m_i, l_i, s, seen):
-    """One tile of the online softmax: (new max, new sum, the old accumulators' factor, p)."""
-    s = tl.where(seen, s, float("-inf"))
+def _softmax_step(m_i, l_i, s):
+    """One tile of the online softmax over scores s (-inf where unseen): (new max, new sum, the old
+    accumulators' factor, p)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -200,6 +201,7 @@ def _quant_attention_kernel(
     out_ptr,  # [batch, q_len, heads, head_dim]
     part_acc_ptr,  # fp32 [splits, batch, q_len, heads, head_dim] (NUM_SPLITS > 1)
     part_ml_ptr,  # fp32 [2, splits, batch, q_len, heads]: running max, then sum
+    logits_ptr,  # fp32 [batch, heads, >= kv_len] (STORE_LOGITS): each key's score, for heavy-hitter eviction
     batch,
     q_len,
     page_bytes,
@@ -211,6 +213,7 @@ def _quant_attention_kernel(
     o_sb, o_st, o_sh, o_sd,
     table_stride,
     km_sb, km_st,
+    lg_sb, lg_sh,
     TOKENS: tl.constexpr,
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
@@ -231,6 +234,7 @@ def _quant_attention_kernel(
     BLOCK_M: tl.constexpr,  # query rows: BLOCK_M // GROUP_PAD positions x GROUP_PAD heads
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,  # >= CODE_BYTES
+    STORE_LOGITS: tl.constexpr,  # decode only (q_len 1)
 ):  # fmt: skip
     """The codes go into the dot products as they are (INT4 levels and e4m3 values are exact in
     fp16/bf16) and the affine terms come out: a key's score is scale * (q . levels) + min * sum(q),
@@ -289,7 +293,11 @@ def _quant_attention_kernel(
         if HAS_KEY_MASK:
             real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=k_ok, other=0)
             seen = seen & (real != 0)[None, :]
-        m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s * qk_scale, seen)
+        s = tl.where(seen, s * qk_scale, float("-inf"))
+        if STORE_LOGITS:
+            tl.store(logits_ptr + b64 * lg_sb + head[:, None] * lg_sh + k_pos[None, :], s,
+                     mask=row_ok[:, None] & k_ok[None, :])  # fmt: skip
+        m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s)
         v_codes = _code_tile(base, cell, offs_h, k_ok, h_ok, V_CODES, CODE_BYTES)
         p_scaled = (p * _meta(base, cell, k_ok, V_SCALE)[None, :]).to(q_a.dtype)
         if INT4:
@@ -320,7 +328,11 @@ def _quant_attention_kernel(
         if HAS_KEY_MASK:
             real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=j_ok, other=0)
             seen = seen & (real != 0)[None, :]
-        m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s * qk_scale, seen)
+        s = tl.where(seen, s * qk_scale, float("-inf"))
+        if STORE_LOGITS:
+            tl.store(logits_ptr + b64 * lg_sb + head[:, None] * lg_sh + k_pos[None, :], s,
+                     mask=row_ok[:, None] & j_ok[None, :])  # fmt: skip
+        m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s)
         p = p.to(q_a.dtype)
         v = tl.load(v_rows + offs_h[None, :] * vn_sd, mask=tile_ok, other=0.0)
         acc_a = acc_a * alpha[:, None] + _dot(p, v.to(q_a.dtype), DOT_IN_FP32)
@@ -370,13 +382,15 @@ def paged_attention_quant(
     key_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
     num_splits: int | None = None,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q [batch, q_len, heads, head_dim] over each row's quantized pages (its first
     kv_lens[b] - q_len tokens, dequantized) and this forward's k_new, v_new [batch, q_len, kv_heads,
     head_dim] (exact); see the module doc. Returns [batch, q_len, heads, head_dim] in q's dtype.
     `num_splits`: programs sharing each (row, KV head, query tile)'s pages, merged afterwards (a
     power of two; default: as `paged_attention` picks, from the table's width, without reading
-    kv_lens)."""
+    kv_lens). `logits`: as `paged_attention`'s (decode: each key's score, for heavy-hitter eviction)."""
+    check_logits(logits, q)
     batch, q_len, heads, head_dim = q.shape
     if k_new.shape != (batch, q_len, layout.kv_heads, head_dim) or v_new.shape != k_new.shape:
         raise ValueError(f"k_new/v_new must be [{batch}, {q_len}, {layout.kv_heads}, {head_dim}], got "
@@ -406,16 +420,19 @@ def paged_attention_quant(
     _quant_attention_kernel[(batch * layout.kv_heads, q_tiles, num_splits)](
         q_ptr=q, k_new_ptr=k_new, v_new_ptr=v_new, data_ptr=storage.view(torch.uint8), table_ptr=block_table,
         kv_lens_ptr=kv_lens, key_mask_ptr=mask, out_ptr=out, part_acc_ptr=part_acc, part_ml_ptr=part_ml,
+        logits_ptr=out if logits is None else logits,  # unused without logits
         batch=batch, q_len=q_len, page_bytes=layout.page_bytes, window=sliding_window or 0, qk_scale=scale * LOG2_E,
         q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), q_sd=q.stride(3),
         kn_sb=k_new.stride(0), kn_st=k_new.stride(1), kn_sh=k_new.stride(2), kn_sd=k_new.stride(3),
         vn_sb=v_new.stride(0), vn_st=v_new.stride(1), vn_sh=v_new.stride(2), vn_sd=v_new.stride(3),
         o_sb=out.stride(0), o_st=out.stride(1), o_sh=out.stride(2), o_sd=out.stride(3),
         table_stride=block_table.stride(0), km_sb=km[0], km_st=km[1],
+        lg_sb=0 if logits is None else logits.stride(0), lg_sh=0 if logits is None else logits.stride(1),
         KV_HEADS=layout.kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         **_layout_args(layout), HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
         DOT_IN_FP32=_dot_in_fp32(q.dtype), NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), num_warps=num_warps, num_stages=num_stages,
+        BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), STORE_LOGITS=logits is not None, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _combine_splits_kernel[(n_rows,)](

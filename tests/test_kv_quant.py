@@ -2,6 +2,7 @@
 plain-PyTorch write / gather paths on random data."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -317,3 +318,38 @@ def test_the_demo_adapters_do_their_tasks_with_quantized_kv():
         correct[kv_dtype] = sum(t == expected for t, (_, _, expected) in zip(texts, jobs, strict=True))
     assert correct[None] == len(jobs)
     assert correct["fp8"] == correct[None] and correct["int4"] == correct[None], correct
+
+
+@pytest.mark.parametrize("kv_dtype", kernel_dtypes())
+@pytest.mark.parametrize("splits", [1, 4])
+def test_triton_attention_over_quantized_pages_stores_each_keys_logit(kv_dtype, splits):
+    """For heavy-hitter eviction: a decode's score of every key (dequantized past, exact own token), in
+    the log2 domain, -inf where masked, nothing past the row's length."""
+    from hf_multilora.kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
+
+    kv_heads, dim, heads, device = 2, 16, 4, kernel_device()
+    layout = KvLayout.of(kv_dtype, kv_heads, dim, 1024)
+    gen = torch.Generator().manual_seed(11)
+    past = 2 * layout.tokens + 3
+    table = torch.randperm(40, generator=gen)[:12].view(2, 6).int().to(device)
+    pool = torch.zeros(40 * 1024 // 4, device=device)
+    k_all = torch.randn(2, past + 1, kv_heads, dim, generator=gen).to(device)
+    v_all = torch.randn(2, past + 1, kv_heads, dim, generator=gen).to(device)
+    write_kv_quant(pool, layout, table, 0, k_all, v_all)
+    q = torch.randn(2, 1, heads, dim, generator=gen).to(device)
+    kv_lens = torch.full((2,), past + 1, dtype=torch.int32, device=device)
+    key_mask = torch.rand(2, past + 1, generator=gen).to(device) > 0.3
+    key_mask[:, -1] = True
+    logits = torch.full((2, heads, past + 4), 7.0, device=device)
+    paged_attention_quant(q, k_all[:, past:], v_all[:, past:], pool, layout, table, kv_lens, 0.25, key_mask,
+                          num_splits=splits, logits=logits)  # fmt: skip
+    past_k, _ = gather_kv_quant_torch(pool.cpu(), layout, table.cpu(), past)
+    keys = torch.cat([past_k, k_all[:, past:].cpu()], 1).repeat_interleave(heads // kv_heads, 2)  # [b, n, h, d]
+    expected = torch.einsum("bhd,bnhd->bhn", q[:, 0].cpu(), keys) * 0.25 * math.log2(math.e)
+    expected = expected.masked_fill(~key_mask.cpu()[:, None, :], float("-inf"))
+    got = logits.cpu()
+    assert (got[..., past + 1 :] == 7.0).all()
+    got = got[..., : past + 1]
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-4, atol=1e-4)

@@ -517,3 +517,42 @@ def test_paged_decode_serving_shapes_on_gpu(batch):
             got = plan(q, k, v, tables[layer], lens, mask)
             assert torch.equal(storage, expected_pool)
             torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def reference_logits(q, ks, kv_lens, scale, key_mask, width):
+    """Each decode query's score of each key, in the log2 domain (q . k * scale * log2(e)), -inf where
+    the key mask hides the key, and `width` slots per row (the rest left as the sentinel 7.0)."""
+    batch, _, heads, _ = q.shape
+    out = torch.full((batch, heads, width), 7.0, dtype=torch.float64)
+    for b, n in enumerate(kv_lens):
+        group = heads // ks[b].shape[1]
+        keys = ks[b].double().repeat_interleave(group, 1)  # [n, heads, dim]
+        s = torch.einsum("hd,nhd->hn", q[b, 0].double(), keys) * scale * math.log2(math.e)
+        if key_mask is not None:
+            s = s.masked_fill(~key_mask[b, :n][None, :], float("-inf"))
+        out[b, :, :n] = s
+    return out
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_stores_each_keys_logit_for_eviction(num_splits):
+    """Heavy-hitter eviction reads the scores the attention computed anyway: the kernel stores them for
+    every key of every row (GQA, ragged rows, left padding, any split), and nothing past a row's length."""
+    kv_lens = [70, 23, 41]
+    pool = Pool(kv_lens, 2, 16, 8, torch.float32, seed=9)
+    q = torch.randn(3, 1, 4, 16, generator=torch.Generator().manual_seed(2))
+    key_mask = left_pad_mask(kv_lens, [0, 5, 2], max(kv_lens) + 3)
+    logits = torch.full((3, 4, max(kv_lens) + 4), 7.0, device=DEVICE)
+    out = paged_attention(q.to(DEVICE), *pool.args(), 0.25, key_mask=key_mask.to(DEVICE), num_splits=num_splits,
+                          logits=logits)  # fmt: skip
+    expected = reference_logits(q, pool.ks, kv_lens, 0.25, key_mask, logits.shape[2])
+    got = logits.double().cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(expected)) and torch.isinf(got).any()
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu(), paged_attention(q.to(DEVICE), *pool.args(), 0.25,
+                                                          key_mask=key_mask.to(DEVICE)).cpu())  # fmt: skip
+    with pytest.raises(ValueError, match="one query token per row"):
+        paged_attention(torch.randn(3, 2, 4, 16).to(DEVICE), *pool.args(), 0.25, logits=logits)
+    with pytest.raises(ValueError, match="logits must be fp32"):
+        paged_attention(q.to(DEVICE), *pool.args(), 0.25, logits=logits.double())

@@ -1,0 +1,212 @@
+"""Heavy-hitter eviction (hf_multilora/eviction.py): what a budget keeps, that the cache then attends to
+exactly those tokens (against dense attention with the evicted ones masked), that pages go back, and
+the inputs it refuses."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from hf_multilora.kernels.kv_quant import dequantize, quantize
+from transformers import AttentionInterface
+
+from hf_multilora import MultiLoraModel
+from hf_multilora.cache import PagedCache, paged_attention_in, set_attention
+from hf_multilora.eviction import SNAP_WINDOW, HeavyHitters, KvBudget
+from hf_multilora.memory.page_pool import PagePool
+from hf_multilora.model import _cache_keyword
+
+
+def test_budget_arithmetic_and_bad_budgets():
+    budget = KvBudget.of(0.25, 4)
+    assert [budget.kept(n) for n in (3, 16, 40, 100)] == [3, 4, 10, 25]
+    assert KvBudget.of(None, 64) is None and KvBudget.of(1.0, 64) is None  # nothing is ever evicted
+    for bad in (0, -0.5, 1.5, True, "0.2"):
+        with pytest.raises(ValueError, match="kv_budget must be a fraction"):
+            KvBudget.of(bad, 4)
+    for bad in (-1, 2.5, None):
+        with pytest.raises(ValueError, match="kv_recent must be a count"):
+            KvBudget.of(0.5, bad)
+
+
+def test_keep_takes_the_recent_tokens_and_the_best_scored_others_padding_first():
+    hitters = HeavyHitters(KvBudget(0.5, 2), layers=1, kv_heads=2)
+    key = torch.zeros(2, 2, 1, 4)
+    real = torch.ones(2, 13, dtype=torch.bool)
+    real[1, :5] = False  # row 1: 5 slots of left padding, 8 real tokens
+    hitters.slot_mask(key, real, 12, 13)  # 12 slots
+    hitters.real[:, :12] = real[:, :12]
+    scores = torch.rand(2, 2, 12, generator=torch.Generator().manual_seed(0))
+    hitters.scores[0][..., :12] = scores
+    keep = hitters.keep(12, 12)[0]  # keeps 6: the 2 newest + the 4 best of the 10 older
+    for b in range(2):
+        for h in range(2):
+            older = [j for j in range(10) if real[b, j]]
+            best = sorted(older, key=lambda j: -scores[b, h, j].item())[:4]
+            assert keep[b, h].tolist() == [*sorted(best), 10, 11]
+    # too few real tokens: padding fills the budget, first in every head (one slot mask for all)
+    hitters.real[1, :9] = False
+    keep = hitters.keep(12, 12)[0]
+    assert [hitters.real[1, j].item() for j in keep[1, 0].tolist()] == [False, False, False, True, True, True]
+    assert (hitters.real[1].gather(0, keep[1, 1]) == hitters.real[1].gather(0, keep[1, 0])).all()
+
+
+def kept_mask_attention(masks, kv_dtype, prompt):
+    """An attention function for the reference: each (layer, KV head, query) sees the keys masks[layer]
+    [batch, kv_heads, queries, keys] allows. With a quantized cache, a decode query (position >=
+    prompt) reads earlier keys and values as dequant(quant(x)) and its own exactly, as the paged
+    cache does; the prompt's queries read the prompt exactly (it is attended in flight)."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        group = query.shape[1] // key.shape[1]
+        allowed = masks[module.layer_idx].repeat_interleave(group, 1)
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        n = key.shape[2]
+        exact = torch.ones(n, n, dtype=torch.bool)
+        if kv_dtype is not None:  # from the pages: earlier keys of decode queries
+            exact = (torch.arange(n)[:, None] < prompt) | torch.eye(n, dtype=torch.bool)
+            stored_key, stored_value = (dequantize(*quantize(x, kv_dtype), kv_dtype) for x in (key, value))
+        else:
+            stored_key, stored_value = key, value
+        scores = torch.where(exact, query @ key.transpose(-1, -2), query @ stored_key.transpose(-1, -2)) * scaling
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+        out = torch.where(exact, probs, 0) @ value + torch.where(exact, 0, probs) @ stored_value
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def sharp(base):
+    """The zoo's model with sharper attention (q and k scaled up): its random weights otherwise attend
+    almost uniformly, and every layer and head would keep the same tokens."""
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.self_attn.q_proj.weight *= 4
+            layer.self_attn.k_proj.weight *= 4
+    return base
+
+
+def decode_with_eviction(base, ids, mask, steps, **cache_kwargs):
+    """Greedy decode through a PagedCache with eviction: every step's logits and, per layer, the
+    positions each (row, KV head) attended to at each query position [batch, kv_heads, queries, keys]."""
+    pool = PagePool(600, 512, base.dtype, base.device)  # small pages: blocks of 4 to ~20 tokens, many compactions
+    cache = PagedCache(pool, base.config, **cache_kwargs)
+    batch, prompt = ids.shape
+    total = prompt + steps
+    layers = base.config.num_hidden_layers
+    kv_heads = base.config.num_key_value_heads
+    seen = [torch.zeros(batch, kv_heads, total, total, dtype=torch.bool) for _ in range(layers)]
+    for layer in range(layers):  # the prompt attends causally
+        seen[layer][:, :, :prompt, :prompt] = torch.ones(prompt, prompt, dtype=torch.bool).tril()
+    logits, tokens = [], ids
+    with torch.no_grad(), paged_attention_in(base):
+        out = base(input_ids=ids, attention_mask=mask, **{_cache_keyword(base): cache}, use_cache=True).logits[:, -1]
+        for t in range(prompt, total):
+            logits.append(out)
+            tokens = torch.cat([tokens, out.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=mask.device)], 1)
+            if t == total - 1:
+                break
+            out = base(input_ids=tokens[:, -1:], attention_mask=mask, **{_cache_keyword(base): cache}, use_cache=True,
+                       cache_position=torch.tensor([t], device=ids.device)).logits[:, -1]  # fmt: skip
+            for layer in range(layers if cache.eviction is not None else 0):
+                positions = cache.kept_positions(layer)  # [batch, kv_heads, slots], this token's included
+                seen[layer][:, :, t].scatter_(-1, positions.cpu(), True)
+    stats = cache.eviction is not None and cache._evicted
+    pages = len(cache._pages_of(cache._host))
+    cache.release()
+    return torch.stack(logits, 1), tokens, seen, stats, pages
+
+
+@pytest.mark.parametrize("kernels, kv_dtype", [("torch", None), ("triton", None), ("torch", "int4"),
+                                              ("triton", "int4"), ("torch", "fp8")])  # fmt: skip
+def test_eviction_equals_dense_attention_with_the_evicted_tokens_masked(llama_zoo, monkeypatch, kernels, kv_dtype):
+    """Each decode step attends (per layer and KV head) to what the cache kept: its logits are a dense
+    model's whose attention masks every other token, including the left padding (and, with quantized
+    pages, reads the past dequantized); tokens really were evicted, by more than one compaction, and
+    layers and heads kept different ones. (FP8 on the interpreter does not round as a GPU does: its
+    Triton path runs under -m gpu.)"""
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", kernels)
+    base = sharp(llama_zoo.fresh_base()).to(DEVICE if kernels == "triton" else "cpu")
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    got, tokens, seen, evicted, _ = decode_with_eviction(base, ids.to(base.device), mask.to(base.device), 40,
+                                                         kv_budget=0.3, kv_recent=4, kv_dtype=kv_dtype)  # fmt: skip
+    got, tokens = got.cpu(), tokens.cpu()
+    assert evicted > 20
+    last = [layer_seen[:, :, -2] for layer_seen in seen]  # what each layer and head kept at the last step
+    assert not torch.equal(last[0], last[1]) and not torch.equal(last[0][:, 0], last[0][:, 1])
+    real = torch.cat([mask, torch.ones(2, 40, dtype=mask.dtype)], 1).bool()
+    masks = []
+    for layer_seen in seen:
+        allowed = layer_seen & real[:, None, None, :]
+        # padding queries (not compared) see themselves: no all-masked rows
+        allowed |= (~real)[:, None, :, None] & torch.eye(real.shape[1], dtype=torch.bool)
+        masks.append(allowed[:, :, :-1, :-1])  # the last token is not fed back
+    assert not all(m[:, :, -1].all(-1).all() for m in masks)  # something is masked at the last step
+    AttentionInterface.register("kept_mask_reference", kept_mask_attention(masks, kv_dtype, ids.shape[1]))
+    reference_model = sharp(llama_zoo.fresh_base())
+    set_attention(reference_model, "kept_mask_reference")
+    with torch.no_grad():
+        reference = reference_model(input_ids=tokens[:, :-1], use_cache=False).logits[:, 19:]
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_budget_one_is_the_unevicted_cache_and_a_budget_frees_pages(llama_zoo):
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+    ids = torch.randint(3, 128, (3, 24), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(adapter_ids=["attn_r8", None, "qv_r4"], max_new_tokens=30, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, kv_budget=1.0, **kwargs), model.generate(ids, **kwargs))
+    free = model.page_pool().num_free
+    evicting = model.generate(ids, kv_budget=0.25, kv_recent=4, **kwargs)
+    assert model.page_pool().num_free == free and not torch.equal(evicting, model.generate(ids, **kwargs))
+    base = llama_zoo.fresh_base()
+    *_, pages_all = decode_with_eviction(base, ids, torch.ones_like(ids), 41)
+    *_, pages_kept = decode_with_eviction(base, ids, torch.ones_like(ids), 41, kv_budget=0.25, kv_recent=4)
+    assert pages_kept < pages_all
+
+
+def test_a_prompt_is_scored_from_its_last_queries(llama_zoo):
+    """SnapKV's observation window: after the prefill, a slot's score is the attention the last
+    SNAP_WINDOW queries paid it, summed over the KV head's query heads (a probability mass)."""
+    base = llama_zoo.fresh_base()
+    ids = torch.randint(3, 128, (1, SNAP_WINDOW + 8), generator=torch.Generator().manual_seed(6))
+    cache = PagedCache(MultiLoraModel(base).page_pool(), base.config, kv_budget=0.5)
+    with torch.no_grad(), paged_attention_in(base):
+        base(input_ids=ids, **{_cache_keyword(base): cache}, use_cache=True)
+    group = base.config.num_attention_heads // base.config.num_key_value_heads
+    for scores in cache.eviction.scores:
+        total = scores[0, :, : ids.shape[1]].sum(-1)
+        torch.testing.assert_close(total, torch.full_like(total, SNAP_WINDOW * group))
+        assert scores[0, :, : ids.shape[1]].min() > 0
+    cache.release()
+
+
+def test_what_eviction_refuses(llama_zoo, mistral_zoo):
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+    ids = torch.randint(3, 128, (1, 8))
+    free = model.page_pool().num_free
+    cases = [
+        (dict(kv_budget=0.0), "kv_budget must be a fraction"),
+        (dict(kv_budget=0.5, kv_recent=-2), "kv_recent must be a count"),
+        (dict(kv_budget=0.5, paged_cache=False), "applies to the paged cache"),
+        (dict(kv_budget=0.5, num_beams=2), "beam search"),
+        (dict(kv_budget=0.5, prompt_lookup_num_tokens=3), "assisted decoding"),
+        (dict(kv_budget=0.5, cuda_graphs=True), "eviction"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids, max_new_tokens=4, pad_token_id=0, **kwargs)
+    mistral = MultiLoraModel.from_pretrained(mistral_zoo.fresh_base(), adapters=mistral_zoo.paths)
+    with pytest.raises(ValueError, match="sliding-window"):
+        mistral.generate(ids, max_new_tokens=4, pad_token_id=0, kv_budget=0.5)
+    assert model.page_pool().num_free == free  # refused before any page was taken
+    cache = PagedCache(model.page_pool(), model.base_model.config, kv_budget=0.5)
+    with torch.no_grad(), paged_attention_in(model.base_model):
+        model.base_model(input_ids=ids, **{_cache_keyword(model.base_model): cache}, use_cache=True)
+        with pytest.raises(NotImplementedError, match="one token per row"):
+            model.base_model(input_ids=ids[:, :2], **{_cache_keyword(model.base_model): cache}, use_cache=True)
+    for call in (lambda: cache.batch_select_indices([0]), lambda: cache.crop(-1)):
+        with pytest.raises(NotImplementedError, match="heavy-hitter eviction"):
+            call()
+    cache.release()
+    assert model.page_pool().num_free == free
