@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-static", action="store_true",
                         help="no transformers static-cache row (its cache and compiled graphs take ~2x the KV "
                              "of a batch 16 x 4096 call)")  # fmt: skip
+    parser.add_argument("--explain-oom", action="store_true",
+                        help="record allocations; on running out of memory, print what holds it")  # fmt: skip
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args(argv)
@@ -111,9 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.prefetch_adapters(list(paths))
         bandwidth = copy_bandwidth(device)
         print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s (read + write)")
-        results = [
-            run_prompt(model, sets, prompt, args, device, profile, bandwidth) for prompt in args.prompt_lens
-        ]
+        with common.explained_oom(args.explain_oom):
+            results = [
+                run_prompt(model, sets, prompt, args, device, profile, bandwidth) for prompt in args.prompt_lens
+            ]
     payload = {"environment": env, "args": vars(args), "copy_bytes_per_s": bandwidth,
                "graph_stats": model.graph_stats(), "results": results}  # fmt: skip
     if args.json:

@@ -7,6 +7,8 @@ failing fast. Import it before transformers/peft for that to take effect.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
 import gc
 import json
@@ -15,7 +17,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,35 @@ def start(tiny: bool) -> tuple[torch.device, dict[str, Any]] | None:
     print(f"device {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
           f"peft {env['peft']}, triton {env['triton']}", flush=True)  # fmt: skip
     return device, env
+
+
+@contextlib.contextmanager
+def explained_oom(enabled: bool, top: int = 15) -> Iterator[None]:
+    """With `enabled` (CUDA): record where every allocation was made, and on an out-of-memory error
+    print the live memory grouped by the code that allocated it (largest first), then re-raise: one
+    failed run says what filled the GPU."""
+    if not enabled:
+        yield
+        return
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        sizes: collections.Counter[str] = collections.Counter()
+        for segment in torch.cuda.memory._snapshot().get("segments", []):
+            for block in segment.get("blocks", []):
+                if block.get("state") != "active_allocated":
+                    continue
+                frames = [f for f in block.get("frames", []) if f.get("filename", "").endswith(".py")
+                          and "/torch/" not in f["filename"]][:3]  # fmt: skip  (innermost Python first)
+                where = " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames)
+                sizes[where or "?"] += block.get("size", 0)
+        print(f"live CUDA memory at the OOM, by allocating code (top {top}):", file=sys.stderr)
+        for where, size in sizes.most_common(top):
+            print(f"  {size / 2**30:8.2f} GiB  {where}", file=sys.stderr)
+        raise
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:

@@ -88,8 +88,9 @@ class HeavyHitters:
         dim], last) for the attention, from HF's mask over logical positions: the new tokens' columns
         are copied into their slots; earlier slots keep what they were given."""
         batch, _, new, _ = key.shape
-        for layer in range(len(self.scores)):
-            self._room(layer, batch, slots, key.device)
+        if self.real is None or self.real.shape[1] < slots:  # every layer's buffers grow together
+            for layer in range(len(self.scores)):
+                self._room(layer, batch, slots, key.device)
         if key_mask is not None:
             self.real[:, slots - new : slots] = key_mask[:, logical_end - new : logical_end].bool()
         return self.real[:, :slots]
