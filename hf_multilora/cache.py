@@ -69,9 +69,10 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.masking_utils import AttentionMaskInterface
 
 from .backend import use_triton
-from .eviction import LOG2_E, HeavyHitters, KvBudget, SlotRegion, move_slots
+from .eviction import HeavyHitters, KvBudget, SlotRegion, move_slots
 from .kernels.kv_quant import KvLayout, gather_kv_quant_torch, write_kv_quant_torch
 from .kernels.paged_attention import (
+    LOG2_E,
     PagedDecode,
     gather_kv,
     paged_attention,

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.paged_attention import LOG2_E
+
 SNAP_WINDOW = 32  # prompt queries whose attention scores the prompt (SnapKV's observation window)
-LOG2_E = 1.4426950408889634
 
 
 @dataclass(frozen=True)

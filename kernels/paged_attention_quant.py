@@ -29,6 +29,7 @@ import triton.language as tl
 from .kv_quant import KvLayout
 from .paged_attention import (
     _TARGET_PROGRAMS,
+    LOG2_E,
     MAX_SPLITS,
     _combine_splits_kernel,
     _dot,
@@ -39,8 +40,6 @@ from .paged_attention import (
     num_splits_for,
 )
 from .sgmv import _dot_in_fp32
-
-LOG2_E = 1.4426950408889634
 
 
 def _layout_args(layout: KvLayout) -> dict:
