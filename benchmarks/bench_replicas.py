@@ -1,27 +1,43 @@
 """Throughput of the Ray Serve deployment with 1 and with N replicas, over HTTP, in one Ray session.
 
-Each round deploys `application(spec, replicas=r)` of the demo assets (or `--base` / `--adapter`),
-then `--clients` threads send `--requests` completions in all (adapters drawn round-robin, greedy,
-`--max-tokens` each with EOS ignored) through the OpenAI routes and wait for them; throughput is the
-output tokens over the wall time of the round. Rounds alternate 1 and N replicas (`--rounds` each;
-the host drifts), and the ratio is taken per pair. On a machine with GPUs each replica takes one; on
-CPU the replicas share the cores (say which in the results).
+The model (`--shapes`): the demo assets (default; its 4 adapters), or a randomly initialised Llama
+of the TINY (CPU check) or Llama-2-7B shape (GPUs) written to a temporary folder with a word-level
+tokenizer ("t0" ... one word per id) and `--adapters` synthetic adapters (q/k/v/o, ranks 8/16, as
+bench_serve.py writes them). The trace is bench_serve.py's at saturation: `--requests` prompts of
+random token ids, output lengths uniform in `--output-lens` (EOS ignored), adapters drawn Zipf.
+
+Each round deploys `application(spec, replicas=r)`, sends the whole trace once untimed (a fresh
+replica compiles and captures its decode graphs on first use), then again timed: `--clients` threads
+send the completions through the OpenAI routes and wait for them; throughput is the output tokens
+over the wall time. Rounds alternate 1 and N replicas (`--rounds` each; the host drifts), and the
+ratio is taken per pair. On a machine with GPUs each replica takes one; on CPU the replicas share
+the cores (say which in the results).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+import bench_adapter_scale as scale
 import common
 import httpx
 import ray
+import torch
+from bench_generate import FULL, TINY, build_base
+from bench_serve import TraceRequest, make_trace
 from hf_multilora.app.demo import read_demo
 from ray import serve
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from hf_multilora.serving.ray import ModelSpec, application
 
@@ -32,9 +48,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def round_trip(url: str, names: list[str], args: argparse.Namespace) -> float:
-    """Output tokens per second of one round of requests."""
-    todo = list(range(args.requests))
+def synthetic_spec(root: Path, args: argparse.Namespace) -> tuple[ModelSpec, list[str], int]:
+    """A random base model and adapters written under `root`: (spec, adapter names, vocabulary size)."""
+    profile = FULL if args.shapes == "llama-7b" else TINY
+    on_gpu = args.shapes == "llama-7b"
+    base = build_base(profile, torch.device("cuda" if on_gpu else "cpu"), torch.bfloat16 if on_gpu else torch.float32)
+    base.save_pretrained(root / "base")
+    del base
+    common.free_memory()
+    vocab = profile.config["vocab_size"]
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token="t2")
+    tokenizer.save_pretrained(root / "base")
+    ranks = (8, 16) if on_gpu else (4, 8)
+    weights = scale.write_weight_files(root / "weights", profile.config, ranks, per_rank=4)
+    names = scale.adapter_names(args.adapters)
+    folders = scale.make_folders(root / "adapters", scale.draw_ranks(args.adapters, ranks, args.seed), weights, names)
+    pool_bytes = int(args.pool_gib * 2**30) if on_gpu else 2**24
+    spec = ModelSpec(base=str(root / "base"), adapters={n: str(f) for n, f in folders.items()}, model_name="base",
+                     pool_bytes=pool_bytes, max_running=args.max_running)  # fmt: skip
+    return spec, names, vocab
+
+
+def demo_spec(args: argparse.Namespace) -> tuple[ModelSpec, list[str], int]:
+    demo = read_demo()
+    spec = ModelSpec(base=str(demo.base), adapters={n: str(p) for n, p in demo.adapters.items()},
+                     model_name="demo-base", max_running=args.max_running)  # fmt: skip
+    vocab = int(json.loads((demo.base / "config.json").read_text())["vocab_size"])
+    return spec, list(demo.adapters), vocab
+
+
+def round_trip(url: str, trace: list[TraceRequest], clients: int) -> float:
+    """Output tokens per second of the trace sent by `clients` threads (each takes the next request)."""
+    todo = list(reversed(trace))
     lock = threading.Lock()
     tokens = [0]
 
@@ -44,8 +91,8 @@ def round_trip(url: str, names: list[str], args: argparse.Namespace) -> float:
                 with lock:
                     if not todo:
                         return
-                    i = todo.pop()
-                body = {"model": names[i % len(names)], "prompt": f"{i} van {i % 10} => ", "max_tokens": args.max_tokens,
+                    request = todo.pop()
+                body = {"model": request.adapter, "prompt": request.prompt_ids, "max_tokens": request.output_len,
                         "temperature": 0, "ignore_eos": True}  # fmt: skip
                 reply = http.post(f"{url}/v1/completions", json=body)
                 reply.raise_for_status()
@@ -53,7 +100,7 @@ def round_trip(url: str, names: list[str], args: argparse.Namespace) -> float:
                     tokens[0] += reply.json()["usage"]["completion_tokens"]
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(args.clients)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -63,36 +110,50 @@ def round_trip(url: str, names: list[str], args: argparse.Namespace) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", choices=("demo", "tiny", "llama-7b"), default="demo")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=128)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--clients", type=int, help="client threads (default: one per request, i.e. saturation)")
+    parser.add_argument("--adapters", type=int, default=100, help="synthetic adapters (tiny, llama-7b)")
+    parser.add_argument("--popularity", choices=("zipf", "uniform"), default="zipf")
+    parser.add_argument("--zipf", type=float, default=1.0)
+    parser.add_argument("--prompt-lens", type=common.parse_int_list, help="min,max prompt tokens")
+    parser.add_argument("--output-lens", type=common.parse_int_list, help="min,max output tokens")
+    parser.add_argument("--max-running", type=int, default=64, help="each replica's engine")
+    parser.add_argument("--pool-gib", type=float, default=40.0, help="each replica's pool (llama-7b)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    demo = read_demo()
-    spec = ModelSpec(base=str(demo.base), adapters={n: str(p) for n, p in demo.adapters.items()}, model_name="demo-base")
-    names = ["demo-base", *demo.adapters]
+    large = args.shapes == "llama-7b"
+    args.prompt_lens = args.prompt_lens or ((64, 512) if large else (4, 24))
+    args.output_lens = args.output_lens or ((32, 256) if large else (16, 48))
     ray.init(include_dashboard=False, log_to_driver=False)
     resources = ray.cluster_resources()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     pairs = []
-    for r in range(args.rounds):
-        speeds = {}
-        for replicas in ((1, args.replicas) if r % 2 == 0 else (args.replicas, 1)):
-            serve.run(application(spec, replicas))
-            round_trip(url, names, argparse.Namespace(**{**vars(args), "requests": 8}))  # warm-up
-            speeds[replicas] = round_trip(url, names, args)
-            print(f"round {r}: {replicas} replica(s): {speeds[replicas]:.1f} tok/s", flush=True)
-        pairs.append(speeds)
-    serve.shutdown()
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, names, vocab = demo_spec(args) if args.shapes == "demo" else synthetic_spec(Path(tmp), args)
+        trace = make_trace(args, math.inf, names, vocab)
+        clients = args.clients or len(trace)
+        for r in range(args.rounds):
+            speeds = {}
+            for replicas in ((1, args.replicas) if r % 2 == 0 else (args.replicas, 1)):
+                serve.run(application(spec, replicas))
+                round_trip(url, trace, clients)  # warm-up
+                speeds[replicas] = round_trip(url, trace, clients)
+                print(f"round {r}: {replicas} replica(s): {speeds[replicas]:.1f} tok/s", flush=True)
+            pairs.append(speeds)
+        serve.shutdown()
     ratios = [p[args.replicas] / p[1] for p in pairs]
     where = f"{int(resources.get('GPU', 0))} GPU(s)" if resources.get("GPU") else f"CPU only, {int(resources['CPU'])} cores"
     print(f"{args.replicas} replicas / 1 replica: median {common.median(ratios):.2f}x (rounds {[round(x, 2) for x in ratios]}); {where}")
     if args.json:
-        common.write_json(args.json, {"args": vars(args), "resources": resources, "pairs": pairs, "ratios": ratios})
+        common.write_json(args.json, {"args": vars(args), "resources": resources, "pairs": pairs, "ratios": ratios,
+                                      "ray": ray.__version__,
+                                      "environment": common.environment(torch.device("cuda" if large else "cpu"))})  # fmt: skip
     return 0
 
 

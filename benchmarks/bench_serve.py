@@ -25,14 +25,15 @@ Rows, in one process:
 (b) and (c) run at saturation only. Llama-2-7B shapes on CUDA; `--tiny` checks the script on CPU.
 
 `--kv-cache-dtypes model,int4` runs the engine once per KV dtype on each trace (quantized KV pages in
-the same pool: more requests fit), `--rounds` times each in alternating order, and prints their ratio.
+the same pool: more requests fit). Every adapter count's adapters are registered up front, and
+`--rounds N` runs every (count, rate, KV dtype) N times, alternating the order between rounds (the
+host drifts); ratios (quantized KV / the model's dtype, each count / the fewest) are of medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import math
 import random
 import sys
@@ -202,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kv-cache-dtypes", type=lambda s: s.split(","), default=["model"],
                         help="the engine's KV pages, one engine run each in turn per trace: model (the "
                              "model's dtype), fp8, int4")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=1, help="runs of each KV dtype per trace, alternated")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of every (adapter count, rate, KV dtype), in alternating order (the host drifts)")
     parser.add_argument("--pool-gib", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
@@ -226,24 +228,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ranks = (4, 8) if args.tiny else (8, 16)
     with tempfile.TemporaryDirectory() as tmp:
         weights = scale.write_weight_files(Path(tmp) / "weights", profile.config, ranks, per_rank=4)
+        catalogue = {}  # adapter count -> its names, all registered at once so that rounds can alternate
         for count in args.adapters:
             names = scale.adapter_names(count, prefix=f"n{count}-")
             folders = scale.make_folders(Path(tmp) / f"n{count}", scale.draw_ranks(count, ranks, args.seed), weights, names)
             for name, folder in folders.items():
                 model.load_adapter(folder, name)
             model.prefetch_adapters(names, host_only=True)
-            for rate in rates:
-                trace = make_trace(args, rate, names, vocab)
-                for turn in range(args.rounds * len(args.kv_cache_dtypes)):
-                    kv_dtype = args.kv_cache_dtypes[(turn + turn // len(args.kv_cache_dtypes)) % len(args.kv_cache_dtypes)]
-                    row = {"adapters": count, "rate": rate, "kv_cache_dtype": kv_dtype,
-                           "engine": run_trace(model, tokenizer, trace, args, kv_dtype, warm_up=turn < len(args.kv_cache_dtypes))}  # fmt: skip
-                    if "generate" in args.baselines and math.isinf(rate) and turn == 0:
-                        row["generate_each"] = run_generate_each(model, trace[: args.generate_requests], device)
-                    results.append(row)
-                    print(f"adapters {count}, rate {rate}: {row}", flush=True)
-            for name in names:
-                model.unload_adapter(name)
+            catalogue[count] = names
+        runs = [(count, rate, kv_dtype) for count in args.adapters for rate in rates for kv_dtype in args.kv_cache_dtypes]
+        for turn in range(args.rounds):
+            for count, rate, kv_dtype in runs if turn % 2 == 0 else runs[::-1]:
+                trace = make_trace(args, rate, catalogue[count], vocab)
+                row = {"adapters": count, "rate": rate, "kv_cache_dtype": kv_dtype, "round": turn,
+                       "engine": run_trace(model, tokenizer, trace, args, kv_dtype, warm_up=turn == 0)}  # fmt: skip
+                if "generate" in args.baselines and math.isinf(rate) and turn == 0 and kv_dtype == args.kv_cache_dtypes[0]:
+                    row["generate_each"] = run_generate_each(model, trace[: args.generate_requests], device)
+                results.append(row)
+                print(f"adapters {count}, rate {rate}: {row}", flush=True)
     saturated = make_trace(args, math.inf, [], vocab)
     baselines: dict[str, Any] = {}
     if "hf-cb" in args.baselines:
@@ -275,14 +277,19 @@ def print_table(results: list[dict], baselines: dict[str, Any]) -> None:
             round(each["tok_s"], 1) if each else "-", round(engine["tok_s"] / each["tok_s"], 2) if each else "-",
         ])  # fmt: skip
     print(common.format_table(header, rows))
-    for kv_dtype in sorted({r["kv_cache_dtype"] for r in results} - {"model"}):
-        for (count, rate), runs in itertools.groupby(results, key=lambda r: (r["adapters"], r["rate"])):
-            runs = list(runs)
-            own = [r["engine"]["tok_s"] for r in runs if r["kv_cache_dtype"] == "model"]
-            quantized = [r["engine"]["tok_s"] for r in runs if r["kv_cache_dtype"] == kv_dtype]
-            if own and quantized:
-                print(f"{count} adapters, rate {rate}: {kv_dtype} KV / the model's dtype: "
-                      f"{common.median(quantized) / common.median(own):.2f}x")  # fmt: skip
+    by_run: dict[tuple, list[float]] = {}
+    for row in results:
+        by_run.setdefault((row["adapters"], row["rate"], row["kv_cache_dtype"]), []).append(row["engine"]["tok_s"])
+    for (count, rate, kv_dtype), speeds in by_run.items():
+        own = by_run.get((count, rate, "model"))
+        if kv_dtype != "model" and own:
+            print(f"{count} adapters, rate {rate}: {kv_dtype} KV / the model's dtype: "
+                  f"{common.median(speeds) / common.median(own):.2f}x")  # fmt: skip
+        fewest = by_run.get((min(r["adapters"] for r in results), rate, kv_dtype))
+        if fewest is not speeds and fewest:
+            per_round = [round(a / b, 3) for a, b in zip(speeds, fewest, strict=True)]
+            print(f"rate {rate}, {kv_dtype} KV: {count} adapters / the fewest: "
+                  f"{common.median(speeds) / common.median(fewest):.3f}x (rounds {per_round})")  # fmt: skip
     for name, values in baselines.items():
         if "tok_s" in values:
             ratios = ", ".join(f"{r['adapters']} adapters {r['engine']['tok_s'] / values['tok_s']:.2f}x"

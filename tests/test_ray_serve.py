@@ -78,3 +78,31 @@ def test_errors_through_the_router(url):
                        headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
     assert reply.status_code == 501
     assert "hf_multilora_requests_running" in httpx.get(f"{url}/metrics").text
+
+
+def test_a_replica_batches_more_than_ray_serves_default_of_5_requests(url):
+    """Ray Serve hands a replica at most 5 requests at once unless told otherwise (and the router
+    too): the engine would then never batch more than 5 rows, however many clients wait."""
+    spec = ModelSpec(base=str(DEMO.base), adapters={n: str(p) for n, p in DEMO.adapters.items()},
+                     model_name="demo-base", device="cpu", max_running=16)  # fmt: skip
+    serve.run(application(spec, replicas=1), name="single", route_prefix="/single")
+    single = f"{url}/single"
+    try:
+        body = {"model": "upper", "prompt": "a b c", "max_tokens": 96, "temperature": 0, "ignore_eos": True}
+        with httpx.Client(timeout=120) as http:
+            http.post(f"{single}/v1/completions", json={**body, "max_tokens": 2}).raise_for_status()  # loaded
+        threads = [threading.Thread(target=httpx.post, args=(f"{single}/v1/completions",), kwargs={"json": body, "timeout": 120})
+                   for _ in range(12)]  # fmt: skip
+        for t in threads:
+            t.start()
+        peak = 0
+        with httpx.Client(timeout=120) as http:
+            while any(t.is_alive() for t in threads):
+                metrics = http.get(f"{single}/metrics").text
+                running = next(line for line in metrics.splitlines() if line.startswith("hf_multilora_requests_running "))
+                peak = max(peak, float(running.split()[1]))
+        for t in threads:
+            t.join()
+        assert peak >= 8, f"at most {peak} rows ran at once for 12 concurrent requests"
+    finally:
+        serve.delete("single")

@@ -102,6 +102,9 @@ class Replica:
         return self.service.metrics()
 
 
+# Requests the router takes beyond what its replicas do: /health, /metrics and /v1/models stay answered under load.
+ROUTER_SPARE_REQUESTS = 16
+
 router_app = FastAPI(title="hf_multilora on Ray Serve", docs_url=None, redoc_url=None)
 
 
@@ -182,5 +185,13 @@ def application(spec: ModelSpec, replicas: int = 1, *, api_key: str | None = Non
 
         has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
         gpus_per_replica = 1 if has_gpus and spec.device != "cpu" else 0
-    replica = Replica.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": 0})
-    return Router.options(ray_actor_options={"num_cpus": 0}).bind(replica.bind(spec), api_key)
+    # Ray Serve sends a replica at most `max_ongoing_requests` at once (default 5): left at that, an
+    # engine would batch 5 rows. A replica takes twice what its engine runs, so that rows finishing
+    # are replaced from its own queue; the router passes on what all replicas take, the rest waits
+    # in Ray's proxy.
+    per_replica = 2 * spec.max_running
+    replica = Replica.options(num_replicas=replicas, max_ongoing_requests=per_replica,
+                              ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": 0})  # fmt: skip
+    router = Router.options(max_ongoing_requests=replicas * per_replica + ROUTER_SPARE_REQUESTS,
+                            ray_actor_options={"num_cpus": 0})  # fmt: skip
+    return router.bind(replica.bind(spec), api_key)
