@@ -403,6 +403,7 @@ class PagedCache(Cache):
         self._finished: torch.Tensor | None = None  # bool [batch] on the host: rows whose pages are released
         self._finishing: torch.Tensor | None = None  # bool [batch] on the device, from ReleaseFinishedRows
         self._evicted = 0  # tokens per row evicted so far: the logical length is _lens + _evicted
+        self._prompt_compacted = False  # the first decode step compacts the scored prompt to the budget
         self.eviction = HeavyHitters(self.budget, self.num_layers, self.kv_heads) if self.budget else None
 
     # -- what attention layers call -------------------------------------------------------------------------
@@ -739,15 +740,18 @@ class PagedCache(Cache):
 
     # -- heavy-hitter eviction (eviction.py) ------------------------------------------------------------------
     def _before_evicting_forward(self, layer_idx: int, new: int) -> None:
-        """A prompt is scored in the cache's first forward only; a decode token that starts a new block
-        first compacts every layer to the budget (so a row holds at most the budget and one block)."""
+        """A prompt is scored in the cache's first forward only. The first decode step compacts every layer
+        to the budget (as SnapKV does: waiting for a block boundary let rows attend to the whole prompt
+        for up to a block of steps, 59 with int4 pages), and so does every decode token that starts a
+        new block (a row holds at most the budget and one block)."""
         if new > 1 and self._lens[layer_idx]:
             raise NotImplementedError(
                 "heavy-hitter eviction scores the prompt in the cache's first forward; later forwards take one "
                 "token per row (no chunked prefill, assisted decoding or multi-turn reuse of the cache)"
             )
         slots = self._lens[0]
-        if layer_idx == 0 and new == 1 and slots and slots % self.block_size == 0:
+        if layer_idx == 0 and new == 1 and slots and (slots % self.block_size == 0 or not self._prompt_compacted):
+            self._prompt_compacted = True
             self._compact(slots)
 
     def _evicting_mask(self, layer_idx: int, key: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:

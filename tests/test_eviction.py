@@ -2,6 +2,8 @@
 exactly those tokens (against dense attention with the evicted ones masked), that pages go back, and
 the inputs it refuses."""
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -149,6 +151,17 @@ def test_eviction_equals_dense_attention_with_the_evicted_tokens_masked(llama_zo
     with torch.no_grad():
         reference = reference_model(input_ids=tokens[:, :-1], use_cache=False).logits[:, 19:]
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int4"])
+def test_the_first_decode_step_evicts_to_the_budget_off_a_block_boundary(llama_zoo, kv_dtype):
+    """SnapKV compresses the prompt at once. Waiting for a block boundary let a row attend to its whole
+    prompt for up to a block of steps (59 with Llama's int4 pages): a passkey read in 6 tokens then
+    never met eviction. A 23-token prompt ends on no block boundary here (blocks of 4 to ~20)."""
+    base = llama_zoo.fresh_base()
+    ids = torch.randint(3, 128, (2, 23), generator=torch.Generator().manual_seed(6))
+    *_, evicted, _ = decode_with_eviction(base, ids, torch.ones_like(ids), 2, kv_budget=0.3, kv_recent=4, kv_dtype=kv_dtype)
+    assert evicted == 23 - math.ceil(0.3 * 23)
 
 
 def test_budget_one_is_the_unevicted_cache_and_a_budget_frees_pages(llama_zoo):
