@@ -50,8 +50,8 @@ def free_port() -> int:
 
 def synthetic_spec(root: Path, args: argparse.Namespace) -> tuple[ModelSpec, list[str], int]:
     """A random base model and adapters written under `root`: (spec, adapter names, vocabulary size)."""
-    profile = FULL if args.shapes == "llama-7b" else TINY
     on_gpu = args.shapes == "llama-7b"
+    profile = FULL if on_gpu else TINY
     base = build_base(profile, torch.device("cuda" if on_gpu else "cpu"), torch.bfloat16 if on_gpu else torch.float32)
     base.save_pretrained(root / "base")
     del base

@@ -280,12 +280,13 @@ def print_table(results: list[dict], baselines: dict[str, Any]) -> None:
     by_run: dict[tuple, list[float]] = {}
     for row in results:
         by_run.setdefault((row["adapters"], row["rate"], row["kv_cache_dtype"]), []).append(row["engine"]["tok_s"])
+    fewest_count = min(r["adapters"] for r in results)
     for (count, rate, kv_dtype), speeds in by_run.items():
         own = by_run.get((count, rate, "model"))
         if kv_dtype != "model" and own:
             print(f"{count} adapters, rate {rate}: {kv_dtype} KV / the model's dtype: "
                   f"{common.median(speeds) / common.median(own):.2f}x")  # fmt: skip
-        fewest = by_run.get((min(r["adapters"] for r in results), rate, kv_dtype))
+        fewest = by_run.get((fewest_count, rate, kv_dtype))
         if fewest is not speeds and fewest:
             per_round = [round(a / b, 3) for a, b in zip(speeds, fewest, strict=True)]
             print(f"rate {rate}, {kv_dtype} KV: {count} adapters / the fewest: "
