@@ -317,3 +317,26 @@ def test_bound_launch_takes_the_kernel_arguments_by_name_in_order():
         BoundLaunch(sgmv._sgmv_shrink_kernel, (1, 1, 1), swapped, constexprs, num_warps=4)
     with pytest.raises(ValueError, match="then constexprs"):
         BoundLaunch(sgmv._sgmv_shrink_kernel, (1, 1, 1), args, dict(list(constexprs.items())[:-1]), num_warps=4)
+
+
+def test_prepared_calls_do_not_keep_their_activations_alive():
+    """A prefill prepares a shrink and an expand per LoRA module; holding the tensors they were
+    planned and called with kept every layer's input and output of the forward alive at once."""
+    import gc
+    import weakref
+
+    from hf_multilora.kernels.sgmv import ExpandCall, ShrinkCall
+
+    weights, rows, locations, scales = make_adapters([16, 8], 64, [48], torch.float32, 5)
+    plan = plan_sgmv([1, 0, -1], 2, 16, DEVICE)
+    x, y = torch.randn(6, 64, device=DEVICE), torch.randn(6, 48, device=DEVICE)
+    shrink = ShrinkCall(x, weights, rows, locations, plan)
+    expand = ExpandCall(y, shrink.v, weights, rows, locations, scales, plan)
+    shrink(x)
+    expand(y)
+    gone = [weakref.ref(x), weakref.ref(y)]
+    del x, y
+    gc.collect()
+    assert all(ref() is None for ref in gone)
+    shrink(torch.randn(6, 64, device=DEVICE))  # still launches on new inputs
+    expand(torch.randn(6, 48, device=DEVICE))
