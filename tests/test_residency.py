@@ -314,3 +314,16 @@ def test_bad_memory_settings_are_refused_at_construction(llama_zoo, kwargs, mess
     with pytest.raises(ValueError, match=message):
         MultiLoraModel(base, **kwargs)
     assert not base._forward_pre_hooks  # the base is left as it was (no planning hook)
+
+
+def test_the_row_table_keeps_its_address_while_adapters_come_and_go():
+    """Captured decode graphs read the row table by address: it is sized for the pool at the first
+    placement, not doubled as adapters arrive (each growth recaptured every batch size)."""
+    adapters = [random_adapter(f"x{i}", SHAPES, seed=i)[0] for i in range(12)]
+    cache = cache_with_pages(4 * len(page_layout(adapters[0], 256).ranges))
+    cache.acquire(adapters[:1])
+    table = cache.rows
+    for adapter in adapters[1:]:
+        cache.acquire([adapter])
+        cache.release([adapter.name])
+    assert cache.rows is table and cache.evictions > 0
