@@ -9,7 +9,10 @@ How it sits in the paged cache:
   each head keeps its own tokens while every head of a row keeps the same number: the kernels still
   see one length per row. Keys are stored after RoPE, so a kept token needs no position.
 - Scores: a prefill scores the prompt from its last `SNAP_WINDOW` queries (SnapKV's observation
-  window; computed from the in-flight tensors, not the pages); each decode step adds its softmax
+  window; computed from the in-flight tensors, not the pages), max-pooled over `SNAP_POOL`
+  neighbouring tokens as SnapKV does: an answer spans several tokens and the window's attention
+  finds its first, so a token kept keeps its neighbours (without pooling, a passkey's later digits
+  were evicted at budget 0.2); each decode step adds its softmax
   over the row's slots, summed over the KV head's query heads. On the Triton path the attention
   kernel stores the step's logits as it computes them (no second pass over the keys); the torch
   path computes them next to its attention.
@@ -26,10 +29,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .kernels.paged_attention import LOG2_E
 
 SNAP_WINDOW = 32  # prompt queries whose attention scores the prompt (SnapKV's observation window)
+SNAP_POOL = 7  # a prompt token's score is the largest of its SNAP_POOL neighbours' (SnapKV's kernel)
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,8 @@ class HeavyHitters:
     def add_prefill(self, layer: int, query: torch.Tensor, key: torch.Tensor, key_mask: torch.Tensor | None,
                     scale: float) -> None:  # fmt: skip
         """Score a prompt (the cache's first forward) from the attention of its last SNAP_WINDOW
-        queries: query [batch, heads, n, dim], key [batch, kv_heads, n, dim] (this forward's)."""
+        queries, max-pooled over SNAP_POOL neighbours: query [batch, heads, n, dim], key [batch,
+        kv_heads, n, dim] (this forward's)."""
         batch, heads, n, _ = query.shape
         window = min(SNAP_WINDOW, n)
         group = heads // self.kv_heads
@@ -117,7 +123,8 @@ class HeavyHitters:
         if key_mask is not None:
             allowed = allowed[None, None] & key_mask[:, None, None, :n].bool()
         probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-        self.scores[layer][:, :, :n] += probs.sum(2).view(batch, self.kv_heads, group, n).sum(2)
+        mass = probs.sum(2).view(batch, self.kv_heads, group, n).sum(2)  # [batch, kv_heads, n]
+        self.scores[layer][:, :, :n] += F.max_pool1d(mass, SNAP_POOL, stride=1, padding=SNAP_POOL // 2)
 
     def add_decode(self, layer: int, logits: torch.Tensor, slots: int) -> None:
         """A decode step's logits [batch, heads, >= slots] (log2 domain, -inf where masked): its

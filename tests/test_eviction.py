@@ -12,7 +12,7 @@ from transformers import AttentionInterface
 
 from hf_multilora import MultiLoraModel
 from hf_multilora.cache import PagedCache, paged_attention_in, set_attention
-from hf_multilora.eviction import SNAP_WINDOW, HeavyHitters, KvBudget
+from hf_multilora.eviction import SNAP_POOL, SNAP_WINDOW, HeavyHitters, KvBudget
 from hf_multilora.memory.page_pool import PagePool
 from hf_multilora.model import _cache_keyword
 
@@ -178,19 +178,53 @@ def test_budget_one_is_the_unevicted_cache_and_a_budget_frees_pages(llama_zoo):
     assert pages_kept < pages_all
 
 
-def test_a_prompt_is_scored_from_its_last_queries(llama_zoo):
-    """SnapKV's observation window: after the prefill, a slot's score is the attention the last
-    SNAP_WINDOW queries paid it, summed over the KV head's query heads (a probability mass)."""
+def test_a_prompt_is_scored_from_its_last_queries_max_pooled():
+    """SnapKV: a prompt slot's score is the attention the last SNAP_WINDOW queries paid it, summed over
+    the KV head's query heads, then the largest over SNAP_POOL neighbouring slots."""
+    batch, heads, kv_heads, n, dim, scale = 2, 4, 2, SNAP_WINDOW + 9, 8, 0.3
+    g = torch.Generator().manual_seed(3)
+    query, key = torch.randn(batch, heads, n, dim, generator=g), torch.randn(batch, kv_heads, n, dim, generator=g)
+    mask = torch.ones(batch, n, dtype=torch.bool)
+    mask[1, :6] = False  # row 1: left padding
+    hitters = HeavyHitters(KvBudget(0.5, 2), layers=1, kv_heads=kv_heads)
+    hitters.slot_mask(key, mask, n, n)
+    hitters.add_prefill(0, query, key, mask, scale)
+    group, half = heads // kv_heads, SNAP_POOL // 2
+    for b in range(batch):
+        for kv in range(kv_heads):
+            mass = torch.zeros(n)
+            for h in range(kv * group, (kv + 1) * group):
+                for q in range(n - SNAP_WINDOW, n):
+                    allowed = [j for j in range(q + 1) if mask[b, j]]
+                    logits = torch.stack([query[b, h, q] @ key[b, kv, j] * scale for j in allowed])
+                    mass[allowed] += torch.softmax(logits, 0)
+            pooled = torch.stack([mass[max(0, j - half) : j + half + 1].max() for j in range(n)])
+            torch.testing.assert_close(hitters.scores[0][b, kv, :n], pooled)
+
+
+def test_a_kept_prompt_token_keeps_its_neighbours():
+    """The window's attention finds an answer's first token; pooling keeps the tokens around it too
+    (a passkey's later digits), where the raw scores keep that token alone."""
+    n, dim, needle = 48, 8, 8
+    query = torch.zeros(1, 1, n, dim)
+    query[..., 0] = 1.0
+    key = 0.1 * torch.randn(1, 1, n, dim, generator=torch.Generator().manual_seed(4))
+    key[0, 0, needle, 0] = 20.0  # every window query attends to the needle
+    hitters = HeavyHitters(KvBudget(0.25, 2), layers=1, kv_heads=1)  # keeps 12 of 48: 2 recent + 10
+    hitters.slot_mask(key, None, n, n)
+    hitters.add_prefill(0, query, key, None, 1.0)
+    kept = set(hitters.keep(n, n)[0, 0, 0].tolist())
+    assert set(range(needle - SNAP_POOL // 2, needle + SNAP_POOL // 2 + 1)) <= kept
+
+
+def test_a_prefill_scores_the_prompt(llama_zoo):
     base = llama_zoo.fresh_base()
     ids = torch.randint(3, 128, (1, SNAP_WINDOW + 8), generator=torch.Generator().manual_seed(6))
     cache = PagedCache(MultiLoraModel(base).page_pool(), base.config, kv_budget=0.5)
     with torch.no_grad(), paged_attention_in(base):
         base(input_ids=ids, **{_cache_keyword(base): cache}, use_cache=True)
-    group = base.config.num_attention_heads // base.config.num_key_value_heads
     for scores in cache.eviction.scores:
-        total = scores[0, :, : ids.shape[1]].sum(-1)
-        torch.testing.assert_close(total, torch.full_like(total, SNAP_WINDOW * group))
-        assert scores[0, :, : ids.shape[1]].min() > 0
+        assert scores[0, :, : ids.shape[1]].min() > 0 and scores[0, :, ids.shape[1] :].abs().max() == 0
     cache.release()
 
 
