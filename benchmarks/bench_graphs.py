@@ -221,7 +221,10 @@ def run_prompt(
     for kv_dtype in filter(None, args.kv_dtypes.split(",")):
         name = f"graphs x{len(sets[first])} {first} kv {kv_dtype}"
         variants[name], setup_of[name], kv_of[name] = rotated(sets[first], True, kv_dtype), first, kv_dtype
-    for make in variants.values():  # warm-up: compile, capture, Triton
+    for name, make in variants.items():  # warm-up: compile, capture, Triton
+        graph_gib = model.graph_stats().get("graph_pool_bytes", 0) / 2**30
+        print(f"warm-up {name}: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated, "
+              f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB at most so far, graph pools {graph_gib:.1f} GiB")
         for _ in range(2):
             timed(make(0), device, args.new_tokens)
     captures_before = model.graph_stats().get("captures", 0)
@@ -230,6 +233,8 @@ def run_prompt(
     for r in range(args.rounds):
         for name in order[r % len(order) :] + order[: r % len(order)]:
             times[name].append(timed(variants[name](r), device, args.new_tokens))
+            full, one = times[name][-1]
+            print(f"round {r} {name}: {1000 * (full - one) / (args.new_tokens - 1):.2f} ms per decode step", flush=True)
     steps = args.new_tokens - 1
     rows = []
     for name, pairs in times.items():
@@ -240,7 +245,7 @@ def run_prompt(
     static_ms = [1000 * (f - o) / steps for f, o in times.get("static (base)", [])]
     for row in rows:
         ours_ms = [1000 * (f - o) / steps for f, o in row["rounds"]]
-        ratios = [s / m for s, m in zip(static_ms, ours_ms, strict=True)]
+        ratios = [s / m for s, m in zip(static_ms, ours_ms, strict=True)] if static_ms else []  # --skip-static
         row["decode_speed_vs_static"] = common.median(ratios) if ratios else float("nan")
     eager = next(r for r in rows if r["variant"].startswith("eager"))
     graphs = next(r for r in rows if r["variant"].startswith("graphs x"))

@@ -123,8 +123,10 @@ def explained_oom(enabled: bool, top: int = 15) -> Iterator[None]:
         yield
     except torch.OutOfMemoryError:
         sizes: collections.Counter[str] = collections.Counter()
+        states: collections.Counter[str] = collections.Counter()  # every block, by state and memory pool
         for segment in torch.cuda.memory._snapshot().get("segments", []):
             for block in segment.get("blocks", []):
+                states[f"{block.get('state')} in pool {tuple(segment.get('segment_pool_id', ()))}"] += block.get("size", 0)
                 if block.get("state") != "active_allocated":
                     continue
                 frames = [f for f in block.get("frames", []) if f.get("filename", "").endswith(".py")
@@ -133,6 +135,9 @@ def explained_oom(enabled: bool, top: int = 15) -> Iterator[None]:
                 sizes[where or "?"] += block.get("size", 0)
         print(f"live CUDA memory at the OOM, by allocating code (top {top}):", file=sys.stderr)
         for where, size in sizes.most_common(top):
+            print(f"  {size / 2**30:8.2f} GiB  {where}", file=sys.stderr)
+        print("every block, by state and memory pool ((0, 0): the default pool):", file=sys.stderr)
+        for where, size in states.most_common():
             print(f"  {size / 2**30:8.2f} GiB  {where}", file=sys.stderr)
         raise
     finally:

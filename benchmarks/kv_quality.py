@@ -319,8 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = train(config, train_ids, tokenizer, args, device)
         results[kv_heads] = evaluate(model, held_out, tokenizer, args, device, dtype)
         print_result(kv_heads, results[kv_heads])
-    if args.json:
-        common.write_json(args.json, {"environment": env, "args": vars(args), "results": results})
+        if args.json:  # after each model: a run cut short keeps the models it finished
+            common.write_json(args.json, {"environment": env, "args": vars(args), "results": results})
     return 0
 
 
