@@ -20,8 +20,10 @@ For each KV dtype (the model's own, fp8, int4), on held-out windows:
                  transformers' DynamicCache (kernels that sum in another order already diverge)
   passkey        accuracy of the 5 digits over context lengths x depths (`--passkey-trials` each)
 The same for heavy-hitter eviction (`kv_budget` 0.5 and 0.2, `--kv-recent` 64, alone and with int4;
-the teacher-forced decode evicts as generate() does). transformers' QuantizedCache rows need
-optimum-quanto or hqq, and are reported as missing where neither is installed.
+the teacher-forced decode evicts as generate() does), and for transformers' QuantizedCache (`QUANTIZED_CACHES`:
+its fp8 backend, and int4 through optimum-quanto or hqq where installed; a backend that does not
+build is reported with the reason). QuantizedCache keeps the newest 128 tokens unquantized (its
+residual_length), so its rows quantize less of each context than ours do.
 
 Full size needs a CUDA GPU (bf16; training takes ~2.5 minutes per model on an H200: one model per
 device call of 10 minutes); `--tiny` checks the script end to end on a CPU in a minute.
@@ -30,7 +32,7 @@ device call of 10 minutes); `--tiny` checks the script end to end on a CPU in a 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import math
 import random
 import sys
@@ -43,7 +45,7 @@ from typing import Any
 import common
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, QuantizedCache
 
 from hf_multilora import MultiLoraModel
 from hf_multilora.cache import PagedCache, paged_attention_in
@@ -60,6 +62,13 @@ VARIANTS = {
     "int4 + budget 0.2": dict(kv_cache_dtype="int4", kv_budget=0.2),
 }
 OWN = "model dtype"
+# transformers' QuantizedCache, its defaults otherwise (int4: groups of 64 channels; every backend
+# keeps the newest 128 tokens in the model's dtype, which ours does not): a row per backend that loads.
+QUANTIZED_CACHES = {
+    "QuantizedCache fp8": {"backend": "fp8"},
+    "QuantizedCache quanto int4": {"backend": "quanto", "nbits": 4},
+    "QuantizedCache hqq int4": {"backend": "hqq", "nbits": 4},
+}
 
 
 def corpus_files(megabytes: float) -> list[str]:
@@ -141,16 +150,38 @@ def train(config: LlamaConfig, stream: torch.Tensor, tokenizer: Tokenizer, args:
     return model.eval()
 
 
-def decode_scores(multi: MultiLoraModel, windows: torch.Tensor, prefill: int, kv_cache_dtype: str | None,
-                  kv_budget: float | None, kv_recent: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def variant_cache(multi: MultiLoraModel, variant: dict[str, Any]) -> tuple[Any, Any]:
+    """The cache a variant's teacher-forced decode runs on, and the attention context it needs."""
+    base = multi.base_model
+    if variant.get("cache_implementation") == "quantized":
+        return QuantizedCache(config=base.config, **variant["cache_config"]), contextlib.nullcontext()
+    cache = PagedCache(multi.page_pool(), base.config, kv_dtype=variant["kv_cache_dtype"],
+                       kv_budget=variant["kv_budget"], kv_recent=variant["kv_recent"])  # fmt: skip
+    return cache, paged_attention_in(base)
+
+
+def quantized_cache_variants(config: LlamaConfig) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The QuantizedCache rows whose backend builds here (generate() keywords), and why the others do not."""
+    variants, missing = {}, {}
+    for name, cache_config in QUANTIZED_CACHES.items():
+        try:
+            QuantizedCache(config=config, **cache_config)
+        except (ImportError, ValueError, NotImplementedError) as error:
+            missing[name] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            continue
+        variants[name] = dict(paged_cache=False, cache_implementation="quantized", cache_config=cache_config)
+    return variants, missing
+
+
+def decode_scores(multi: MultiLoraModel, windows: torch.Tensor, prefill: int,
+                  variant: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Teacher-forced: per window and scored token, the NLL and the argmax [windows, score]."""
     base = multi.base_model
-    cache = PagedCache(multi.page_pool(), base.config, kv_dtype=kv_cache_dtype, kv_budget=kv_budget,
-                       kv_recent=kv_recent)  # fmt: skip
+    cache, attention = variant_cache(multi, variant)
     keyword = _cache_keyword(base)
     nll, top = [], []
     try:
-        with torch.no_grad(), paged_attention_in(base):
+        with torch.no_grad(), attention:
             logits = base(input_ids=windows[:, :prefill], use_cache=True, **{keyword: cache}).logits[:, -1]
             for t in range(prefill, windows.shape[1]):
                 logp = torch.log_softmax(logits.float(), -1)
@@ -159,7 +190,8 @@ def decode_scores(multi: MultiLoraModel, windows: torch.Tensor, prefill: int, kv
                 if t + 1 < windows.shape[1]:
                     logits = base(input_ids=windows[:, t : t + 1], use_cache=True, **{keyword: cache}).logits[:, -1]
     finally:
-        cache.release()
+        if isinstance(cache, PagedCache):
+            cache.release()
     return torch.stack(nll, 1).cpu(), torch.stack(top, 1).cpu()
 
 
@@ -204,7 +236,9 @@ def evaluate(model: LlamaForCausalLM, held_out: torch.Tensor, tokenizer: Tokeniz
     starts = [rng.randrange(0, len(held_out) - length) for _ in range(args.windows)]
     windows = torch.stack([held_out[s : s + length] for s in starts]).to(device)
     variants = {name: {**variant, "kv_recent": args.kv_recent} for name, variant in VARIANTS.items()}
-    scores = {name: decode_scores(multi, windows, args.prefill, **variant) for name, variant in variants.items()}
+    quantized, missing = quantized_cache_variants(model.config)
+    variants.update(quantized)
+    scores = {name: decode_scores(multi, windows, args.prefill, variant) for name, variant in variants.items()}
     prompts = windows[: args.greedy_rows, : args.prefill]
     own = greedy(multi, prompts, args.greedy)
     floor = greedy(multi, prompts, args.greedy, paged_cache=False)
@@ -221,16 +255,8 @@ def evaluate(model: LlamaForCausalLM, held_out: torch.Tensor, tokenizer: Tokeniz
             "greedy_agreement": (outputs == own).float().mean().item(),
             "passkey": passkey_accuracy(multi, tokenizer, filler, args, variant, device),
         }
-    backends = [m for m in ("optimum.quanto", "hqq") if _installed(m)]
-    result["quantized_cache"] = f"not run: {'not wired yet' if backends else 'needs optimum-quanto or hqq'}"
+    result["not_run"] = missing
     return result
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package is missing
-        return False
 
 
 def print_result(kv_heads: int, result: dict[str, Any]) -> None:
@@ -244,7 +270,8 @@ def print_result(kv_heads: int, result: dict[str, Any]) -> None:
                      round(r["greedy_agreement"], 3), round(passkey, 3)])  # fmt: skip
     print(common.format_table(["KV", "decode ppl", "ppl change (95% CI)", "top-1 vs model dtype", "greedy vs model dtype",
                                "passkey accuracy"], rows))  # fmt: skip
-    print(f"transformers QuantizedCache: {result['quantized_cache']}")
+    for name, why in result["not_run"].items():
+        print(f"{name}: not run: {why}")
 
 
 def attention_heads(hidden: int) -> int:
