@@ -58,13 +58,13 @@ def kept_mask_attention(masks, kv_dtype, prompt):
     cache does; the prompt's queries read the prompt exactly (it is attended in flight)."""
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        group = query.shape[1] // key.shape[1]
-        allowed = masks[module.layer_idx].repeat_interleave(group, 1)
+        group, device = query.shape[1] // key.shape[1], query.device
+        allowed = masks[module.layer_idx].to(device).repeat_interleave(group, 1)
         key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
         n = key.shape[2]
-        exact = torch.ones(n, n, dtype=torch.bool)
+        exact = torch.ones(n, n, dtype=torch.bool, device=device)
         if kv_dtype is not None:  # from the pages: earlier keys of decode queries
-            exact = (torch.arange(n)[:, None] < prompt) | torch.eye(n, dtype=torch.bool)
+            exact = (torch.arange(n, device=device)[:, None] < prompt) | torch.eye(n, dtype=torch.bool, device=device)
             stored_key, stored_value = (dequantize(*quantize(x, kv_dtype), kv_dtype) for x in (key, value))
         else:
             stored_key, stored_value = key, value
@@ -146,10 +146,10 @@ def test_eviction_equals_dense_attention_with_the_evicted_tokens_masked(llama_zo
         masks.append(allowed[:, :, :-1, :-1])  # the last token is not fed back
     assert not all(m[:, :, -1].all(-1).all() for m in masks)  # something is masked at the last step
     AttentionInterface.register("kept_mask_reference", kept_mask_attention(masks, kv_dtype, ids.shape[1]))
-    reference_model = sharp(llama_zoo.fresh_base())
+    reference_model = sharp(llama_zoo.fresh_base()).to(base.device)  # the same device: the kernels are compared
     set_attention(reference_model, "kept_mask_reference")
     with torch.no_grad():
-        reference = reference_model(input_ids=tokens[:, :-1], use_cache=False).logits[:, 19:]
+        reference = reference_model(input_ids=tokens[:, :-1].to(base.device), use_cache=False).logits[:, 19:].cpu()
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
 
 
