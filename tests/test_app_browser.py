@@ -20,11 +20,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from helpers import free_port
 from hf_multilora.app import ui
 from hf_multilora.app.demo import Demo, read_demo
 from hf_multilora.app.service import Playground
 from playwright.sync_api import Locator, Page, Route, expect, sync_playwright
-from test_app_client import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path(os.environ.get("HF_MULTILORA_CHROMIUM", "/usr/bin/chromium"))

@@ -3,7 +3,8 @@ adapter active (logits and greedy tokens), whatever the mix of adapters, ranks a
 
 import pytest
 import torch
-from conftest import VOCAB, EndRowsAt
+from conftest import EndRowsAt
+from helpers import prompts
 from transformers import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
@@ -28,10 +29,6 @@ def reference_logits(zoo, name, input_ids):
     model = zoo.base if name is None else zoo.peft(name)
     with torch.no_grad():
         return model(input_ids).logits
-
-
-def prompts(rows: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("zoo_name", ZOOS)

@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import prompts
 from hf_multilora.kernels.sgmv import WEIGHT_ALIGN
 from safetensors.torch import load_file, save_file
-from test_model import prompts
 
 from hf_multilora import AdapterLoadError, MultiLoraModel, PoolExhaustedError
 from hf_multilora.adapters.host_store import pack_adapter

@@ -3,7 +3,6 @@ the demo assets (whose adapters each learned a visible task) on the CPU."""
 
 import json
 import shutil
-import socket
 import threading
 import time
 
@@ -13,6 +12,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from helpers import free_port  # noqa: E402
 from hf_multilora.app.cli import _parser, _served_model  # noqa: E402
 from hf_multilora.app.demo import read_demo  # noqa: E402
 
@@ -21,12 +21,6 @@ from hf_multilora.serving.server import OpenAIService, build_app  # noqa: E402
 
 DEMO = read_demo()
 API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
