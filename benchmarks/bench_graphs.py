@@ -50,6 +50,12 @@ def timed(generate: Callable[[int], torch.Tensor], device: torch.device, new_tok
     return seconds[0], seconds[1]
 
 
+def decode_ms(rounds: list[tuple[float, float]], new_tokens: int) -> list[float]:
+    """Milliseconds per decode step of each round's `timed` pair: the 1-token call (the prefill)
+    differenced out, over the new_tokens - 1 steps left."""
+    return [1000 * (full - one) / (new_tokens - 1) for full, one in rounds]
+
+
 def replay_gpu_ms(call: Callable[[int], torch.Tensor], new_tokens: int) -> float:
     """Median GPU time of one graph replay during a call (CUDA events around each replay): what a
     decode step costs the GPU, against the step's wall time, which adds HF's loop on the host."""
@@ -233,18 +239,17 @@ def run_prompt(
     for r in range(args.rounds):
         for name in order[r % len(order) :] + order[: r % len(order)]:
             times[name].append(timed(variants[name](r), device, args.new_tokens))
-            full, one = times[name][-1]
-            print(f"round {r} {name}: {1000 * (full - one) / (args.new_tokens - 1):.2f} ms per decode step", flush=True)
-    steps = args.new_tokens - 1
+            print(f"round {r} {name}: {decode_ms(times[name][-1:], args.new_tokens)[0]:.2f} ms per decode step",
+                  flush=True)
     rows = []
     for name, pairs in times.items():
-        step_ms = [1000 * (full - one) / steps for full, one in pairs]
+        step_ms = decode_ms(pairs, args.new_tokens)
         tok_s = [batch * args.new_tokens / full for full, _ in pairs]
         rows.append({"variant": name, "decode_ms_per_step": common.median(step_ms),
                      "tok_s": common.median(tok_s), "rounds": pairs})  # fmt: skip
-    static_ms = [1000 * (f - o) / steps for f, o in times.get("static (base)", [])]
+    static_ms = decode_ms(times.get("static (base)", []), args.new_tokens)
     for row in rows:
-        ours_ms = [1000 * (f - o) / steps for f, o in row["rounds"]]
+        ours_ms = decode_ms(row["rounds"], args.new_tokens)
         ratios = [s / m for s, m in zip(static_ms, ours_ms, strict=True)] if static_ms else []  # --skip-static
         row["decode_speed_vs_static"] = common.median(ratios) if ratios else float("nan")
     eager = next(r for r in rows if r["variant"].startswith("eager"))
@@ -266,10 +271,10 @@ def run_prompt(
     ))  # fmt: skip
     print(f"{graphs['variant']} end-to-end / eager: {graphs['tok_s'] / eager['tok_s']:.2f}x; "
           f"captures during the timed rounds: {captures}")  # fmt: skip
-    own_ms = [1000 * (f - o) / steps for f, o in graphs["rounds"]]
+    own_ms = decode_ms(graphs["rounds"], args.new_tokens)
     for row in rows:
         if row["variant"] in kv_of:  # decode speed against the same call with the model's own KV dtype, per round
-            kv_ms = [1000 * (f - o) / steps for f, o in row["rounds"]]
+            kv_ms = decode_ms(row["rounds"], args.new_tokens)
             row["decode_speed_vs_own_kv"] = common.median([a / b for a, b in zip(own_ms, kv_ms, strict=True)])
             print(f"{row['variant']}: decode speed / {graphs['variant']}: {row['decode_speed_vs_own_kv']:.2f}x")
     return {"prompt": prompt, "rows": rows, "captures_in_timed_rounds": captures}
