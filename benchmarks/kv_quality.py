@@ -160,22 +160,20 @@ def variant_cache(multi: MultiLoraModel, variant: dict[str, Any]) -> tuple[Any, 
     return cache, paged_attention_in(base)
 
 
-def quantized_cache_variants(model: LlamaForCausalLM) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def quantized_cache_variants(multi: MultiLoraModel) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """The QuantizedCache rows whose backend runs here (generate() keywords), and why the others do not:
-    each is tried on a short prefill and decode step first (a backend may import but fail on this
+    each is tried on a short teacher-forced decode first (a backend may import but fail on this
     device, e.g. an extension it compiles on first use), so one cannot end the run after the others."""
     variants, missing = {}, {}
-    ids = torch.zeros(1, 160, dtype=torch.long, device=model.device)  # beyond the 128-token residual part
+    window = torch.zeros(1, 160, dtype=torch.long, device=multi.base_model.device)  # past the 128-token residual
     for name, cache_config in QUANTIZED_CACHES.items():
+        variant = dict(paged_cache=False, cache_implementation="quantized", cache_config=cache_config)
         try:
-            cache = QuantizedCache(config=model.config, **cache_config)
-            with torch.no_grad():
-                model(input_ids=ids[:, :-1], use_cache=True, **{_cache_keyword(model): cache})
-                model(input_ids=ids[:, -1:], use_cache=True, **{_cache_keyword(model): cache})
+            decode_scores(multi, window, window.shape[1] - 1, variant)
         except Exception as error:  # reported per backend: the row is missing, the run goes on
             missing[name] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
             continue
-        variants[name] = dict(paged_cache=False, cache_implementation="quantized", cache_config=cache_config)
+        variants[name] = variant
     return variants, missing
 
 
@@ -242,7 +240,7 @@ def evaluate(model: LlamaForCausalLM, held_out: torch.Tensor, tokenizer: Tokeniz
     starts = [rng.randrange(0, len(held_out) - length) for _ in range(args.windows)]
     windows = torch.stack([held_out[s : s + length] for s in starts]).to(device)
     variants = {name: {**variant, "kv_recent": args.kv_recent} for name, variant in VARIANTS.items()}
-    quantized, missing = quantized_cache_variants(multi.base_model)
+    quantized, missing = quantized_cache_variants(multi)
     variants.update(quantized)
     scores = {name: decode_scores(multi, windows, args.prefill, variant) for name, variant in variants.items()}
     prompts = windows[: args.greedy_rows, : args.prefill]
