@@ -80,19 +80,20 @@ class BoundLaunch:
         activation); `constexprs` likewise."""
         if [*args, *constexprs] != list(fn.arg_names):
             raise ValueError(f"{fn.__name__} takes {fn.arg_names}; got {[*args]} then constexprs {[*constexprs]}")
-        self._fn, self._grid, self._args = fn, grid, list(args.values())
+        first, *fixed = args.values()
+        # Only the fixed arguments are kept (alive): the activation is the caller's, given anew per
+        # call. Holding it kept every LoRA layer's input and output of a prefill alive (16 x 4096
+        # tokens of a 7B model: ~90 GiB).
+        self._fn, self._grid, self._fixed = fn, grid, fixed
         self._constexprs, self._num_warps, self._pdl = constexprs, num_warps, pdl
         self._compiled: tuple | None = None
         self._first_key: tuple | None = None
-        self._stream_device = self._args[0].device.index
+        self._stream_device = first.device.index
         # The fixed arguments as the compiled launcher takes them: tensors as their addresses (it
         # accepts ints for pointers, which skips a data_ptr() call and a driver pointer check per
-        # tensor per launch), then the constexprs. self._args keeps the tensors themselves alive,
-        # but the activation: it is the caller's, given anew per call. Holding it kept every LoRA
-        # layer's input and output of a prefill alive (16 x 4096 tokens of a 7B model: ~90 GiB).
-        self._tail = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in self._args[1:])
+        # tensor per launch), then the constexprs.
+        self._tail = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in fixed)
         self._tail += tuple(constexprs.values())
-        self._args[0] = None
 
     def __call__(self, first: torch.Tensor) -> None:
         address = first.data_ptr()
@@ -102,14 +103,11 @@ class BoundLaunch:
             stream = torch._C._cuda_getCurrentRawStream(self._stream_device)
             run(*self._grid, stream, function, metadata, None, None, None, address, *self._tail)
             return
-        self._args[0] = first
-        try:
-            launch = specialized(self._fn)
-            entry = launch(self._grid, self._args, self._constexprs, self._num_warps)
-            if entry is not None and self._pdl:  # the same code, whose launcher sets the PDL attribute
-                entry = launch.compiled(self._args, self._constexprs, self._num_warps, pdl=True)
-        finally:
-            self._args[0] = None
+        args = [first, *self._fixed]
+        launch = specialized(self._fn)
+        entry = launch(self._grid, args, self._constexprs, self._num_warps)
+        if entry is not None and self._pdl:  # the same code, whose launcher sets the PDL attribute
+            entry = launch.compiled(args, self._constexprs, self._num_warps, pdl=True)
         self._compiled, self._first_key = entry, key
 
 
