@@ -21,6 +21,7 @@ conversion (sm_89+); the interpreter's FP8 rounding is not exact, so FP8 is test
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -178,6 +179,69 @@ def _meta(base, cell, k_ok, AT: tl.constexpr):
     return tl.load((base + AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=k_ok, other=0.0).to(tl.float32)
 
 
+# Codes become dot operands by moving bits instead of converting (bf16 on a GPU; `_unpack_by_bits`):
+# two conversions per element (integer or e4m3 -> fp32 -> bf16) were what bound the kernel, not its
+# bytes. The unpacked values are offset or scaled, and the kernel takes that back out of its sums.
+INT4_OFFSET = tl.constexpr(128.0)  # bf16 bits 0x4300 | level read as 128 + level
+# e4m3 bits moved into bf16 read as value * 2**-120 (subnormals included): q and p * scale go into the
+# dots 2**64 larger, so that products stay normal in fp32, and the sums come out 2**56 larger.
+_FP8_IN = tl.constexpr(2.0**64)
+_FP8_OUT = tl.constexpr(2.0**56)
+
+
+@triton.jit
+def _int4_levels(codes, dtype: tl.constexpr, BY_BITS: tl.constexpr):
+    """The low and high nibbles of INT4 code bytes, each as INT4_OFFSET + level in `dtype`. By bits:
+    prmt spreads two bytes into the halves of a register, lop3 masks a nibble into each and ORs in
+    bf16's 128, two values per instruction."""
+    if BY_BITS:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, z, m, o;
+            mov.b32 z, 0;
+            mov.b32 m, 0x000F000F;
+            mov.b32 o, 0x43004300;
+            prmt.b32 t0, $4, z, 0x4140;
+            prmt.b32 t1, $4, z, 0x4342;
+            lop3.b32 $0, t0, m, o, 0xea;
+            lop3.b32 $1, t1, m, o, 0xea;
+            shr.u32 t0, t0, 4;
+            shr.u32 t1, t1, 4;
+            lop3.b32 $2, t0, m, o, 0xea;
+            lop3.b32 $3, t1, m, o, 0xea;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[codes], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+        )  # fmt: skip
+    else:
+        return ((codes & 15).to(tl.float32) + 128.0).to(dtype), ((codes >> 4).to(tl.float32) + 128.0).to(dtype)
+
+
+@triton.jit
+def _fp8_values(codes, dtype: tl.constexpr, BY_BITS: tl.constexpr):
+    """E4M3 code bytes in `dtype`. By bits: the sign to bit 15 and exponent + mantissa 4 bits down, a
+    bf16 that reads value * 2**-120 (the exponent biases differ by 120)."""
+    if BY_BITS:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, u0, u1, z, ms, mm;
+            mov.b32 z, 0;
+            mov.b32 ms, 0x80008000;
+            mov.b32 mm, 0x07F007F0;
+            prmt.b32 t0, $2, z, 0x1404;
+            prmt.b32 t1, $2, z, 0x3424;
+            shr.u32 u0, t0, 4;
+            shr.u32 u1, t1, 4;
+            and.b32 t0, t0, ms;
+            and.b32 t1, t1, ms;
+            lop3.b32 $0, u0, mm, t0, 0xea;
+            lop3.b32 $1, u1, mm, t1, 0xea;
+            }""",
+            constraints="=r,=r,r", args=[codes], dtype=tl.bfloat16, is_pure=True, pack=4,
+        )  # fmt: skip
+    else:
+        return codes.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(dtype)
+
+
 @triton.jit
 def _softmax_step(m_i, l_i, s):
     """One tile of the online softmax over scores s (-inf where unseen): (new max, new sum, the old
@@ -234,11 +298,16 @@ def _quant_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,  # >= CODE_BYTES
     STORE_LOGITS: tl.constexpr,  # decode only (q_len 1)
+    BY_BITS: tl.constexpr,  # unpack codes by moving bits (bf16 on a GPU), not by conversions
+    NEW_N: tl.constexpr,  # keys per tile of this forward's own tokens
 ):  # fmt: skip
     """The codes go into the dot products as they are (INT4 levels and e4m3 values are exact in
     fp16/bf16) and the affine terms come out: a key's score is scale * (q . levels) + min * sum(q),
     and p @ V is (p * scale) @ levels + p @ min. INT4 keeps the two halves of the head's dims apart
-    (the low and high nibbles of the same bytes) in two accumulators, A (dims < CODE_BYTES) and B."""
+    (the low and high nibbles of the same bytes) in two accumulators, A (dims < CODE_BYTES) and B.
+    INT4 levels arrive as INT4_OFFSET + level: the offset's share, offset * scale * sum(q) and
+    offset * sum(p * scale), is taken out with the min terms. FP8 by bits arrives as value * 2**-120:
+    q and p * scale go in 2**64 larger (_FP8_IN) and the sums come out 2**56 larger (_FP8_OUT)."""
     b = tl.program_id(0) // KV_HEADS
     kv_head = tl.program_id(0) % KV_HEADS
     b64 = b.to(tl.int64)
@@ -259,6 +328,13 @@ def _quant_attention_kernel(
     if INT4:
         q_b = tl.load(q_rows + (CODE_BYTES + offs_h[None, :]) * q_sd, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
     q_sum = tl.sum(q_a.to(tl.float32), axis=1) + tl.sum(q_b.to(tl.float32), axis=1)  # INT4's min term
+    q_keys = q_a  # FP8: what meets the key codes
+    sum_up = 1.0  # FP8: what the code sums are multiplied by
+    p_up = 1.0  # FP8: what p * scale is multiplied by before its dot
+    if BY_BITS and not INT4:
+        q_keys = (q_a.to(tl.float32) * _FP8_IN).to(q_a.dtype)
+        sum_up = _FP8_OUT
+        p_up = _FP8_IN
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: fully masked rows end as zeros
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
@@ -280,12 +356,13 @@ def _quant_attention_kernel(
         k_codes = _code_tile(base, cell, offs_h, k_ok, h_ok, K_CODES, CODE_BYTES)
         k_scale = _meta(base, cell, k_ok, K_SCALE)
         if INT4:
-            s = _dot(q_a, tl.trans((k_codes & 15).to(q_a.dtype)), DOT_IN_FP32)
-            s += _dot(q_b, tl.trans((k_codes >> 4).to(q_a.dtype)), DOT_IN_FP32)
-            s = s * k_scale[None, :] + q_sum[:, None] * _meta(base, cell, k_ok, K_MIN)[None, :]
+            k_lo, k_hi = _int4_levels(k_codes, q_a.dtype, BY_BITS)
+            s = _dot(q_a, tl.trans(k_lo), DOT_IN_FP32) + _dot(q_b, tl.trans(k_hi), DOT_IN_FP32)
+            k_min = _meta(base, cell, k_ok, K_MIN) - INT4_OFFSET * k_scale
+            s = s * k_scale[None, :] + q_sum[:, None] * k_min[None, :]
         else:
-            s = _dot(q_a, tl.trans(k_codes.to(tl.float8e4nv, bitcast=True).to(q_a.dtype)), DOT_IN_FP32)
-            s = s * k_scale[None, :]
+            s = _dot(q_keys, tl.trans(_fp8_values(k_codes, q_a.dtype, BY_BITS)), DOT_IN_FP32)
+            s = s * (k_scale * sum_up)[None, :]
         seen = k_ok[None, :] & row_ok[:, None]
         if HAS_WINDOW:
             seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
@@ -298,19 +375,21 @@ def _quant_attention_kernel(
                      mask=row_ok[:, None] & k_ok[None, :])  # fmt: skip
         m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s)
         v_codes = _code_tile(base, cell, offs_h, k_ok, h_ok, V_CODES, CODE_BYTES)
-        p_scaled = (p * _meta(base, cell, k_ok, V_SCALE)[None, :]).to(q_a.dtype)
+        p_scaled = (p * (_meta(base, cell, k_ok, V_SCALE) * p_up)[None, :]).to(q_a.dtype)
         if INT4:
-            p_min = tl.sum(p * _meta(base, cell, k_ok, V_MIN)[None, :], axis=1)[:, None]
-            acc_a = acc_a * alpha[:, None] + _dot(p_scaled, (v_codes & 15).to(q_a.dtype), DOT_IN_FP32) + p_min
-            acc_b = acc_b * alpha[:, None] + _dot(p_scaled, (v_codes >> 4).to(q_a.dtype), DOT_IN_FP32) + p_min
+            v_lo, v_hi = _int4_levels(v_codes, q_a.dtype, BY_BITS)
+            p_min = tl.sum(p * _meta(base, cell, k_ok, V_MIN)[None, :], axis=1)
+            p_min = (p_min - INT4_OFFSET * tl.sum(p_scaled.to(tl.float32), axis=1))[:, None]  # the rounded p * scale
+            acc_a = acc_a * alpha[:, None] + _dot(p_scaled, v_lo, DOT_IN_FP32) + p_min
+            acc_b = acc_b * alpha[:, None] + _dot(p_scaled, v_hi, DOT_IN_FP32) + p_min
         else:
-            v = v_codes.to(tl.float8e4nv, bitcast=True).to(q_a.dtype)
-            acc_a = acc_a * alpha[:, None] + _dot(p_scaled, v, DOT_IN_FP32)
+            pv = _dot(p_scaled, _fp8_values(v_codes, q_a.dtype, BY_BITS), DOT_IN_FP32)
+            acc_a = acc_a * alpha[:, None] + pv * sum_up
 
     q_last = tl.minimum(q_len, q_first + BLOCK_M // GROUP_PAD)
     q_last = tl.where(split == NUM_SPLITS - 1, q_last, 0)  # the last split attends this forward's own tokens
-    for n0 in range(0, q_last, BLOCK_N):  # this forward's own tokens, exact
-        j = n0 + tl.arange(0, BLOCK_N)
+    for n0 in range(0, q_last, NEW_N):  # this forward's own tokens, exact
+        j = n0 + tl.arange(0, NEW_N)
         j_ok = j < q_last
         tile_ok = j_ok[:, None] & h_ok[None, :]
         k_rows = k_new_ptr + b64 * kn_sb + j.to(tl.int64)[:, None] * kn_st + kv_head * kn_sh
@@ -357,16 +436,25 @@ def _quant_attention_kernel(
         tl.store(part_ml_ptr + NUM_SPLITS * n_rows + row, l_i, mask=row_ok)
 
 
-def _quant_tiles(q_len: int, group: int, head_dim: int, layout: KvLayout) -> tuple[int, int, int, int, int]:
+def _quant_tiles(
+    q_len: int, group: int, head_dim: int, layout: KvLayout, masked: bool
+) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, target programs for the split rule). Prefill: the
-    bf16 kernel's tiles. Decode: swept on the H200 (2026-11-30, batch 16 x 4096, a Llama-2-7B
-    layer; 3 x 2 x 2 x 4 tiles x warps x stages x splits): 2 stages (3 was up to 1.9x slower with
-    128-key tiles), 4 warps, 64-key tiles for int4 and 128 for fp8, and 2-8 context splits all
-    beat one (int4 303 -> 289 us, fp8 331 -> 295)."""
+    bf16 kernel's tiles. Decode: swept on the H200 (batch 16 x 4096, a Llama-2-7B layer): 2 stages
+    (3 was up to 1.9x slower), 4 warps (8 were slower everywhere), 2-8 context splits over one, and
+    128-key tiles since the codes are unpacked by bits (2026-12-01: int4 230 us vs 253 with 64 keys),
+    except INT4 with a key mask: its loads took the 128-key tile from 128 to 168 registers per thread
+    (ptxas) and 229 to 309 us. Page-aligned tiles and a prefetch of the next tile by hand were slower."""
     block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, _next_power_of_2(layout.tokens))
     if q_len > max(1, 16 // _next_power_of_2(group)):
         return block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS
-    return block_m, 128 if layout.kv_dtype == "fp8" else 64, 4, 2, 4 * _TARGET_PROGRAMS
+    return block_m, 64 if masked and layout.kv_dtype == "int4" else 128, 4, 2, 4 * _TARGET_PROGRAMS
+
+
+def _by_bits(q: torch.Tensor) -> bool:
+    """Whether the kernel unpacks codes with PTX bit moves (`_int4_levels`, `_fp8_values`): bf16 on a
+    GPU; the interpreter runs no PTX."""
+    return q.dtype == torch.bfloat16 and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def paged_attention_quant(
@@ -402,7 +490,7 @@ def paged_attention_quant(
         raise ValueError(f"key_mask must be bool [batch, kv_len], got {key_mask.dtype} {tuple(key_mask.shape)}")
     group = heads // layout.kv_heads
     group_pad = _next_power_of_2(group)
-    block_m, block_n, num_warps, num_stages, target_programs = _quant_tiles(q_len, group, head_dim, layout)
+    block_m, block_n, num_warps, num_stages, target_programs = _quant_tiles(q_len, group, head_dim, layout, key_mask is not None)
     q_tiles = math.ceil(q_len / (block_m // group_pad))
     if num_splits is None:
         num_splits = num_splits_for(batch, layout.kv_heads, q_tiles, block_table.shape[1] * layout.tokens,
@@ -430,7 +518,8 @@ def paged_attention_quant(
         KV_HEADS=layout.kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         **_layout_args(layout), HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
         DOT_IN_FP32=_dot_in_fp32(q.dtype), NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), STORE_LOGITS=logits is not None, num_warps=num_warps,
+        BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), STORE_LOGITS=logits is not None, BY_BITS=_by_bits(q),
+        NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))), num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:

@@ -154,13 +154,17 @@ def reference_quant_attention(q, k_new, v_new, pool, layout, table, kv_lens, sca
 
 
 @pytest.mark.parametrize("kv_dtype", kernel_dtypes())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q_len, heads, window, masked, splits", [(1, 4, None, False, 1), (1, 8, 11, True, 4),
                                                                   (5, 4, None, True, 2), (3, 2, 7, False, 1),
                                                                   (1, 4, None, True, 8)])  # fmt: skip
-def test_triton_attention_over_quantized_pages_matches_the_reference(kv_dtype, q_len, heads, window, masked, splits):
+def test_triton_attention_over_quantized_pages_matches_the_reference(
+    kv_dtype, dtype, q_len, heads, window, masked, splits
+):
     """MHA (2 KV heads x 2) and GQA (x4), decode and prefill chunks, key mask and window, the pages
     shared by 1-8 split programs, pages written by the Triton write: the kernel equals
-    dequantize-then-attend within fp32 rounding."""
+    dequantize-then-attend within fp32 rounding, and within bf16 rounding for bf16 queries (on a GPU
+    those unpack the codes by bits, with the offsets and scales taken back out of the sums)."""
     from hf_multilora.kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
 
     kv_heads, dim, device = 2, 16, kernel_device()
@@ -169,10 +173,10 @@ def test_triton_attention_over_quantized_pages_matches_the_reference(kv_dtype, q
     past = 2 * layout.tokens + 5
     table = torch.randperm(40, generator=gen)[:12].view(2, 6).int().to(device)
     pool = torch.zeros(40 * 1024 // 4, device=device)
-    k_all = torch.randn(2, past + q_len, kv_heads, dim, generator=gen).to(device)
-    v_all = torch.randn(2, past + q_len, kv_heads, dim, generator=gen).to(device)
+    k_all = torch.randn(2, past + q_len, kv_heads, dim, generator=gen).to(device, dtype)
+    v_all = torch.randn(2, past + q_len, kv_heads, dim, generator=gen).to(device, dtype)
     write_kv_quant(pool, layout, table, 0, k_all, v_all)  # this forward's too, as PagedCache stores them
-    q = torch.randn(2, q_len, heads, dim, generator=gen).to(device)
+    q = torch.randn(2, q_len, heads, dim, generator=gen).to(device, dtype)
     kv_lens = torch.full((2,), past + q_len, dtype=torch.int32, device=device)
     key_mask = None
     if masked:
@@ -180,9 +184,43 @@ def test_triton_attention_over_quantized_pages_matches_the_reference(kv_dtype, q
         key_mask[:, -q_len - 3 :] = True
     k_new, v_new = k_all[:, past:], v_all[:, past:]
     got = paged_attention_quant(q, k_new, v_new, pool, layout, table, kv_lens, 0.25, key_mask, window, splits)
-    expected = reference_quant_attention(q, k_new, v_new, pool, layout, table, kv_lens, 0.25, key_mask, window)
-    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+    assert got.dtype == dtype
+    expected = reference_quant_attention(q.float(), k_new.float(), v_new.float(), pool, layout, table, kv_lens, 0.25,
+                                         key_mask, window)  # fmt: skip
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.cpu().float(), expected, rtol=tolerance, atol=tolerance)
     assert got.abs().amax() > 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PTX bit moves run on a GPU only")
+def test_codes_unpacked_by_bits_read_as_their_values():
+    """Every byte: INT4 nibbles as 128 + level, e4m3 codes as value * 2**-120 (subnormals and signed
+    zeros included; NaN codes excepted), exactly, in bf16."""
+    import triton
+    import triton.language as tl
+    from hf_multilora.kernels.paged_attention_quant import _fp8_values, _int4_levels
+
+    @triton.jit
+    def unpack(codes_ptr, lo_ptr, hi_ptr, fp8_ptr):
+        offs = tl.arange(0, 256)
+        codes = tl.load(codes_ptr + offs)
+        lo, hi = _int4_levels(codes, tl.bfloat16, True)
+        tl.store(lo_ptr + offs, lo)
+        tl.store(hi_ptr + offs, hi)
+        tl.store(fp8_ptr + offs, _fp8_values(codes, tl.bfloat16, True))
+
+    codes = torch.arange(256, dtype=torch.uint8, device="cuda")
+    lo, hi, fp8 = (torch.empty(256, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    unpack[(1,)](codes, lo, hi, fp8)
+    ints = codes.long().cpu()
+    assert torch.equal(lo.float().cpu(), (128 + (ints & 15)).float())
+    assert torch.equal(hi.float().cpu(), (128 + (ints >> 4)).float())
+    values = codes.cpu().view(torch.float8_e4m3fn).float()
+    finite = ~values.isnan()
+    got = fp8.float().cpu() * 2.0**120
+    assert torch.equal(got[finite], values[finite])
+    assert torch.equal(torch.signbit(got[finite]), torch.signbit(values[finite]))
 
 
 # ------------------------------------------------------------------ in generate()
