@@ -80,7 +80,7 @@ from .kernels.paged_attention import (
     write_kv,
     write_kv_torch,
 )
-from .kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
+from .kernels.paged_attention_quant import paged_attention_quant
 from .memory.page_pool import PagePool
 
 PAGED_ATTENTION = "hf_multilora_paged"
@@ -397,6 +397,7 @@ class PagedCache(Cache):
         self.adopted = False  # the step buffers are fixed (adopt): see adopt
         self._lens = [0] * self.num_layers  # tokens per row, per layer (layers update one after another)
         self._pending: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # layer, K, V to store
+        self._store_start: torch.Tensor | int | None = None  # where the attention launch stores quantized K/V
         self._plans: dict[tuple, PagedDecode] = {}  # decode plans for the current table width
         self._discard: int | None = None  # the shared page of blocks nobody attends to (see the module doc)
         self._fill_mask: torch.Tensor | None = None  # attention mask of the call filling the empty cache
@@ -418,7 +419,7 @@ class PagedCache(Cache):
                 f"call use_paged_attention(model) (attention implementation {PAGED_ATTENTION!r})"
             )
         if self._stepping:  # begin_step did this token's bookkeeping; the decode launch stores K/V
-            if self.kv_layout is not None:  # quantized: stored here, at each row's last position
+            if self.kv_layout is not None:  # quantized: at each row's last position (`_write_quantized`)
                 self._write_quantized(layer_idx, self._kv_lens - 1, key_states, value_states)
             self._pending = (layer_idx, key_states, value_states)
             _ACTIVE.set(self._weak_self)
@@ -440,7 +441,7 @@ class PagedCache(Cache):
         start = self._lens[layer_idx]
         end = start + new
         self._prepare_tokens(end, new)
-        if self.kv_layout is not None:  # stored quantized; the attention takes this forward's K/V as they are
+        if self.kv_layout is not None:  # stored quantized (`_write_quantized`); attended as they are
             self._write_quantized(layer_idx, start, key_states, value_states)
             self._lens[layer_idx] = end
             self._pending = (layer_idx, key_states, value_states)
@@ -460,10 +461,14 @@ class PagedCache(Cache):
     def _write_quantized(
         self, layer_idx: int, start: torch.Tensor | int, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> None:
-        """Quantize and store K/V [batch, kv_heads, new, head_dim] from position start (or start[b])."""
+        """Quantize and store K/V [batch, kv_heads, new, head_dim] from position start (or start[b]). Under
+        Triton the attention launch that reads the pages stores them (`_attend_quantized`): one launch
+        per layer instead of two, and nothing reads these positions before it."""
+        if use_triton(key_states):
+            self._store_start = start
+            return
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
-        write = write_kv_quant if use_triton(key_states) else write_kv_quant_torch
-        write(self.pool.storage, self.kv_layout, self._layer_tables[layer_idx], start, k, v)
+        write_kv_quant_torch(self.pool.storage, self.kv_layout, self._layer_tables[layer_idx], start, k, v)
 
     def _take_step(
         self, layer_idx: int, key: torch.Tensor
@@ -541,10 +546,11 @@ class PagedCache(Cache):
         pages, its own tokens (key, value [batch, kv_heads, new, head_dim]) as they are."""
         if use_triton(query):
             mask = key_mask if key_mask is None or key_mask.dtype == torch.bool else key_mask.bool()
+            store_start, self._store_start = self._store_start, None
             return paged_attention_quant(
                 q=query.transpose(1, 2), k_new=key.transpose(1, 2), v_new=value.transpose(1, 2),
                 storage=self.pool.storage, layout=self.kv_layout, block_table=table, kv_lens=self._kv_lens,
-                scale=scale, key_mask=mask, sliding_window=sliding_window, logits=logits,
+                scale=scale, key_mask=mask, sliding_window=sliding_window, logits=logits, store_start=store_start,
             )  # fmt: skip
         new = key.shape[2]
         starts = (self._kv_lens - new).tolist()  # each row's tokens before this forward

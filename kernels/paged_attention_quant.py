@@ -5,7 +5,8 @@ Why: `write_kv_quant_torch` / `gather_kv_quant_torch` build byte indices on the 
 the whole history into a dense tensor every forward (what transformers' QuantizedCache does too),
 so they cost more than the bf16 cache they save memory for. Here the write is one launch that
 quantizes each (token, head) in registers, and the attention dequantizes a key tile at a time
-inside the online softmax; nothing of the history is materialised.
+inside the online softmax; nothing of the history is materialised. The attention launch can also
+do the write (`store_start`), which is how PagedCache stores a forward's K/V: one launch per layer.
 
 Semantics (those of PagedCache's quantized path): a forward brings row b to `kv_lens[b]` tokens,
 `q_len` of them its own; the `kv_lens[b] - q_len` before it are read from the pages, dequantized
@@ -265,6 +266,7 @@ def _quant_attention_kernel(
     part_acc_ptr,  # fp32 [splits, batch, q_len, heads, head_dim] (NUM_SPLITS > 1)
     part_ml_ptr,  # fp32 [2, splits, batch, q_len, heads]: running max, then sum
     logits_ptr,  # fp32 [batch, heads, >= kv_len] (STORE_LOGITS): each key's score, for heavy-hitter eviction
+    store_pos_ptr,  # int64 [batch, q_len] (STORE_NEW): where this forward's tokens are stored
     batch,
     q_len,
     page_bytes,
@@ -300,6 +302,7 @@ def _quant_attention_kernel(
     STORE_LOGITS: tl.constexpr,  # decode only (q_len 1)
     BY_BITS: tl.constexpr,  # unpack codes by moving bits (bf16 on a GPU), not by conversions
     NEW_N: tl.constexpr,  # keys per tile of this forward's own tokens
+    STORE_NEW: tl.constexpr,  # also quantize and store this forward's K/V in their pages
 ):  # fmt: skip
     """The codes go into the dot products as they are (INT4 levels and e4m3 values are exact in
     fp16/bf16) and the affine terms come out: a key's score is scale * (q . levels) + min * sum(q),
@@ -418,6 +421,17 @@ def _quant_attention_kernel(
             v = tl.load(v_rows + (CODE_BYTES + offs_h[None, :]) * vn_sd, mask=tile_ok, other=0.0)
             acc_b = acc_b * alpha[:, None] + _dot(p, v.to(q_a.dtype), DOT_IN_FP32)
 
+    if STORE_NEW:  # the last split stores its query tile's tokens (no program of this launch reads them)
+        for t in range(q_first, q_last):
+            pos = tl.load(store_pos_ptr + b64 * q_len + t)
+            page = tl.load(table_ptr + b64 * table_stride + pos // TOKENS).to(tl.int64)
+            base = data_ptr + page * page_bytes
+            cell = kv_head * TOKENS + pos % TOKENS
+            _store_quantized(base, k_new_ptr + b64 * kn_sb + t * kn_st + kv_head * kn_sh, kn_sd, cell, K_CODES, K_SCALE,
+                             K_MIN, CODE_BYTES, INT4, BLOCK_H)  # fmt: skip
+            _store_quantized(base, v_new_ptr + b64 * vn_sb + t * vn_st + kv_head * vn_sh, vn_sd, cell, V_CODES, V_SCALE,
+                             V_MIN, CODE_BYTES, INT4, BLOCK_H)  # fmt: skip
+
     out_mask = row_ok[:, None] & h_ok[None, :]
     if NUM_SPLITS == 1:
         denom = tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -470,13 +484,16 @@ def paged_attention_quant(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     logits: torch.Tensor | None = None,
+    store_start: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Attention of q [batch, q_len, heads, head_dim] over each row's quantized pages (its first
     kv_lens[b] - q_len tokens, dequantized) and this forward's k_new, v_new [batch, q_len, kv_heads,
     head_dim] (exact); see the module doc. Returns [batch, q_len, heads, head_dim] in q's dtype.
     `num_splits`: programs sharing each (row, KV head, query tile)'s pages, merged afterwards (a
     power of two; default: as `paged_attention` picks, from the table's width, without reading
-    kv_lens). `logits`: as `paged_attention`'s (decode: each key's score, for heavy-hitter eviction)."""
+    kv_lens). `logits`: as `paged_attention`'s (decode: each key's score, for heavy-hitter eviction).
+    `store_start`: also store k_new, v_new quantized as `write_kv_quant(..., store_start, k_new, v_new)`
+    would (token i of row b at store_start (or store_start[b]) + i), in this launch instead of a second."""
     check_logits(logits, q)
     batch, q_len, heads, head_dim = q.shape
     if k_new.shape != (batch, q_len, layout.kv_heads, head_dim) or v_new.shape != k_new.shape:
@@ -501,6 +518,7 @@ def paged_attention_quant(
     n_rows = batch * q_len * heads
     part_acc = torch.empty(num_splits * n_rows * head_dim if num_splits > 1 else 1, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(2 * num_splits * n_rows if num_splits > 1 else 1, dtype=torch.float32, device=q.device)
+    store_pos = None if store_start is None else _positions(store_start, batch, q_len, q.device)
     mask = key_mask if key_mask is not None else kv_lens  # a placeholder pointer when there is none
     km = key_mask.stride() if key_mask is not None else (0, 0)
     block_d = max(16, _next_power_of_2(head_dim))
@@ -508,6 +526,7 @@ def paged_attention_quant(
         q_ptr=q, k_new_ptr=k_new, v_new_ptr=v_new, data_ptr=storage.view(torch.uint8), table_ptr=block_table,
         kv_lens_ptr=kv_lens, key_mask_ptr=mask, out_ptr=out, part_acc_ptr=part_acc, part_ml_ptr=part_ml,
         logits_ptr=out if logits is None else logits,  # unused without logits
+        store_pos_ptr=kv_lens if store_pos is None else store_pos.contiguous(),  # unused without store_start
         batch=batch, q_len=q_len, page_bytes=layout.page_bytes, window=sliding_window or 0, qk_scale=scale * LOG2_E,
         q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), q_sd=q.stride(3),
         kn_sb=k_new.stride(0), kn_st=k_new.stride(1), kn_sh=k_new.stride(2), kn_sd=k_new.stride(3),
@@ -519,7 +538,8 @@ def paged_attention_quant(
         **_layout_args(layout), HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
         DOT_IN_FP32=_dot_in_fp32(q.dtype), NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), STORE_LOGITS=logits is not None, BY_BITS=_by_bits(q),
-        NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))), num_warps=num_warps,
+        NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))), STORE_NEW=store_start is not None,
+        num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1:

@@ -170,7 +170,8 @@ class StepCache(PagedCache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V [rows, kv_heads, new, head_dim] of the loaded step. Decode K/V are stored by the attention
-        launch (`PagedDecode`, either backend); a prefill's, and quantized ones, are written here."""
+        launch (`PagedDecode`, either backend), quantized ones by theirs under Triton
+        (`_write_quantized`); a prefill's are written here."""
         if self._pending is not None:
             raise RuntimeError(f"StepCache: no paged attention read layer {self._pending[0]}'s update")
         batch, heads, new, head_dim = key_states.shape
