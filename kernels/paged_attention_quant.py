@@ -180,7 +180,7 @@ def _meta(base, cell, k_ok, AT: tl.constexpr):
     return tl.load((base + AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=k_ok, other=0.0).to(tl.float32)
 
 
-# Codes become dot operands by moving bits instead of converting (bf16 on a GPU; `_unpack_by_bits`):
+# Codes become dot operands by moving bits instead of converting (bf16 on a GPU; `_by_bits`):
 # two conversions per element (integer or e4m3 -> fp32 -> bf16) were what bound the kernel, not its
 # bytes. The unpacked values are offset or scaled, and the kernel takes that back out of its sums.
 INT4_OFFSET = tl.constexpr(128.0)  # bf16 bits 0x4300 | level read as 128 + level
