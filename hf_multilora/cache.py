@@ -80,7 +80,7 @@ from .kernels.paged_attention import (
     write_kv,
     write_kv_torch,
 )
-from .kernels.paged_attention_quant import paged_attention_quant
+from .kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
 from .memory.page_pool import PagePool
 
 PAGED_ATTENTION = "hf_multilora_paged"
@@ -461,14 +461,18 @@ class PagedCache(Cache):
     def _write_quantized(
         self, layer_idx: int, start: torch.Tensor | int, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> None:
-        """Quantize and store K/V [batch, kv_heads, new, head_dim] from position start (or start[b]). Under
-        Triton the attention launch that reads the pages stores them (`_attend_quantized`): one launch
-        per layer instead of two, and nothing reads these positions before it."""
-        if use_triton(key_states):
+        """Quantize and store K/V [batch, kv_heads, new, head_dim] from position start (or start[b]). A
+        decode token under Triton is stored by the attention launch that reads the pages
+        (`_attend_quantized`): one launch per layer instead of two, and nothing reads its position
+        before. A prefill's tokens get a write launch of their own, one program per token and head
+        (in the attention launch, each program would store its 64 queries' tokens one after another)."""
+        triton = use_triton(key_states)
+        if triton and key_states.shape[2] == 1:
             self._store_start = start
             return
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
-        write_kv_quant_torch(self.pool.storage, self.kv_layout, self._layer_tables[layer_idx], start, k, v)
+        write = write_kv_quant if triton else write_kv_quant_torch
+        write(self.pool.storage, self.kv_layout, self._layer_tables[layer_idx], start, k, v)
 
     def _take_step(
         self, layer_idx: int, key: torch.Tensor

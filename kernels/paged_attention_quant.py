@@ -6,7 +6,7 @@ the whole history into a dense tensor every forward (what transformers' Quantize
 so they cost more than the bf16 cache they save memory for. Here the write is one launch that
 quantizes each (token, head) in registers, and the attention dequantizes a key tile at a time
 inside the online softmax; nothing of the history is materialised. The attention launch can also
-do the write (`store_start`), which is how PagedCache stores a forward's K/V: one launch per layer.
+do the write (`store_start`), which is how PagedCache stores a decode token: one launch per layer.
 
 Semantics (those of PagedCache's quantized path): a forward brings row b to `kv_lens[b]` tokens,
 `q_len` of them its own; the `kv_lens[b] - q_len` before it are read from the pages, dequantized
