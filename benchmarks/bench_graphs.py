@@ -11,6 +11,9 @@ Rows, in interleaved rounds (every variant once per round, the order rotated; th
   graphs x32 <first> kv <dtype>   the first setup's graph call with `kv_cache_dtype` (`--kv-dtypes
                        fp8,int4`; quantized KV pages), for issue 15's decode target (batch 16 x
                        4096: `--batch 16 --prompt-lens 4096`)
+  eager x32 <first> [kv <dtype>] budget <b>   the first setup's call with heavy-hitter eviction
+                       (`--kv-budgets 0.2`: `kv_budget`, `kv_recent` 64), in the model's KV dtype and
+                       each of `--kv-dtypes`; eager, as generate runs eviction (no graphs yet)
 
 Each variant runs twice per round, with `new_tokens` and with 1 new token: the difference is the
 decode time (prefill differenced out), reported per step. Llama-2-7B shapes, random bf16 weights;
@@ -88,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pool-gib", type=float, default=40.0, help="the page pool (adapters and KV)")
     parser.add_argument("--batch", type=int, help="rows per call (default: the profile's, 32 at full size)")
     parser.add_argument("--kv-dtypes", default="", help="quantized KV rows to add, comma-separated: fp8,int4")
+    parser.add_argument("--kv-budgets", default="", help="eviction rows to add, comma-separated kv_budget: 0.2")
     parser.add_argument("--skip-static", action="store_true",
                         help="no transformers static-cache row (its cache and compiled graphs take ~2x the KV "
                              "of a batch 16 x 4096 call)")  # fmt: skip
@@ -153,10 +157,12 @@ def step_bytes(
     batch: int,
     context: float,
     kv_dtype: str | None = None,
+    kv_budget: float | None = None,
 ) -> float:
     """What one decode step reads at least: weights (the embedding table aside: a step reads `batch`
     rows of it), the rows' KV at `context` tokens (quantized: codes and scales,
-    `KvLayout.token_bytes`), and every used adapter's rank rows (A and B)."""
+    `KvLayout.token_bytes`; with eviction, the budget's share of them), and every used adapter's rank
+    rows (A and B)."""
     base = model.base_model
     embedding = base.get_input_embeddings().weight
     weights = sum(p.numel() * p.element_size() for p in base.parameters() if p is not embedding)
@@ -167,7 +173,8 @@ def step_bytes(
         pool = model.page_pool()
         page_bytes = pool.page_elems * pool.storage.element_size()
         kv_per_token = KvLayout.of(kv_dtype, config.num_key_value_heads, head_dim, page_bytes).token_bytes
-    kv = batch * context * config.num_hidden_layers * kv_per_token
+    kept = context if kv_budget is None else kv_budget * context
+    kv = batch * kept * config.num_hidden_layers * kv_per_token
     adapters = 0
     if setup is not None:
         spec = profile.setups[setup]
@@ -199,16 +206,18 @@ def run_prompt(
     def static(n: int) -> torch.Tensor:
         return base.generate(input_ids, max_new_tokens=n, min_new_tokens=n, cache_implementation="static", **fixed)
 
-    def ours(rows: list[str] | None, graphs: bool, kv_dtype: str | None = None) -> Callable[[int], torch.Tensor]:
+    def ours(
+        rows: list[str] | None, graphs: bool, kv_dtype: str | None = None, kv_budget: float | None = None
+    ) -> Callable[[int], torch.Tensor]:
         def call(n: int) -> torch.Tensor:
             return model.generate(input_ids, adapter_ids=rows, max_new_tokens=n, min_new_tokens=n,
-                                  cuda_graphs=graphs, kv_cache_dtype=kv_dtype, **fixed)  # fmt: skip
+                                  cuda_graphs=graphs, kv_cache_dtype=kv_dtype, kv_budget=kv_budget, **fixed)  # fmt: skip
         return call
 
     def rotated(
-        names: list[str], graphs: bool, kv_dtype: str | None = None
+        names: list[str], graphs: bool, kv_dtype: str | None = None, kv_budget: float | None = None
     ) -> Callable[[int], Callable[[int], torch.Tensor]]:
-        return lambda r: ours(row_adapters(names[r:] + names[:r], len(names), batch), graphs, kv_dtype)
+        return lambda r: ours(row_adapters(names[r:] + names[:r], len(names), batch), graphs, kv_dtype, kv_budget)
 
     variants: dict[str, Callable[[int], Callable[[int], torch.Tensor]]] = {
         "static (base)": lambda r: static,
@@ -223,10 +232,17 @@ def run_prompt(
     first = next(iter(sets))
     variants[f"eager x{len(sets[first])} {first}"] = rotated(sets[first], False)
     setup_of[f"eager x{len(sets[first])} {first}"] = first
-    kv_of: dict[str, str] = {}
-    for kv_dtype in filter(None, args.kv_dtypes.split(",")):
+    kv_of: dict[str, str | None] = {}  # rows with a KV cache setting: their kv_cache_dtype
+    budget_of: dict[str, float] = {}
+    kv_dtypes = list(filter(None, args.kv_dtypes.split(",")))
+    for kv_dtype in kv_dtypes:
         name = f"graphs x{len(sets[first])} {first} kv {kv_dtype}"
         variants[name], setup_of[name], kv_of[name] = rotated(sets[first], True, kv_dtype), first, kv_dtype
+    for budget in map(float, filter(None, args.kv_budgets.split(","))):
+        for kv_dtype in [None, *kv_dtypes]:
+            name = f"eager x{len(sets[first])} {first}{f' kv {kv_dtype}' if kv_dtype else ''} budget {budget:g}"
+            variants[name] = rotated(sets[first], False, kv_dtype, budget)
+            setup_of[name], kv_of[name], budget_of[name] = first, kv_dtype, budget
     for name, make in variants.items():  # warm-up: compile, capture, Triton
         graph_gib = model.graph_stats().get("graph_pool_bytes", 0) / 2**30
         print(f"warm-up {name}: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated, "
@@ -259,7 +275,7 @@ def run_prompt(
         if not row["variant"].startswith("eager"):  # transformers' static cache replays graphs too
             row["replay_gpu_ms"] = replay_gpu_ms(variants[row["variant"]](0), args.new_tokens)
         row["bytes_per_step"] = step_bytes(model, profile, setup_of[row["variant"]], args.distinct, batch, context,
-                                           kv_of.get(row["variant"]))  # fmt: skip
+                                           kv_of.get(row["variant"]), budget_of.get(row["variant"]))  # fmt: skip
         row["roofline_fraction"] = row["bytes_per_step"] / (row["decode_ms_per_step"] / 1000) / bandwidth
     captures = model.graph_stats().get("captures", 0) - captures_before
     print(f"\n== prompt {prompt}, batch {batch}, {args.new_tokens} new tokens, {args.rounds} rounds")
