@@ -214,7 +214,8 @@ def _int4_levels(codes, dtype: tl.constexpr, BY_BITS: tl.constexpr):
             constraints="=r,=r,=r,=r,r", args=[codes], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
         )  # fmt: skip
     else:
-        return ((codes & 15).to(tl.float32) + 128.0).to(dtype), ((codes >> 4).to(tl.float32) + 128.0).to(dtype)
+        low, high = (codes & 15).to(tl.float32), (codes >> 4).to(tl.float32)
+        return (low + INT4_OFFSET).to(dtype), (high + INT4_OFFSET).to(dtype)
 
 
 @triton.jit
