@@ -743,9 +743,12 @@ class PagedDecode:
 
 
 def _positions(start: torch.Tensor | int, batch: int, new_len: int, device: torch.device) -> torch.Tensor:
-    """[batch, new_len] int64 logical positions of the new tokens."""
+    """[batch, new_len] int64 logical positions of the new tokens; ValueError for a start tensor that
+    is not one position per row (a kernel would read past it)."""
     offsets = torch.arange(new_len, device=device)
     if isinstance(start, torch.Tensor):
+        if start.shape != (batch,):
+            raise ValueError(f"start must be an int or one position per row, [{batch}], got {tuple(start.shape)}")
         return start.to(device=device, dtype=torch.int64)[:, None] + offsets
     return (start + offsets).expand(batch, new_len)
 

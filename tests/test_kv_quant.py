@@ -224,6 +224,9 @@ def test_attention_that_stores_its_tokens_equals_write_then_attend(kv_dtype, q_l
                                 store_start=start)  # fmt: skip
     assert torch.equal(pool.view(torch.uint8), written.view(torch.uint8))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one position per row"):  # before any launch: the pages stay
+        paged_attention_quant(q, k_new, v_new, pool, layout, table, kv_lens, 0.25, store_start=start[:1])
+    assert torch.equal(pool.view(torch.uint8), written.view(torch.uint8))
 
 
 @pytest.mark.gpu
