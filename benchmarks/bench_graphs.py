@@ -11,9 +11,9 @@ Rows, in interleaved rounds (every variant once per round, the order rotated; th
   graphs x32 <first> kv <dtype>   the first setup's graph call with `kv_cache_dtype` (`--kv-dtypes
                        fp8,int4`; quantized KV pages), for issue 15's decode target (batch 16 x
                        4096: `--batch 16 --prompt-lens 4096`)
-  eager x32 <first> [kv <dtype>] budget <b>   the first setup's call with heavy-hitter eviction
-                       (`--kv-budgets 0.2`: `kv_budget`, `kv_recent` 64), in the model's KV dtype and
-                       each of `--kv-dtypes`; eager, as generate runs eviction (no graphs yet)
+  graphs x32 <first> [kv <dtype>] budget <b>   the first setup's graph call with heavy-hitter
+                       eviction (`--kv-budgets 0.2`: `kv_budget`, `kv_recent` 64), in the model's KV
+                       dtype and each of `--kv-dtypes` (issue 15: int4 + budget 0.2)
 
 Each variant runs twice per round, with `new_tokens` and with 1 new token: the difference is the
 decode time (prefill differenced out), reported per step. Llama-2-7B shapes, random bf16 weights;
@@ -240,8 +240,8 @@ def run_prompt(
         variants[name], setup_of[name], kv_of[name] = rotated(sets[first], True, kv_dtype), first, kv_dtype
     for budget in map(float, filter(None, args.kv_budgets.split(","))):
         for kv_dtype in [None, *kv_dtypes]:
-            name = f"eager x{len(sets[first])} {first}{f' kv {kv_dtype}' if kv_dtype else ''} budget {budget:g}"
-            variants[name] = rotated(sets[first], False, kv_dtype, budget)
+            name = f"graphs x{len(sets[first])} {first}{f' kv {kv_dtype}' if kv_dtype else ''} budget {budget:g}"
+            variants[name] = rotated(sets[first], True, kv_dtype, budget)
             setup_of[name], kv_of[name], budget_of[name] = first, kv_dtype, budget
     for name, make in variants.items():  # warm-up: compile, capture, Triton
         graph_gib = model.graph_stats().get("graph_pool_bytes", 0) / 2**30

@@ -69,7 +69,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.masking_utils import AttentionMaskInterface
 
 from .backend import use_triton
-from .eviction import HeavyHitters, KvBudget, SlotRegion, move_slots
+from .eviction import HeavyHitters, KvBudget, SlotRegion, in_place_moves, move_slots
 from .kernels.kv_quant import KvLayout, gather_kv_quant_torch, write_kv_quant_torch
 from .kernels.paged_attention import (
     LOG2_E,
@@ -80,7 +80,7 @@ from .kernels.paged_attention import (
     write_kv,
     write_kv_torch,
 )
-from .kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
+from .kernels.paged_attention_quant import paged_attention_quant, stores_decode_tokens, write_kv_quant
 from .memory.page_pool import PagePool
 
 PAGED_ATTENTION = "hf_multilora_paged"
@@ -107,6 +107,7 @@ class StepBuffers(NamedTuple):
     kv_lens: torch.Tensor  # int32 [step rows]
     key_mask: torch.Tensor  # bool [step rows, blocks * block_size]
     plans: dict  # PagedDecode by (query shape, mask, window, scale)
+    scores: torch.Tensor | None = None  # heavy-hitter eviction: fp32 [layers, step rows, kv_heads, blocks * block_size]
 
 
 def paged_mask(
@@ -143,13 +144,14 @@ def paged_attention_forward(
     if step is None:
         return _dense_attention(query, key, value, key_mask, scale, sliding_window), None
     table, new_value = step
-    if cache._stepping:  # a graph reads the fixed buffer begin_step filled
-        key_mask = cache._step_mask
-    logits = None
-    if cache.eviction is not None:  # the slots' own mask; a decode's key logits for the scores
+    if cache._stepping:  # a graph reads the fixed buffer begin_step filled (with eviction: the slot mask)
+        key_mask, width = cache._step_mask if cache.step_masked() else None, cache._step_mask.shape[1]
+    elif cache.eviction is not None:  # the slots' own mask
         key_mask = cache._evicting_mask(module.layer_idx, key, key_mask)
-        if query.shape[2] == 1 and use_triton(query):
-            logits = torch.empty(*query.shape[:2], key_mask.shape[1], dtype=torch.float32, device=query.device)
+        width = key_mask.shape[1]
+    logits = None
+    if cache.eviction is not None and query.shape[2] == 1 and use_triton(query):  # the keys' logits, for the scores
+        logits = torch.empty(*query.shape[:2], width, dtype=torch.float32, device=query.device)  # read to kv_lens
     if cache.kv_layout is not None:
         out = cache._attend_quantized(module.layer_idx, query, key, value, table, key_mask, scale, sliding_window, logits)
     else:
@@ -394,6 +396,7 @@ class PagedCache(Cache):
         self._step_mask: torch.Tensor | None = None  # bool [step rows, reserved tokens]: see begin_step
         self._step_rows: int | None = None  # rows of the device step buffers once adopted (>= batch: see adopt)
         self._stepping = False  # between begin_step and end_step
+        self._step_masked: bool | None = None  # whether begun steps read the key mask (the first decides)
         self.adopted = False  # the step buffers are fixed (adopt): see adopt
         self._lens = [0] * self.num_layers  # tokens per row, per layer (layers update one after another)
         self._pending: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # layer, K, V to store
@@ -418,10 +421,15 @@ class PagedCache(Cache):
                 f"PagedCache: no paged attention read layer {self._pending[0]}'s update; "
                 f"call use_paged_attention(model) (attention implementation {PAGED_ATTENTION!r})"
             )
-        if self._stepping:  # begin_step did this token's bookkeeping; the decode launch stores K/V
-            if self.kv_layout is not None:  # quantized: at each row's last position (`_write_quantized`)
+        if self._stepping:  # begin_step did this token's bookkeeping; stored at each row's last position
+            if self.kv_layout is not None:  # quantized: by the decode launch or a write (`_write_quantized`)
                 self._write_quantized(layer_idx, self._kv_lens - 1, key_states, value_states)
-            self._pending = (layer_idx, key_states, value_states)
+            elif self.eviction is not None:  # the launch that stores logits does not store K/V
+                k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
+                write_kv(self.pool.storage, self.pool.page_elems, self._layer_tables[layer_idx], self._kv_lens - 1,
+                         k, v, self.block_size)  # fmt: skip
+            stored_by_launch = self.kv_layout is not None or self.eviction is None
+            self._pending = (layer_idx, key_states, value_states if stored_by_launch else None)
             _ACTIVE.set(self._weak_self)
             return key_states, value_states
         batch, heads, new, head_dim = key_states.shape
@@ -463,11 +471,12 @@ class PagedCache(Cache):
     ) -> None:
         """Quantize and store K/V [batch, kv_heads, new, head_dim] from position start (or start[b]). A
         decode token under Triton is stored by the attention launch that reads the pages
-        (`_attend_quantized`): one launch per layer instead of two, and nothing reads its position
-        before. A prefill's tokens get a write launch of their own, one program per token and head
-        (in the attention launch, each program would store its 64 queries' tokens one after another)."""
+        (`_attend_quantized`) where that is faster (`stores_decode_tokens`): one launch per layer
+        instead of two, and nothing reads its position before. A prefill's tokens get a write launch of
+        their own, one program per token and head (in the attention launch, each program would store
+        its 64 queries' tokens one after another)."""
         triton = use_triton(key_states)
-        if triton and key_states.shape[2] == 1:
+        if triton and key_states.shape[2] == 1 and stores_decode_tokens(self.kv_layout):
             self._store_start = start
             return
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
@@ -593,24 +602,39 @@ class PagedCache(Cache):
         attention (quantized K/V it stores first, at positions read from the fixed lengths). Needs Triton
         (the decode launch stores the new K/V) and ``reserve``; ``attention_mask``
         is the step's 2-D mask, [batch, tokens so far + 1]. Returns the fixed key mask buffer. Call
-        ``end_step`` after the forward."""
+        ``end_step`` after the forward.
+
+        With heavy-hitter eviction, a compaction due at this token happens here, the key mask buffer
+        holds the slot mask, and the step's scores go to the lent buffer (``adopt``)."""
         if not self._reserved_blocks or self._host is None:
             raise RuntimeError("PagedCache.begin_step needs reserve() and a filled cache (a prefill first)")
-        end = self._length() + 1
         batch = self._host.shape[1]
-        if attention_mask.shape != (batch, end):
+        logical_end = self.get_seq_length() + 1
+        if attention_mask.shape != (batch, logical_end):
             raise ValueError(
-                f"begin_step: attention_mask must be [{batch}, {end}], got {tuple(attention_mask.shape)}"
+                f"begin_step: attention_mask must be [{batch}, {logical_end}], got {tuple(attention_mask.shape)}"
             )
+        if self.eviction is not None:
+            self._compact_if_due()
+        end = self._length() + 1
         self._prepare_tokens(end, 1)
         width = self._table.shape[2] * self.block_size
         mask = self._step_mask
         if mask is None or mask.shape != (self._device_rows(), width):
             mask = self._step_mask = torch.ones(self._device_rows(), width, dtype=torch.bool, device=self._device)
+        if self._step_masked is None:  # one sync per call: the key mask costs the int4 kernel ~15%
+            self._step_masked = not bool(attention_mask.all())
+        if self.eviction is not None:
+            attention_mask = self.eviction.note_step(attention_mask[:, -1].to(self._device), end, logical_end)
         mask[:batch, :end].copy_(attention_mask, non_blocking=True)
         self._lens = [end] * self.num_layers
         self._stepping = True
         return mask
+
+    def step_masked(self) -> bool:
+        """Whether begun steps read the key mask: False once the first found no padding in the call's
+        mask (HF's decode steps only add real tokens). A graph is captured with the mask or without."""
+        return self._step_masked is not False
 
     def end_step(self) -> None:
         """Close a step begun by ``begin_step``; a forward that failed part-way leaves nothing pending."""
@@ -623,7 +647,8 @@ class PagedCache(Cache):
 
     def step_state(self) -> StepBuffers:
         """The step buffers and decode plans, for ``adopt`` by a later cache."""
-        return StepBuffers(self._table, self._kv_lens, self._step_mask, self._plans)
+        scores = self.eviction._scores if self.eviction is not None and self.eviction.lent else None
+        return StepBuffers(self._table, self._kv_lens, self._step_mask, self._plans, scores)
 
     def adopt(self, state: StepBuffers | None, rows: int | None = None) -> None:
         """After the prefill, before the first ``begin_step``: use ``state`` (another cache's
@@ -641,21 +666,31 @@ class PagedCache(Cache):
             self._set_discard(self.pool.allocate(1, "kv")[0])
         self._step_rows, self._kv_lens_end, self._table_stale = rows, -1, True
         width = self._table.shape[2] * self.block_size
+        scores_shape = (self.num_layers, rows, self.kv_heads, width)
         if state is None:
             self._upload_table()  # padded to the step rows
             self._kv_lens = torch.empty(rows, dtype=torch.int32, device=self._device)
             self._step_mask = torch.ones(rows, width, dtype=torch.bool, device=self._device)
+            scores = torch.empty(scores_shape, device=self._device) if self.eviction is not None else None
         else:
-            table, kv_lens, mask = state.table, state.kv_lens, state.key_mask
-            if table.shape != (self.num_layers, *self.step_shape(rows)) or kv_lens.shape != (rows,) or mask.shape != (rows, width):
-                raise ValueError(f"adopt: buffers of another shape than this cache's {self.step_shape(rows)}")
+            table, kv_lens, mask, scores = state.table, state.kv_lens, state.key_mask, state.scores
+            if (table.shape != (self.num_layers, *self.step_shape(rows)) or kv_lens.shape != (rows,)
+                    or mask.shape != (rows, width)
+                    or (None if scores is None else scores.shape) != (None if self.eviction is None else scores_shape)):  # fmt: skip
+                raise ValueError(f"adopt: buffers of another shape than this cache's {self.step_shape(rows)}, or "
+                                 "scores where the cache evicts nothing (or none where it does)")  # fmt: skip
             mask[batch:].fill_(True)  # a padding row of an earlier call may have had padding of its own
             self._table, self._layer_tables = table, table.unbind(0)
             self._kv_lens, self._step_mask, self._plans = kv_lens, mask, state.plans
+        if scores is not None:
+            self.eviction.lend(scores)
         self.adopted = True
 
     def step_buffers(self) -> tuple[torch.Tensor, ...]:
-        """The fixed device buffers a step begun by ``begin_step`` reads: table, lengths, key mask."""
+        """The fixed device buffers a step begun by ``begin_step`` reads: table, lengths, key mask (and,
+        with eviction, the scores it adds to)."""
+        if self.eviction is not None:
+            return self._table, self._kv_lens, self._step_mask, self.eviction._scores
         return self._table, self._kv_lens, self._step_mask
 
     def _prepare_tokens(self, end: int, new: int) -> None:
@@ -759,8 +794,13 @@ class PagedCache(Cache):
                 "heavy-hitter eviction scores the prompt in the cache's first forward; later forwards take one "
                 "token per row (no chunked prefill, assisted decoding or multi-turn reuse of the cache)"
             )
+        if layer_idx == 0 and new == 1:
+            self._compact_if_due()
+
+    def _compact_if_due(self) -> None:
+        """Before a decode token (see `_before_evicting_forward`)."""
         slots = self._lens[0]
-        if layer_idx == 0 and new == 1 and slots and (slots % self.block_size == 0 or not self._prompt_compacted):
+        if slots and (slots % self.block_size == 0 or not self._prompt_compacted):
             self._prompt_compacted = True
             self._compact(slots)
 
@@ -772,9 +812,11 @@ class PagedCache(Cache):
     def _score(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, table: torch.Tensor,
                key_mask: torch.Tensor, scale: float, logits: torch.Tensor | None) -> None:  # fmt: skip
         """Add this forward's attention to the layer's scores: the prompt's (an observation window of
-        its last queries) or a decode step's (the kernel's logits, or computed here on the torch path)."""
+        its last queries) or a decode step's (the kernel's logits, or computed here on the torch path).
+        A begun step's positions were noted by begin_step (a graph replays what happens here)."""
         slots, new = self._lens[layer_idx], key.shape[2]
-        self.eviction.note_positions(layer_idx, slots, new, slots + self._evicted)
+        if not self._stepping:
+            self.eviction.note_positions(layer_idx, slots, new, slots + self._evicted)
         if new > 1:
             self.eviction.add_prefill(layer_idx, query, key, key_mask, scale)
             return
@@ -788,32 +830,30 @@ class PagedCache(Cache):
             keys[:, -1] = key[:, :, 0]
             group = query.shape[1] // self.kv_heads
             logits = torch.einsum("bhd,bnhd->bhn", query[:, :, 0].float(), keys.float().repeat_interleave(group, 2))
-            logits = (logits * (scale * LOG2_E)).masked_fill(~key_mask[:, None, :slots], float("-inf"))
-        self.eviction.add_decode(layer_idx, logits, slots)
+            logits = logits * (scale * LOG2_E)
+            if key_mask is not None:
+                logits = logits.masked_fill(~key_mask[:, None, :slots], float("-inf"))
+        self.eviction.add_decode(layer_idx, logits, self._kv_lens)
 
     def _compact(self, slots: int) -> None:
-        """Keep each layer's chosen slots (HeavyHitters.keep) in fresh pages and free the old ones; nothing
-        changes if the pool cannot give the pages."""
+        """Keep each layer's chosen slots (HeavyHitters.keep) in place (`in_place_moves`) and give back
+        the pages past the new length; allocates nothing."""
         keep = self.eviction.keep(slots, slots + self._evicted)
         if keep is None:
             return
         layers, batch, _ = self._host.shape
-        kept = keep.shape[-1]
-        blocks = -(-kept // self.block_size)
-        live = ~self._finished if self._finished is not None else torch.ones(batch, dtype=torch.bool)
-        pages = self.pool.allocate(layers * int(live.sum()) * blocks, "kv")  # raises before any change
-        table = torch.full((layers, batch, blocks), -1 if self._discard is None else self._discard, dtype=torch.int32)
-        table[:, live] = torch.tensor(pages, dtype=torch.int32).view(layers, int(live.sum()), blocks)
-        new_table = staged_for(table, self._device).to(self._device, non_blocking=True).long()
+        kept, rows = keep.shape[-1], layers * batch
+        source, move_from, to = in_place_moves(keep, slots)
         if self._table_stale:
             self._upload_table()
         data, regions, page_size = self._slot_regions()
-        for layer in range(layers):
-            old = self._layer_tables[layer][:batch].long()
-            move_slots(data, regions, page_size, self.block_size, old, new_table[layer].clamp(min=0), keep[layer])
-        self.pool.free(sorted(set(self._pages_of(self._host)) - set(pages)))
-        self.eviction.compact(keep)
-        self._set_table(table)
+        table = self._table[:, :batch].reshape(rows, -1).long()
+        move_slots(data, regions, page_size, self.block_size, table, table, move_from.view(rows, *move_from.shape[2:]),
+                   to.view(rows, *to.shape[2:]))  # fmt: skip
+        host = self._host[:, :, : -(-kept // self.block_size)].clone()
+        self.pool.free(sorted(self._unreferenced_by(host)))
+        self.eviction.compact(source)
+        self._set_table(host)
         self._lens = [kept] * self.num_layers
         self._evicted += slots - kept
         self._kv_lens_end = -1

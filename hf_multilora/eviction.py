@@ -14,11 +14,13 @@ How it sits in the paged cache:
   finds its first, so a token kept keeps its neighbours (without pooling, a passkey's later digits
   were evicted at budget 0.2); each decode step adds its softmax
   over the row's slots, summed over the KV head's query heads. On the Triton path the attention
-  kernel stores the step's logits as it computes them (no second pass over the keys); the torch
-  path computes them next to its attention.
+  kernel stores the step's logits as it computes them (no second pass over the keys) and one launch
+  adds their softmax (kernels/attention_scores.py); the torch path computes them next to its attention.
 - Compaction: when a row's slots reach a block boundary and more than the budget is held, every
-  layer keeps the `recent` newest slots and the best-scored others, in their order, copied into
-  fresh pages; the old pages go back to the pool. So a row holds at most budget + one block.
+  layer keeps the `recent` newest slots and the best-scored others, in place: the kept slots past
+  the new length move into the evicted slots below it (`in_place_moves`; at a block compaction
+  about a block per row and head, not every kept slot), and the pages past the new length go back
+  to the pool. So a row holds at most budget + one block, and a compaction allocates nothing.
 - HF still sees the logical length (positions stay right); the cache's own slot mask replaces the
   attention mask's padding columns (kept padding sorts first and stays masked).
 """
@@ -31,7 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .kernels.paged_attention import LOG2_E
+from .backend import use_triton
+from .kernels.attention_scores import add_attention_probs, add_attention_probs_torch
 
 SNAP_WINDOW = 32  # prompt queries whose attention scores the prompt (SnapKV's observation window)
 SNAP_POOL = 7  # a prompt token's score is the largest of its SNAP_POOL neighbours' (SnapKV's kernel)
@@ -63,48 +66,77 @@ class KvBudget:
 
 class HeavyHitters:
     """The accumulated attention of every slot, per layer, row and KV head, what each slot holds (its
-    token's position) and whether it is a real token; and the choice of what a compaction keeps."""
+    token's position) and whether it is a real token; and the choice of what a compaction keeps.
+
+    `scores` may be a buffer lent for decode steps replayed from a CUDA graph (`lend`): then it has
+    the step's rows (a batch bucket, padding rows last) and a fixed address, and a step's
+    `add_decode` adds into all its rows."""
 
     def __init__(self, budget: KvBudget, layers: int, kv_heads: int) -> None:
-        self.budget, self.kv_heads = budget, kv_heads
-        self.scores: list[torch.Tensor | None] = [None] * layers  # fp32 [batch, kv_heads, capacity]
-        self.positions: list[torch.Tensor | None] = [None] * layers  # int64 [batch, kv_heads, capacity]
+        self.budget, self.layers, self.kv_heads = budget, layers, kv_heads
+        self._scores: torch.Tensor | None = None  # fp32 [layers, rows >= batch, kv_heads, capacity]
+        self.positions: torch.Tensor | None = None  # int64 [layers, batch, kv_heads, capacity]
         self.real: torch.Tensor | None = None  # bool [batch, capacity]: slot holds a token, not padding
+        self.lent = False  # _scores is a step buffer (lend): it keeps its address
 
-    def _room(self, layer: int, batch: int, slots: int, device: torch.device) -> None:
-        """Grow the layer's buffers (and the slot mask) to `slots` slots, doubling."""
-        have = self.scores[layer]
-        if have is not None and have.shape[2] >= slots:
+    @property
+    def scores(self) -> torch.Tensor:
+        """fp32 [layers, batch, kv_heads, capacity]."""
+        return self._scores[:, : self.real.shape[0]]
+
+    def _room(self, batch: int, slots: int, device: torch.device) -> None:
+        """Grow the buffers of every layer (and the slot mask) to `slots` slots, doubling."""
+        if self.real is not None and self.real.shape[1] >= slots and self._scores.shape[-1] >= slots:
             return
-        width = max(slots, 2 * (have.shape[2] if have is not None else 0), 64)
-        scores = torch.zeros(batch, self.kv_heads, width, device=device)
-        positions = torch.zeros(batch, self.kv_heads, width, dtype=torch.int64, device=device)
-        if have is not None:
-            scores[..., : have.shape[2]] = have
-            positions[..., : have.shape[2]] = self.positions[layer]
-        self.scores[layer], self.positions[layer] = scores, positions
-        if self.real is None or self.real.shape[1] < width:
-            real = torch.ones(batch, width, dtype=torch.bool, device=device)
-            if self.real is not None:
-                real[:, : self.real.shape[1]] = self.real
-            self.real = real
+        have = 0 if self.real is None else self.real.shape[1]
+        width = max(slots, 2 * have, 64)
+        real = torch.ones(batch, width, dtype=torch.bool, device=device)
+        positions = torch.zeros(self.layers, batch, self.kv_heads, width, dtype=torch.int64, device=device)
+        if have:
+            real[:, :have] = self.real
+            positions[..., :have] = self.positions
+        self.real, self.positions = real, positions
+        if self._scores is None or self._scores.shape[-1] < slots:  # a lent buffer has the step's width
+            scores = torch.zeros(self.layers, batch, self.kv_heads, width, device=device)
+            if self._scores is not None:
+                scores[..., : self._scores.shape[-1]] = self._scores[:, :batch]
+            self._scores, self.lent = scores, False
+
+    def lend(self, buffer: torch.Tensor) -> None:
+        """Keep the scores in `buffer` (fp32 [layers, step rows, kv_heads, step width]) from now on: the
+        decode steps of a graph add into it."""
+        batch = self.real.shape[0]
+        if buffer.shape[0] != self.layers or buffer.shape[1] < batch or buffer.shape[2] != self.kv_heads:
+            raise ValueError(f"a score buffer of shape {tuple(buffer.shape)} for {self.layers} layers, {batch} rows "
+                             f"and {self.kv_heads} KV heads")  # fmt: skip
+        width = min(self._scores.shape[-1], buffer.shape[-1])  # the cache's slots fit the buffer
+        buffer.zero_()
+        buffer[:, :batch, :, :width] = self.scores[..., :width]
+        self._scores, self.lent = buffer, True
 
     def slot_mask(self, key: torch.Tensor, key_mask: torch.Tensor | None, slots: int, logical_end: int) -> torch.Tensor:
         """The key mask over the row's `slots` slots (the forward's tokens, key [batch, kv_heads, new,
         dim], last) for the attention, from HF's mask over logical positions: the new tokens' columns
         are copied into their slots; earlier slots keep what they were given."""
         batch, _, new, _ = key.shape
-        if self.real is None or self.real.shape[1] < slots:  # every layer's buffers grow together
-            for layer in range(len(self.scores)):
-                self._room(layer, batch, slots, key.device)
+        self._room(batch, slots, key.device)
         if key_mask is not None:
             self.real[:, slots - new : slots] = key_mask[:, logical_end - new : logical_end].bool()
+        return self.real[:, :slots]
+
+    def note_step(self, real: torch.Tensor, slots: int, logical_end: int) -> torch.Tensor:
+        """A decode step begun ahead of its forward (PagedCache.begin_step): its token, real where
+        `real` [batch] says, takes slot `slots - 1` of every layer at position `logical_end - 1`.
+        Returns the slot mask [batch, slots]."""
+        self._room(real.shape[0], slots, real.device)
+        self.real[:, slots - 1] = real.bool()
+        self.positions[..., slots - 1] = logical_end - 1
         return self.real[:, :slots]
 
     def note_positions(self, layer: int, slots: int, new: int, logical_end: int) -> None:
         """The forward's tokens occupy the last `new` of `slots` slots at the logical positions before
         `logical_end`."""
-        positions = torch.arange(logical_end - new, logical_end, device=self.positions[layer].device)
+        positions = torch.arange(logical_end - new, logical_end, device=self.positions.device)
         self.positions[layer][:, :, slots - new : slots] = positions
 
     def add_prefill(self, layer: int, query: torch.Tensor, key: torch.Tensor, key_mask: torch.Tensor | None,
@@ -126,44 +158,65 @@ class HeavyHitters:
         mass = probs.sum(2).view(batch, self.kv_heads, group, n).sum(2)  # [batch, kv_heads, n]
         self.scores[layer][:, :, :n] += F.max_pool1d(mass, SNAP_POOL, stride=1, padding=SNAP_POOL // 2)
 
-    def add_decode(self, layer: int, logits: torch.Tensor, slots: int) -> None:
-        """A decode step's logits [batch, heads, >= slots] (log2 domain, -inf where masked): its
-        softmax over the slots, summed over each KV head's query heads."""
-        batch, heads, _ = logits.shape
-        probs = torch.softmax(logits[:, :, :slots] * (1 / LOG2_E), -1).nan_to_num(0.0)
-        self.scores[layer][:, :, :slots] += probs.view(batch, self.kv_heads, heads // self.kv_heads, slots).sum(2)
+    def add_decode(self, layer: int, logits: torch.Tensor, kv_lens: torch.Tensor) -> None:
+        """A decode step's logits [rows, heads, width] (log2 domain, -inf where masked; row r's first
+        kv_lens[r] are its slots; rows: the batch, or a lent buffer's step rows): their softmax,
+        summed over each KV head's query heads (`kernels/attention_scores.py`)."""
+        add = add_attention_probs if use_triton(logits) else add_attention_probs_torch
+        add(self._scores[layer], logits, kv_lens)
 
     def keep(self, slots: int, logical: int) -> torch.Tensor | None:
-        """Per layer, the slots [layers, batch, kv_heads, kept] (ascending: padding first, then the
-        real tokens in order) a compaction of `slots` slots keeps, or None when the budget allows all."""
+        """Per layer, the slots [layers, batch, kv_heads, kept] (in no order) a compaction of `slots`
+        slots keeps, or None when the budget allows all. Padding is kept only where a row has too
+        few tokens, and then its lowest slots, the same in every head and layer: a row's slots
+        then stay padding or not alike in all of them (one slot mask per row)."""
         kept = self.budget.kept(logical)
         if kept >= slots:
             return None
         recent = min(self.budget.recent, kept)
-        device = self.real.device
-        real = self.real[:, :slots]
-        choices = []
-        for scores in self.scores:
-            older = scores[:, :, : slots - recent].masked_fill(~real[:, None, : slots - recent], float("-inf"))
-            best = older.topk(kept - recent, dim=-1).indices  # padding only where the row has too few tokens
-            newest = torch.arange(slots - recent, slots, device=device).expand(*best.shape[:2], recent)
-            chosen = torch.cat([best, newest], -1)
-            # padding (False) first, each group in slot order: every head of a row then masks the same slots
-            order = chosen + slots * real.gather(1, chosen.flatten(1)).view_as(chosen)
-            choices.append(chosen.gather(-1, order.argsort(-1)))
-        return torch.stack(choices)
+        real = self.real[None, :, None, : slots - recent]  # [1, batch, 1, older slots]
+        # below every score (>= 0), the lowest slot first
+        padding_rank = -1.0 - torch.arange(slots - recent, device=real.device, dtype=torch.float32) / slots
+        older = torch.where(real, self.scores[..., : slots - recent], padding_rank)
+        best = older.topk(kept - recent, dim=-1).indices
+        newest = torch.arange(slots - recent, slots, device=best.device).expand(*best.shape[:3], recent)
+        return torch.cat([best, newest], -1)
 
-    def compact(self, keep: torch.Tensor) -> None:
-        """Move every layer's scores and positions, and the slot mask, to the kept slots (in front)."""
-        kept = keep.shape[-1]
-        for layer, chosen in enumerate(keep):
-            for buffers in (self.scores, self.positions):
-                moved = buffers[layer].gather(-1, chosen)
-                buffers[layer].zero_()
-                buffers[layer][..., :kept] = moved
-        real = self.real.gather(1, keep[0, :, 0])  # the same for every head and layer (see keep)
+    def compact(self, source: torch.Tensor) -> None:
+        """New slot j of every layer, row and head takes what slot source[..., j] held (source [layers,
+        batch, kv_heads, kept]): scores, positions and the slot mask, in place (a lent score buffer
+        keeps its address)."""
+        kept = source.shape[-1]
+        for buffer in (self.scores, self.positions):
+            moved = buffer.gather(-1, source)
+            buffer.zero_()
+            buffer[..., :kept] = moved
+        real = self.real.gather(1, source[0, :, 0])  # the same for every head and layer (see keep)
         self.real.fill_(True)
         self.real[:, :kept] = real
+
+
+def in_place_moves(keep: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How `keep` [..., kept] (the slots of `slots` a compaction keeps, each once) comes to fill slots
+    0..kept-1 in place: every evicted slot below `kept` takes a kept slot at or past it, both in
+    ascending order. Returns (source [..., kept]: the old slot new slot j holds, from [..., moves]:
+    the slots that move, to [..., moves]: where); moves = slots - kept pairs, the unused ones
+    moving a slot past `kept` onto itself (nothing reads it again)."""
+    kept = keep.shape[-1]
+    moves = slots - kept
+    device = keep.device
+    held = torch.zeros(*keep.shape[:-1], slots, dtype=torch.bool, device=device).scatter_(-1, keep, True)
+    below, past = torch.arange(kept, device=device), torch.arange(kept, slots, device=device)
+    holes = torch.where(held[..., :kept], slots + below, below).sort(-1).values[..., :moves]  # ascending
+    movers = torch.where(held[..., kept:], past, slots + past).sort(-1).values
+    if holes.shape[-1] < moves:  # fewer slots below kept than moves: the rest are unused
+        holes = torch.cat([holes, holes.new_full((*holes.shape[:-1], moves - holes.shape[-1]), slots)], -1)
+    used = movers < slots  # as many as there are holes
+    to = torch.where(used, holes, past)
+    move_from = torch.where(used, movers, past)
+    source = torch.cat([below.expand_as(keep), past.expand(*keep.shape[:-1], moves)], -1)
+    source = source.scatter_(-1, to, move_from)[..., :kept]
+    return source, move_from, to
 
 
 @dataclass(frozen=True)
@@ -183,19 +236,25 @@ def move_slots(
     regions: list[SlotRegion],
     page_size: int,  # units per page
     slots_per_page: int,
-    old_table: torch.Tensor,  # int64 [batch, blocks]: pages of the slots `keep` names
-    new_table: torch.Tensor,  # int64 [batch, new blocks]: pages the kept slots 0..kept-1 go to
-    keep: torch.Tensor,  # int64 [batch, kv_heads, kept]: old slot of each new slot
+    old_table: torch.Tensor,  # int64 [rows, blocks]: pages of the slots `source` names
+    new_table: torch.Tensor,  # int64 [rows, new blocks]: pages of the slots `to` names (may be old_table)
+    source: torch.Tensor,  # int64 [rows, kv_heads, n]: the slots that move
+    to: torch.Tensor,  # int64 [rows, kv_heads, n]: where each goes
 ) -> None:
-    """data[slot j of (row, head) in new_table] = data[slot keep[row, head, j] in old_table], every region.
-    All reads happen before the writes of a region; the new pages are not the old ones."""
-    heads = torch.arange(keep.shape[1], device=data.device)[None, :, None]
-    new_slots = torch.arange(keep.shape[2], device=data.device).expand_as(keep)
-
-    def offsets(table: torch.Tensor, slots: torch.Tensor, region: SlotRegion) -> torch.Tensor:
-        page = table.gather(1, (slots // slots_per_page).flatten(1)).view_as(slots)
-        first = page * page_size + region.start + heads * region.head_stride + slots % slots_per_page * region.slot_stride
-        return first[..., None] + torch.arange(region.width, device=data.device)
-
+    """data[slot to[row, head, j] in new_table] = data[slot source[row, head, j] in old_table], every
+    region (a row: a layer's row, so all layers move in one call). All reads of a region happen
+    before its writes; no slot is written twice. A slot's run is moved as whole cells of the largest
+    unit that divides the layout (a head's K: one index, not one per element)."""
+    heads = torch.arange(source.shape[1], device=data.device)[None, :, None]
     for region in regions:
-        data[offsets(new_table, new_slots, region)] = data[offsets(old_table, keep, region)]
+        unit = math.gcd(region.width, region.start, region.slot_stride, region.head_stride, page_size)
+        cells = data[: data.numel() // unit * unit].view(-1, unit)
+        span = torch.arange(region.width // unit, device=data.device)
+
+        def first_cells(table: torch.Tensor, slots: torch.Tensor, region: SlotRegion = region, unit: int = unit,
+                        span: torch.Tensor = span) -> torch.Tensor:  # fmt: skip
+            page = table.gather(1, (slots // slots_per_page).flatten(1)).view_as(slots)
+            first = page * page_size + region.start + heads * region.head_stride + slots % slots_per_page * region.slot_stride
+            return (first // unit)[..., None] + span
+
+        cells[first_cells(new_table, to)] = cells[first_cells(old_table, source)]

@@ -10,8 +10,8 @@ prefill, a call asking for attentions) runs eager. For a decode step the cache f
 step's host bookkeeping (`PagedCache.begin_step`: a new block where one is due, written into the
 reserved device table in place; lengths and key mask in fixed buffers), the token ids and positions
 are copied into fixed input buffers, and the graph is replayed. A new graph key runs the step
-eagerly once (Triton compiles, plans are prepared, the step's K/V stored) and then captures it:
-storing the same K/V again is harmless.
+eagerly once (Triton compiles, plans are prepared, the step's K/V stored), which is that step's
+result, and then captures it without running it.
 
 Graphs outlive calls, so a new mix of adapters replays the graph it already has: the LoRA launches
 of a decode step use `LoraRuntime`'s fixed decode tables (a tile per row, the rows' adapter
@@ -20,7 +20,7 @@ and a call's PagedCache adopts the step buffers (table, lengths, key mask, decod
 first call of its shape. Batches are padded to a few sizes (`batch_bucket`): calls of 5, 6, 7 or 8
 rows replay one graph; a padding row reads token 0 at position 0, has no adapter, writes its K/V
 into the cache's discard page and its logits are dropped. The key is (batch bucket, the fixed LoRA plan, the adapter row table, the
-LoRA modules' epoch, the step buffers' addresses). What a graph reads keeps its address while the
+LoRA modules' epoch, whether steps read the key mask, the step buffers' addresses). What a graph reads keeps its address while the
 graph lives: the entry holds a reference to every such object, so no other tensor can take those
 addresses and a key never matches a graph captured over freed memory.
 """
@@ -112,8 +112,8 @@ class DecodeGraphs:
         self.cache: PagedCache | None = None
         self.required = False
         self._graphs: dict[tuple, _Captured | None] = {}  # None: its capture failed
-        # (batch bucket, table width, KV page layout) -> the first cache's
-        self._buffers: dict[tuple[int, int, KvLayout | None], StepBuffers] = {}
+        # (batch bucket, table width, KV page layout, evicting) -> the first cache's
+        self._buffers: dict[tuple[int, int, KvLayout | None, bool], StepBuffers] = {}
         self._pool: Any = None  # the graphs' memory pool, made at the first capture
         functools.update_wrapper(self, forward)  # generate() inspects the forward's signature
 
@@ -138,7 +138,7 @@ class DecodeGraphs:
         try:
             lora = self.lora_state()
             key = (
-                bucket, id(lora.plan), lora.rows.data_ptr(), self.epoch(),
+                bucket, id(lora.plan), lora.rows.data_ptr(), self.epoch(), cache.step_masked(),
                 *(t.data_ptr() for t in cache.step_buffers()),
             )  # fmt: skip
             captured = self._graphs.get(key)
@@ -150,10 +150,7 @@ class DecodeGraphs:
                 if key in self._graphs and not self.required:
                     self.stats["eager: capture failed"] += 1
                     return _unpadded(self.forward(**step), rows)
-                output = self._capture(key, step)
-                if output is not None:  # the capture failed: the eager warm-up did this step
-                    return _unpadded(output, rows)
-                captured = self._graphs[key]
+                return _unpadded(self._capture(key, step), rows)  # the eager warm-up did this step
             captured.input_ids[:rows].copy_(input_ids)
             captured.position_ids[:rows].copy_(kwargs["position_ids"])
             captured.graph.replay()
@@ -178,7 +175,8 @@ class DecodeGraphs:
         shape (so its graphs read this call's KV), or lend this call's to later ones."""
         if cache.adopted:
             return
-        shape = (*cache.step_shape(rows), cache.kv_layout)  # a graph reads pages of one layout
+        # a graph reads pages of one layout, and adds to scores where it evicts
+        shape = (*cache.step_shape(rows), cache.kv_layout, cache.eviction is not None)
         if shape in self._buffers:
             cache.adopt(self._buffers[shape], rows)
         else:
@@ -187,11 +185,14 @@ class DecodeGraphs:
 
     def _capture(self, key: tuple, step: dict) -> Any:
         """Run the step (`step`: padded inputs of its own) eagerly (compiles and prepares everything;
-        stores this step's K/V), then capture it on those inputs into `self._graphs[key]`. Returns
-        None, or the eager output when the capture failed (the key then runs eager)."""
+        this is the step's result), then capture it on those inputs into `self._graphs[key]` (where
+        the capture fails, the key runs eager). Returns the eager output: a replay now would run the
+        step twice (with eviction, add its attention to the scores twice)."""
         eager = self.forward(**step)
         device = step["input_ids"].device
         try:
+            if device.type != "cuda":  # on a CUDA host the capture would record nothing and succeed
+                raise RuntimeError(f"CUDA graphs capture CUDA work, this step runs on {device}")
             graph = torch.cuda.CUDAGraph()
             self._pool = self._pool or torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
@@ -212,7 +213,7 @@ class DecodeGraphs:
         kept = (*self.cache.step_state(), *self.lora_state())  # plans are only ever added to its dict
         pool_bytes = max(0, torch.cuda.memory_reserved(device) - reserved)
         self._graphs[key] = _Captured(graph, step["input_ids"], step["position_ids"], output, cache_key, kept, pool_bytes)
-        return None
+        return eager
 
     def pool_bytes(self) -> int:
         """Device memory reserved while the live graphs were captured: what their memory pool holds."""

@@ -288,8 +288,8 @@ class MultiLoraModel(torch.nn.Module):
         per row and KV head the cache keeps the `kv_recent` newest tokens and the most attended others,
         `kv_budget` of the tokens in all, and gives the rest's pages back (the prompt scored from its
         last 32 queries, as SnapKV does; decode steps add the attention they computed). 1.0 or None:
-        no eviction. Combines with `kv_cache_dtype`; not with beams, assisted decoding, sliding-window
-        models or CUDA graphs (steps run eager).
+        no eviction. Combines with `kv_cache_dtype` and CUDA graphs (a compaction runs between
+        replays); not with beams, assisted decoding or sliding-window models.
 
         `cuda_graphs`: decode steps replayed from CUDA graphs (captured per batch bucket and length
         bucket; the prefill stays eager). None: wherever the call allows it (CUDA, the paged cache, no
@@ -301,10 +301,8 @@ class MultiLoraModel(torch.nn.Module):
         paged = kwargs.pop("paged_cache", True) and not {"past_key_values", "cache"} & kwargs.keys()
         paged = paged and kwargs.get("use_cache", True) is not False
         self._check_kv_cache_dtype(kv_cache_dtype, paged)
-        evicting = self._check_kv_budget(kv_budget, kv_recent, paged, kwargs)
+        self._check_kv_budget(kv_budget, kv_recent, paged, kwargs)
         no_graphs = self._why_no_graphs(paged, kwargs) if cuda_graphs is not False else "cuda_graphs=False"
-        if evicting and cuda_graphs is not False:
-            no_graphs = "heavy-hitter eviction (kv_budget) runs decode steps eagerly"
         if cuda_graphs and no_graphs:
             raise ValueError(f"cuda_graphs=True, but {no_graphs}")
         with self._routed(args, kwargs, adapter_ids, adapter_names):
@@ -336,10 +334,10 @@ class MultiLoraModel(torch.nn.Module):
             )
         refuse_quantized_kv_on(self._first_target_weight().device, kv_cache_dtype)
 
-    def _check_kv_budget(self, kv_budget: float | None, kv_recent: int, paged: bool, kwargs: dict) -> bool:
-        """Whether the call evicts; a budget the call cannot honour is refused before anything is allocated."""
+    def _check_kv_budget(self, kv_budget: float | None, kv_recent: int, paged: bool, kwargs: dict) -> None:
+        """A budget the call cannot honour is refused before anything is allocated."""
         if KvBudget.of(kv_budget, kv_recent) is None:
-            return False
+            return
         if not paged:
             raise ValueError(
                 "kv_budget applies to the paged cache: not with paged_cache=False, a cache of the caller's own, "
@@ -356,7 +354,6 @@ class MultiLoraModel(torch.nn.Module):
         if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
             raise ValueError("kv_budget (heavy-hitter eviction) does not support sliding-window attention: a "
                              "window over kept slots is not a window over positions")  # fmt: skip
-        return True
 
     def _graphs_of_runtime(self) -> DecodeGraphs:
         """The decode graphs of the current runtime (dropped with it when the model moves)."""

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import begun_step, last_positions
 from hf_multilora.kernels.kv_quant import dequantize, quantize
 from transformers import AttentionInterface
 
@@ -43,12 +44,58 @@ def test_keep_takes_the_recent_tokens_and_the_best_scored_others_padding_first()
         for h in range(2):
             older = [j for j in range(10) if real[b, j]]
             best = sorted(older, key=lambda j: -scores[b, h, j].item())[:4]
-            assert keep[b, h].tolist() == [*sorted(best), 10, 11]
-    # too few real tokens: padding fills the budget, first in every head (one slot mask for all)
+            assert sorted(keep[b, h].tolist()) == [*sorted(best), 10, 11]
+    # too few real tokens: padding fills the budget, its lowest slots in every head (one slot mask for all)
     hitters.real[1, :9] = False
     keep = hitters.keep(12, 12)[0]
-    assert [hitters.real[1, j].item() for j in keep[1, 0].tolist()] == [False, False, False, True, True, True]
-    assert (hitters.real[1].gather(0, keep[1, 1]) == hitters.real[1].gather(0, keep[1, 0])).all()
+    assert sorted(keep[1, 0].tolist()) == sorted(keep[1, 1].tolist()) == [0, 1, 2, 9, 10, 11]
+
+
+@pytest.mark.parametrize("slots, kept", [(12, 5), (12, 9), (40, 30), (7, 7)])
+def test_in_place_moves_fill_the_evicted_slots_below_the_new_length(slots, kept):
+    """After the moves, slots 0..kept-1 hold exactly the kept slots (those already there stay put,
+    the others fill the evicted ones in order), `source` says which old slot each holds, and no slot
+    is written twice."""
+    from hf_multilora.eviction import in_place_moves
+
+    g = torch.Generator().manual_seed(slots + kept)
+    keep = torch.stack([torch.randperm(slots, generator=g)[:kept] for _ in range(6)]).view(2, 3, kept)
+    source, move_from, to = in_place_moves(keep, slots)
+    data = torch.arange(slots).expand(2, 3, slots).clone()
+    for row in range(2):
+        for head in range(3):
+            assert len(set(to[row, head].tolist())) == to.shape[-1]  # no slot written twice
+    data.scatter_(-1, to, data.gather(-1, move_from))
+    assert torch.equal(data[..., :kept], source)
+    assert torch.equal(source.sort(-1).values, keep.sort(-1).values)
+    for row in range(2):
+        for head in range(3):
+            for j in keep[row, head][keep[row, head] < kept].tolist():
+                assert source[row, head, j] == j  # a kept slot below the new length does not move
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
+def test_probabilities_kernel_adds_what_the_reference_adds(heads, kv_heads):
+    """add_attention_probs (one launch per decode step and layer) against its torch reference: random
+    logits past 1024 slots (two tiles), masked keys, a fully masked row, rows of other lengths, and
+    nothing read or written past a row's length (NaN there, scores past it unchanged)."""
+    from hf_multilora.kernels.attention_scores import add_attention_probs, add_attention_probs_torch
+
+    g = torch.Generator().manual_seed(11)
+    rows, width = 4, 1100
+    logits = torch.randn(rows, heads, width, generator=g) * 3
+    logits[torch.rand(rows, heads, width, generator=g) < 0.2] = float("-inf")
+    logits[2] = float("-inf")  # a row attending to nothing
+    kv_lens = torch.tensor([1100, 7, 1030, 0], dtype=torch.int32)
+    for r, n in enumerate(kv_lens.tolist()):
+        logits[r, :, n:] = float("nan")  # never written by the attention
+    scores = torch.rand(rows + 2, kv_heads, width + 5, generator=g)  # a lent buffer: more rows and slots
+    expected = scores.clone()
+    add_attention_probs_torch(expected, logits, kv_lens)
+    got = scores.to(DEVICE)
+    add_attention_probs(got, logits.to(DEVICE), kv_lens.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(expected[0], scores[0]) and torch.equal(expected[2], scores[2])
 
 
 def kept_mask_attention(masks, kv_dtype, prompt):
@@ -238,7 +285,6 @@ def test_what_eviction_refuses(llama_zoo, mistral_zoo):
         (dict(kv_budget=0.5, paged_cache=False), "applies to the paged cache"),
         (dict(kv_budget=0.5, num_beams=2), "beam search"),
         (dict(kv_budget=0.5, prompt_lookup_num_tokens=3), "assisted decoding"),
-        (dict(kv_budget=0.5, cuda_graphs=True), "eviction"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -257,3 +303,50 @@ def test_what_eviction_refuses(llama_zoo, mistral_zoo):
             call()
     cache.release()
     assert model.page_pool().num_free == free
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int4"])
+def test_begun_steps_evict_as_eager_steps_do(llama_zoo, monkeypatch, kv_dtype):
+    """Decode steps begun ahead of their forward, as a CUDA graph replays them (a compaction due runs in
+    begin_step; positions and the slot mask are noted there; the step's scores go into a lent buffer
+    of the step's rows, padding rows included): every step's logits, scores and kept positions are
+    the eager evicting cache's, across compactions, with the step buffers at fixed addresses; a second
+    cache adopts the first's buffers."""
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")  # begun steps store K/V through the Triton kernels
+    base = sharp(llama_zoo.fresh_base())
+    pool = PagePool(600, 512, base.dtype, base.device)  # small pages: blocks of 4 tokens in the model's dtype
+    keyword, steps, lent = _cache_keyword(base), 9 if kv_dtype is None else 4, None
+    for batch, seed in [(3, 7), (4, 8)]:
+        ids = torch.randint(3, 128, (batch, 14), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones_like(ids)
+        mask[1, :3], ids[1, :3] = 0, 0
+        kwargs = dict(kv_dtype=kv_dtype, kv_budget=0.3, kv_recent=4)
+        stepped, eager = PagedCache(pool, base.config, **kwargs), PagedCache(pool, base.config, **kwargs)
+        stepped.reserve(ids.shape[1] + steps)
+        compactions = set()
+        with torch.no_grad(), paged_attention_in(base):
+            base(input_ids=ids, attention_mask=mask, **{keyword: stepped})
+            out_e = base(input_ids=ids, attention_mask=mask, **{keyword: eager})
+            stepped.adopt(lent, rows=4)
+            lent = stepped.step_state()
+            addresses = [t.data_ptr() for t in stepped.step_buffers()]
+            assert len(addresses) == 4 and addresses == [t.data_ptr() for t in (*lent[:3], lent.scores)]
+            for step in range(steps):
+                token = out_e.logits[:, -1].argmax(-1, keepdim=True)
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                evicted = stepped._evicted
+                out_s = begun_step(base, stepped, token, mask, rows=4, keyword=keyword)
+                out_e = base(input_ids=token, attention_mask=mask, position_ids=last_positions(mask), **{keyword: eager})
+                if stepped._evicted != evicted:
+                    compactions.add(step)
+                torch.testing.assert_close(out_s.logits[:batch], out_e.logits, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+                assert stepped._evicted == eager._evicted and stepped._lens == eager._lens
+                slots = eager._lens[0]
+                torch.testing.assert_close(stepped.eviction.scores[..., :slots], eager.eviction.scores[..., :slots])
+                for layer in range(base.config.num_hidden_layers):
+                    assert torch.equal(stepped.kept_positions(layer), eager.kept_positions(layer)), f"step {step}"
+                assert [t.data_ptr() for t in stepped.step_buffers()] == addresses, f"step {step}: buffers moved"
+        assert compactions and (kv_dtype is not None or len(compactions) > 1), compactions
+        stepped.release()
+        eager.release()
+    assert pool.num_free == pool.num_pages

@@ -138,7 +138,7 @@ class StepCache(PagedCache):
                 torch.ones(rows, width * self.block_size, dtype=torch.bool, device=self._device),
                 {},
             )
-        self._table, self._kv_lens, self._step_mask, self._plans = state
+        self._table, self._kv_lens, self._step_mask, self._plans = state.table, state.kv_lens, state.key_mask, state.plans
         self._layer_tables = self._table.unbind(0)
         self.adopted = True
 
