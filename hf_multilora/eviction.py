@@ -200,21 +200,21 @@ def in_place_moves(keep: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.
     """How `keep` [..., kept] (the slots of `slots` a compaction keeps, each once) comes to fill slots
     0..kept-1 in place: every evicted slot below `kept` takes a kept slot at or past it, both in
     ascending order. Returns (source [..., kept]: the old slot new slot j holds, from [..., moves]:
-    the slots that move, to [..., moves]: where); moves = slots - kept pairs, the unused ones
-    moving a slot past `kept` onto itself (nothing reads it again)."""
+    the slots that move, to [..., moves]: where). There are as many evicted slots below `kept` as
+    kept slots past it, at most moves = min(kept, slots - kept) (at a block compaction about a block,
+    not every kept slot); unused pairs move slot kept + i onto itself (nothing reads it again)."""
     kept = keep.shape[-1]
-    moves = slots - kept
+    moves = min(kept, slots - kept)
     device = keep.device
     held = torch.zeros(*keep.shape[:-1], slots, dtype=torch.bool, device=device).scatter_(-1, keep, True)
     below, past = torch.arange(kept, device=device), torch.arange(kept, slots, device=device)
     holes = torch.where(held[..., :kept], slots + below, below).sort(-1).values[..., :moves]  # ascending
-    movers = torch.where(held[..., kept:], past, slots + past).sort(-1).values
-    if holes.shape[-1] < moves:  # fewer slots below kept than moves: the rest are unused
-        holes = torch.cat([holes, holes.new_full((*holes.shape[:-1], moves - holes.shape[-1]), slots)], -1)
+    movers = torch.where(held[..., kept:], past, slots + past).sort(-1).values[..., :moves]
+    spare = past[:moves]  # the unused pairs' slot
     used = movers < slots  # as many as there are holes
-    to = torch.where(used, holes, past)
-    move_from = torch.where(used, movers, past)
-    source = torch.cat([below.expand_as(keep), past.expand(*keep.shape[:-1], moves)], -1)
+    to = torch.where(used, holes, spare)
+    move_from = torch.where(used, movers, spare)
+    source = torch.cat([below.expand_as(keep), spare.expand(*keep.shape[:-1], moves)], -1)
     source = source.scatter_(-1, to, move_from)[..., :kept]
     return source, move_from, to
 

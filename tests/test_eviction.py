@@ -51,7 +51,7 @@ def test_keep_takes_the_recent_tokens_and_the_best_scored_others_padding_first()
     assert sorted(keep[1, 0].tolist()) == sorted(keep[1, 1].tolist()) == [0, 1, 2, 9, 10, 11]
 
 
-@pytest.mark.parametrize("slots, kept", [(12, 5), (12, 9), (40, 30), (7, 7)])
+@pytest.mark.parametrize("slots, kept", [(12, 5), (12, 9), (40, 30), (7, 7), (50, 10)])
 def test_in_place_moves_fill_the_evicted_slots_below_the_new_length(slots, kept):
     """After the moves, slots 0..kept-1 hold exactly the kept slots (those already there stay put,
     the others fill the evicted ones in order), `source` says which old slot each holds, and no slot
@@ -61,6 +61,7 @@ def test_in_place_moves_fill_the_evicted_slots_below_the_new_length(slots, kept)
     g = torch.Generator().manual_seed(slots + kept)
     keep = torch.stack([torch.randperm(slots, generator=g)[:kept] for _ in range(6)]).view(2, 3, kept)
     source, move_from, to = in_place_moves(keep, slots)
+    assert to.shape[-1] == move_from.shape[-1] == min(kept, slots - kept)  # a prompt's 80% evicted: kept pairs
     data = torch.arange(slots).expand(2, 3, slots).clone()
     for row in range(2):
         for head in range(3):
