@@ -428,8 +428,8 @@ class PagedCache(Cache):
                 k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
                 write_kv(self.pool.storage, self.pool.page_elems, self._layer_tables[layer_idx], self._kv_lens - 1,
                          k, v, self.block_size)  # fmt: skip
-            stored_by_launch = self.kv_layout is not None or self.eviction is None
-            self._pending = (layer_idx, key_states, value_states if stored_by_launch else None)
+            # the V a bf16 decode launch stores (quantized launches read the attention's own value)
+            self._pending = (layer_idx, key_states, None if self.eviction is not None else value_states)
             _ACTIVE.set(self._weak_self)
             return key_states, value_states
         batch, heads, new, head_dim = key_states.shape
