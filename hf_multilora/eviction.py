@@ -22,7 +22,8 @@ How it sits in the paged cache:
   about a block per row and head, not every kept slot), and the pages past the new length go back
   to the pool. So a row holds at most budget + one block, and a compaction allocates nothing.
 - HF still sees the logical length (positions stay right); the cache's own slot mask replaces the
-  attention mask's padding columns (kept padding sorts first and stays masked).
+  attention mask's padding columns (kept padding keeps its lowest slots, alike in every head and
+  layer, and stays masked).
 """
 
 from __future__ import annotations
@@ -246,15 +247,14 @@ def move_slots(
     before its writes; no slot is written twice. A slot's run is moved as whole cells of the largest
     unit that divides the layout (a head's K: one index, not one per element)."""
     heads = torch.arange(source.shape[1], device=data.device)[None, :, None]
+
+    def cells_of(table: torch.Tensor, slots: torch.Tensor, region: SlotRegion, unit: int) -> torch.Tensor:
+        """The cells (of `unit` units) of each slot's run in `region`: [rows, kv_heads, n, width / unit]."""
+        page = table.gather(1, (slots // slots_per_page).flatten(1)).view_as(slots)
+        first = page * page_size + region.start + heads * region.head_stride + slots % slots_per_page * region.slot_stride
+        return (first // unit)[..., None] + torch.arange(region.width // unit, device=data.device)
+
     for region in regions:
         unit = math.gcd(region.width, region.start, region.slot_stride, region.head_stride, page_size)
         cells = data[: data.numel() // unit * unit].view(-1, unit)
-        span = torch.arange(region.width // unit, device=data.device)
-
-        def first_cells(table: torch.Tensor, slots: torch.Tensor, region: SlotRegion = region, unit: int = unit,
-                        span: torch.Tensor = span) -> torch.Tensor:  # fmt: skip
-            page = table.gather(1, (slots // slots_per_page).flatten(1)).view_as(slots)
-            first = page * page_size + region.start + heads * region.head_stride + slots % slots_per_page * region.slot_stride
-            return (first // unit)[..., None] + span
-
-        cells[first_cells(new_table, to)] = cells[first_cells(old_table, source)]
+        cells[cells_of(new_table, to, region, unit)] = cells[cells_of(old_table, source, region, unit)]
