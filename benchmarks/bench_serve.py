@@ -112,8 +112,10 @@ def run_engine(engine: Engine, trace: list[TraceRequest]) -> dict:
         waiters[-1].start()
     for waiter in waiters:
         waiter.join()
+    phases = {k: engine.stats[k] for k in ("prefills", "prefill_tokens", "prefill_padding", "prefill_seconds",
+                                           "decode_steps", "decode_seconds")}  # fmt: skip
     return {**summary(trace, firsts, ends), "preemptions": engine.stats["preemptions"],
-            "max_batch": max(engine.batch_sizes, default=0)}  # fmt: skip
+            "max_batch": max(engine.batch_sizes, default=0), "phases": phases}  # fmt: skip
 
 
 def run_trace(

@@ -212,6 +212,27 @@ def test_prompts_of_similar_lengths_are_prefilled_together(model):
     assert [s.token_ids for s in streams] == expected
 
 
+@pytest.mark.parametrize("lookahead, padding", [(64, 12), (4, 24)])
+def test_prefill_groups_are_chosen_by_length_among_the_lookahead(model, lookahead, padding):
+    """Eight queued prompts alternate short and long; four go in a forward. Among all eight, the
+    oldest's group is the four nearest its length (10, 11, 9, 12: padding 6), then the longer four
+    (14, 15, 16, 13: 6). A lookahead of four groups them as they arrived (padding 10 + 14)."""
+    lengths = [10, 14, 11, 15, 12, 16, 9, 13]
+    jobs = [(prompt(n, seed=90 + i), ["attn_r8", None, "qv_r4"][i % 3], 3) for i, n in enumerate(lengths)]
+    expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
+    with Engine(model, max_prefill_rows=4, prefill_lookahead=lookahead) as engine:
+        with engine._cond:
+            streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
+        for stream in streams:
+            stream.result(timeout=60)
+        assert engine.stats["prefills"] == 2 and engine.stats["prefill_tokens"] == sum(lengths)
+        assert engine.stats["prefill_padding"] == padding
+        assert engine.stats["prefill_seconds"] > 0 and engine.stats["decode_seconds"] > 0
+    assert [s.token_ids for s in streams] == expected
+    with pytest.raises(ValueError, match="prefill_lookahead must be an int >= 1"):
+        Engine(model, prefill_lookahead=0)
+
+
 def test_while_rows_decode_a_small_prefill_waits_a_bounded_number_of_steps(model):
     """Two 6-token prompts and a 60-token one queue behind a running request: the long one cannot
     join the short ones' forward (padding would more than double it), and three wait, so the pair

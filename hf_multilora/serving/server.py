@@ -331,7 +331,8 @@ def prometheus_text(metrics: dict[str, Any]) -> str:
     lines.append("# TYPE hf_multilora_pool_pages gauge")
     for kind, key in (("total", "pages_total"), ("free", "pages_free"), ("kv", "pages_kv"), ("adapter", "pages_adapter")):
         lines.append(f'hf_multilora_pool_pages{{kind="{kind}"}} {float(metrics.get(key, 0))}')
-    counted = {"submitted", "prefills", "prefill_waits", "decode_steps", "preemptions", "graph_captures", "graph_replays"}
+    counted = {"submitted", "prefills", "prefill_waits", "prefill_tokens", "prefill_padding", "prefill_seconds",
+               "decode_steps", "decode_seconds", "preemptions", "graph_captures", "graph_replays"}  # fmt: skip
     counters = {k: v for k, v in metrics.items() if k in counted}
     for name, value in counters.items():
         lines += [f"# TYPE hf_multilora_{name}_total counter", f"hf_multilora_{name}_total {float(value)}"]
