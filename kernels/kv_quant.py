@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .paged_attention import _positions
+from .paged_attention import _positions, stored_tokens
 
 KV_DTYPES = ("fp8", "int4")
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn
@@ -154,10 +154,11 @@ def write_kv_quant_torch(
     v: torch.Tensor,
 ) -> None:
     """Quantize k, v [batch, new, kv_heads, head_dim] and store token i of row b at position start
-    (or start[b]) + i: slot pos % tokens of page block_table[b, pos // tokens]."""
+    (or start[b]) + i: slot pos % tokens of page block_table[b, pos // tokens]; a negative position
+    (left padding) is not stored."""
     batch, new, _, _ = k.shape
     data = storage.view(torch.uint8)
-    pos = _positions(start, batch, new, torch.device("cpu"))
+    block_table, pos, k, v = stored_tokens(block_table, _positions(start, batch, new, torch.device("cpu")), k, v)
     for x, (codes_at, scale_at, min_at) in zip((k, v), _regions(layout), strict=True):
         codes, scale, low = quantize(x, layout.kv_dtype)  # [batch, new, heads, ...]
         data[_byte_index(layout, block_table, pos, codes_at, layout.code_bytes).to(data.device)] = codes.to(data.device)

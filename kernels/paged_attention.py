@@ -13,7 +13,10 @@ for row b, INCLUDING the q_len new ones, so query i sits at position kv_lens[b] 
 attends to keys at positions <= its own; with `sliding_window` w only to keys with position > its
 own - w (transformers' `sliding_window_overlay`: w keys, itself included); with `key_mask` only to
 keys whose key_mask[b, pos] is True (left padding). A query that sees no key gets zeros. Softmax and
-accumulation are fp32; the output has q's dtype.
+accumulation are fp32; the output has q's dtype. kv_lens[b] may be less than q_len: a row that was
+empty and takes fewer tokens than the forward's others (the serving engine's left-padded prefill)
+has its first q_len - kv_lens[b] queries at negative positions, seeing nothing; `write_kv` stores no
+token at a negative position, so the padding takes no slot.
 
 One kernel serves decode and prefill. A program takes one (row, kv head, query tile, context split)
 and packs the tile's queries x the kv head's GQA group of query heads into the rows of one tile
@@ -345,9 +348,9 @@ def _write_kv_kernel(
     kv_heads * head_dim elements in its page) and its V, at the same offset in the V block."""
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < new_len
     start = tl.load(start_ptr + b).to(tl.int64) if START_IS_TENSOR else start_value
     pos = start + t
+    t_ok = (t < new_len) & (pos >= 0)  # a negative position: left padding, not stored
     page = tl.load(block_table_ptr + b * bt_stride_b + pos // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
     dst = storage_ptr + page * page_elems + (pos % BLOCK_SIZE) * (KV_HEADS * HEAD_DIM)
     e = tl.arange(0, BLOCK_E)  # (kv head, dim) flattened, as in the page
@@ -753,6 +756,20 @@ def _positions(start: torch.Tensor | int, batch: int, new_len: int, device: torc
     return (start + offsets).expand(batch, new_len)
 
 
+def stored_tokens(
+    block_table: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(block_table, pos, k, v) of the tokens a write stores: those at positions >= 0 (a negative one
+    is left padding). Where some are dropped, each kept token becomes a row of its own: tables
+    [kept, blocks], pos [kept, 1], k/v [kept, 1, ...]."""
+    keep = pos >= 0
+    if bool(keep.all()):
+        return block_table, pos, k, v
+    rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)[keep]
+    kept = keep.to(k.device)
+    return block_table[rows.to(block_table.device)], pos[keep][:, None], k[kept][:, None], v[kept][:, None]
+
+
 def write_kv(
     storage: torch.Tensor,
     page_elems: int,
@@ -763,7 +780,8 @@ def write_kv(
     block_size: int,
 ) -> None:
     """Write k, v [batch, new_len, kv_heads, head_dim] (any strides) into the pages: token i of row b
-    goes to logical position start (or start[b]) + i. One launch, no sync; on a CPU without the
+    goes to logical position start (or start[b]) + i, unless that is negative (left padding of a row
+    that was empty: not stored). One launch, no sync; on a CPU without the
     Triton interpreter, `write_kv_torch` does it with torch index ops."""
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
@@ -925,7 +943,7 @@ def write_kv_torch(
     """`write_kv` where Triton does not run (a CPU): the same writes as `write_kv_reference`, but a
     token at a time rather than an element at a time (a decode step is a handful of ops)."""
     batch, new_len, kv_heads, head_dim = k.shape
-    pos = _positions(start, batch, new_len, storage.device)
+    block_table, pos, k, v = stored_tokens(block_table, _positions(start, batch, new_len, storage.device), k, v)
     page = block_table.long().gather(1, pos // block_size)
     pages = _pages(storage, page_elems, block_size, kv_heads, head_dim)
     pages[page, 0, pos % block_size] = k.to(storage.dtype)
@@ -944,9 +962,9 @@ def write_kv_reference(
     v: torch.Tensor,
     block_size: int,
 ) -> None:
-    """`write_kv` with torch index ops (computed on k's device, no sync)."""
+    """`write_kv` with torch index ops (computed on k's device)."""
     batch, new_len, kv_heads, head_dim = k.shape
-    pos = _positions(start, batch, new_len, storage.device)
+    block_table, pos, k, v = stored_tokens(block_table, _positions(start, batch, new_len, storage.device), k, v)
     page = block_table.long().gather(1, pos // block_size)
     token_elems = kv_heads * head_dim
     index = (page * page_elems + pos % block_size * token_elems)[..., None] + torch.arange(

@@ -126,10 +126,10 @@ def _write_kv_quant_kernel(
 ):  # fmt: skip
     token = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # b * new_len + t
     head = tl.program_id(1)
-    t_ok = token < tokens
     b = (token // new_len).to(tl.int64)
     t = (token % new_len).to(tl.int64)
-    pos = tl.load(pos_ptr + token, mask=t_ok, other=0)
+    pos = tl.load(pos_ptr + token, mask=token < tokens, other=-1)
+    t_ok = pos >= 0  # a negative position: left padding, not stored
     page = tl.load(table_ptr + b * table_stride + pos // TOKENS, mask=t_ok, other=0).to(tl.int64)
     base = data_ptr + page * page_bytes
     cell = head * TOKENS + pos % TOKENS
@@ -414,12 +414,12 @@ def _quant_attention_kernel(
         if INT4:
             k = tl.load(k_rows + (CODE_BYTES + offs_h[None, :]) * kn_sd, mask=tile_ok, other=0.0)
             s += _dot(q_b, tl.trans(k.to(q_a.dtype)), DOT_IN_FP32)
-        k_pos = past + j
-        seen = j_ok[None, :] & row_ok[:, None] & (j[None, :] <= q_idx[:, None])
+        k_pos = past + j  # negative: left padding of a row that was empty (past < 0)
+        seen = j_ok[None, :] & row_ok[:, None] & (j[None, :] <= q_idx[:, None]) & (k_pos >= 0)[None, :]
         if HAS_WINDOW:
             seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
         if HAS_KEY_MASK:
-            real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=j_ok, other=0)
+            real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=j_ok & (k_pos >= 0), other=0)
             seen = seen & (real != 0)[None, :]
         s = tl.where(seen, s * qk_scale, float("-inf"))
         if STORE_LOGITS:
@@ -509,7 +509,8 @@ def paged_attention_quant(
 ) -> torch.Tensor:
     """Attention of q [batch, q_len, heads, head_dim] over each row's quantized pages (its first
     kv_lens[b] - q_len tokens, dequantized) and this forward's k_new, v_new [batch, q_len, kv_heads,
-    head_dim] (exact); see the module doc. Returns [batch, q_len, heads, head_dim] in q's dtype.
+    head_dim] (exact); see the module doc. Where kv_lens[b] < q_len (a row that was empty, left-padded
+    in the forward), its first q_len - kv_lens[b] tokens are padding: no query sees them. Returns [batch, q_len, heads, head_dim] in q's dtype.
     `num_splits`: programs sharing each (row, KV head, query tile)'s pages, merged afterwards (a
     power of two; default: as `paged_attention` picks, from the table's width, without reading
     kv_lens). `logits`: as `paged_attention`'s (decode: each key's score, for heavy-hitter eviction).

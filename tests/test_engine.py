@@ -106,6 +106,36 @@ def test_quantized_kv_requests_get_what_each_gets_alone(zoo_name, kernels, reque
         Engine(model, kv_cache_dtype="int8")
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kv_dtype", [None, "int4"])
+def test_a_left_padded_prefill_stores_no_padding(llama_zoo, monkeypatch, kernels, kv_dtype):
+    """A 5-token prompt prefilled with a 130-token one: the forward pads it to 130, but its row stores
+    its own 5 tokens from position 0 (pages for 5, no key mask in its steps), and both requests get
+    what each gets alone."""
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", kernels)
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+    jobs = [(prompt(130, seed=100), "attn_r8", 4), (prompt(5, seed=101), "qv_r4", 4)]
+    expected = [alone(model, ids, adapter, n, kv_cache_dtype=kv_dtype) for ids, adapter, n in jobs]
+    with Engine(model, kv_cache_dtype=kv_dtype) as engine:
+        after_prefill = []
+        prefill = engine._prefill
+
+        def counted(requests):
+            prefill(requests)
+            after_prefill.append(engine.metrics()["pages_kv"])
+
+        engine._prefill = counted
+        with engine._cond:
+            streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
+        for stream in streams:
+            stream.result(timeout=120)
+        block, layers = engine._cache.block_size, engine._cache.num_layers
+        assert engine.stats["prefills"] == 1 and engine.stats["prefill_padding"] == 125
+        assert after_prefill == [layers * (-(-130 // block) + -(-5 // block))]  # not 2 x 130 tokens' pages
+        assert -(-5 // block) < -(-130 // block)
+    assert [s.token_ids for s in streams] == expected
+
+
 def test_a_request_joins_a_running_batch(model):
     with Engine(model) as engine:
         long = engine.submit(prompt(5, seed=1), "attn_r8", greedy(60))

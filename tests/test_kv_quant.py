@@ -120,17 +120,24 @@ def kernel_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def random_writes(kv_dtype, rows, tokens, seed):
+    """(layout of 2 KV heads x 16 dims in 1 KiB pages, a table [rows, 12 // rows] of shuffled pages
+    among 40, random k, v [rows, tokens, 2, 16]) for the write tests."""
+    layout = KvLayout.of(kv_dtype, 2, 16, 1024)
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randperm(40, generator=gen)[:12].view(rows, -1).int()
+    k = torch.randn(rows, tokens, 2, 16, generator=gen) * 3
+    v = torch.randn(rows, tokens, 2, 16, generator=gen)
+    return layout, table, k, v
+
+
 @pytest.mark.parametrize("kv_dtype", kernel_dtypes())
 def test_triton_write_stores_the_bytes_of_the_torch_write(kv_dtype):
     """Byte for byte, on random K/V (and a constant head) at ragged positions across shuffled pages."""
     from hf_multilora.kernels.paged_attention_quant import write_kv_quant
 
-    heads, dim, device = 2, 16, kernel_device()
-    layout = KvLayout.of(kv_dtype, heads, dim, 1024)
-    gen = torch.Generator().manual_seed(5)
-    table = torch.randperm(40, generator=gen)[:12].view(2, 6).int()
-    k = torch.randn(2, 9, heads, dim, generator=gen) * 3
-    v = torch.randn(2, 9, heads, dim, generator=gen)
+    device = kernel_device()
+    layout, table, k, v = random_writes(kv_dtype, rows=2, tokens=9, seed=5)
     k[1, 4, 0] = 0.75  # all equal: scale 0
     start = torch.tensor([layout.tokens - 4, 2 * layout.tokens + 1])
     expected = torch.zeros(40 * 1024 // 4)
@@ -139,6 +146,48 @@ def test_triton_write_stores_the_bytes_of_the_torch_write(kv_dtype):
     write_kv_quant(got, layout, table.to(device), start.to(device), k.to(device).transpose(1, 2).transpose(1, 2),
                    v.to(device))  # fmt: skip
     assert torch.equal(got.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("kv_dtype", kernel_dtypes())
+def test_writes_store_no_token_at_a_negative_position(kv_dtype):
+    """Empty rows left-padded in a forward (the engine's prefill): both writes store each row's own
+    tokens from position 0, byte for byte as a write of that row alone, and nothing of the padding."""
+    from hf_multilora.kernels.paged_attention_quant import write_kv_quant
+
+    device = kernel_device()
+    layout, table, k, v = random_writes(kv_dtype, rows=3, tokens=21, seed=6)
+    pads = [0, 4, 20]
+    expected = torch.zeros(40 * 1024 // 4)
+    for b, pad in enumerate(pads):
+        write_kv_quant_torch(expected, layout, table[b : b + 1], 0, k[b : b + 1, pad:], v[b : b + 1, pad:])
+    start = -torch.tensor(pads)
+    got_torch = torch.zeros_like(expected)
+    write_kv_quant_torch(got_torch, layout, table, start, k, v)
+    got = torch.zeros_like(expected, device=device)
+    write_kv_quant(got, layout, table.to(device), start.to(device), k.to(device), v.to(device))
+    assert torch.equal(got_torch.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(got.cpu().view(torch.uint8), expected.view(torch.uint8))
+
+
+@pytest.mark.parametrize("kv_dtype", kernel_dtypes())
+def test_attention_of_left_padded_empty_rows_sees_only_their_tokens(kv_dtype):
+    """kv_lens < q_len: a row's first q_len - kv_lens tokens are padding. Its real queries attend as
+    the row alone does, and its padding queries see nothing (zeros)."""
+    from hf_multilora.kernels.paged_attention_quant import paged_attention_quant
+
+    kv_heads, heads, dim, device, q_len = 2, 4, 16, kernel_device(), 11
+    layout = KvLayout.of(kv_dtype, kv_heads, dim, 1024)
+    gen = torch.Generator().manual_seed(8)
+    table = torch.randperm(40, generator=gen)[:8].view(2, 4).int().to(device)
+    q, k, v = (torch.randn(2, q_len, n, dim, generator=gen).to(device) for n in (heads, kv_heads, kv_heads))
+    pool = torch.zeros(40 * 1024 // 4, device=device)
+    lens = [q_len, 6]
+    got = paged_attention_quant(q, k, v, pool, layout, table, torch.tensor(lens, dtype=torch.int32, device=device), 0.25)
+    for b, n in enumerate(lens):
+        alone = paged_attention_quant(q[b : b + 1, -n:], k[b : b + 1, -n:], v[b : b + 1, -n:], pool, layout,
+                                      table[b : b + 1], torch.tensor([n], dtype=torch.int32, device=device), 0.25)  # fmt: skip
+        torch.testing.assert_close(got[b, -n:], alone[0], rtol=1e-5, atol=1e-5)
+        assert (got[b, : q_len - n] == 0).all()
 
 
 def reference_quant_attention(q, k_new, v_new, pool, layout, table, kv_lens, scale, key_mask, window):

@@ -116,6 +116,10 @@ CASES = {
     "prefill_head_dim_128": ([40], 20, 2, 1, 128, 16, None, None, None, torch.float32),
     "decode_block_size_128": ([300, 129], 1, 4, 2, 16, 128, None, None, 2, torch.float32),
     "head_dim_24": ([30, 18], 2, 4, 2, 24, 16, None, None, None, torch.float32),
+    # empty rows prefilled with fewer tokens than the forward's (the engine's left-padded prefill):
+    # the first q_len - kv_lens[b] queries sit at negative positions and see nothing
+    "prefill_shorter_rows": ([23, 9, 1], 23, 4, 2, 16, 8, None, None, None, torch.float32),
+    "prefill_shorter_rows_window_bf16": ([30, 12], 30, 4, 2, 32, 16, 8, None, 2, torch.bfloat16),
 }
 
 
@@ -293,6 +297,24 @@ def test_write_kv_round_trip(dtype):
         assert torch.equal(v[b, :n].cpu(), truth_v[b, :n])
     written = int(storage.isnan().logical_not().sum())
     assert written == 2 * sum(lens) * kv_heads * head_dim  # nothing else in the pool was touched
+
+
+@pytest.mark.parametrize("write", [write_kv, write_kv_torch, write_kv_reference])
+def test_write_kv_stores_no_token_at_a_negative_position(write):
+    """Empty rows left-padded in a forward (start -pad[b], the engine's prefill): each row's own tokens
+    land at positions 0.., and nothing else in the pool changes."""
+    kv_heads, head_dim, block_size, pads = 2, 16, 8, [0, 7, 19]
+    storage, page_elems, block_table = empty_pool(3, 24, kv_heads, head_dim, block_size, torch.float32, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    k, v = (torch.randn(3, 20, kv_heads, head_dim, generator=gen) for _ in range(2))
+    start = torch.tensor([-p for p in pads], device=DEVICE)
+    write(storage, page_elems, block_table, start, k.to(DEVICE), v.to(DEVICE), block_size)
+    lens = [20 - p for p in pads]
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    got_k, got_v = gather_kv(storage, page_elems, block_table, kv_lens, block_size, kv_heads, head_dim)
+    for b, pad in enumerate(pads):
+        assert torch.equal(got_k[b, : lens[b]].cpu(), k[b, pad:]) and torch.equal(got_v[b, : lens[b]].cpu(), v[b, pad:])
+    assert int(storage.isnan().logical_not().sum()) == 2 * sum(lens) * kv_heads * head_dim
 
 
 def test_write_kv_matches_reference_and_feeds_attention():

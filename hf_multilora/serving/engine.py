@@ -250,17 +250,16 @@ class Engine:
             self._decode()
 
     def _admit(self) -> None:
-        """Admit waiting requests in arrival order and prefill them, several in one forward where
-        their prompts are of similar lengths (left-padded to the longest)."""
+        """Admit waiting requests, the oldest first, and prefill them, several in one forward where
+        their prompts are of similar lengths (`_next_group`)."""
         while len(self._running) < self.max_running:
             group = self._next_group()
             if not group or self._defer(group):
                 break
-            width = max(r.context_length() for r in group)
             admitted = []
             for request in group:
                 try:
-                    self._reserve(request, width)
+                    self._reserve(request)
                 except PoolExhaustedError as error:
                     if admitted or self._running:
                         break  # pages come back as running requests end
@@ -282,12 +281,12 @@ class Engine:
             for request in admitted:
                 request.admitted = request.admitted or now
             self._running.extend(admitted)
-            tokens = sum(r.context_length() for r in admitted)
+            lengths = [r.context_length() for r in admitted]
             started = time.perf_counter()
-            self._prefill(admitted, width)
+            self._prefill(admitted)
             self.stats["prefill_seconds"] += time.perf_counter() - started
-            self.stats["prefill_tokens"] += tokens
-            self.stats["prefill_padding"] += width * len(admitted) - tokens
+            self.stats["prefill_tokens"] += sum(lengths)
+            self.stats["prefill_padding"] += max(lengths) * len(lengths) - sum(lengths)
         with self._cond:
             waiting = {r.adapter for r in self._waiting if r.adapter is not None}
         for adapter in sorted(waiting):
@@ -336,16 +335,19 @@ class Engine:
                 lengths = candidate
         return [r for r in waiting if id(r) in chosen]
 
-    def _prefill(self, requests: list[Request], width: int) -> None:
-        """One forward for the prompts of `requests`; if it fails, each alone, so that a request whose
-        prefill cannot run (an adapter that no longer loads, say) fails by itself."""
+    def _prefill(self, requests: list[Request]) -> None:
+        """One forward for the prompts of `requests`, left-padded to the longest; if it fails, each
+        alone, so that a request whose prefill cannot run (an adapter that no longer loads, say) fails
+        by itself."""
         self.stats["prefills"] += 1
         contexts = [r.context() for r in requests]
+        width = max(len(c) for c in contexts)
         try:
             logits = self._forward(
                 requests,
                 [[0] * (width - len(c)) + c for c in contexts],
                 [[0] * (width - len(c)) + list(range(len(c))) for c in contexts],
+                added=[len(c) for c in contexts],
             )
         except Exception:
             if len(requests) == 1:
@@ -353,22 +355,21 @@ class Engine:
                 self._finish(requests[0], "error", error="its prefill failed (see the server log)")
                 return
             for request in requests:
-                self._prefill([request], width)
+                self._prefill([request])
             return
         self._emit(requests, next_tokens(logits, requests))
 
-    def _reserve(self, request: Request, width: int) -> None:
-        """The request's adapter held resident (for its whole run) and pages for its context, left-padded
-        to `width` slots; all or nothing (PoolExhaustedError)."""
+    def _reserve(self, request: Request) -> None:
+        """The request's adapter held resident (for its whole run) and pages for its context (the
+        padding of its prefill takes none); all or nothing (PoolExhaustedError)."""
         adapters = [request.adapter] if request.adapter is not None else []
         self.model._pin_adapters(adapters)
         row = self._kv.setdefault(request.request_id, RowKV(self._cache.num_layers, self._cache.block_size))
         try:
-            row.grow(self._pool, width)
+            row.grow(self._pool, request.context_length())
         except BaseException:
             self.model._unpin_adapters(adapters)
             raise
-        row.pad = width - request.context_length()
         request.pinned = True
 
     def _unreserve(self, request: Request) -> None:
@@ -395,7 +396,7 @@ class Engine:
         started = time.perf_counter()
         requests = list(self._running)
         tokens = [[r.generated[-1]] for r in requests]
-        positions = [[self._kv[r.request_id].length - self._kv[r.request_id].pad] for r in requests]
+        positions = [[self._kv[r.request_id].length] for r in requests]
         logits = self._forward(requests, tokens, positions, graphs=self.cuda_graphs)
         self.stats["decode_steps"] += 1
         self.batch_sizes[len(requests)] += 1
@@ -403,13 +404,20 @@ class Engine:
         self.stats["decode_seconds"] += time.perf_counter() - started
 
     def _forward(
-        self, requests: list[Request], tokens: list[list[int]], positions: list[list[int]], graphs: bool = False
+        self,
+        requests: list[Request],
+        tokens: list[list[int]],
+        positions: list[list[int]],
+        added: list[int] | None = None,
+        graphs: bool = False,
     ) -> torch.Tensor:
-        """Last-position logits of one forward: one row per request, its tokens added to its KV.
-        `graphs`: a decode step replayed from a CUDA graph."""
+        """Last-position logits of one forward: one row per request, its tokens added to its KV (the
+        last `added[i]` of row i's; the ones before are left padding). `graphs`: a decode step
+        replayed from a CUDA graph."""
         rows = [self._kv[r.request_id] for r in requests]
         new = len(tokens[0])
-        attention_mask = self._cache.load(rows, new, mask_always=graphs)
+        added = [new] * len(rows) if added is None else added
+        attention_mask = self._cache.load(rows, new, added, mask_always=graphs)
         device = self._pool.storage.device
         logits = self.model._logits_of_step(
             torch.tensor(tokens, device=device),
@@ -419,8 +427,8 @@ class Engine:
             attention_mask,
             cuda_graphs=graphs,
         )
-        for row in rows:
-            row.length += new
+        for row, count in zip(rows, added, strict=True):
+            row.length += count
         return logits
 
     def _emit(self, requests: list[Request], tokens: list[int]) -> None:

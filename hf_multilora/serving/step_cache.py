@@ -11,8 +11,10 @@ and a page table per row; what changes is the bookkeeping.
 - `StepCache` is a PagedCache over rows the engine owns, loaded before each forward (`load`): the
   rows' tables side by side, their lengths on the device. It owns no page. A forward adds one token
   to every row (decode: the attention launch stores the token's K/V, as in PagedCache) or the
-  prompts of newly admitted rows, left-padded to one length (prefill: the padding's slots are
-  masked for the row's whole life).
+  prompts of newly admitted rows, left-padded to the longest in the forward's inputs only: a
+  row's length counts its own tokens, so the padding sits at negative positions, where the kernels
+  neither store nor attend it. No row ever holds padding, so no step reads a key mask and no page
+  holds padding's slots.
 """
 
 from __future__ import annotations
@@ -29,13 +31,12 @@ from ..memory.page_pool import PagePool
 
 
 class RowKV:
-    """One request's KV pages: `table[layer, block]` page ids, `length` slots filled, the first `pad`
-    of them padding (a prefill batched with longer prompts), masked for good."""
+    """One request's KV pages: `table[layer, block]` page ids and `length`, the tokens stored (its
+    positions 0..length-1)."""
 
     def __init__(self, layers: int, block_size: int) -> None:
         self.table = torch.empty(layers, 0, dtype=torch.int32)
         self.length = 0
-        self.pad = 0
         self.block_size = block_size
 
     def blocks_for(self, tokens: int) -> int:
@@ -55,17 +56,17 @@ class RowKV:
         if self.table.numel():
             pool.free(self.table.flatten().tolist())
         self.table = self.table[:, :0]
-        self.length = self.pad = 0
+        self.length = 0
 
 
 class StepCache(PagedCache):
     """A PagedCache view of the engine's rows for one forward at a time (see the module doc).
 
-    `load(rows, new)` before the forward: the forward adds `new` slots to each row (decode: 1;
-    prefill: the prompts, left-padded to one length), whose pages `RowKV.grow` has already taken. It
-    returns the 2-D attention mask the forward must get when a row has padding (None otherwise;
-    `mask_always`: a mask of ones then). The rows' lengths advance only when the engine says so
-    (`RowKV.length`), after the forward worked.
+    `load(rows, new, added)` before the forward of `new` tokens per row: row i adds `added[i]` of them
+    (default all; decode: 1), whose pages `RowKV.grow` has already taken; the `new - added[i]` before
+    them are left padding (only an empty row takes any). It returns a 2-D attention mask of ones
+    where `mask_always` (a graph step needs one), else None. The rows' lengths advance only when the
+    engine says so (`RowKV.length`), after the forward worked.
 
     A decode step replayed from a CUDA graph (`graphs.DecodeGraphs`) goes through PagedCache's step
     protocol instead of the per-step tensors: `adopt` picks the fixed buffers of the step's batch
@@ -76,31 +77,37 @@ class StepCache(PagedCache):
     def __init__(self, pool: PagePool, config: Any, kv_dtype: str | None = None) -> None:
         super().__init__(pool, config, kv_dtype=kv_dtype)
         self._row_lens: list[int] = []
+        self._added: list[int] = []  # tokens each loaded row adds (the rest of `_new`: left padding)
         self._new = 0
         self._step_host: torch.Tensor | None = None  # int32 [layers, rows, blocks]: the loaded rows' tables
         self._uploaded = False  # the loaded step's tables and lengths are on the device
         self._eager: tuple[torch.Tensor, dict] | None = None  # the device table and decode plans of eager forwards
 
-    def load(self, rows: Sequence[RowKV], new: int, *, mask_always: bool = False) -> torch.Tensor | None:
+    def load(
+        self, rows: Sequence[RowKV], new: int, added: Sequence[int] | None = None, *, mask_always: bool = False
+    ) -> torch.Tensor | None:
         if not rows or new < 1:
             raise ValueError(f"a step adds tokens to one or more rows; got {len(rows)} rows, {new} tokens")
+        added = [new] * len(rows) if added is None else list(added)
+        if len(added) != len(rows):
+            raise ValueError(f"added: one count per row ({len(rows)}), got {len(added)}")
         width = max(max(r.table.shape[1] for r in rows), 1)
         host = torch.zeros(self.num_layers, len(rows), width, dtype=torch.int32)  # unused blocks: page 0
-        for i, row in enumerate(rows):
-            if row.blocks_for(row.length + new):
-                raise ValueError(f"row {i} has no pages for {row.length + new} tokens: grow it first")
+        for i, (row, count) in enumerate(zip(rows, added, strict=True)):
+            if not 1 <= count <= new or (count < new and row.length):
+                raise ValueError(f"row {i} of length {row.length} cannot add {count} of {new} tokens "
+                                 f"(1 to all; left padding only for an empty row)")  # fmt: skip
+            if row.blocks_for(row.length + count):
+                raise ValueError(f"row {i} has no pages for {row.length + count} tokens: grow it first")
             host[:, i, : row.table.shape[1]] = row.table
         self._step_host, self._uploaded, self.adopted = host, False, False
-        self._row_lens = [r.length for r in rows]
+        self._row_lens, self._added = [r.length for r in rows], added
         self._new = new
         self._lens = [max(self._row_lens)] * self.num_layers
         self._pending = None
-        if not mask_always and not any(r.pad for r in rows):
+        if not mask_always:
             return None
-        mask = torch.ones(len(rows), max(self._row_lens) + new, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            mask[i, : row.pad] = False
-        return mask.to(self._device, non_blocking=True)
+        return torch.ones(len(rows), max(self._row_lens) + new, dtype=torch.bool, device=self._device)
 
     def _upload(self) -> None:
         """The loaded step's tables and lengths on the device, for an eager forward."""
@@ -110,7 +117,7 @@ class StepCache(PagedCache):
         table, self._plans = self._eager
         table.copy_(staged_for(host, device), non_blocking=True)
         self._table, self._layer_tables = table, table.unbind(0)
-        lens = torch.tensor([n + self._new for n in self._row_lens], dtype=torch.int32)
+        lens = torch.tensor([n + count for n, count in zip(self._row_lens, self._added, strict=True)], dtype=torch.int32)
         self._kv_lens = staged_for(lens, device).to(device, non_blocking=True)
         self._uploaded = True
 
@@ -144,6 +151,10 @@ class StepCache(PagedCache):
 
     def step_state(self) -> StepBuffers:
         return StepBuffers(self._table, self._kv_lens, self._step_mask, self._plans)
+
+    def step_masked(self) -> bool:
+        """Never: no row holds padding (see the module doc)."""
+        return False
 
     def begin_step(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """Copy the loaded decode step (`attention_mask` [rows, longest + 1]) into the adopted buffers;
@@ -183,7 +194,8 @@ class StepCache(PagedCache):
             )
         if not self._uploaded:
             self._upload()
-        if self.kv_layout is not None:  # each row from its own length: the lengths' buffer less the new tokens
+        # each row from its own length: the lengths' buffer less the new tokens (< 0: padding, not stored)
+        if self.kv_layout is not None:
             self._write_quantized(layer_idx, self._kv_lens - new, key_states, value_states)
             self._pending = (layer_idx, key_states, value_states)
         elif new == 1:
@@ -192,8 +204,8 @@ class StepCache(PagedCache):
             write = write_kv if use_triton(key_states) else write_kv_torch
             k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [rows, new, kv heads, dim]
             pool = self.pool
-            start = torch.tensor(self._row_lens, device=key_states.device) if batch > 1 else self._row_lens[0]
-            write(pool.storage, pool.page_elems, self._layer_tables[layer_idx], start, k, v, self.block_size)
+            write(pool.storage, pool.page_elems, self._layer_tables[layer_idx], self._kv_lens - new, k, v,
+                  self.block_size)  # fmt: skip
             self._pending = (layer_idx, key_states, None)
         _ACTIVE.set(self._weak_self)
         return key_states, value_states
@@ -203,7 +215,7 @@ class StepCache(PagedCache):
 
     def release(self) -> None:
         """The rows own their pages: only the discard page goes back."""
-        self._row_lens, self._new, self._pending = [], 0, None
+        self._row_lens, self._added, self._new, self._pending = [], [], 0, None
         if self._discard is not None:
             self.pool.free([self._discard])
             self._discard = None
