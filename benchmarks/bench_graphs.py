@@ -62,21 +62,8 @@ def decode_ms(rounds: list[tuple[float, float]], new_tokens: int) -> list[float]
 def replay_gpu_ms(call: Callable[[int], torch.Tensor], new_tokens: int) -> float:
     """Median GPU time of one graph replay during a call (CUDA events around each replay): what a
     decode step costs the GPU, against the step's wall time, which adds HF's loop on the host."""
-    events = []
-    replay = torch.cuda.CUDAGraph.replay
-
-    def timed(graph: torch.cuda.CUDAGraph) -> None:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay(graph)
-        end.record()
-        events.append((start, end))
-
-    torch.cuda.CUDAGraph.replay = timed
-    try:
+    with common.timed_replays() as events:
         call(new_tokens)
-    finally:
-        torch.cuda.CUDAGraph.replay = replay
     torch.cuda.synchronize()
     return common.median([start.elapsed_time(end) for start, end in events])
 

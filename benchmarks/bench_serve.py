@@ -11,7 +11,9 @@ setting is).
 Rows, in one process:
   engine           Engine.submit at each arrival (a thread waits for each request's tokens):
                    throughput = output tokens / (last finish - first arrival); TTFT and time per
-                   output token (TPOT), p50 / p99
+                   output token (TPOT), p50 / p99; its phases: wall seconds in prefills and in decode
+                   steps, prompt tokens and padded slots prefilled, and on CUDA the GPU seconds of
+                   the decode steps' graph replays (the rest of decode_seconds is host time)
   (a) generate     one MultiLoraModel.generate per request, in arrival order (a request starts when
                    it has arrived and the one before has finished); same metrics (`--generate-requests
                    N`: the trace's first N requests only, for its throughput)
@@ -33,6 +35,7 @@ host drifts); ratios (quantized KV / the model's dtype, each count / the fewest)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import random
@@ -131,8 +134,15 @@ def run_trace(
             run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])
             engine.stats.clear(), engine.batch_sizes.clear()
         before, graphs = model.memory_stats(), model.graph_stats()
-        result = run_engine(engine, trace)
+        timing = common.timed_replays() if torch.cuda.is_available() else contextlib.nullcontext([])
+        with timing as replays:
+            result = run_engine(engine, trace)
         after, graphs_after = model.memory_stats(), model.graph_stats()
+    if replays:  # the decode steps' GPU time, against their wall time (result["phases"]["decode_seconds"])
+        torch.cuda.synchronize()
+        gpu_ms = [start.elapsed_time(end) for start, end in replays]
+        result["phases"]["replay_gpu_seconds"] = sum(gpu_ms) / 1000
+        result["phases"]["replay_gpu_ms_p50"] = common.median(gpu_ms)
     result["residency"] = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
     result["graphs"] = {k: graphs_after.get(k, 0) - graphs.get(k, 0) for k in ("captures", "replays")}
     return result

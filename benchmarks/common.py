@@ -144,6 +144,28 @@ def explained_oom(enabled: bool, top: int = 15) -> Iterator[None]:
         torch.cuda.memory._record_memory_history(enabled=None)
 
 
+@contextlib.contextmanager
+def timed_replays() -> Iterator[list[tuple[torch.cuda.Event, torch.cuda.Event]]]:
+    """CUDA events around every CUDA-graph replay in the block, from any thread (read them after a
+    synchronize): what each decode step cost the GPU, against its wall time, which adds the host's
+    work around it."""
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    replay = torch.cuda.CUDAGraph.replay
+
+    def timed(graph: torch.cuda.CUDAGraph) -> None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay(graph)
+        end.record()
+        events.append((start, end))
+
+    torch.cuda.CUDAGraph.replay = timed
+    try:
+        yield events
+    finally:
+        torch.cuda.CUDAGraph.replay = replay
+
+
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

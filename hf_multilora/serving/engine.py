@@ -11,9 +11,11 @@ One engine thread runs the loop; `submit()` (any thread, or an asyncio task) onl
 2. Waiting requests are admitted, the oldest first, while the pool has room for their adapters (held
    resident until they end) and prompts and the batch has room, and prefilled, those of similar
    prompt lengths in one forward (each row with its adapter; `_next_group` picks them among the
-   next `prefill_lookahead`), and their first tokens sampled. While rows decode, a small prefill waits a few steps for more rows to end
-   (`_defer`): each prefill forward costs the running batch a step. The adapters of the requests still waiting are read into host memory
-   meanwhile (`prefetch_adapters(host_only=True)`), so admitting them does not wait on a disk.
+   next `prefill_lookahead`; the left padding is not stored), and their first tokens sampled.
+   While rows decode, a small prefill waits a few steps for more rows to end (`_defer`): each
+   prefill forward costs the running batch a step. The adapters of the requests still waiting are
+   read into host memory meanwhile (`prefetch_adapters(host_only=True)`), so admitting them does
+   not wait on a disk.
 3. One decode forward for all running rows. A row that needs a new block and finds the pool empty
    preempts the youngest running request (its pages freed; it waits again at the head of the
    queue and recomputes its prompt and output when readmitted): requests wait instead of failing.
