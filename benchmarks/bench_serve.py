@@ -26,6 +26,10 @@ Rows, in one process:
                    (the first compiles)
 (b) and (c) run at saturation only. Llama-2-7B shapes on CUDA; `--tiny` checks the script on CPU.
 
+`--host-profile` runs each trace once more with the engine's decode steps under cProfile and puts
+the top functions by own time in the JSON (where a step's host time goes; a replayed step's GPU
+time shows as the wait in the sampling's `tolist`).
+
 `--kv-cache-dtypes model,int4` runs the engine once per KV dtype on each trace (quantized KV pages in
 the same pool: more requests fit). Every adapter count's adapters are registered up front, and
 `--rounds N` runs every (count, rate, KV dtype) N times, alternating the order between rounds (the
@@ -36,8 +40,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import dataclasses
 import math
+import pstats
 import random
 import sys
 import tempfile
@@ -121,6 +127,29 @@ def run_engine(engine: Engine, trace: list[TraceRequest]) -> dict:
             "max_batch": max(engine.batch_sizes, default=0), "phases": phases}  # fmt: skip
 
 
+def decode_host_profile(engine: Engine, trace: list[TraceRequest], top: int = 30) -> list[dict]:
+    """The trace once more with the engine thread's decode steps under cProfile (it slows them, so
+    not in the timed run): the `top` functions by own time, where a step's host time goes."""
+    profile = cProfile.Profile()
+    decode = engine._decode
+
+    def profiled() -> None:
+        profile.enable()
+        try:
+            decode()
+        finally:
+            profile.disable()
+
+    engine._decode = profiled
+    try:
+        run_engine(engine, trace)
+    finally:
+        engine._decode = decode
+    rows = sorted(pstats.Stats(profile).stats.items(), key=lambda item: -item[1][2])[:top]
+    return [{"function": f"{path}:{line}({name})", "calls": calls, "own_s": own, "cumulative_s": cumulative}
+            for (path, line, name), (_, calls, own, cumulative, _) in rows]  # fmt: skip
+
+
 def run_trace(
     model: MultiLoraModel, tokenizer: Any, trace: list[TraceRequest], args: argparse.Namespace, kv_dtype: str,
     warm_up: bool,
@@ -138,6 +167,8 @@ def run_trace(
         with timing as replays:
             result = run_engine(engine, trace)
         after, graphs_after = model.memory_stats(), model.graph_stats()
+        if args.host_profile:
+            result["decode_host_profile"] = decode_host_profile(engine, trace)
     if replays:  # the decode steps' GPU time, against their wall time (result["phases"]["decode_seconds"])
         torch.cuda.synchronize()
         gpu_ms = [start.elapsed_time(end) for start, end in replays]
@@ -219,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="runs of every (adapter count, rate, KV dtype), in alternating order (the host drifts)")
     parser.add_argument("--pool-gib", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--host-profile", action="store_true",
+                        help="after each timed engine run, the trace again with its decode steps under cProfile "
+                             "(top functions by own time in the JSON)")  # fmt: skip
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     started = common.start(args.tiny)
