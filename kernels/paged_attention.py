@@ -781,8 +781,8 @@ def write_kv(
 ) -> None:
     """Write k, v [batch, new_len, kv_heads, head_dim] (any strides) into the pages: token i of row b
     goes to logical position start (or start[b]) + i, unless that is negative (left padding of a row
-    that was empty: not stored). One launch, no sync; on a CPU without the
-    Triton interpreter, `write_kv_torch` does it with torch index ops."""
+    that was empty: not stored). One launch, no sync; on a CPU without the Triton interpreter,
+    `write_kv_torch` does it with torch index ops."""
     if k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
             f"k and v must both be [batch, new_len, kv_heads, head_dim], got {tuple(k.shape)}, {tuple(v.shape)}"
