@@ -13,8 +13,8 @@ Semantics (those of PagedCache's quantized path): a forward brings row b to `kv_
 and cast to the query's dtype; the forward's own K/V are attended exactly, from the tensors the
 layer just computed (it also stores them quantized, for later forwards). Where kv_lens[b] < q_len
 (a row that was empty, left-padded in the forward), the first q_len - kv_lens[b] tokens are padding
-at negative positions: not stored, not attended. Causal, with an optional
-bool key mask [batch, >= kv_len] and sliding window, GQA by head groups.
+at negative positions: not stored, not attended. Causal, with an optional bool key mask [batch,
+>= kv_len] and sliding window, GQA by head groups.
 
 Quantization matches `kv_quant.quantize` bit for bit: scale and min rounded to fp16 first, codes from
 the rounded values, IEEE divisions (`div_rn`), round-half-to-even levels. FP8 needs a GPU with FP8
