@@ -569,9 +569,11 @@ class PagedCache(Cache):
         starts = (self._kv_lens - new).tolist()  # each row's tokens before this forward (< 0: left padding)
         longest = max(starts)
         if longest <= 0 and min(starts) < longest:  # empty rows, left-padded: the padding is not a key
-            stored = torch.arange(new, device=key.device)[None, :] >= -torch.tensor(starts, device=key.device)[:, None]
-            key_mask = stored if key_mask is None else stored & key_mask[:, -new:].bool()
-            return _dense_attention(query, key, value, key_mask, scale, sliding_window)
+            positions = torch.tensor(starts, device=key.device)[:, None] + torch.arange(new, device=key.device)
+            stored = positions >= 0
+            if key_mask is not None:  # by position, as the Triton kernel reads it
+                stored &= key_mask.bool().gather(1, positions.clamp(min=0))
+            return _dense_attention(query, key, value, stored, scale, sliding_window)
         past_k, past_v = gather_kv_quant_torch(self.pool.storage, self.kv_layout, table, longest)
         past_k, past_v = past_k.to(query.dtype).transpose(1, 2), past_v.to(query.dtype).transpose(1, 2)
         if min(starts) == longest:  # one length for every row (generate, a prefill)

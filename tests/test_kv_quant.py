@@ -190,6 +190,30 @@ def test_attention_of_left_padded_empty_rows_sees_only_their_tokens(kv_dtype):
         assert (got[b, : q_len - n] == 0).all()
 
 
+def test_torch_attention_of_left_padded_empty_rows_reads_the_key_mask_by_position():
+    """PagedCache's torch path for a left-padded forward of empty rows (the engine's prefill on a CPU)
+    reads a key mask at each key's position, as the Triton kernel does: both give the same output."""
+    from types import SimpleNamespace
+
+    from hf_multilora.kernels.paged_attention_quant import paged_attention_quant
+
+    kv_heads, heads, dim, q_len = 2, 4, 16, 9
+    layout = KvLayout.of("int4", kv_heads, dim, 1024)
+    gen = torch.Generator().manual_seed(9)
+    table = torch.randperm(40, generator=gen)[:8].view(2, 4).int()
+    q, k, v = (torch.randn(2, q_len, n, dim, generator=gen) for n in (heads, kv_heads, kv_heads))
+    pool = torch.zeros(40 * 1024 // 4)
+    kv_lens = torch.tensor([q_len, 5], dtype=torch.int32)
+    key_mask = torch.ones(2, 12, dtype=torch.bool)
+    key_mask[0, 2], key_mask[1, 1] = False, False  # a position each row's later queries would see
+    cache = SimpleNamespace(_kv_lens=kv_lens, pool=SimpleNamespace(storage=pool), kv_layout=layout)
+    got = PagedCache._attend_quantized(cache, 0, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), table,
+                                       key_mask, 0.25, None)  # fmt: skip
+    expected = paged_attention_quant(q, k, v, pool, layout, table, kv_lens, 0.25, key_mask=key_mask)
+    for b, n in enumerate(kv_lens.tolist()):  # the real queries (padding queries' outputs are unused)
+        torch.testing.assert_close(got[b, -n:], expected[b, -n:], rtol=1e-5, atol=1e-5)
+
+
 def reference_quant_attention(q, k_new, v_new, pool, layout, table, kv_lens, scale, key_mask, window):
     """Dequantize the pages (gather_kv_quant_torch), append this forward's K/V exact, attend densely."""
     from hf_multilora.cache import _dense_attention
