@@ -209,7 +209,9 @@ def test_torch_attention_of_left_padded_empty_rows_reads_the_key_mask_by_positio
     cache = SimpleNamespace(_kv_lens=kv_lens, pool=SimpleNamespace(storage=pool), kv_layout=layout)
     got = PagedCache._attend_quantized(cache, 0, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), table,
                                        key_mask, 0.25, None)  # fmt: skip
-    expected = paged_attention_quant(q, k, v, pool, layout, table, kv_lens, 0.25, key_mask=key_mask)
+    device = kernel_device()  # the Triton kernel: on the GPU where there is one, else the interpreter
+    expected = paged_attention_quant(*(t.to(device) for t in (q, k, v, pool)), layout, table.to(device),
+                                     kv_lens.to(device), 0.25, key_mask=key_mask.to(device)).cpu()  # fmt: skip
     for b, n in enumerate(kv_lens.tolist()):  # the real queries (padding queries' outputs are unused)
         torch.testing.assert_close(got[b, -n:], expected[b, -n:], rtol=1e-5, atol=1e-5)
 
