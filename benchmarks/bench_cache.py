@@ -27,8 +27,8 @@
 4. `--kv-dtypes bf16,fp8,int4` (with `--kv-batch`, `--kv-contexts`): the decode attention of one
    Llama-2-7B layer (32 heads x 128, pages of 256 KiB) per KV dtype, in interleaved rounds (CUDA
    events, median): bf16 through `PagedDecode` (stores the new token and attends), fp8 / int4
-   through `paged_attention_quant`, the new token stored as PagedCache stores it (int4 by the
-   attention launch, `store_start`; fp8 by `write_kv_quant` first). Reports
+   through `paged_attention_quant`, the new token stored as PagedCache stores it (`write_kv_quant`
+   first). Reports
    microseconds, the KV bytes read per call / time, and the speed-up over bf16.
 5. `--profile`: per decode step and cache, GPU time per kernel and the busiest host ops (profiles
    of 1 and of 1 + N new tokens, differenced), to tell a GPU-bound step from a host-bound one.
@@ -402,11 +402,7 @@ def kv_dtype_kernels(args: argparse.Namespace, device: torch.device) -> list[dic
     """Section 4 of the module doc."""
     from hf_multilora.kernels.kv_quant import KvLayout
     from hf_multilora.kernels.paged_attention import PagedDecode
-    from hf_multilora.kernels.paged_attention_quant import (
-        paged_attention_quant,
-        stores_decode_tokens,
-        write_kv_quant,
-    )
+    from hf_multilora.kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
 
     heads, dim, batch, dtype = 32, 128, args.kv_batch, torch.bfloat16
     page_elems = 2 * 16 * heads * dim  # 16 bf16 tokens of K and V
@@ -437,11 +433,8 @@ def kv_dtype_kernels(args: argparse.Namespace, device: torch.device) -> list[dic
                 qt, kt = q.transpose(1, 2), k.transpose(1, 2)
 
                 def call(storage=storage, layout=layout, table=table, kv_lens=kv_lens, qt=qt, kt=kt) -> None:
-                    if stores_decode_tokens(layout):  # the decode token stored as PagedCache stores it
-                        paged_attention_quant(qt, kt, kt, storage, layout, table, kv_lens, dim**-0.5, store_start=kv_lens - 1)
-                    else:
-                        write_kv_quant(storage, layout, table, kv_lens - 1, kt, kt)
-                        paged_attention_quant(qt, kt, kt, storage, layout, table, kv_lens, dim**-0.5)
+                    write_kv_quant(storage, layout, table, kv_lens - 1, kt, kt)  # as PagedCache stores a decode token
+                    paged_attention_quant(qt, kt, kt, storage, layout, table, kv_lens, dim**-0.5)
 
                 calls[kv_dtype] = call
                 bytes_read[kv_dtype] = batch * context * layout.token_bytes

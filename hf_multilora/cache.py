@@ -80,7 +80,7 @@ from .kernels.paged_attention import (
     write_kv,
     write_kv_torch,
 )
-from .kernels.paged_attention_quant import paged_attention_quant, stores_decode_tokens, write_kv_quant
+from .kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
 from .memory.page_pool import PagePool
 
 PAGED_ATTENTION = "hf_multilora_paged"
@@ -400,7 +400,6 @@ class PagedCache(Cache):
         self.adopted = False  # the step buffers are fixed (adopt): see adopt
         self._lens = [0] * self.num_layers  # tokens per row, per layer (layers update one after another)
         self._pending: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # layer, K, V to store
-        self._store_start: torch.Tensor | int | None = None  # where the attention launch stores quantized K/V
         self._plans: dict[tuple, PagedDecode] = {}  # decode plans for the current table width
         self._discard: int | None = None  # the shared page of blocks nobody attends to (see the module doc)
         self._fill_mask: torch.Tensor | None = None  # attention mask of the call filling the empty cache
@@ -422,7 +421,7 @@ class PagedCache(Cache):
                 f"call use_paged_attention(model) (attention implementation {PAGED_ATTENTION!r})"
             )
         if self._stepping:  # begin_step did this token's bookkeeping; stored at each row's last position
-            if self.kv_layout is not None:  # quantized: by the decode launch or a write (`_write_quantized`)
+            if self.kv_layout is not None:  # quantized: by a write launch (`_write_quantized`)
                 self._write_quantized(layer_idx, self._kv_lens - 1, key_states, value_states)
             elif self.eviction is not None:  # the launch that stores logits does not store K/V
                 k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
@@ -469,16 +468,10 @@ class PagedCache(Cache):
     def _write_quantized(
         self, layer_idx: int, start: torch.Tensor | int, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> None:
-        """Quantize and store K/V [batch, kv_heads, new, head_dim] from position start (or start[b]). A
-        decode token under Triton is stored by the attention launch that reads the pages
-        (`_attend_quantized`) where that is faster (`stores_decode_tokens`): one launch per layer
-        instead of two, and nothing reads its position before. A prefill's tokens get a write launch of
-        their own, one program per token and head (in the attention launch, each program would store
-        its 64 queries' tokens one after another)."""
+        """Quantize and store K/V [batch, kv_heads, new, head_dim] from position start (or start[b]), a
+        decode token too: in the attention launch its store took registers the attention needed
+        (`kernels/paged_attention_quant._quant_tiles`)."""
         triton = use_triton(key_states)
-        if triton and key_states.shape[2] == 1 and stores_decode_tokens(self.kv_layout):
-            self._store_start = start
-            return
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)
         write = write_kv_quant if triton else write_kv_quant_torch
         write(self.pool.storage, self.kv_layout, self._layer_tables[layer_idx], start, k, v)
@@ -559,11 +552,10 @@ class PagedCache(Cache):
         pages, its own tokens (key, value [batch, kv_heads, new, head_dim]) as they are."""
         if use_triton(query):
             mask = key_mask if key_mask is None or key_mask.dtype == torch.bool else key_mask.bool()
-            store_start, self._store_start = self._store_start, None
             return paged_attention_quant(
                 q=query.transpose(1, 2), k_new=key.transpose(1, 2), v_new=value.transpose(1, 2),
                 storage=self.pool.storage, layout=self.kv_layout, block_table=table, kv_lens=self._kv_lens,
-                scale=scale, key_mask=mask, sliding_window=sliding_window, logits=logits, store_start=store_start,
+                scale=scale, key_mask=mask, sliding_window=sliding_window, logits=logits,
             )  # fmt: skip
         new = key.shape[2]
         starts = (self._kv_lens - new).tolist()  # each row's tokens before this forward (< 0: left padding)

@@ -5,8 +5,9 @@ Why: `write_kv_quant_torch` / `gather_kv_quant_torch` build byte indices on the 
 the whole history into a dense tensor every forward (what transformers' QuantizedCache does too),
 so they cost more than the bf16 cache they save memory for. Here the write is one launch that
 quantizes each (token, head) in registers, and the attention dequantizes a key tile at a time
-inside the online softmax; nothing of the history is materialised. The attention launch can also
-do the write (`store_start`), which is how PagedCache stores a decode token: one launch per layer.
+inside the online softmax; nothing of the history is materialised. A decode token goes through the
+write launch too: storing it from the attention launch saves a launch but takes registers that the
+attention needs (`_quant_tiles`).
 
 Semantics (those of PagedCache's quantized path): a forward brings row b to `kv_lens[b]` tokens,
 `q_len` of them its own; the `kv_lens[b] - q_len` before it are read from the pages, dequantized
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -280,7 +282,6 @@ def _quant_attention_kernel(
     part_acc_ptr,  # fp32 [splits, batch, q_len, heads, head_dim] (NUM_SPLITS > 1)
     part_ml_ptr,  # fp32 [2, splits, batch, q_len, heads]: running max, then sum
     logits_ptr,  # fp32 [batch, heads, >= kv_len] (STORE_LOGITS): each key's score, for heavy-hitter eviction
-    store_pos_ptr,  # int64 [batch, q_len] (STORE_NEW): where this forward's tokens are stored
     batch,
     q_len,
     page_bytes,
@@ -316,7 +317,6 @@ def _quant_attention_kernel(
     STORE_LOGITS: tl.constexpr,  # decode only (q_len 1)
     BY_BITS: tl.constexpr,  # unpack codes by moving bits (bf16 on a GPU), not by conversions
     NEW_N: tl.constexpr,  # keys per tile of this forward's own tokens
-    STORE_NEW: tl.constexpr,  # also quantize and store this forward's K/V in their pages
 ):  # fmt: skip
     """The codes go into the dot products as they are (INT4 levels and e4m3 values are exact in
     fp16/bf16) and the affine terms come out: a key's score is scale * (q . levels) + min * sum(q),
@@ -435,18 +435,6 @@ def _quant_attention_kernel(
             v = tl.load(v_rows + (CODE_BYTES + offs_h[None, :]) * vn_sd, mask=tile_ok, other=0.0)
             acc_b = acc_b * alpha[:, None] + _dot(p, v.to(q_a.dtype), DOT_IN_FP32)
 
-    if STORE_NEW:  # the last split stores its query tile's tokens (no program of this launch reads them)
-        one = tl.zeros((1,), dtype=tl.int64)  # a tile of one token
-        for t in range(q_first, q_last):
-            pos = tl.load(store_pos_ptr + b64 * q_len + t + one)
-            page = tl.load(table_ptr + b64 * table_stride + pos // TOKENS).to(tl.int64)
-            base = data_ptr + page * page_bytes
-            cell = kv_head * TOKENS + pos % TOKENS
-            _store_quantized(base, k_new_ptr + b64 * kn_sb + t * kn_st + kv_head * kn_sh + one, kn_sd, cell, one == 0,
-                             K_CODES, K_SCALE, K_MIN, CODE_BYTES, INT4, BLOCK_H)  # fmt: skip
-            _store_quantized(base, v_new_ptr + b64 * vn_sb + t * vn_st + kv_head * vn_sh + one, vn_sd, cell, one == 0,
-                             V_CODES, V_SCALE, V_MIN, CODE_BYTES, INT4, BLOCK_H)  # fmt: skip
-
     out_mask = row_ok[:, None] & h_ok[None, :]
     if NUM_SPLITS == 1:
         denom = tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -465,27 +453,30 @@ def _quant_attention_kernel(
         tl.store(part_ml_ptr + NUM_SPLITS * n_rows + row, l_i, mask=row_ok)
 
 
-def _quant_tiles(
-    q_len: int, group: int, head_dim: int, layout: KvLayout, masked: bool
-) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, target programs for the split rule). Prefill: the
-    bf16 kernel's tiles. Decode: swept on the H200 (batch 16 x 4096, a Llama-2-7B layer): 2 stages
-    (3 was up to 1.9x slower), 4 warps (8 were slower everywhere), 2-8 context splits over one, and
-    128-key tiles since the codes are unpacked by bits (2026-12-01: int4 230 us vs 253 with 64 keys),
-    except INT4 with a key mask: its loads took the 128-key tile from 128 to 168 registers per thread
-    (ptxas) and 229 to 309 us. Page-aligned tiles and a prefetch of the next tile by hand were slower."""
+class _QuantTiles(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    target_programs: int  # for the split rule
+    maxnreg: int | None  # registers per thread, capped so that more programs fit an SM
+
+
+def _quant_tiles(q_len: int, group: int, head_dim: int, layout: KvLayout, masked: bool) -> _QuantTiles:
+    """Prefill: the bf16 kernel's tiles. Decode: swept on the H200 (batch 16 x 4096, a Llama-2-7B
+    layer): 2 stages, 4 warps (8 were slower everywhere), 2-8 context splits over one, and 128-key
+    tiles since the codes are unpacked by bits (int4 230 us vs 253 with 64 keys), except INT4 with
+    a key mask (its loads took the 128-key tile from 128 to 168 registers per thread, 229 to 309 us).
+    Registers capped at 128 (ncu, 2026-12-01: at 168 three programs fit an SM, 2.8 warps per
+    scheduler, DRAM 27% busy; capped, four fit): int4 227 -> 191 us, fp8 263 -> 243; caps of 112
+    and below spill and were slower. Under the cap, storing the decode token in this launch spilled
+    (int4 215 us against 191 + 7 for attention and a write launch), so the write has its own launch.
+    Page-aligned tiles and a prefetch by hand were slower."""
     block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, _next_power_of_2(layout.tokens))
     if q_len > max(1, 16 // _next_power_of_2(group)):
-        return block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS
-    return block_m, 64 if masked and layout.kv_dtype == "int4" else 128, 4, 2, 4 * _TARGET_PROGRAMS
-
-
-def stores_decode_tokens(layout: KvLayout) -> bool:
-    """Whether a decode token of `layout` pages is best stored by the attention launch (`store_start`)
-    rather than a write launch before it. Measured on the H200 (2026-12-01, batch 16 x 4096, a
-    Llama-2-7B layer, key mask): INT4 fused 270 us vs 273 write + attention; FP8 fused 364 vs 282
-    (the store's code took the masked kernel from 168 to 182 registers), so FP8 keeps its write."""
-    return layout.kv_dtype == "int4"
+        return _QuantTiles(block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS, None)
+    block_n = 64 if masked and layout.kv_dtype == "int4" else 128
+    return _QuantTiles(block_m, block_n, 4, 2, 4 * _TARGET_PROGRAMS, 128)
 
 
 def _by_bits(q: torch.Tensor) -> bool:
@@ -507,7 +498,6 @@ def paged_attention_quant(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     logits: torch.Tensor | None = None,
-    store_start: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Attention of q [batch, q_len, heads, head_dim] over each row's quantized pages (its first
     kv_lens[b] - q_len tokens, dequantized) and this forward's k_new, v_new [batch, q_len, kv_heads,
@@ -516,8 +506,7 @@ def paged_attention_quant(
     `num_splits`: programs sharing each (row, KV head, query tile)'s pages, merged afterwards (a
     power of two; default: as `paged_attention` picks, from the table's width, without reading
     kv_lens). `logits`: as `paged_attention`'s (decode: each key's score, for heavy-hitter eviction).
-    `store_start`: also store k_new, v_new quantized as `write_kv_quant(..., store_start, k_new, v_new)`
-    would (token i of row b at store_start (or store_start[b]) + i), in this launch instead of a second."""
+    k_new and v_new are not stored: `write_kv_quant` does that."""
     check_logits(logits, q)
     batch, q_len, heads, head_dim = q.shape
     if k_new.shape != (batch, q_len, layout.kv_heads, head_dim) or v_new.shape != k_new.shape:
@@ -531,18 +520,18 @@ def paged_attention_quant(
         raise ValueError(f"key_mask must be bool [batch, kv_len], got {key_mask.dtype} {tuple(key_mask.shape)}")
     group = heads // layout.kv_heads
     group_pad = _next_power_of_2(group)
-    block_m, block_n, num_warps, num_stages, target_programs = _quant_tiles(q_len, group, head_dim, layout, key_mask is not None)
+    tiles = _quant_tiles(q_len, group, head_dim, layout, key_mask is not None)
+    block_m, block_n = tiles.block_m, tiles.block_n
     q_tiles = math.ceil(q_len / (block_m // group_pad))
     if num_splits is None:
         num_splits = num_splits_for(batch, layout.kv_heads, q_tiles, block_table.shape[1] * layout.tokens,
-                                    sliding_window, q_len, target_programs)  # fmt: skip
+                                    sliding_window, q_len, tiles.target_programs)  # fmt: skip
     elif num_splits < 1 or num_splits > MAX_SPLITS or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two in [1, {MAX_SPLITS}], got {num_splits}")
     out = torch.empty_like(q)
     n_rows = batch * q_len * heads
     part_acc = torch.empty(num_splits * n_rows * head_dim if num_splits > 1 else 1, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(2 * num_splits * n_rows if num_splits > 1 else 1, dtype=torch.float32, device=q.device)
-    store_pos = None if store_start is None else _positions(store_start, batch, q_len, q.device)
     mask = key_mask if key_mask is not None else kv_lens  # a placeholder pointer when there is none
     km = key_mask.stride() if key_mask is not None else (0, 0)
     block_d = max(16, _next_power_of_2(head_dim))
@@ -550,7 +539,6 @@ def paged_attention_quant(
         q_ptr=q, k_new_ptr=k_new, v_new_ptr=v_new, data_ptr=storage.view(torch.uint8), table_ptr=block_table,
         kv_lens_ptr=kv_lens, key_mask_ptr=mask, out_ptr=out, part_acc_ptr=part_acc, part_ml_ptr=part_ml,
         logits_ptr=out if logits is None else logits,  # unused without logits
-        store_pos_ptr=kv_lens if store_pos is None else store_pos.contiguous(),  # unused without store_start
         batch=batch, q_len=q_len, page_bytes=layout.page_bytes, window=sliding_window or 0, qk_scale=scale * LOG2_E,
         q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), q_sd=q.stride(3),
         kn_sb=k_new.stride(0), kn_st=k_new.stride(1), kn_sh=k_new.stride(2), kn_sd=k_new.stride(3),
@@ -562,9 +550,8 @@ def paged_attention_quant(
         **_layout_args(layout), HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
         DOT_IN_FP32=_dot_in_fp32(q.dtype), NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), STORE_LOGITS=logits is not None, BY_BITS=_by_bits(q),
-        NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))), STORE_NEW=store_start is not None,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
     if num_splits > 1:
         _combine_splits_kernel[(n_rows,)](

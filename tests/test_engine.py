@@ -83,8 +83,8 @@ def test_decode_steps_padded_to_batch_buckets_give_what_each_gets_alone(model, l
 def test_quantized_kv_requests_get_what_each_gets_alone(zoo_name, kernels, request, monkeypatch):
     """int4 KV pages in the engine: rows of different lengths decode together (each writes and reads
     from its own length) and each gets what generate(kv_cache_dtype="int4") gives it alone. MHA and
-    GQA with a sliding window of 8; the Triton kernels (interpreter here) store each row's tokens from
-    the attention launch, at that row's length."""
+    GQA with a sliding window of 8; the Triton kernels (interpreter here) store each row's tokens at
+    that row's length."""
     monkeypatch.setenv("HF_MULTILORA_KERNELS", kernels)
     zoo = request.getfixturevalue(zoo_name)
     model = MultiLoraModel.from_pretrained(zoo.fresh_base(), adapters=zoo.paths)

@@ -267,43 +267,6 @@ def test_triton_attention_over_quantized_pages_matches_the_reference(
     assert got.abs().amax() > 0.1
 
 
-@pytest.mark.parametrize("kv_dtype", kernel_dtypes())
-@pytest.mark.parametrize("q_len, splits", [(1, 1), (1, 4), (5, 2)])
-def test_attention_that_stores_its_tokens_equals_write_then_attend(kv_dtype, q_len, splits):
-    """`store_start`: the launch stores this forward's K/V quantized, byte for byte as the separate
-    write would, rows of different lengths, and attends as after that write."""
-    from hf_multilora.kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
-
-    kv_heads, heads, dim, device = 2, 4, 16, kernel_device()
-    layout = KvLayout.of(kv_dtype, kv_heads, dim, 1024)
-    gen = torch.Generator().manual_seed(13 + q_len)
-    lens = torch.tensor([2 * layout.tokens + 5, layout.tokens - 2]) + q_len
-    table = torch.randperm(40, generator=gen)[:12].view(2, 6).int().to(device)
-    k_all = torch.randn(2, int(lens.max()), kv_heads, dim, generator=gen).to(device)
-    v_all = torch.randn(2, int(lens.max()), kv_heads, dim, generator=gen).to(device)
-    pool = torch.zeros(40 * 1024 // 4, device=device)
-    for row, n in enumerate(lens.tolist()):  # each row's tokens before this forward
-        past = slice(row, row + 1), slice(0, n - q_len)
-        write_kv_quant(pool, layout, table[row : row + 1], 0, k_all[past], v_all[past])
-    start = (lens - q_len).to(device)
-    rows = torch.arange(2)[:, None]
-    new = (lens - q_len)[:, None] + torch.arange(q_len)
-    k_new, v_new = k_all[rows, new].contiguous(), v_all[rows, new].contiguous()
-    q = torch.randn(2, q_len, heads, dim, generator=gen).to(device)
-    kv_lens = lens.int().to(device)
-    written = pool.clone()
-    write_kv_quant(written, layout, table, start, k_new, v_new)
-    expected = paged_attention_quant(q, k_new, v_new, written, layout, table, kv_lens, 0.25, num_splits=splits)
-    assert not torch.equal(pool.view(torch.uint8), written.view(torch.uint8))
-    got = paged_attention_quant(q, k_new, v_new, pool, layout, table, kv_lens, 0.25, num_splits=splits,
-                                store_start=start)  # fmt: skip
-    assert torch.equal(pool.view(torch.uint8), written.view(torch.uint8))
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="one position per row"):  # before any launch: the pages stay
-        paged_attention_quant(q, k_new, v_new, pool, layout, table, kv_lens, 0.25, store_start=start[:1])
-    assert torch.equal(pool.view(torch.uint8), written.view(torch.uint8))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PTX bit moves run on a GPU only")
 def test_codes_unpacked_by_bits_read_as_their_values():
