@@ -156,17 +156,19 @@ def run_trace(
 ) -> dict:
     """One engine over the trace; with `warm_up`, the whole trace at once first: compiles, plans, and
     captures the decode graphs of the batch buckets and table widths the trace reaches (a server's
-    first minutes). Residency and graph counts are the timed run's (the model's run from its wrapping)."""
+    first minutes). Residency, graph and Triton compile counts are the timed run's (the model's run
+    from its wrapping)."""
     kv_cache_dtype = None if kv_dtype == "model" else kv_dtype
     with Engine(model, tokenizer, max_running=args.max_running, kv_cache_dtype=kv_cache_dtype) as engine:
         if warm_up:
             run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])
             engine.stats.clear(), engine.batch_sizes.clear()
-        before, graphs = model.memory_stats(), model.graph_stats()
+        before, graphs, compiles = model.memory_stats(), model.graph_stats(), common.triton_compiles()
         timing = common.timed_replays() if torch.cuda.is_available() else contextlib.nullcontext([])
         with timing as replays:
             result = run_engine(engine, trace)
         after, graphs_after = model.memory_stats(), model.graph_stats()
+        result["triton_compiles"] = common.triton_compiles() - compiles  # inside the timed run
         if args.host_profile:
             result["decode_host_profile"] = decode_host_profile(engine, trace)
     if replays:  # the decode steps' GPU time, against their wall time (result["phases"]["decode_seconds"])
