@@ -121,6 +121,8 @@ class Engine:
         self._closed = False
         self._pool = model.page_pool()
         self._cache = StepCache(self._pool, model.base_model.config, kv_dtype=kv_cache_dtype)
+        self._generator = torch.Generator(device=self._pool.storage.device)  # unseeded requests' draws
+        self._generator.seed()
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step
         self._thread = threading.Thread(target=self._loop, name="hf_multilora-engine", daemon=True)
         self._thread.start()
@@ -142,14 +144,9 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need the engine's tokenizer")
         self._check_fits(len(prompt_ids) + params.max_tokens)
-        generator = None
-        if params.temperature > 0:
-            device = self._pool.storage.device
-            generator = torch.Generator(device=device)
-            if params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(params.seed)
+        generator = None  # a seeded request draws from its own; the others from the engine's
+        if params.temperature > 0 and params.seed is not None:
+            generator = torch.Generator(device=self._pool.storage.device).manual_seed(params.seed)
         request_id = f"req-{next(self._ids)}"
         stream = RequestStream(request_id, len(prompt_ids))
         text = IncrementalText(self.tokenizer) if self.tokenizer is not None else None
@@ -359,7 +356,7 @@ class Engine:
             for request in requests:
                 self._prefill([request])
             return
-        self._emit(requests, next_tokens(logits, requests))
+        self._emit(requests, next_tokens(logits, requests, self._generator).tolist())
 
     def _reserve(self, request: Request) -> None:
         """The request's adapter held resident (for its whole run) and pages for its context (the
@@ -402,7 +399,7 @@ class Engine:
         logits = self._forward(requests, tokens, positions, graphs=self.cuda_graphs)
         self.stats["decode_steps"] += 1
         self.batch_sizes[len(requests)] += 1
-        self._emit(requests, next_tokens(logits, requests))
+        self._emit(requests, next_tokens(logits, requests, self._generator).tolist())
         self.stats["decode_seconds"] += time.perf_counter() - started
 
     def _forward(

@@ -173,7 +173,7 @@ class Request:
     adapter: str | None
     params: SamplingParams
     stream: RequestStream
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # a seeded request's own draws (None: the engine's)
     text: IncrementalText | None  # the output's text, decoded a few tokens per step (with a tokenizer)
     arrival: float
     generated: list[int] = field(default_factory=list)

@@ -1,8 +1,16 @@
-"""Next tokens for the rows of one step, each with its own sampling parameters and random stream.
+"""Next tokens for the rows of one step, each with its own sampling parameters, in a few launches
+for the whole batch.
+
+Why batched: sampling row by row cost each sampled row about ten launches and a device sync (48
+rows: ~15 ms of host time a step on a CPU, more than a 7B decode step's GPU time).
 
 Greedy rows take the argmax of the logits as they are (as HF's greedy search does). Sampled rows
-follow HF's order of logits warpers: temperature, then top-k, then top-p; each draws from its own
-`torch.Generator`, so a seeded request gets the same tokens whatever shares its batch.
+follow HF's logits warpers in HF's order, temperature, then top-k, then top-p, each row with its own
+values, over one sort of the batch's scores. The draw inverts each row's cumulative distribution
+at one uniform number (as torch.multinomial draws one sample): one random number a row, where the
+exponential race (vLLM) needs one per token, which on a CPU cost more than the rest together. A
+seeded request draws from its own `torch.Generator`, so it gets the same tokens whatever shares its
+batch; the others draw from one generator, all at once.
 """
 
 from __future__ import annotations
@@ -11,34 +19,56 @@ from collections.abc import Sequence
 
 import torch
 
-from .requests import Request
+from .requests import Request, SamplingParams
 
 
-def next_tokens(logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
-    """logits [rows, vocab] of the last position; one token id per request."""
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
-    for row, request in enumerate(requests):
-        params = request.params
-        if params.temperature == 0:
-            tokens.append(greedy[row])
-            continue
-        scores = logits[row].float() / params.temperature
-        if params.top_k:
-            kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if params.top_p < 1:
-            scores = _top_p(scores, params.top_p)
-        probs = torch.softmax(scores, dim=-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=request.generator)))
+def next_tokens(
+    logits: torch.Tensor, requests: Sequence[Request], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits [rows, vocab] of the last position -> the next token id of each request, int64 [rows] on
+    logits' device. `generator`: the draws of sampled requests without a generator of their own."""
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0]
+    if not sampled:
+        return tokens
+    device = logits.device
+    rows = torch.tensor(sampled, device=device)
+    probs, order = warped_probs(logits[rows], [requests[i].params for i in sampled])
+    uniform = torch.rand(len(sampled), 1, device=device, generator=generator)
+    for j, i in enumerate(sampled):
+        own = requests[i].generator
+        if own is not None:
+            uniform[j].uniform_(generator=own)
+    # the first token whose cumulative sum passes u * total: never one of probability 0 (it adds nothing to
+    # the sum), and u * total is kept below the total, which the last token of probability > 0 reaches
+    cumulative = probs.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    target = torch.minimum(uniform * total, total.nextafter(torch.zeros_like(total)))
+    pick = torch.searchsorted(cumulative, target, right=True)
+    tokens[rows] = (pick if order is None else order.gather(1, pick)).squeeze(1)
     return tokens
 
 
-def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """HF's TopPLogitsWarper: drop the tokens outside the smallest set whose probability reaches
-    top_p (the most likely token always stays)."""
-    sorted_scores, order = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= 1 - top_p
-    remove[-1] = False
-    return scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+def warped_probs(
+    logits: torch.Tensor, params: Sequence[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper on logits [rows, vocab],
+    each row with its params', as (probabilities [rows, vocab] over each row's tokens sorted by
+    score, ascending; that order, token ids [rows, vocab]). Sorted, because top-k and top-p both read
+    the sorted scores, and top-k leaves the order as it is: it only sends the lowest scores to -inf.
+    Where no row has top-k or top-p, nothing is sorted (the sort is most of the cost on a CPU):
+    (probabilities, None)."""
+    device, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    scores = logits.float() / temperature[:, None]
+    if not any(0 < p.top_k < vocab or p.top_p < 1 for p in params):
+        return scores.softmax(dim=-1), None
+    top_k = torch.tensor([p.top_k for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    scores, order = scores.sort(dim=-1, stable=True)
+    kth = torch.where(top_k > 0, vocab - top_k.clamp(max=vocab), 0)  # the k-th largest; 0 keeps all
+    scores = scores.masked_fill(scores < scores.gather(1, kth[:, None]), float("-inf"))
+    # top-p: drop the tokens outside the smallest set whose probability reaches top_p (the most likely stays)
+    drop = (scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p[:, None]) & (top_p < 1)[:, None]
+    drop[:, -1] = False
+    return scores.masked_fill(drop, float("-inf")).softmax(dim=-1), order
