@@ -31,9 +31,11 @@ the top functions by own time in the JSON (where a step's host time goes; a repl
 time shows as the wait in the sampling's `tolist`).
 
 `--kv-cache-dtypes model,int4` runs the engine once per KV dtype on each trace (quantized KV pages in
-the same pool: more requests fit). Every adapter count's adapters are registered up front, and
-`--rounds N` runs every (count, rate, KV dtype) N times, alternating the order between rounds (the
-host drifts); ratios (quantized KV / the model's dtype, each count / the fewest) are of medians.
+the same pool: more requests fit), `--scheduling async,sync` once with each engine scheduling
+(`async_scheduling`: a decode step launched before the last one's tokens are read, or not). Every
+adapter count's adapters are registered up front, and `--rounds N` runs every (count, rate, KV
+dtype, scheduling) N times, alternating the order between rounds (the host drifts); ratios
+(quantized KV / the model's dtype, each count / the fewest, async / sync) are of medians.
 """
 
 from __future__ import annotations
@@ -152,14 +154,15 @@ def decode_host_profile(engine: Engine, trace: list[TraceRequest], top: int = 30
 
 def run_trace(
     model: MultiLoraModel, tokenizer: Any, trace: list[TraceRequest], args: argparse.Namespace, kv_dtype: str,
-    warm_up: bool,
+    scheduling: str, warm_up: bool,
 ) -> dict:
     """One engine over the trace; with `warm_up`, the whole trace at once first: compiles, plans, and
     captures the decode graphs of the batch buckets and table widths the trace reaches (a server's
     first minutes). Residency, graph and Triton compile counts are the timed run's (the model's run
     from its wrapping)."""
     kv_cache_dtype = None if kv_dtype == "model" else kv_dtype
-    with Engine(model, tokenizer, max_running=args.max_running, kv_cache_dtype=kv_cache_dtype) as engine:
+    with Engine(model, tokenizer, max_running=args.max_running, kv_cache_dtype=kv_cache_dtype,
+                async_scheduling=scheduling == "async") as engine:
         if warm_up:
             run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])
             engine.stats.clear(), engine.batch_sizes.clear()
@@ -248,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kv-cache-dtypes", type=lambda s: s.split(","), default=["model"],
                         help="the engine's KV pages, one engine run each in turn per trace: model (the "
                              "model's dtype), fp8, int4")  # fmt: skip
+    parser.add_argument("--scheduling", type=lambda s: s.split(","), default=["async"],
+                        help="the engine's scheduling, one engine run each in turn per trace: async, sync")
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs of every (adapter count, rate, KV dtype), in alternating order (the host drifts)")
     parser.add_argument("--pool-gib", type=float, default=40.0)
@@ -284,13 +289,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model.load_adapter(folder, name)
             model.prefetch_adapters(names, host_only=True)
             catalogue[count] = names
-        runs = [(count, rate, kv_dtype) for count in args.adapters for rate in rates for kv_dtype in args.kv_cache_dtypes]
+        runs = [(count, rate, kv_dtype, scheduling) for count in args.adapters for rate in rates
+                for kv_dtype in args.kv_cache_dtypes for scheduling in args.scheduling]  # fmt: skip
         for turn in range(args.rounds):
-            for count, rate, kv_dtype in runs if turn % 2 == 0 else runs[::-1]:
+            for count, rate, kv_dtype, scheduling in runs if turn % 2 == 0 else runs[::-1]:
                 trace = make_trace(args, rate, catalogue[count], vocab)
-                row = {"adapters": count, "rate": rate, "kv_cache_dtype": kv_dtype, "round": turn,
-                       "engine": run_trace(model, tokenizer, trace, args, kv_dtype, warm_up=turn == 0)}  # fmt: skip
-                if "generate" in args.baselines and math.isinf(rate) and turn == 0 and kv_dtype == args.kv_cache_dtypes[0]:
+                row = {"adapters": count, "rate": rate, "kv_cache_dtype": kv_dtype, "scheduling": scheduling,
+                       "round": turn, "engine": run_trace(model, tokenizer, trace, args, kv_dtype, scheduling,
+                                                          warm_up=turn == 0)}  # fmt: skip
+                first = turn == 0 and kv_dtype == args.kv_cache_dtypes[0] and scheduling == args.scheduling[0]
+                if "generate" in args.baselines and math.isinf(rate) and first:
                     row["generate_each"] = run_generate_each(model, trace[: args.generate_requests], device)
                 results.append(row)
                 print(f"adapters {count}, rate {rate}: {row}", flush=True)
@@ -313,13 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_table(results: list[dict], baselines: dict[str, Any]) -> None:
-    header = ["adapters", "rate", "KV", "engine tok/s", "TTFT p50 / p99 s", "TPOT p50 / p99 ms", "(a) tok/s",
+    header = ["adapters", "rate", "KV", "scheduling", "engine tok/s", "TTFT p50 / p99 s", "TPOT p50 / p99 ms", "(a) tok/s",
               "engine / (a)"]  # fmt: skip
     rows = []
     for row in results:
         engine, each = row["engine"], row.get("generate_each")
         rows.append([
-            row["adapters"], row["rate"], row["kv_cache_dtype"], round(engine["tok_s"], 1),
+            row["adapters"], row["rate"], row["kv_cache_dtype"], row["scheduling"], round(engine["tok_s"], 1),
             f"{engine['ttft_s']['p50']:.3f} / {engine['ttft_s']['p99']:.3f}",
             f"{1000 * engine['tpot_s']['p50']:.1f} / {1000 * engine['tpot_s']['p99']:.1f}",
             round(each["tok_s"], 1) if each else "-", round(engine["tok_s"] / each["tok_s"], 2) if each else "-",
@@ -327,17 +335,23 @@ def print_table(results: list[dict], baselines: dict[str, Any]) -> None:
     print(common.format_table(header, rows))
     by_run: dict[tuple, list[float]] = {}
     for row in results:
-        by_run.setdefault((row["adapters"], row["rate"], row["kv_cache_dtype"]), []).append(row["engine"]["tok_s"])
+        key = (row["adapters"], row["rate"], row["kv_cache_dtype"], row["scheduling"])
+        by_run.setdefault(key, []).append(row["engine"]["tok_s"])
     fewest_count = min(r["adapters"] for r in results)
-    for (count, rate, kv_dtype), speeds in by_run.items():
-        own = by_run.get((count, rate, "model"))
+    for (count, rate, kv_dtype, scheduling), speeds in by_run.items():
+        run = f"{count} adapters, rate {rate}, {scheduling} scheduling"
+        own = by_run.get((count, rate, "model", scheduling))
         if kv_dtype != "model" and own:
-            print(f"{count} adapters, rate {rate}: {kv_dtype} KV / the model's dtype: "
-                  f"{common.median(speeds) / common.median(own):.2f}x")  # fmt: skip
-        fewest = by_run.get((fewest_count, rate, kv_dtype))
+            print(f"{run}: {kv_dtype} KV / the model's dtype: {common.median(speeds) / common.median(own):.2f}x")
+        sync = by_run.get((count, rate, kv_dtype, "sync"))
+        if scheduling != "sync" and sync:
+            per_round = [round(a / b, 3) for a, b in zip(speeds, sync, strict=True)]
+            print(f"{run}, {kv_dtype} KV: async / sync: {common.median(speeds) / common.median(sync):.3f}x "
+                  f"(rounds {per_round})")  # fmt: skip
+        fewest = by_run.get((fewest_count, rate, kv_dtype, scheduling))
         if fewest is not speeds and fewest:
             per_round = [round(a / b, 3) for a, b in zip(speeds, fewest, strict=True)]
-            print(f"rate {rate}, {kv_dtype} KV: {count} adapters / the fewest: "
+            print(f"rate {rate}, {kv_dtype} KV, {scheduling} scheduling: {count} adapters / the fewest: "
                   f"{common.median(speeds) / common.median(fewest):.3f}x (rounds {per_round})")  # fmt: skip
     for name, values in baselines.items():
         if "tok_s" in values:

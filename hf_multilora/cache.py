@@ -82,6 +82,7 @@ from .kernels.paged_attention import (
 )
 from .kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
 from .memory.page_pool import PagePool
+from .transfer import staged_for
 
 PAGED_ATTENTION = "hf_multilora_paged"
 """The name under which the attention and mask functions are registered (``config._attn_implementation``)."""
@@ -283,12 +284,6 @@ def _hand_over_padding(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
     mask = kwargs.get("attention_mask")
     if isinstance(cache, PagedCache) and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         cache.note_attention_mask(mask)
-
-
-def staged_for(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`host` ready for a non-blocking copy to `device` (pinned for CUDA; on the CPU the copy is
-    synchronous, so the tensor itself)."""
-    return host.pin_memory() if device.type == "cuda" else host
 
 
 def refuse_quantized_kv_on(device: torch.device, kv_dtype: str) -> None:

@@ -20,6 +20,7 @@ from .backend import use_triton
 from .kernels import sgmv
 from .memory.page_pool import PagePool
 from .memory.residency import AdapterResidency
+from .transfer import to_device
 
 _SIBLING_SETS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"})
 
@@ -136,7 +137,7 @@ class _FixedDecode:
 
     def fill(self, row_slots: Sequence[int], residency: AdapterResidency) -> None:
         """Gather the rows' adapter metadata into the fixed tables (device ops, no sync)."""
-        slots = torch.tensor(row_slots, dtype=torch.int64).to(residency.device, non_blocking=True)
+        slots = to_device(row_slots, residency.device, torch.int64)
         valid = slots >= 0
         index = slots.clamp(min=0)
         self.locations.copy_(residency.locations.index_select(1, index) * valid[None, :, None])

@@ -149,6 +149,27 @@ def test_a_request_joins_a_running_batch(model):
     assert long.token_ids == alone(model, prompt(5, seed=1), "attn_r8", 60)
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_tokens_read_a_step_late_end_rows_without_their_extra_token(model, async_scheduling):
+    """Each decode step is launched before the step before it is read: a row that reached EOS ran one
+    step more (its token dropped), a row that reaches max_tokens is not launched again. Without
+    async scheduling, no step more."""
+    ids = prompt(6, seed=5)
+    reference = alone(model, ids, "attn_r8", 12)
+    end = next(i for i in range(3, 12) if reference[i] not in reference[:i])
+    with Engine(model, eos_token_id=reference[end], async_scheduling=async_scheduling) as engine:
+        stream = engine.submit(ids, "attn_r8", SamplingParams(max_tokens=12, temperature=0))
+        stream.result(timeout=60)
+        # the prefill gave token 0, the decode steps tokens 1..end (the EOS), and one step more ran
+        assert stream.token_ids == reference[:end] and stream.finish_reason == "stop"
+        assert engine.stats["decode_steps"] == end + async_scheduling and engine.metrics()["pages_kv"] == 0
+        engine.stats.clear()
+        capped = engine.submit(ids, "attn_r8", greedy(4))
+        capped.result(timeout=60)
+        assert capped.token_ids == reference[:4] and capped.finish_reason == "length"
+        assert engine.stats["decode_steps"] == 3
+
+
 def test_cancelling_frees_the_pages_and_the_others_go_on(model):
     with Engine(model) as engine:
         victim = engine.submit(prompt(20, seed=3), "mlp_r16", greedy(500))
@@ -286,6 +307,8 @@ def test_while_rows_decode_a_small_prefill_waits_a_bounded_number_of_steps(model
         Engine(model, cuda_graphs=True)
     with pytest.raises(TypeError, match="cuda_graphs must be None, True or False"):
         Engine(model, cuda_graphs="yes")
+    with pytest.raises(TypeError, match="async_scheduling must be True or False, got 1"):
+        Engine(model, async_scheduling=1)
 
 
 @pytest.mark.parametrize("how", ["adapter files gone", "prefill raises"])
@@ -347,6 +370,38 @@ def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo, kv_dtyp
         assert 0 < captures < replays and captures + replays == engine.stats["decode_steps"]
         assert "eager: capture failed" not in model.graph_stats()
     assert [s.token_ids for s in streams] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_a_decode_step_is_launched_without_waiting_for_the_device(llama_zoo):
+    """The host's work for a step overlaps the step before only if launching it never synchronises:
+    the second run of the same requests (graphs captured by the first) launches every decode step
+    under torch's sync debug mode "error", and gives the same tokens, sampled ones (seeded) included."""
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().cuda(), adapters=llama_zoo.paths, pool_bytes=2**28)
+    names = [*llama_zoo.paths, None]
+    sampled = dict(temperature=0.8, top_p=0.9, top_k=20, ignore_eos=True)
+    jobs = [(prompt(5 + i % 4, seed=80 + i), names[i % len(names)],
+             SamplingParams(max_tokens=20 + i, seed=i, **sampled) if i % 2 else greedy(20 + i)) for i in range(10)]  # fmt: skip
+
+    class Strict(Engine):
+        def _launch(self, requests):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return super()._launch(requests)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    runs = []
+    for kind in (Engine, Strict):
+        with kind(model) as engine:
+            with engine._cond:
+                streams = [engine.submit(ids, adapter, params) for ids, adapter, params in jobs]
+            for stream in streams:
+                stream.result(timeout=120)
+            assert engine.stats["decode_steps"] > 0 and engine.metrics()["pages_kv"] == 0
+        runs.append([s.token_ids for s in streams])
+    assert runs[0] == runs[1]
 
 
 def test_incremental_text_equals_decoding_everything_each_step():

@@ -16,10 +16,16 @@ One engine thread runs the loop; `submit()` (any thread, or an asyncio task) onl
    prefill forward costs the running batch a step. The adapters of the requests still waiting are
    read into host memory meanwhile (`prefetch_adapters(host_only=True)`), so admitting them does
    not wait on a disk.
-3. One decode forward for all running rows. A row that needs a new block and finds the pool empty
-   preempts the youngest running request (its pages freed; it waits again at the head of the
-   queue and recomputes its prompt and output when readmitted): requests wait instead of failing.
-   A request that could not fit even alone is refused at `submit`.
+3. One decode forward for all running rows is launched, and then the tokens of the step launched
+   before it are read: the host's work for a step (reading tokens, ending rows, the next step's
+   tables and inputs) overlaps the device's work for the step before (vLLM's async scheduling).
+   A row's input token may thus be one the host has not read yet: it stays on the device. A row
+   whose request ended with the step read late ran one step more, whose token is dropped; a row
+   whose tokens reach max_tokens is not launched again. A row that needs a new block and finds the
+   pool empty first reads the launched step (rows it ends give their pages back), then preempts
+   the youngest running request (its pages freed; it waits again at the head of the queue and
+   recomputes its prompt and output when readmitted): requests wait instead of failing. A request
+   that could not fit even alone is refused at `submit`.
 Rows end on EOS (unless ignore_eos), at max_tokens, on a stop string, or when cancelled.
 
 On CUDA, decode steps replay CUDA graphs (`graphs.DecodeGraphs`, as generate() does): the running
@@ -37,12 +43,14 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..memory.page_pool import PoolExhaustedError
 from ..model import MultiLoraModel
+from ..transfer import to_device
 from .detokenize import IncrementalText
 from .requests import Request, RequestError, RequestStream, SamplingParams, StreamEvent, stop_at
 from .sampling import next_tokens
@@ -53,6 +61,16 @@ logger = logging.getLogger(__name__)
 
 class EngineOverloaded(RuntimeError):
     """The queue is full: try again later (the HTTP server answers 503 with Retry-After)."""
+
+
+@dataclass
+class _Launched:
+    """A decode step whose tokens the host has not read yet."""
+
+    requests: list[Request]
+    tokens: torch.Tensor  # int64 [rows] on the device: each row's next token
+    host: torch.Tensor  # int64 [rows]: their copy on the host, complete once `ready` is
+    ready: torch.cuda.Event | None  # None: on the CPU, copied already
 
 
 class Engine:
@@ -69,8 +87,10 @@ class Engine:
     decode steps replayed from CUDA graphs; None: wherever the model allows it (on CUDA), True:
     required (ValueError naming why not), False: eager. `kv_cache_dtype`: "fp8" or "int4" keeps the
     requests' KV quantized in the pool (as `generate(kv_cache_dtype=...)`: more tokens per page, so
-    more requests fit); None: the model's dtype. Call `close()` (or use it as a context manager) to
-    stop it.
+    more requests fit); None: the model's dtype. `async_scheduling`: each decode step is launched
+    before the tokens of the step before it are read (see the module doc); False: read before the
+    next launch (no step runs for a row that has ended; for comparisons and debugging). Call
+    `close()` (or use it as a context manager) to stop it.
     """
 
     def __init__(
@@ -87,6 +107,7 @@ class Engine:
         eos_token_id: int | Sequence[int] | None = None,
         cuda_graphs: bool | None = None,
         kv_cache_dtype: str | None = None,
+        async_scheduling: bool = True,
     ) -> None:
         if not isinstance(model, MultiLoraModel):
             raise TypeError(f"Engine serves a MultiLoraModel, got {type(model).__name__}")
@@ -96,6 +117,8 @@ class Engine:
             lowest = 0 if name == "max_prefill_wait" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
                 raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
+        if not isinstance(async_scheduling, bool):
+            raise TypeError(f"async_scheduling must be True or False, got {async_scheduling!r}")
         if cuda_graphs not in (None, True, False):
             raise TypeError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
         model._check_kv_cache_dtype(kv_cache_dtype, paged=True)
@@ -106,7 +129,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_running, self.max_waiting, self.max_prefill_rows = max_running, max_waiting, max_prefill_rows
         self.min_prefill_rows, self.max_prefill_wait = min_prefill_rows, max_prefill_wait
-        self.prefill_lookahead = prefill_lookahead
+        self.prefill_lookahead, self.async_scheduling = prefill_lookahead, async_scheduling
         self._deferred = 0  # decode steps the head of the queue has waited for a larger prefill
         if eos_token_id is None:
             eos_token_id = model.base_model.generation_config.eos_token_id
@@ -116,6 +139,7 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._kv: dict[str, RowKV] = {}
+        self._launched: _Launched | None = None  # the last decode step, its tokens not read yet
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -233,6 +257,7 @@ class Engine:
                 self._step()
             except Exception as error:  # a bug or a device error: fail what runs, keep serving
                 logger.exception("hf_multilora engine step failed")
+                self._launched = None
                 for request in list(self._running):
                     self._finish(request, "error", error=f"{type(error).__name__}: {error}")
         with self._cond:
@@ -245,7 +270,7 @@ class Engine:
         for request in [r for r in list(self._waiting) + self._running if r.stream.cancelled.is_set()]:
             self._finish(request, "cancelled")
         self._admit()
-        if self._running:
+        if self._running or self._launched is not None:
             self._decode()
 
     def _admit(self) -> None:
@@ -342,9 +367,10 @@ class Engine:
         contexts = [r.context() for r in requests]
         width = max(len(c) for c in contexts)
         try:
+            device = self._pool.storage.device
             logits = self._forward(
                 requests,
-                [[0] * (width - len(c)) + c for c in contexts],
+                to_device([[0] * (width - len(c)) + c for c in contexts], device),
                 [[0] * (width - len(c)) + list(range(len(c))) for c in contexts],
                 added=[len(c) for c in contexts],
             )
@@ -380,47 +406,93 @@ class Engine:
         request.pinned = False
 
     def _decode(self) -> None:
-        while True:  # pages for every row's next token, preempting the youngest while they lack
+        """Launch the running rows' decode step, then read the step launched before it (see the
+        module doc)."""
+        started = time.perf_counter()
+        while True:  # pages for every launched row's next token; read the last step, then preempt, while they lack
+            requests = self._due()
             try:
-                for request in self._running:
+                for request in requests:
                     row = self._kv[request.request_id]
                     row.grow(self._pool, row.length + 1)
-                if self.cuda_graphs:
+                if self.cuda_graphs and requests:
                     self._cache.hold_discard()
                 break
             except PoolExhaustedError:
+                if self._launched is not None:
+                    self._read_launched()
+                    continue
                 if len(self._running) == 1:
                     raise
                 self._preempt(self._running[-1])
-        started = time.perf_counter()
-        requests = list(self._running)
-        tokens = [[r.generated[-1]] for r in requests]
+        launched = self._launch(requests) if requests else None
+        self._read_launched()
+        self._launched = launched
+        if not self.async_scheduling:
+            self._read_launched()
+        self.stats["decode_seconds"] += time.perf_counter() - started
+
+    def _due(self) -> list[Request]:
+        """The running requests that take another decode step: those whose tokens, read or launched,
+        fall short of max_tokens."""
+        launched = {id(r) for r in self._launched.requests} if self._launched is not None else set()
+        return [r for r in self._running if len(r.generated) + (id(r) in launched) < r.params.max_tokens]
+
+    def _launch(self, requests: list[Request]) -> _Launched:
+        """The decode forward of `requests` and its sampling, queued on the device; a row's input is
+        the token the launched step gave it where it was in that step, else its last token read."""
+        device = self._pool.storage.device
+        known = to_device([r.generated[-1] for r in requests], device)
+        if self._launched is None:
+            inputs = known
+        else:
+            order = {id(r): j for j, r in enumerate(self._launched.requests)}
+            take = to_device([order.get(id(r), -1) for r in requests], device)
+            inputs = torch.where(take >= 0, self._launched.tokens[take.clamp(min=0)], known)
         positions = [[self._kv[r.request_id].length] for r in requests]
-        logits = self._forward(requests, tokens, positions, graphs=self.cuda_graphs)
+        logits = self._forward(requests, inputs[:, None], positions, graphs=self.cuda_graphs)
         self.stats["decode_steps"] += 1
         self.batch_sizes[len(requests)] += 1
-        self._emit(requests, next_tokens(logits, requests, self._generator).tolist())
-        self.stats["decode_seconds"] += time.perf_counter() - started
+        tokens = next_tokens(logits, requests, self._generator)
+        if tokens.device.type != "cuda":  # no events to wait on: read now (on the CPU, the tokens themselves)
+            return _Launched(requests, tokens, tokens.cpu(), None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Launched(requests, tokens, host, ready)
+
+    def _read_launched(self) -> None:
+        """Wait for the launched step's tokens and hand them to their requests (those that ended
+        meanwhile drop theirs)."""
+        launched, self._launched = self._launched, None
+        if launched is None:
+            return
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        live = [(r, t) for r, t in zip(launched.requests, launched.host.tolist(), strict=True) if not r.stream.finished]
+        if live:
+            self._emit([r for r, _ in live], [t for _, t in live])
 
     def _forward(
         self,
         requests: list[Request],
-        tokens: list[list[int]],
+        tokens: torch.Tensor,
         positions: list[list[int]],
         added: list[int] | None = None,
         graphs: bool = False,
     ) -> torch.Tensor:
-        """Last-position logits of one forward: one row per request, its tokens added to its KV (the
-        last `added[i]` of row i's; the ones before are left padding). `graphs`: a decode step
-        replayed from a CUDA graph."""
+        """Last-position logits of one forward: one row per request, its tokens (int64 [rows, new], on
+        the device) added to its KV (the last `added[i]` of row i's; the ones before are left
+        padding). `graphs`: a decode step replayed from a CUDA graph."""
         rows = [self._kv[r.request_id] for r in requests]
-        new = len(tokens[0])
+        new = tokens.shape[1]
         added = [new] * len(rows) if added is None else added
         attention_mask = self._cache.load(rows, new, added, mask_always=graphs)
         device = self._pool.storage.device
         logits = self.model._logits_of_step(
-            torch.tensor(tokens, device=device),
-            torch.tensor(positions, device=device),
+            tokens,
+            to_device(positions, device),
             self._cache,
             [r.adapter for r in requests],
             attention_mask,

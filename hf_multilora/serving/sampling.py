@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..transfer import to_device
 from .requests import Request, SamplingParams
 
 
@@ -32,7 +33,7 @@ def next_tokens(
     if not sampled:
         return tokens
     device = logits.device
-    rows = torch.tensor(sampled, device=device)
+    rows = to_device(sampled, device)
     probs, order = warped_probs(logits[rows], [requests[i].params for i in sampled])
     uniform = torch.rand(len(sampled), 1, device=device, generator=generator)
     for j, i in enumerate(sampled):
@@ -59,12 +60,12 @@ def warped_probs(
     Where no row has top-k or top-p, nothing is sorted (the sort is most of the cost on a CPU):
     (probabilities, None)."""
     device, vocab = logits.device, logits.shape[-1]
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    temperature = to_device([p.temperature for p in params], device, torch.float32)
     scores = logits.float() / temperature[:, None]
     if not any(0 < p.top_k < vocab or p.top_p < 1 for p in params):
         return scores.softmax(dim=-1), None
-    top_k = torch.tensor([p.top_k for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    top_k = to_device([p.top_k for p in params], device)
+    top_p = to_device([p.top_p for p in params], device, torch.float32)
     scores, order = scores.sort(dim=-1, stable=True)
     kth = torch.where(top_k > 0, vocab - top_k.clamp(max=vocab), 0)  # the k-th largest; 0 keeps all
     scores = scores.masked_fill(scores < scores.gather(1, kth[:, None]), float("-inf"))

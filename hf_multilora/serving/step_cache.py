@@ -25,9 +25,10 @@ from typing import Any
 import torch
 
 from ..backend import use_triton
-from ..cache import _ACTIVE, PagedCache, StepBuffers, staged_for
+from ..cache import _ACTIVE, PagedCache, StepBuffers
 from ..kernels.paged_attention import write_kv, write_kv_torch
 from ..memory.page_pool import PagePool
+from ..transfer import staged_for, to_device
 
 
 class RowKV:
@@ -118,7 +119,7 @@ class StepCache(PagedCache):
         table.copy_(staged_for(host, device), non_blocking=True)
         self._table, self._layer_tables = table, table.unbind(0)
         lens = torch.tensor([n + count for n, count in zip(self._row_lens, self._added, strict=True)], dtype=torch.int32)
-        self._kv_lens = staged_for(lens, device).to(device, non_blocking=True)
+        self._kv_lens = to_device(lens, device)
         self._uploaded = True
 
     def hold_discard(self) -> None:
