@@ -4,6 +4,7 @@ import threading
 
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_multilora import MultiLoraModel
 from hf_multilora.serving import Engine, RequestError, SamplingParams
@@ -168,6 +169,50 @@ def test_tokens_read_a_step_late_end_rows_without_their_extra_token(model, async
         capped.result(timeout=60)
         assert capped.token_ids == reference[:4] and capped.finish_reason == "length"
         assert engine.stats["decode_steps"] == 3
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's presence / frequency penalties and logit bias over the output tokens, for generate()."""
+
+    def __init__(self, prompt_length, params):
+        self.prompt_length, self.params = prompt_length, params
+
+    def __call__(self, input_ids, scores):
+        output = input_ids[:, self.prompt_length :]
+        counts = torch.zeros_like(scores).scatter_add_(1, output, torch.ones_like(output, dtype=scores.dtype))
+        scores = scores - self.params.frequency_penalty * counts - self.params.presence_penalty * (counts > 0)
+        for token, bias in self.params.logit_bias:
+            scores[:, token] += bias
+        return scores
+
+
+def test_penalties_and_logit_bias_equal_generate_with_openai_processor(model):
+    """Greedy rows with penalties (their counts include the token the host has not read yet, under
+    async scheduling) beside plain ones: each gets what generate() with OpenAI's formula gives it."""
+    names = ["attn_r8", "qv_r4", None, "mlp_r16"]
+    ids = [prompt(5 + i, seed=120 + i) for i in range(4)]
+    first = alone(model, ids[2], None, 16)
+    params = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, frequency_penalty=1.5),
+              SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, presence_penalty=2, frequency_penalty=-0.5),
+              SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logit_bias={first[0]: -100, first[3]: 8}),
+              greedy(16)]  # fmt: skip
+    expected = []
+    for row, p in zip(ids, params, strict=True):
+        device = model.base_model.device
+        out = model.generate(torch.tensor([row], device=device), adapter_ids=[names[len(expected)]], max_new_tokens=16,
+                             min_new_tokens=16, do_sample=False, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([OpenAIPenalties(len(row), p)]))  # fmt: skip
+        expected.append(out[0, len(row) :].tolist())
+    assert expected[2] != first and first[0] not in expected[2]
+    assert expected[0] != alone(model, ids[0], "attn_r8", 16)  # the penalty changed the output
+    with Engine(model) as engine:
+        with engine._cond:
+            streams = [engine.submit(row, name, p) for row, name, p in zip(ids, names, params, strict=True)]
+        for stream in streams:
+            stream.result(timeout=60)
+        assert [s.token_ids for s in streams] == expected
+        with pytest.raises(RequestError, match="logit_bias names token ids outside the vocabulary"):
+            engine.submit([5], None, SamplingParams(logit_bias={VOCAB: 1.0}))
 
 
 def test_cancelling_frees_the_pages_and_the_others_go_on(model):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from hf_multilora.serving import SamplingParams
+from hf_multilora.serving import RequestError, SamplingParams
 from hf_multilora.serving.sampling import next_tokens, warped_probs
 
 # temperature, top_k, top_p: every warper alone, combined, off, k past the vocabulary, k = 1
@@ -73,3 +73,50 @@ def test_greedy_rows_take_the_argmax_and_seeded_rows_ignore_their_neighbours():
     for tokens in crowded:
         assert tokens[0] == greedy[0] and tokens[3] == greedy[3]
     assert len({tuple(t.tolist()) for t in crowded}) > 1  # the sampled rows do draw
+
+
+def penalized(presence=0.0, frequency=0.0, bias=(), temperature=0):
+    params = SamplingParams(temperature=temperature, presence_penalty=presence, frequency_penalty=frequency,
+                            logit_bias=dict(bias))  # fmt: skip
+    return SimpleNamespace(params=params, generator=None, output_counts=None)
+
+
+def test_penalties_and_logit_bias_count_every_token_drawn_so_far():
+    """OpenAI's formula, row by row, over four steps of next_tokens: the counts the sampler keeps on the
+    device are the row's outputs so far; rows without penalties keep none."""
+    gen = torch.Generator().manual_seed(4)
+    rows = [penalized(presence=0.7), penalized(frequency=1.5), penalized(0.3, -0.4, {3: 5.0, 7: -100.0}),
+            penalized(bias={0: 2.5}), SimpleNamespace(params=SamplingParams(temperature=0), generator=None,
+                                                      output_counts=None)]  # fmt: skip
+    outputs = [[] for _ in rows]
+    for _ in range(4):
+        logits = torch.randn(len(rows), 12, generator=gen)
+        logits[:, 5] += 3  # a favourite, so that outputs repeat it
+        expected = logits.clone()
+        for i, request in enumerate(rows):
+            p = request.params
+            counts = torch.bincount(torch.tensor(outputs[i], dtype=torch.long), minlength=12).float()
+            expected[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+            for token, bias in p.logit_bias:
+                expected[i, token] += bias
+        tokens = next_tokens(logits, rows).tolist()
+        assert tokens == expected.argmax(dim=-1).tolist()
+        for i, token in enumerate(tokens):
+            outputs[i].append(token)
+    for i, request in enumerate(rows):
+        if request.params.penalized:
+            assert request.output_counts.tolist() == torch.bincount(torch.tensor(outputs[i]), minlength=12).float().tolist()
+        else:
+            assert request.output_counts is None
+    assert 7 not in outputs[2] and outputs[0].count(5) > 1  # a repeat that presence and frequency tell apart
+
+
+def test_bad_penalties_and_logit_bias_are_refused():
+    with pytest.raises(RequestError, match="presence_penalty=3"):
+        SamplingParams(presence_penalty=3)
+    with pytest.raises(RequestError, match=r"frequency_penalty=-2\.5"):
+        SamplingParams(frequency_penalty=-2.5)
+    for bad in ({-1: 1.0}, {5: 101}, {"5": 1.0}, 7):
+        with pytest.raises(RequestError, match="logit_bias must map token ids"):
+            SamplingParams(logit_bias=bad)
+    assert SamplingParams(logit_bias={9: -1, 2: 3.5}).logit_bias == ((2, 3.5), (9, -1))

@@ -95,6 +95,21 @@ def test_each_demo_adapter_does_its_task_through_completions_and_chat(served):
         assert chat.choices[0].message.content == expected and chat.choices[0].message.role == "assistant"
 
 
+def test_logit_bias_and_penalties_reach_the_engine(served):
+    server, model = served
+    client = server.client()
+    name, text, expected = next(examples(1))
+    prompt = DEMO.prompt_format.replace("{text}", text)
+    first = model.tokenizer(expected[0], add_special_tokens=False)["input_ids"][0]
+    done = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0, presence_penalty=0.5,
+                                     frequency_penalty=0.5, logit_bias={str(first): -100})  # fmt: skip
+    assert not done.choices[0].text.startswith(expected[0])  # the JSON's string key named the token
+    with pytest.raises(openai.BadRequestError, match="logit_bias keys must be token ids"):
+        client.completions.create(model=name, prompt=prompt, max_tokens=2, logit_bias={"x": 1})
+    with pytest.raises(openai.BadRequestError, match="presence_penalty=5"):
+        client.completions.create(model=name, prompt=prompt, max_tokens=2, presence_penalty=5)
+
+
 def test_streaming_gives_the_same_text_in_pieces(served):
     server, _ = served
     client = server.client()

@@ -167,6 +167,10 @@ class Engine:
             raise KeyError(f"unknown adapter {adapter!r}; known adapters: {self.model.adapter_names}")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need the engine's tokenizer")
+        vocab = self.model.base_model.config.vocab_size
+        outside = [token for token, _ in params.logit_bias if token >= vocab]
+        if outside:
+            raise RequestError(f"logit_bias names token ids outside the vocabulary [0, {vocab}): {outside}")
         self._check_fits(len(prompt_ids) + params.max_tokens)
         generator = None  # a seeded request draws from its own; the others from the engine's
         if params.temperature > 0 and params.seed is not None:

@@ -7,7 +7,7 @@ import asyncio
 import math
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +24,11 @@ class SamplingParams:
     """How one request is decoded. temperature 0 is greedy (top_p, top_k and seed then do nothing);
     top_k 0 and top_p 1 are off. `seed` makes sampling reproducible per request, whatever else runs
     in the batch. `stop`: strings that end the output (not included in it); needs the engine's
-    tokenizer. `max_tokens`: new tokens at most (an EOS token ends earlier, unless `ignore_eos`)."""
+    tokenizer. `max_tokens`: new tokens at most (an EOS token ends earlier, unless `ignore_eos`).
+    `presence_penalty`, `frequency_penalty`, `logit_bias`: OpenAI's, applied to the logits before
+    anything else (greedy rows too): a token's logit less frequency_penalty x its count in the
+    output so far, less presence_penalty if it is there at all, plus its bias (token id -> bias, a
+    mapping, kept as sorted pairs)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -33,25 +37,42 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise RequestError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
+        try:
+            bias = dict(self.logit_bias)
+        except (TypeError, ValueError):
+            bias = {None: self.logit_bias}  # refused below, by name
+        if not all(_is_int(t) and t >= 0 and _is_real(b) and -100 <= b <= 100 for t, b in bias.items()):
+            raise RequestError(f"logit_bias must map token ids (ints >= 0) to numbers in [-100, 100], got {bias!r}")
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
         checks = {
             "max_tokens": _is_int(self.max_tokens) and self.max_tokens >= 1,
             "temperature": _is_real(self.temperature) and self.temperature >= 0,
             "top_p": _is_real(self.top_p) and 0 < self.top_p <= 1,
             "top_k": _is_int(self.top_k) and self.top_k >= 0,
             "seed": self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
+            "presence_penalty": _is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+            "frequency_penalty": _is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise RequestError(
                 f"invalid sampling parameters: {values} (max_tokens >= 1, temperature >= 0, "
-                "0 < top_p <= 1, top_k >= 0, 0 <= seed < 2**63)"
+                "0 < top_p <= 1, top_k >= 0, 0 <= seed < 2**63, penalties in [-2, 2])"
             )
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the output's token counts change the logits."""
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 def _is_int(x: object) -> bool:
@@ -180,6 +201,7 @@ class Request:
     emitted_chars: int = 0  # of the decoded output, already sent
     admitted: float | None = None
     pinned: bool = False  # its adapter is held resident (from admission to its end or preemption)
+    output_counts: torch.Tensor | None = None  # float32 [vocab] on the device: the sampler's, for penalties
 
     def context(self) -> list[int]:
         """Prompt and generated tokens: what a preempted request recomputes."""

@@ -4,6 +4,11 @@ for the whole batch.
 Why batched: sampling row by row cost each sampled row about ten launches and a device sync (48
 rows: ~15 ms of host time a step on a CPU, more than a 7B decode step's GPU time).
 
+OpenAI's presence and frequency penalties and logit bias come first, for the rows that ask for
+them (greedy ones too, as vLLM applies them): each penalized request keeps the counts of its
+output tokens on the device (`Request.output_counts`, added to after every draw), so an output
+token the host has not read yet (the engine's async scheduling) counts as well.
+
 Greedy rows take the argmax of the logits as they are (as HF's greedy search does). Sampled rows
 follow HF's logits warpers in HF's order, temperature, then top-k, then top-p, each row with its own
 values, over one sort of the batch's scores. The draw inverts each row's cumulative distribution
@@ -28,7 +33,43 @@ def next_tokens(
 ) -> torch.Tensor:
     """logits [rows, vocab] of the last position -> the next token id of each request, int64 [rows] on
     logits' device. `generator`: the draws of sampled requests without a generator of their own."""
-    tokens = logits.argmax(dim=-1)
+    adjusted = [i for i, r in enumerate(requests) if r.params.penalized or r.params.logit_bias]
+    if adjusted:
+        logits = adjusted_logits(logits, requests, adjusted)
+    tokens = _with_sampled_rows(logits, requests, generator, logits.argmax(dim=-1))
+    for i in adjusted:
+        if requests[i].params.penalized:
+            requests[i].output_counts.index_add_(0, tokens[i : i + 1], torch.ones(1, device=logits.device))
+    return tokens
+
+
+def adjusted_logits(logits: torch.Tensor, requests: Sequence[Request], rows: Sequence[int]) -> torch.Tensor:
+    """logits [rows, vocab] with OpenAI's logit bias and presence / frequency penalties of the
+    listed rows applied (float32, a copy)."""
+    device, vocab = logits.device, logits.shape[-1]
+    logits = logits.to(torch.float32, copy=True)
+    bias = [(i, token, value) for i in rows for token, value in requests[i].params.logit_bias]
+    if bias:
+        at_row, token, value = zip(*bias, strict=True)
+        logits.index_put_((to_device(at_row, device), to_device(token, device)), to_device(value, device, torch.float32),
+                          accumulate=True)  # fmt: skip
+    penalized = [i for i in rows if requests[i].params.penalized]
+    if penalized:
+        for i in penalized:
+            if requests[i].output_counts is None:
+                requests[i].output_counts = torch.zeros(vocab, device=device)
+        counts = torch.stack([requests[i].output_counts for i in penalized])
+        frequency = to_device([requests[i].params.frequency_penalty for i in penalized], device, torch.float32)
+        presence = to_device([requests[i].params.presence_penalty for i in penalized], device, torch.float32)
+        index = to_device(penalized, device)
+        logits[index] -= frequency[:, None] * counts + presence[:, None] * (counts > 0)
+    return logits
+
+
+def _with_sampled_rows(
+    logits: torch.Tensor, requests: Sequence[Request], generator: torch.Generator | None, tokens: torch.Tensor
+) -> torch.Tensor:
+    """`tokens` with the rows of sampled requests drawn from their warped distributions."""
     sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0]
     if not sampled:
         return tokens

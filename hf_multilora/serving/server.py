@@ -26,11 +26,11 @@ from .engine import Engine, EngineOverloaded
 from .requests import RequestError, RequestStream, SamplingParams
 
 RETRY_AFTER_S = 1
-_SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"}
+_SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "presence_penalty",
+                   "frequency_penalty", "logit_bias"}  # fmt: skip
 _UNSUPPORTED = {  # OpenAI parameters we refuse rather than ignore (the answer would not be what was asked)
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "n": (None, 1), "suffix": (None, ""), "tools": (None, []), "response_format": (None, {"type": "text"}),
-    "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
 }  # fmt: skip
 
 
@@ -241,6 +241,11 @@ def _sampling(body: dict) -> SamplingParams:
         given["stop"] = (given["stop"],)
     if isinstance(given.get("stop"), list):
         given["stop"] = tuple(given["stop"])
+    if isinstance(given.get("logit_bias"), dict):  # JSON object keys are strings: token ids as text
+        try:
+            given["logit_bias"] = {int(token): bias for token, bias in given["logit_bias"].items()}
+        except ValueError as error:
+            raise bad_request(f"logit_bias keys must be token ids, got {list(given['logit_bias'])}", "logit_bias") from error
     try:
         return SamplingParams(**given)
     except (RequestError, TypeError) as error:
