@@ -110,6 +110,31 @@ def test_logit_bias_and_penalties_reach_the_engine(served):
         client.completions.create(model=name, prompt=prompt, max_tokens=2, presence_penalty=5)
 
 
+def test_n_choices_come_in_one_response_streamed_or_not(served):
+    server, _ = served
+    client = server.client()
+    name, text, expected = next(examples(1))
+    prompt = DEMO.prompt_format.replace("{text}", text)
+    one = client.completions.create(model=name, prompt=prompt, max_tokens=32, temperature=0)
+    three = client.completions.create(model=name, prompt=prompt, max_tokens=32, temperature=0, n=3)
+    assert [(c.index, c.text) for c in three.choices] == [(i, expected) for i in range(3)]
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # one prompt, counted once
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    # seeded: choice i draws from seed + i, so the choices differ and a repeat gives the same ones
+    sampled = dict(model=name, prompt=prompt, max_tokens=12, temperature=1.5, seed=11)
+    first, again = (client.completions.create(**sampled, n=4) for _ in range(2))
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in first.choices}) > 1
+    assert first.choices[0].text == client.completions.create(**sampled).choices[0].text
+    chat = dict(model=name, messages=[{"role": "user", "content": text}], max_tokens=32, temperature=0, n=2)
+    pieces = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(**chat, stream=True):
+        for choice in chunk.choices:
+            pieces[choice.index] += choice.delta.content or ""
+    assert pieces == {0: expected, 1: expected}
+    assert [c.message.content for c in client.chat.completions.create(**chat).choices] == [expected, expected]
+
+
 def test_streaming_gives_the_same_text_in_pieces(served):
     server, _ = served
     client = server.client()
@@ -163,8 +188,10 @@ def test_errors_come_in_openai_shape(served):
         client.completions.create(model="nope", prompt="x", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="upper", prompt="x", max_tokens=2, temperature=-1)
-    with pytest.raises(openai.BadRequestError, match="n=2 is not supported"):
-        client.completions.create(model="upper", prompt="x", max_tokens=2, n=2)
+    with pytest.raises(openai.BadRequestError, match="best_of=2 is not supported"):
+        client.completions.create(model="upper", prompt="x", max_tokens=2, best_of=2)
+    with pytest.raises(openai.BadRequestError, match=r"n must be an int in \[1, 128\], got 0"):
+        client.completions.create(model="upper", prompt="x", max_tokens=2, n=0)
     with pytest.raises(openai.BadRequestError, match="prompt"):
         client.completions.create(model="upper", prompt="", max_tokens=2)
     with pytest.raises(openai.AuthenticationError):

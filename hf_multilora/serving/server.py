@@ -7,11 +7,14 @@ adapter's name, or the served base model's own name for no adapter. Errors come 
 shape: 400 bad parameters, 401 a wrong API key, 404 an unknown model, 503 a full queue (with
 Retry-After). A client that goes away cancels its request (its pages go back at the next step).
 
-Extensions to OpenAI's parameters, as vLLM takes them: `top_k`, `ignore_eos`.
+Extensions to OpenAI's parameters, as vLLM takes them: `top_k`, `ignore_eos`. `n` choices are n
+engine requests, decoded side by side in the same batches.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,14 +26,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..adapters.loading import AdapterLoadError
 from .engine import Engine, EngineOverloaded
-from .requests import RequestError, RequestStream, SamplingParams
+from .requests import RequestError, RequestStream, SamplingParams, StreamEvent
 
 RETRY_AFTER_S = 1
+MAX_CHOICES = 128  # `n` at most, as OpenAI's chat completions take it
 _SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "presence_penalty",
                    "frequency_penalty", "logit_bias"}  # fmt: skip
 _UNSUPPORTED = {  # OpenAI parameters we refuse rather than ignore (the answer would not be what was asked)
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "n": (None, 1), "suffix": (None, ""), "tools": (None, []), "response_format": (None, {"type": "text"}),
+    "suffix": (None, ""), "tools": (None, []), "response_format": (None, {"type": "text"}),
 }  # fmt: skip
 
 
@@ -81,16 +85,21 @@ class OpenAIService:
         chat = route == "chat"
         prompt = self._chat_prompt(body) if chat else self._completion_prompt(body)
         adapter = self.adapter_of(body.get("model"))
-        params = _sampling(body)
+        params, choices = _sampling(body), _choices(body)
+        streams: list[RequestStream] = []
         try:
-            stream = self.engine.submit(prompt, adapter, params)
-        except KeyError as error:
-            raise ApiError(404, str(error.args[0]), "not_found_error", "model") from error
-        except RequestError as error:
-            raise bad_request(str(error)) from error
-        except EngineOverloaded as error:
+            for i in range(choices):  # a seeded request's choices draw from seed, seed + 1, ...
+                seed = params.seed if params.seed is None else (params.seed + i) % 2**63
+                streams.append(self.engine.submit(prompt, adapter, dataclasses.replace(params, seed=seed)))
+        except (KeyError, RequestError, EngineOverloaded) as error:
+            for stream in streams:  # all choices or none
+                stream.cancel()
+            if isinstance(error, KeyError):
+                raise ApiError(404, str(error.args[0]), "not_found_error", "model") from error
+            if isinstance(error, RequestError):
+                raise bad_request(str(error)) from error
             raise ApiError(503, str(error), "overloaded_error") from error
-        return Reply(stream, body["model"], chat, created=int(time.time()))
+        return Reply(streams, body["model"], chat, created=int(time.time()))
 
     def adapter_of(self, model: object) -> str | None:
         """The adapter `model` names (None: the base model); ApiError when it names nothing served."""
@@ -230,6 +239,15 @@ async def json_body(request: Request) -> dict:
     return body
 
 
+def _choices(body: dict) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"n must be an int in [1, {MAX_CHOICES}], got {n!r}", "n")
+    return n
+
+
 def _sampling(body: dict) -> SamplingParams:
     for name, neutral in _UNSUPPORTED.items():
         if body.get(name) not in neutral:
@@ -253,40 +271,72 @@ def _sampling(body: dict) -> SamplingParams:
 
 
 class Reply:
-    """OpenAI's response objects for one request: whole, or as stream chunks."""
+    """OpenAI's response objects for one request of `n` choices (one engine request each): whole, or
+    as stream chunks."""
 
-    def __init__(self, stream: RequestStream, model: str, chat: bool, created: int) -> None:
-        self.stream, self.model, self.chat, self.created = stream, model, chat, created
-        self.id = ("chatcmpl-" if chat else "cmpl-") + stream.request_id
+    def __init__(self, streams: list[RequestStream], model: str, chat: bool, created: int) -> None:
+        self.streams, self.model, self.chat, self.created = streams, model, chat, created
+        self.id = ("chatcmpl-" if chat else "cmpl-") + streams[0].request_id
 
     def _usage(self) -> dict:
-        usage = self.stream.usage
-        return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.prompt_tokens + usage.completion_tokens}  # fmt: skip
+        prompt = self.streams[0].usage.prompt_tokens  # one prompt for all choices, as OpenAI counts it
+        completion = sum(s.usage.completion_tokens for s in self.streams)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _envelope(self, choices: list, chunk: bool) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
+    def _cancel(self) -> None:
+        for stream in self.streams:
+            if not stream.finished:
+                stream.cancel()
+
+    async def _events(self) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """(choice index, event) of every choice, as they come."""
+        queue: asyncio.Queue[tuple[int, StreamEvent | None]] = asyncio.Queue()
+
+        async def forward(index: int, stream: RequestStream) -> None:
+            try:
+                async for event in stream:
+                    await queue.put((index, event))
+            finally:
+                await queue.put((index, None))
+
+        tasks = [asyncio.create_task(forward(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            running = len(tasks)
+            while running:
+                index, event = await queue.get()
+                if event is None:
+                    running -= 1
+                else:
+                    yield index, event
+        finally:
+            for task in tasks:
+                task.cancel()
+
     async def whole(self, disconnected: Callable[[], Awaitable[bool]] | None = None) -> dict:
-        """The response once the request ended; `disconnected()` is asked after every token (a client
+        """The response once every choice ended; `disconnected()` is asked after every token (a client
         that went away cancels the request)."""
         try:
-            async for _ in self.stream:
+            async for _ in self._events():
                 if disconnected is not None and await disconnected():
-                    self.stream.cancel()
+                    self._cancel()
         finally:
-            if not self.stream.finished:
-                self.stream.cancel()
-        if self.stream.finish_reason == "error":
-            raise ApiError(500, f"the request failed: {self.stream.error}", "server_error")
-        reason = self.stream.finish_reason
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": self.stream.text},
-                      "finish_reason": reason, "logprobs": None}  # fmt: skip
-        else:
-            choice = {"index": 0, "text": self.stream.text, "finish_reason": reason, "logprobs": None}
-        return {**self._envelope([choice], chunk=False), "usage": self._usage()}
+            self._cancel()
+        failed = next((s for s in self.streams if s.finish_reason == "error"), None)
+        if failed is not None:
+            raise ApiError(500, f"the request failed: {failed.error}", "server_error")
+        choices = []
+        for index, stream in enumerate(self.streams):
+            choice: dict[str, Any] = {"index": index, "finish_reason": stream.finish_reason, "logprobs": None}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": stream.text}
+            else:
+                choice["text"] = stream.text
+            choices.append(choice)
+        return {**self._envelope(choices, chunk=False), "usage": self._usage()}
 
     async def chunks(self, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events; when the client goes away the server stops iterating, and the request
@@ -295,21 +345,21 @@ class Reply:
             async for chunk in self._chunks(include_usage):
                 yield chunk
         finally:
-            if not self.stream.finished:
-                self.stream.cancel()
+            self._cancel()
 
     async def _chunks(self, include_usage: bool) -> AsyncIterator[str]:
         if self.chat:
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            yield _sse(self._envelope([first], chunk=True))
-        async for event in self.stream:
+            for index in range(len(self.streams)):
+                first = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                yield _sse(self._envelope([first], chunk=True))
+        async for index, event in self._events():
             if event.finish_reason == "error":
                 error = {"message": f"the request failed: {event.error}", "type": "server_error", "code": 500}
                 yield _sse({"error": error})
                 break
             if not event.text and event.finish_reason is None:
                 continue
-            choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason, "logprobs": None}
+            choice: dict[str, Any] = {"index": index, "finish_reason": event.finish_reason, "logprobs": None}
             if self.chat:
                 choice["delta"] = {"content": event.text} if event.text else {}
             else:
