@@ -53,11 +53,13 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.ray_replicas:
         _serve_on_ray(args, parser)
         return
+    queue = {} if args.max_waiting is None else {"max_waiting": args.max_waiting}
     try:
         served = _served_model(args)
+        engine = Engine(served.model, served.tokenizer, max_running=args.max_running,
+                        kv_cache_dtype=args.kv_cache_dtype, **queue)  # fmt: skip
     except (OSError, AdapterLoadError, ValueError) as error:
         parser.error(str(error))
-    engine = Engine(served.model, served.tokenizer, max_running=args.max_running, kv_cache_dtype=args.kv_cache_dtype)
     try:
         service = OpenAIService(engine, model_name=served.name, adapter_dir=served.adapter_dir,
                                 chat_template=served.chat_template)  # fmt: skip
@@ -80,9 +82,13 @@ def _serve_on_ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     source = _source(args)
     if args.adapter_dir is not None:
         parser.error("--adapter-dir: a Ray Serve deployment's adapters are fixed at start (use --adapter)")
-    spec = ModelSpec(base=str(source.base), adapters={n: str(p) for n, p in source.adapters.items()},
-                     model_name=source.name, chat_template=source.chat_template, pool_bytes=args.pool_bytes,
-                     max_running=args.max_running, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
+    try:
+        spec = ModelSpec(base=str(source.base), adapters={n: str(p) for n, p in source.adapters.items()},
+                         model_name=source.name, chat_template=source.chat_template, pool_bytes=args.pool_bytes,
+                         max_running=args.max_running, kv_cache_dtype=args.kv_cache_dtype, max_waiting=args.max_waiting,
+                         max_routing=args.max_routing)  # fmt: skip
+    except ValueError as error:
+        parser.error(str(error))
     ray.init(address=args.ray_address)
     serve.start(http_options={"host": args.host, "port": args.port})
     api_key = args.api_key or os.environ.get("HF_MULTILORA_API_KEY")
@@ -177,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", help="the base model's name in `model` (default: --base, or demo-base)")
     serve.add_argument("--chat-template", type=Path, help="a Jinja chat template file (default: the tokenizer's)")
     serve.add_argument("--max-running", type=int, default=64, help="requests decoded together at most (default: %(default)s)")
+    serve.add_argument("--max-waiting", type=int, help="requests an engine queues beyond --max-running; more: 503 "
+                       "(default: 1024; with --ray-replicas, 4 x --max-running per replica)")  # fmt: skip
+    serve.add_argument("--max-routing", type=int, default=1024, help="with --ray-replicas: requests waiting for a "
+                       "full replica at most; more: 503 (default: %(default)s)")  # fmt: skip
     serve.add_argument("--kv-cache-dtype", choices=("fp8", "int4"), help="keep the requests' KV quantized (default: the model's dtype)")
     serve.add_argument("--ray-replicas", type=int, help="serve N replicas on Ray Serve (one GPU each where there are GPUs)")
     serve.add_argument("--ray-address", help="the Ray cluster to join (default: start one here; `auto`: the running one)")

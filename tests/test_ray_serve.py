@@ -106,3 +106,43 @@ def test_a_replica_batches_more_than_ray_serves_default_of_5_requests(url):
         assert peak >= 8, f"at most {peak} rows ran at once for 12 concurrent requests"
     finally:
         serve.delete("single")
+
+
+@pytest.mark.parametrize("name, value", [("max_running", 0), ("max_waiting", 0), ("max_routing", -1), ("max_routing", True)])
+def test_a_model_spec_refuses_queue_sizes_below_one(name, value):
+    with pytest.raises(ValueError, match=f"ModelSpec.{name} must be an int >= 1"):
+        ModelSpec(base=str(DEMO.base), **{name: value})
+
+
+def test_overload_beyond_the_replicas_and_the_routing_queue_is_answered_503_with_retry_after(url):
+    """A replica holds max_running + max_waiting requests and max_routing more wait in the router;
+    past that a client hears 503 with Retry-After at once (not a request stuck in Ray's proxy), the
+    router still answers /health, and the deployment serves normally once the load is gone."""
+    spec = ModelSpec(base=str(DEMO.base), adapters={n: str(p) for n, p in DEMO.adapters.items()},
+                     model_name="demo-base", device="cpu", max_running=1, max_waiting=1, max_routing=1)  # fmt: skip
+    serve.run(application(spec, replicas=1), name="tight", route_prefix="/tight")
+    tight = f"{url}/tight"
+    try:
+        body = {"model": "upper", "prompt": "a b c", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+        httpx.post(f"{tight}/v1/completions", json={**body, "max_tokens": 2}, timeout=120).raise_for_status()
+        replies = []
+
+        def call():
+            replies.append(httpx.post(f"{tight}/v1/completions", json=body, timeout=120))
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        assert httpx.get(f"{tight}/health", timeout=30).status_code == 200
+        for t in threads:
+            t.join()
+        refused = [r for r in replies if r.status_code == 503]
+        served = [r for r in replies if r.status_code == 200]
+        assert len(refused) + len(served) == 8, [r.status_code for r in replies]
+        assert refused and len(served) >= 3, [r.status_code for r in replies]  # 1 running, 1 waiting, 1 routing
+        assert all(r.headers.get("retry-after") for r in refused)
+        assert all(r.json()["error"]["type"] == "overloaded_error" for r in refused)
+        assert all(r.json()["usage"]["completion_tokens"] == 48 for r in served)
+        httpx.post(f"{tight}/v1/completions", json=body, timeout=120).raise_for_status()
+    finally:
+        serve.delete("tight")

@@ -262,3 +262,12 @@ def test_a_full_queue_answers_503_with_retry_after():
     finally:
         server.stop()
         engine.close()
+
+
+def test_serve_refuses_an_empty_queue_by_its_flag(capsys):
+    from hf_multilora.app.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--device", "cpu", "--max-waiting", "0"])
+    assert exit_info.value.code == 2
+    assert "max_waiting must be an int >= 1" in capsys.readouterr().err

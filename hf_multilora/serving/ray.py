@@ -30,18 +30,26 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from transformers import AutoTokenizer
 
 from ..model import MultiLoraModel
 from .engine import Engine
-from .server import ApiError, OpenAIService, bad_request, error_body, json_body, key_refusal
+from .server import ApiError, OpenAIService, bad_request, error_body, json_answer, json_body, key_refusal
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """What every replica loads: `base` (a folder or Hub id), `adapters` {name: folder or Hub id},
     the base model's served `model_name`, a `chat_template` (None: the tokenizer's), the `device`
-    (None: CUDA where there is one), the pool size and the engine's `max_running` and `kv_cache_dtype`."""
+    (None: CUDA where there is one), the pool size and the engine's `max_running` and `kv_cache_dtype`.
+
+    `max_waiting`: requests each replica's engine holds beyond `max_running` (None: 4 x max_running),
+    ready to start as rows end. Ray Serve retries a full replica with backoff (up to 0.5 s), so a
+    shallow queue leaves rows empty under overload (2 x max_running in all: one replica served
+    0.45x the tokens with twice its share of clients, docs/benchmarks.md); a deeper one sends a
+    popular adapter to a second replica later. `max_routing`: requests the router holds while every
+    replica is full (more: 503 with Retry-After)."""
 
     base: str
     adapters: dict[str, str] = field(default_factory=dict)
@@ -51,6 +59,18 @@ class ModelSpec:
     pool_bytes: int | None = None
     max_running: int = 64
     kv_cache_dtype: str | None = None
+    max_waiting: int | None = None
+    max_routing: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_waiting", "max_routing"):
+            value = getattr(self, name)
+            if not (value is None and name == "max_waiting") and (type(value) is not int or value < 1):
+                raise ValueError(f"ModelSpec.{name} must be an int >= 1, got {value!r}")
+
+    @property
+    def engine_waiting(self) -> int:
+        return 4 * self.max_running if self.max_waiting is None else self.max_waiting
 
 
 @serve.deployment
@@ -62,7 +82,7 @@ class Replica:
         model = MultiLoraModel.from_pretrained(spec.base, spec.adapters, pool_bytes=spec.pool_bytes)
         model.to(device)
         self.engine = Engine(model, AutoTokenizer.from_pretrained(spec.base), max_running=spec.max_running,
-                             kv_cache_dtype=spec.kv_cache_dtype)  # fmt: skip
+                             max_waiting=spec.engine_waiting, kv_cache_dtype=spec.kv_cache_dtype)  # fmt: skip
         self.service = OpenAIService(self.engine, model_name=spec.model_name, chat_template=spec.chat_template)
 
     @serve.multiplexed(max_num_models_per_replica=64)
@@ -102,7 +122,8 @@ class Replica:
         return self.service.metrics()
 
 
-# Requests the router takes beyond what its replicas do: /health, /metrics and /v1/models stay answered under load.
+# Requests the router takes beyond what its replicas and its queue do: /health, /metrics and /v1/models stay
+# answered under load.
 ROUTER_SPARE_REQUESTS = 16
 
 router_app = FastAPI(title="hf_multilora on Ray Serve", docs_url=None, redoc_url=None)
@@ -156,14 +177,17 @@ class Router:
         if not isinstance(model, str) or not model:
             return JSONResponse(error_body(bad_request("model must name the base model or an adapter", "model")), 400)
         handle = self.replica.options(multiplexed_model_id=model)
-        if not body.get("stream"):
-            status, payload = await handle.respond.remote(route, body)
-            return JSONResponse(payload, status)
-        events = handle.options(stream=True).respond_stream.remote(route, body)
-        status, payload = await events.__anext__()
+        try:
+            if not body.get("stream"):
+                return json_answer(*reversed(await handle.respond.remote(route, body)))
+            events = handle.options(stream=True).respond_stream.remote(route, body)
+            status, payload = await events.__anext__()
+        except BackPressureError:  # max_routing requests already wait for a replica
+            error = ApiError(503, "every replica is full and max_routing requests wait for one", "overloaded_error")
+            return json_answer(error_body(error), 503)
         if status != 200:
             events.cancel()
-            return JSONResponse(payload, status)
+            return json_answer(payload, status)
 
         async def chunks() -> AsyncIterator[str]:
             try:
@@ -186,12 +210,14 @@ def application(spec: ModelSpec, replicas: int = 1, *, api_key: str | None = Non
         has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
         gpus_per_replica = 1 if has_gpus and spec.device != "cpu" else 0
     # Ray Serve sends a replica at most `max_ongoing_requests` at once (default 5): left at that, an
-    # engine would batch 5 rows. A replica takes twice what its engine runs, so that rows finishing
-    # are replaced from its own queue; the router passes on what all replicas take, the rest waits
-    # in Ray's proxy.
-    per_replica = 2 * spec.max_running
+    # engine would batch 5 rows. A replica takes what its engine runs and queues, so that rows ending
+    # are replaced from its own queue at once; up to max_routing more wait in the router (Ray's
+    # queue at the router's handle, FIFO), and the router takes all of them, so that its own routes
+    # are never stuck behind completions in Ray's proxy.
+    per_replica = spec.max_running + spec.engine_waiting
     replica = Replica.options(num_replicas=replicas, max_ongoing_requests=per_replica,
+                              max_queued_requests=spec.max_routing,
                               ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": 0})  # fmt: skip
-    router = Router.options(max_ongoing_requests=replicas * per_replica + ROUTER_SPARE_REQUESTS,
+    router = Router.options(max_ongoing_requests=replicas * per_replica + spec.max_routing + ROUTER_SPARE_REQUESTS,
                             ray_actor_options={"num_cpus": 0})  # fmt: skip
     return router.bind(replica.bind(spec), api_key)

@@ -171,6 +171,12 @@ def key_refusal(api_key: str | None, request: Request) -> JSONResponse | None:
     return JSONResponse(error_body(ApiError(401, "invalid or missing API key", "authentication_error")), 401)
 
 
+def json_answer(payload: dict, status: int) -> JSONResponse:
+    """`payload` as JSON; a 503 (overloaded) tells the client when to come back."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
 def error_body(error: ApiError) -> dict:
     return {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.status}}
 
@@ -182,8 +188,7 @@ def build_app(service: OpenAIService, *, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 503 else None
-        return JSONResponse(error_body(error), status_code=error.status, headers=headers)
+        return json_answer(error_body(error), error.status)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Any) -> Any:
