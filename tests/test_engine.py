@@ -215,6 +215,46 @@ def test_penalties_and_logit_bias_equal_generate_with_openai_processor(model):
             engine.submit([5], None, SamplingParams(logit_bias={VOCAB: 1.0}))
 
 
+def step_log_probs(model, ids, adapter, tokens):
+    """generate()'s log-softmax of the raw logits before each of `tokens`, the output given so far."""
+    device, rows = model.base_model.device, []
+    for t in range(len(tokens)):
+        out = model.generate(torch.tensor([ids + tokens[:t]], device=device), adapter_ids=[adapter], max_new_tokens=1,
+                             do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        rows.append(out.logits[0][0].float().log_softmax(dim=-1))
+    return torch.stack(rows)
+
+
+def test_logprobs_are_the_log_softmax_of_the_models_logits_for_each_output_token(model):
+    """A greedy row with 3 top tokens and a sampled, penalized row with none, beside a row without
+    logprobs: each token's logprob and top tokens are the log-softmax of the raw logits at that step
+    (what generate() gives for the output so far; temperature, top-k and penalties do not change them)."""
+    ids = [prompt(6 + i, seed=140 + i) for i in range(3)]
+    names = ["attn_r8", "qv_r4", None]
+    params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=8, temperature=0.8, top_k=5, seed=3, ignore_eos=True, frequency_penalty=1.0,
+                             logprobs=0),
+              greedy(8)]  # fmt: skip
+    with Engine(model) as engine:
+        with engine._cond:
+            streams = [engine.submit(row, name, p) for row, name, p in zip(ids, names, params, strict=True)]
+        for stream in streams:
+            stream.result(timeout=60)
+    assert streams[2].logprobs == []
+    for row, name, p, stream in zip(ids[:2], names[:2], params[:2], streams[:2], strict=True):
+        assert len(stream.logprobs) == len(stream.token_ids) == 8
+        expected = step_log_probs(model, row, name, stream.token_ids)
+        chosen = expected.gather(1, torch.tensor(stream.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor([e.logprob for e in stream.logprobs]), chosen, atol=1e-4, rtol=0)
+        top = expected.topk(p.logprobs, dim=-1)
+        assert [[t for t, _ in e.top] for e in stream.logprobs] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor([[v for _, v in e.top] for e in stream.logprobs]).reshape(top.values.shape),
+                                   top.values, atol=1e-4, rtol=0)  # fmt: skip
+    assert all(e.top[0][1] == max(v for _, v in e.top) and e.logprob <= 0 for e in streams[0].logprobs)
+    with pytest.raises(RequestError, match="logprobs=21"):
+        SamplingParams(logprobs=21)
+
+
 def test_cancelling_frees_the_pages_and_the_others_go_on(model):
     with Engine(model) as engine:
         victim = engine.submit(prompt(20, seed=3), "mlp_r16", greedy(500))
@@ -422,12 +462,14 @@ def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo, kv_dtyp
 def test_on_cuda_a_decode_step_is_launched_without_waiting_for_the_device(llama_zoo):
     """The host's work for a step overlaps the step before only if launching it never synchronises:
     the second run of the same requests (graphs captured by the first) launches every decode step
-    under torch's sync debug mode "error", and gives the same tokens, sampled ones (seeded) included."""
+    under torch's sync debug mode "error", and gives the same tokens, sampled ones (seeded) included,
+    and the same logprobs where asked (read with the tokens)."""
     model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().cuda(), adapters=llama_zoo.paths, pool_bytes=2**28)
     names = [*llama_zoo.paths, None]
     sampled = dict(temperature=0.8, top_p=0.9, top_k=20, ignore_eos=True)
     jobs = [(prompt(5 + i % 4, seed=80 + i), names[i % len(names)],
-             SamplingParams(max_tokens=20 + i, seed=i, **sampled) if i % 2 else greedy(20 + i)) for i in range(10)]  # fmt: skip
+             SamplingParams(max_tokens=20 + i, seed=i, logprobs=i % 3 or None, **sampled) if i % 2 else greedy(20 + i))
+            for i in range(10)]  # fmt: skip
 
     class Strict(Engine):
         def _launch(self, requests):
@@ -445,8 +487,12 @@ def test_on_cuda_a_decode_step_is_launched_without_waiting_for_the_device(llama_
             for stream in streams:
                 stream.result(timeout=120)
             assert engine.stats["decode_steps"] > 0 and engine.metrics()["pages_kv"] == 0
-        runs.append([s.token_ids for s in streams])
-    assert runs[0] == runs[1]
+        runs.append(streams)
+    assert [s.token_ids for s in runs[0]] == [s.token_ids for s in runs[1]]
+    assert sum(bool(s.logprobs) for s in runs[0]) == 3
+    for first, second in zip(*runs, strict=True):
+        assert [[t for t, _ in e.top] for e in first.logprobs] == [[t for t, _ in e.top] for e in second.logprobs]
+        assert [e.logprob for e in first.logprobs] == pytest.approx([e.logprob for e in second.logprobs], abs=1e-4)
 
 
 def test_incremental_text_equals_decoding_everything_each_step():

@@ -16,7 +16,7 @@ from helpers import free_port  # noqa: E402
 from hf_multilora.app.cli import _parser, _served_model  # noqa: E402
 from hf_multilora.app.demo import read_demo  # noqa: E402
 
-from hf_multilora.serving import Engine  # noqa: E402
+from hf_multilora.serving import Engine, SamplingParams  # noqa: E402
 from hf_multilora.serving.server import OpenAIService, build_app  # noqa: E402
 
 DEMO = read_demo()
@@ -108,6 +108,42 @@ def test_logit_bias_and_penalties_reach_the_engine(served):
         client.completions.create(model=name, prompt=prompt, max_tokens=2, logit_bias={"x": 1})
     with pytest.raises(openai.BadRequestError, match="presence_penalty=5"):
         client.completions.create(model=name, prompt=prompt, max_tokens=2, presence_penalty=5)
+
+
+def test_logprobs_come_in_openai_shape_streamed_or_not(served):
+    """Completions' parallel lists and chat's content entries carry the engine's logprobs of each
+    output token (greedy: the chosen token is the most likely), the same whether streamed or not."""
+    server, model = served
+    client = server.client()
+    name, text, _ = next(examples(1))
+    prompt = DEMO.prompt_format.replace("{text}", text)
+    truth = server.engine.submit(prompt, name, SamplingParams(max_tokens=8, temperature=0, logprobs=2))
+    truth.result(timeout=60)
+    names = [model.tokenizer.decode([t]) for t in truth.token_ids]
+    done = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    got = done.choices[0].logprobs
+    assert got.tokens == names and "".join(names) == done.choices[0].text
+    assert got.token_logprobs == pytest.approx([e.logprob for e in truth.logprobs], abs=1e-5)
+    assert got.text_offset == [sum(len(n) for n in names[:i]) for i in range(len(names))]
+    for top, token, lp in zip(got.top_logprobs, names, got.token_logprobs, strict=True):
+        assert token in top and len(top) <= 3 and max(top.values()) == pytest.approx(lp) and lp <= 0
+    pieces = [c.choices[0].logprobs for c in client.completions.create(model=name, prompt=prompt, max_tokens=8,
+                                                                       temperature=0, logprobs=2, stream=True)]  # fmt: skip
+    assert [t for p in pieces if p for t in p.tokens] == got.tokens
+    assert [o for p in pieces if p for o in p.text_offset] == got.text_offset
+    chat = dict(model=name, messages=[{"role": "user", "content": text}], max_tokens=8, temperature=0, logprobs=True,
+                top_logprobs=2)  # fmt: skip
+    content = client.chat.completions.create(**chat).choices[0].logprobs.content
+    assert len(content) == len(truth.token_ids) and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.bytes == list(e.token.encode()) and e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in content)
+    streamed = [e for c in client.chat.completions.create(**chat, stream=True) if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]  # fmt: skip
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert client.completions.create(model=name, prompt=prompt, max_tokens=2).choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match=r"logprobs must be an int in \[0, 20\], got 21"):
+        client.completions.create(model=name, prompt=prompt, max_tokens=2, logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs: true"):
+        client.chat.completions.create(model=name, messages=chat["messages"], max_tokens=2, top_logprobs=2)
 
 
 def test_n_choices_come_in_one_response_streamed_or_not(served):

@@ -2,6 +2,6 @@
 OpenAI-compatible HTTP server over it (`hf-multilora serve`, server.py)."""
 
 from .engine import Engine, EngineOverloaded
-from .requests import RequestError, RequestStream, SamplingParams, StreamEvent
+from .requests import RequestError, RequestStream, SamplingParams, StreamEvent, TokenLogprob
 
-__all__ = ["Engine", "EngineOverloaded", "RequestError", "RequestStream", "SamplingParams", "StreamEvent"]
+__all__ = ["Engine", "EngineOverloaded", "RequestError", "RequestStream", "SamplingParams", "StreamEvent", "TokenLogprob"]

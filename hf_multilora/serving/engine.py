@@ -52,8 +52,8 @@ from ..memory.page_pool import PoolExhaustedError
 from ..model import MultiLoraModel
 from ..transfer import to_device
 from .detokenize import IncrementalText
-from .requests import Request, RequestError, RequestStream, SamplingParams, StreamEvent, stop_at
-from .sampling import next_tokens
+from .requests import Request, RequestError, RequestStream, SamplingParams, StreamEvent, TokenLogprob, stop_at
+from .sampling import StepLogprobs, next_tokens, step_logprobs
 from .step_cache import RowKV, StepCache
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class _Launched:
     requests: list[Request]
     tokens: torch.Tensor  # int64 [rows] on the device: each row's next token
     host: torch.Tensor  # int64 [rows]: their copy on the host, complete once `ready` is
+    logprobs: StepLogprobs | None  # on the host, complete once `ready` is (None: no row asked)
     ready: torch.cuda.Event | None  # None: on the CPU, copied already
 
 
@@ -386,7 +387,9 @@ class Engine:
             for request in requests:
                 self._prefill([request])
             return
-        self._emit(requests, next_tokens(logits, requests, self._generator).tolist())
+        tokens = next_tokens(logits, requests, self._generator)
+        logprobs = step_logprobs(logits, tokens, requests)
+        self._emit(requests, tokens.tolist(), logprobs.per_row(requests) if logprobs is not None else None)
 
     def _reserve(self, request: Request) -> None:
         """The request's adapter held resident (for its whole run) and pages for its context (the
@@ -458,13 +461,15 @@ class Engine:
         self.stats["decode_steps"] += 1
         self.batch_sizes[len(requests)] += 1
         tokens = next_tokens(logits, requests, self._generator)
-        if tokens.device.type != "cuda":  # no events to wait on: read now (on the CPU, the tokens themselves)
-            return _Launched(requests, tokens, tokens.cpu(), None)
+        logprobs = step_logprobs(logits, tokens, requests)
+        if tokens.device.type != "cuda":  # no events to wait on: read now (on the CPU, the tensors themselves)
+            return _Launched(requests, tokens, tokens.cpu(), logprobs, None)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
+        host_logprobs = logprobs.to_host() if logprobs is not None else None
         ready = torch.cuda.Event()
         ready.record()
-        return _Launched(requests, tokens, host, ready)
+        return _Launched(requests, tokens, host, host_logprobs, ready)
 
     def _read_launched(self) -> None:
         """Wait for the launched step's tokens and hand them to their requests (those that ended
@@ -474,9 +479,12 @@ class Engine:
             return
         if launched.ready is not None:
             launched.ready.synchronize()
-        live = [(r, t) for r, t in zip(launched.requests, launched.host.tolist(), strict=True) if not r.stream.finished]
+        logprobs = launched.logprobs.per_row(launched.requests) if launched.logprobs is not None else None
+        live = [(i, r) for i, r in enumerate(launched.requests) if not r.stream.finished]
         if live:
-            self._emit([r for r, _ in live], [t for _, t in live])
+            tokens = launched.host.tolist()
+            self._emit([r for _, r in live], [tokens[i] for i, _ in live],
+                       [logprobs[i] for i, _ in live] if logprobs is not None else None)  # fmt: skip
 
     def _forward(
         self,
@@ -506,28 +514,30 @@ class Engine:
             row.length += count
         return logits
 
-    def _emit(self, requests: list[Request], tokens: list[int]) -> None:
+    def _emit(self, requests: list[Request], tokens: list[int], logprobs: list[TokenLogprob | None] | None) -> None:
         now = time.monotonic()
         with self._cond:
             self._recent.append((now, len(tokens)))
-        for request, token in zip(requests, tokens, strict=True):
+        for i, (request, token) in enumerate(zip(requests, tokens, strict=True)):
             request.generated.append(token)
             params = request.params
             if token in self.eos and not params.ignore_eos:
                 self._send(request, None, final=True)
                 self._finish(request, "stop")
                 continue
-            stopped = self._send(request, token, final=len(request.generated) >= params.max_tokens)
+            logprob = logprobs[i] if logprobs is not None else None
+            stopped = self._send(request, token, final=len(request.generated) >= params.max_tokens, logprob=logprob)
             if stopped:
                 self._finish(request, "stop")
             elif len(request.generated) >= params.max_tokens:
                 self._finish(request, "length")
 
-    def _send(self, request: Request, token: int | None, final: bool) -> bool:
-        """Push the token and the text it completes; True when a stop string ended the request."""
+    def _send(self, request: Request, token: int | None, final: bool, logprob: TokenLogprob | None = None) -> bool:
+        """Push the token (and its logprob) and the text it completes; True when a stop string ended
+        the request."""
         if self.tokenizer is None:
             if token is not None:
-                request.stream.push(StreamEvent(token, ""))
+                request.stream.push(StreamEvent(token, "", logprob=logprob))
             return False
         output = request.generated if token is not None else request.generated[:-1]  # the EOS is no text
         request.text.extend(output, final)
@@ -538,7 +548,7 @@ class Engine:
         delta = text[request.emitted_chars : safe]
         request.emitted_chars = max(request.emitted_chars, safe)
         if token is not None or delta:
-            request.stream.push(StreamEvent(token, delta))
+            request.stream.push(StreamEvent(token, delta, logprob=logprob))
         return stop is not None
 
     def _preempt(self, request: Request) -> None:

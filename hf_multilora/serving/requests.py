@@ -19,6 +19,9 @@ class RequestError(ValueError):
     """A request the engine refuses; its message names the problem (the HTTP server answers 400)."""
 
 
+MAX_LOGPROBS = 20  # most likely tokens reported per output token at most (OpenAI's chat and vLLM's default)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. temperature 0 is greedy (top_p, top_k and seed then do nothing);
@@ -28,7 +31,8 @@ class SamplingParams:
     `presence_penalty`, `frequency_penalty`, `logit_bias`: OpenAI's, applied to the logits before
     anything else (greedy rows too): a token's logit less frequency_penalty x its count in the
     output so far, less presence_penalty if it is there at all, plus its bias (token id -> bias, a
-    mapping, kept as sorted pairs)."""
+    mapping, kept as sorted pairs). `logprobs`: None, or report each output token's log-probability
+    and the `logprobs` most likely tokens' (at most MAX_LOGPROBS; see TokenLogprob)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -40,6 +44,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
@@ -60,13 +65,14 @@ class SamplingParams:
             "seed": self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
             "presence_penalty": _is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
             "frequency_penalty": _is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+            "logprobs": self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise RequestError(
                 f"invalid sampling parameters: {values} (max_tokens >= 1, temperature >= 0, "
-                "0 < top_p <= 1, top_k >= 0, 0 <= seed < 2**63, penalties in [-2, 2])"
+                f"0 < top_p <= 1, top_k >= 0, 0 <= seed < 2**63, penalties in [-2, 2], logprobs None or in [0, {MAX_LOGPROBS}])"
             )
 
     @property
@@ -84,15 +90,27 @@ def _is_real(x: object) -> bool:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """An output token's log-probability under the model (log-softmax of its logits as the model gave
+    them: before penalties, bias, temperature, top-k and top-p, as vLLM reports by default), and the
+    `top` most likely tokens' as (token id, log-probability), the most likely first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
 class StreamEvent:
     """One step of a request: a new token and the text it completes (text may lag behind tokens
     while it could still be the start of a stop string), or the end (`finish_reason` set: "stop",
-    "length", "cancelled" or "error", with `error` then)."""
+    "length", "cancelled" or "error", with `error` then). `logprob`: the token's, where the request
+    asked for them."""
 
     token_id: int | None
     text: str
     finish_reason: str | None = None
     error: str | None = None
+    logprob: TokenLogprob | None = None
 
 
 @dataclass
@@ -110,6 +128,7 @@ class RequestStream:
         self.request_id = request_id
         self.usage = Usage(prompt_tokens)
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # one per token id, where the request asked for them
         self.text = ""
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -127,6 +146,8 @@ class RequestStream:
             if event.token_id is not None:
                 self.token_ids.append(event.token_id)
                 self.usage.completion_tokens += 1
+                if event.logprob is not None:
+                    self.logprobs.append(event.logprob)
             self.text += event.text
             if event.finish_reason is not None:
                 self.finish_reason, self.error, self._closed = event.finish_reason, event.error, True

@@ -21,11 +21,12 @@ batch; the others draw from one generator, all at once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..transfer import to_device
-from .requests import Request, SamplingParams
+from .requests import Request, SamplingParams, TokenLogprob
 
 
 def next_tokens(
@@ -114,3 +115,44 @@ def warped_probs(
     drop = (scores.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p[:, None]) & (top_p < 1)[:, None]
     drop[:, -1] = False
     return scores.masked_fill(drop, float("-inf")).softmax(dim=-1), order
+
+
+@dataclass
+class StepLogprobs:
+    """The log-probabilities of one step's rows that asked for them, computed on the device where the
+    logits are and read with the step's tokens."""
+
+    rows: list[int]  # the step's rows that asked
+    values: torch.Tensor  # float32 [len(rows), 1 + k]: the chosen token's, then the k most likely tokens'
+    top_ids: torch.Tensor  # int64 [len(rows), k]: those k tokens, the most likely first
+
+    def to_host(self) -> StepLogprobs:
+        """Copies in pinned host memory, queued behind the step (complete once the step's event is)."""
+        values = torch.empty(self.values.shape, dtype=self.values.dtype, pin_memory=True)
+        top_ids = torch.empty(self.top_ids.shape, dtype=self.top_ids.dtype, pin_memory=True)
+        values.copy_(self.values, non_blocking=True)
+        top_ids.copy_(self.top_ids, non_blocking=True)
+        return StepLogprobs(self.rows, values, top_ids)
+
+    def per_row(self, requests: Sequence[Request]) -> list[TokenLogprob | None]:
+        """Each row's TokenLogprob with its request's number of top tokens (None: it did not ask)."""
+        entries: list[TokenLogprob | None] = [None] * len(requests)
+        values, top_ids = self.values.tolist(), self.top_ids.tolist()
+        for j, i in enumerate(self.rows):
+            k = requests[i].params.logprobs
+            top = tuple(zip(top_ids[j][:k], values[j][1 : 1 + k], strict=True))
+            entries[i] = TokenLogprob(values[j][0], top)
+        return entries
+
+
+def step_logprobs(logits: torch.Tensor, tokens: torch.Tensor, requests: Sequence[Request]) -> StepLogprobs | None:
+    """logits [rows, vocab] as the model gave them, tokens int64 [rows] drawn from them -> the
+    log-probabilities of the rows whose requests asked for them (None: no row did)."""
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    if not rows:
+        return None
+    k = min(max(requests[i].params.logprobs for i in rows), logits.shape[-1])
+    index = to_device(rows, logits.device)
+    log_probs = logits[index].float().log_softmax(dim=-1)
+    top = log_probs.topk(k, dim=-1)
+    return StepLogprobs(rows, torch.cat([log_probs.gather(1, tokens[index][:, None]), top.values], dim=1), top.indices)

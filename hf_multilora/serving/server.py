@@ -26,14 +26,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..adapters.loading import AdapterLoadError
 from .engine import Engine, EngineOverloaded
-from .requests import RequestError, RequestStream, SamplingParams, StreamEvent
+from .requests import MAX_LOGPROBS, RequestError, RequestStream, SamplingParams, StreamEvent, TokenLogprob
 
 RETRY_AFTER_S = 1
 MAX_CHOICES = 128  # `n` at most, as OpenAI's chat completions take it
 _SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "presence_penalty",
                    "frequency_penalty", "logit_bias"}  # fmt: skip
 _UNSUPPORTED = {  # OpenAI parameters we refuse rather than ignore (the answer would not be what was asked)
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "echo": (None, False), "best_of": (None, 1),
     "suffix": (None, ""), "tools": (None, []), "response_format": (None, {"type": "text"}),
 }  # fmt: skip
 
@@ -85,7 +85,7 @@ class OpenAIService:
         chat = route == "chat"
         prompt = self._chat_prompt(body) if chat else self._completion_prompt(body)
         adapter = self.adapter_of(body.get("model"))
-        params, choices = _sampling(body), _choices(body)
+        params, choices = _sampling(body, chat), _choices(body)
         streams: list[RequestStream] = []
         try:
             for i in range(choices):  # a seeded request's choices draw from seed, seed + 1, ...
@@ -99,7 +99,8 @@ class OpenAIService:
             if isinstance(error, RequestError):
                 raise bad_request(str(error)) from error
             raise ApiError(503, str(error), "overloaded_error") from error
-        return Reply(streams, body["model"], chat, created=int(time.time()))
+        token_text = self.engine.tokenizer.decode if params.logprobs is not None else None
+        return Reply(streams, body["model"], chat, created=int(time.time()), token_text=token_text)
 
     def adapter_of(self, model: object) -> str | None:
         """The adapter `model` names (None: the base model); ApiError when it names nothing served."""
@@ -253,11 +254,29 @@ def _choices(body: dict) -> int:
     return n
 
 
-def _sampling(body: dict) -> SamplingParams:
+def _logprobs_asked(body: dict, chat: bool) -> int | None:
+    """The number of top tokens to report with each output token (None: no logprobs). Completions:
+    `logprobs` is that number; chat: `logprobs` true, with `top_logprobs` tokens (default 0)."""
+    top = body.get("top_logprobs") if chat else body.get("logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+        name = "top_logprobs" if chat else "logprobs"
+        raise bad_request(f"{name} must be an int in [0, {MAX_LOGPROBS}], got {top!r}", name)
+    if not chat:
+        return top
+    asked = body.get("logprobs")
+    if asked not in (None, True, False):
+        raise bad_request(f"logprobs must be true or false, got {asked!r}", "logprobs")
+    if top is not None and not asked:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if asked else None
+
+
+def _sampling(body: dict, chat: bool) -> SamplingParams:
     for name, neutral in _UNSUPPORTED.items():
         if body.get(name) not in neutral:
             raise bad_request(f"{name}={body[name]!r} is not supported", name)
     given = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+    given["logprobs"] = _logprobs_asked(body, chat)
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
         given["max_tokens"] = body["max_completion_tokens"]
     if isinstance(given.get("stop"), str):
@@ -279,8 +298,12 @@ class Reply:
     """OpenAI's response objects for one request of `n` choices (one engine request each): whole, or
     as stream chunks."""
 
-    def __init__(self, streams: list[RequestStream], model: str, chat: bool, created: int) -> None:
-        self.streams, self.model, self.chat, self.created = streams, model, chat, created
+    def __init__(
+        self, streams: list[RequestStream], model: str, chat: bool, created: int,
+        token_text: Callable[[list[int]], str] | None = None,
+    ) -> None:  # fmt: skip
+        """`token_text`: the tokenizer's decode, to name the tokens of logprobs (None: not asked)."""
+        self.streams, self.model, self.chat, self.created, self.token_text = streams, model, chat, created, token_text
         self.id = ("chatcmpl-" if chat else "cmpl-") + streams[0].request_id
 
     def _usage(self) -> dict:
@@ -335,7 +358,10 @@ class Reply:
             raise ApiError(500, f"the request failed: {failed.error}", "server_error")
         choices = []
         for index, stream in enumerate(self.streams):
-            choice: dict[str, Any] = {"index": index, "finish_reason": stream.finish_reason, "logprobs": None}
+            logprobs = None
+            if self.token_text is not None:
+                logprobs = self._logprobs(list(zip(stream.token_ids, stream.logprobs, strict=True)), 0)
+            choice: dict[str, Any] = {"index": index, "finish_reason": stream.finish_reason, "logprobs": logprobs}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": stream.text}
             else:
@@ -357,14 +383,22 @@ class Reply:
             for index in range(len(self.streams)):
                 first = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield _sse(self._envelope([first], chunk=True))
+        pending: list[list[tuple[int, TokenLogprob]]] = [[] for _ in self.streams]  # logprobs not sent yet
+        offsets = [0] * len(self.streams)  # completions' text_offset of the next token
         async for index, event in self._events():
+            if event.logprob is not None and event.token_id is not None:
+                pending[index].append((event.token_id, event.logprob))
             if event.finish_reason == "error":
                 error = {"message": f"the request failed: {event.error}", "type": "server_error", "code": 500}
                 yield _sse({"error": error})
                 break
             if not event.text and event.finish_reason is None:
                 continue
-            choice: dict[str, Any] = {"index": index, "finish_reason": event.finish_reason, "logprobs": None}
+            logprobs = self._logprobs(pending[index], offsets[index])
+            if logprobs is not None and not self.chat:
+                offsets[index] += sum(len(t) for t in logprobs["tokens"])
+            pending[index] = []
+            choice: dict[str, Any] = {"index": index, "finish_reason": event.finish_reason, "logprobs": logprobs}
             if self.chat:
                 choice["delta"] = {"content": event.text} if event.text else {}
             else:
@@ -373,6 +407,26 @@ class Reply:
         if include_usage:
             yield _sse({**self._envelope([], chunk=True), "usage": self._usage()})
         yield "data: [DONE]\n\n"
+
+    def _logprobs(self, tokens: list[tuple[int, TokenLogprob]], offset: int) -> dict | None:
+        """OpenAI's `logprobs` of a choice (or a chunk) for these (token id, logprob) pairs: chat's
+        `content` list, or completions' parallel lists (`text_offset` from `offset` on); None where
+        the request did not ask."""
+        if self.token_text is None:
+            return None
+        text = self.token_text
+        if self.chat:
+            def entry(token: int, logprob: float) -> dict:
+                name = text([token])
+                return {"token": name, "logprob": logprob, "bytes": list(name.encode())}
+
+            content = [{**entry(t, e.logprob), "top_logprobs": [entry(*top) for top in e.top]} for t, e in tokens]
+            return {"content": content, "refusal": None}
+        names = [text([t]) for t, _ in tokens]
+        offsets = [offset + sum(len(n) for n in names[:i]) for i in range(len(names))]
+        top = [{text([t]): v for t, v in e.top} | {name: e.logprob} for name, (_, e) in zip(names, tokens, strict=True)]
+        return {"tokens": names, "token_logprobs": [e.logprob for _, e in tokens], "top_logprobs": top,
+                "text_offset": offsets}  # fmt: skip
 
 
 def _sse(payload: dict) -> str:
