@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,11 +80,13 @@ def demo_spec(args: argparse.Namespace) -> tuple[ModelSpec, list[str], int]:
     return spec, list(demo.adapters), vocab
 
 
-def round_trip(url: str, trace: list[TraceRequest], clients: int) -> float:
-    """Output tokens per second of the trace sent by `clients` threads (each takes the next request)."""
+def round_trip(url: str, trace: list[TraceRequest], clients: int) -> tuple[float, dict[str, int]]:
+    """Output tokens per second of the trace sent by `clients` threads (each takes the next request),
+    and the requests each replica answered (by the responses' system_fingerprint)."""
     todo = list(reversed(trace))
     lock = threading.Lock()
     tokens = [0]
+    answered: Counter[str] = Counter()
 
     def client() -> None:
         with httpx.Client(timeout=600) as http:
@@ -98,6 +101,7 @@ def round_trip(url: str, trace: list[TraceRequest], clients: int) -> float:
                 reply.raise_for_status()
                 with lock:
                     tokens[0] += reply.json()["usage"]["completion_tokens"]
+                    answered[reply.json()["system_fingerprint"]] += 1
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -105,7 +109,7 @@ def round_trip(url: str, trace: list[TraceRequest], clients: int) -> float:
         t.start()
     for t in threads:
         t.join()
-    return tokens[0] / (time.perf_counter() - started)
+    return tokens[0] / (time.perf_counter() - started), dict(answered)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    pairs = []
+    pairs, splits = [], []
     with tempfile.TemporaryDirectory() as tmp:
         spec, names, vocab = demo_spec(args) if args.shapes == "demo" else synthetic_spec(Path(tmp), args)
         trace = make_trace(args, math.inf, names, vocab)
@@ -143,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for replicas in ((1, args.replicas) if r % 2 == 0 else (args.replicas, 1)):
                 serve.run(application(spec, replicas))
                 round_trip(url, trace, clients)  # warm-up
-                speeds[replicas] = round_trip(url, trace, clients)
-                print(f"round {r}: {replicas} replica(s): {speeds[replicas]:.1f} tok/s", flush=True)
+                speeds[replicas], answered = round_trip(url, trace, clients)
+                splits.append({"round": r, "replicas": replicas, "requests_per_replica": sorted(answered.values())})
+                print(f"round {r}: {replicas} replica(s): {speeds[replicas]:.1f} tok/s; requests per replica "
+                      f"{sorted(answered.values())}", flush=True)  # fmt: skip
             pairs.append(speeds)
         serve.shutdown()
     ratios = [p[args.replicas] / p[1] for p in pairs]
@@ -152,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{args.replicas} replicas / 1 replica: median {common.median(ratios):.2f}x (rounds {[round(x, 2) for x in ratios]}); {where}")
     if args.json:
         common.write_json(args.json, {"args": vars(args), "resources": resources, "pairs": pairs, "ratios": ratios,
+                                      "splits": splits,
                                       "ray": ray.__version__,
                                       "environment": common.environment(torch.device("cuda" if large else "cpu"))})  # fmt: skip
     return 0

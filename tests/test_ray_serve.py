@@ -1,6 +1,8 @@
 """The engine on Ray Serve: 2 CPU replicas of the demo model behind the Router, driven by the
 official `openai` client (skipped where Ray Serve is not installed: pip install 'hf_multilora[ray]')."""
 
+import collections
+import contextlib
 import json
 import socket
 import threading
@@ -25,7 +27,11 @@ def url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
+    # The replicas must not inherit conftest's TRITON_INTERPRET=1: with it, their engines' decode steps
+    # run the paged attention kernel in Triton's interpreter (kernels pick Triton by that variable),
+    # minutes per request, and the clients time out.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
+             runtime_env={"env_vars": {"TRITON_INTERPRET": "0"}})  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     spec = ModelSpec(
         base=str(DEMO.base), adapters={n: str(p) for n, p in DEMO.adapters.items()}, model_name="demo-base",
@@ -44,13 +50,14 @@ def test_two_replicas_serve_every_adapter_and_stream(url):
     assert [m.id for m in client.models.list().data] == ["demo-base", *DEMO.adapters]
     spec = json.loads((DEMO.root / "demo.json").read_text())["adapters"]
     jobs = [(name, ex["text"], ex["expected"]) for name, s in spec.items() for ex in s["examples"][:3]]
-    results = {}
+    results, fingerprints = {}, set()
 
     def call(job):
         name, text, _ = job
         reply = client.completions.create(model=name, prompt=DEMO.prompt_format.replace("{text}", text),
                                           max_tokens=32, temperature=0)  # fmt: skip
         results[job] = reply.choices[0].text
+        fingerprints.add(reply.system_fingerprint)
 
     threads = [threading.Thread(target=call, args=(job,)) for job in jobs]
     for t in threads:
@@ -58,6 +65,7 @@ def test_two_replicas_serve_every_adapter_and_stream(url):
     for t in threads:
         t.join()
     assert {job: job[2] for job in jobs} == results
+    assert 1 <= len(fingerprints) <= 2 and all(f.startswith("hf_multilora-") for f in fingerprints)  # who answered
     name, text, expected = jobs[0]
     stream = client.chat.completions.create(model=name, messages=[{"role": "user", "content": text}],
                                             max_tokens=32, temperature=0, stream=True)  # fmt: skip
@@ -80,21 +88,42 @@ def test_errors_through_the_router(url):
     assert "hf_multilora_requests_running" in httpx.get(f"{url}/metrics").text
 
 
+UPPER = {"model": "upper", "prompt": "a b c", "temperature": 0, "ignore_eos": True}
+
+
+@contextlib.contextmanager
+def deployed(url, name, replicas=1, **limits):
+    """Another application of the demo on CPU replicas at {url}/{name} with these ModelSpec limits,
+    its "upper" adapter loaded by a first short request; deleted afterwards."""
+    spec = ModelSpec(base=str(DEMO.base), adapters={n: str(p) for n, p in DEMO.adapters.items()},
+                     model_name="demo-base", device="cpu", **limits)  # fmt: skip
+    serve.run(application(spec, replicas=replicas), name=name, route_prefix=f"/{name}")
+    try:
+        httpx.post(f"{url}/{name}/v1/completions", json={**UPPER, "max_tokens": 2}, timeout=120).raise_for_status()
+        yield f"{url}/{name}"
+    finally:
+        serve.delete(name)
+
+
+def start_clients(endpoint, count, max_tokens):
+    """`count` threads, each posting one completion of `max_tokens` to `endpoint`; (threads, replies
+    as they come)."""
+    replies = []
+
+    def call():
+        replies.append(httpx.post(f"{endpoint}/v1/completions", json={**UPPER, "max_tokens": max_tokens}, timeout=120))
+
+    threads = [threading.Thread(target=call) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads, replies
+
+
 def test_a_replica_batches_more_than_ray_serves_default_of_5_requests(url):
     """Ray Serve hands a replica at most 5 requests at once unless told otherwise (and the router
     too): the engine would then never batch more than 5 rows, however many clients wait."""
-    spec = ModelSpec(base=str(DEMO.base), adapters={n: str(p) for n, p in DEMO.adapters.items()},
-                     model_name="demo-base", device="cpu", max_running=16)  # fmt: skip
-    serve.run(application(spec, replicas=1), name="single", route_prefix="/single")
-    single = f"{url}/single"
-    try:
-        body = {"model": "upper", "prompt": "a b c", "max_tokens": 96, "temperature": 0, "ignore_eos": True}
-        with httpx.Client(timeout=120) as http:
-            http.post(f"{single}/v1/completions", json={**body, "max_tokens": 2}).raise_for_status()  # loaded
-        threads = [threading.Thread(target=httpx.post, args=(f"{single}/v1/completions",), kwargs={"json": body, "timeout": 120})
-                   for _ in range(12)]  # fmt: skip
-        for t in threads:
-            t.start()
+    with deployed(url, "single", max_running=16) as single:
+        threads, replies = start_clients(single, 12, max_tokens=96)
         peak = 0
         with httpx.Client(timeout=120) as http:
             while any(t.is_alive() for t in threads):
@@ -103,14 +132,14 @@ def test_a_replica_batches_more_than_ray_serves_default_of_5_requests(url):
                 peak = max(peak, float(running.split()[1]))
         for t in threads:
             t.join()
+        assert [r.status_code for r in replies] == [200] * 12
         assert peak >= 8, f"at most {peak} rows ran at once for 12 concurrent requests"
-    finally:
-        serve.delete("single")
 
 
-@pytest.mark.parametrize("name, value", [("max_running", 0), ("max_waiting", 0), ("max_routing", -1), ("max_routing", True)])
-def test_a_model_spec_refuses_queue_sizes_below_one(name, value):
-    with pytest.raises(ValueError, match=f"ModelSpec.{name} must be an int >= 1"):
+@pytest.mark.parametrize("name, value, lowest", [("max_running", 0, 1), ("max_waiting", 0, 1), ("max_routing", -1, 1),
+                                                 ("max_routing", True, 1), ("affinity_slack", -1, 0)])  # fmt: skip
+def test_a_model_spec_refuses_limits_out_of_range(name, value, lowest):
+    with pytest.raises(ValueError, match=f"ModelSpec.{name} must be an int >= {lowest}"):
         ModelSpec(base=str(DEMO.base), **{name: value})
 
 
@@ -118,21 +147,8 @@ def test_overload_beyond_the_replicas_and_the_routing_queue_is_answered_503_with
     """A replica holds max_running + max_waiting requests and max_routing more wait in the router;
     past that a client hears 503 with Retry-After at once (not a request stuck in Ray's proxy), the
     router still answers /health, and the deployment serves normally once the load is gone."""
-    spec = ModelSpec(base=str(DEMO.base), adapters={n: str(p) for n, p in DEMO.adapters.items()},
-                     model_name="demo-base", device="cpu", max_running=1, max_waiting=1, max_routing=1)  # fmt: skip
-    serve.run(application(spec, replicas=1), name="tight", route_prefix="/tight")
-    tight = f"{url}/tight"
-    try:
-        body = {"model": "upper", "prompt": "a b c", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
-        httpx.post(f"{tight}/v1/completions", json={**body, "max_tokens": 2}, timeout=120).raise_for_status()
-        replies = []
-
-        def call():
-            replies.append(httpx.post(f"{tight}/v1/completions", json=body, timeout=120))
-
-        threads = [threading.Thread(target=call) for _ in range(8)]
-        for t in threads:
-            t.start()
+    with deployed(url, "tight", max_running=1, max_waiting=1, max_routing=1) as tight:
+        threads, replies = start_clients(tight, 8, max_tokens=48)
         assert httpx.get(f"{tight}/health", timeout=30).status_code == 200
         for t in threads:
             t.join()
@@ -143,6 +159,18 @@ def test_overload_beyond_the_replicas_and_the_routing_queue_is_answered_503_with
         assert all(r.headers.get("retry-after") for r in refused)
         assert all(r.json()["error"]["type"] == "overloaded_error" for r in refused)
         assert all(r.json()["usage"]["completion_tokens"] == 48 for r in served)
-        httpx.post(f"{tight}/v1/completions", json=body, timeout=120).raise_for_status()
-    finally:
-        serve.delete("tight")
+        httpx.post(f"{tight}/v1/completions", json={**UPPER, "max_tokens": 48}, timeout=120).raise_for_status()
+
+
+def test_a_burst_for_one_adapter_is_spread_over_both_replicas(url):
+    """Ray's multiplexed routing alone sends an adapter's requests to the replica holding it until
+    that one is full (here 5 x max_running = 80 requests): the whole burst of 24 would queue there
+    while the other replica idles. Our router sends them to the other once the holder's queue is
+    longer by more than affinity_slack."""
+    with deployed(url, "spread", replicas=2, max_running=16, affinity_slack=2) as spread:
+        threads, replies = start_clients(spread, 24, max_tokens=32)
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in replies] == [200] * 24
+        counts = sorted(collections.Counter(r.json()["system_fingerprint"] for r in replies).values())
+        assert len(counts) == 2 and counts[0] >= 4, counts

@@ -1,5 +1,6 @@
 """The engine on Ray Serve: N replicas (one GPU each on GPUs), each request sent to a replica that
-already holds its adapter, behind the same OpenAI routes as `hf-multilora serve`.
+already holds its adapter while the load stays balanced, behind the same OpenAI routes as
+`hf-multilora serve`.
 
 Why: one replica serves as many adapters as its pool holds, but one GPU's throughput. More replicas
 scale throughput; routing a request to a replica whose pool already holds its adapter (Ray Serve's
@@ -8,8 +9,10 @@ as Punica's scheduler consolidates requests of an adapter on few GPUs.
 
 Layout: a `Router` deployment (the HTTP ingress: authentication, JSON, server-sent events) and a
 `Replica` deployment (a MultiLoraModel, its Engine and an OpenAIService). The router calls a replica
-with `multiplexed_model_id=<model>`; Ray Serve prefers replicas that recently loaded that id, and
-a replica "loads" it by making the adapter resident in its pool (`Replica.hold`).
+with `multiplexed_model_id=<model>`; our request router (serving/ray_router.py) prefers replicas
+that loaded that id unless their queues are longer than the least loaded replica's by more than
+`ModelSpec.affinity_slack`, and a replica "loads" it by making the adapter resident in its pool
+(`Replica.hold`).
 
 On one machine: `hf-multilora serve --ray-replicas 2` (or `serve.run(application(spec, replicas=2))`).
 On a cluster: `ray start --head` on one node, `ray start --address=<head>:6379` on the others, then
@@ -30,11 +33,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 from transformers import AutoTokenizer
 
 from ..model import MultiLoraModel
 from .engine import Engine
+from .ray_router import AdapterAffinityRouter
 from .server import ApiError, OpenAIService, bad_request, error_body, json_answer, json_body, key_refusal
 
 
@@ -49,7 +54,9 @@ class ModelSpec:
     shallow queue leaves rows empty under overload (2 x max_running in all: one replica served
     0.45x the tokens with twice its share of clients, docs/benchmarks.md); a deeper one sends a
     popular adapter to a second replica later. `max_routing`: requests the router holds while every
-    replica is full (more: 503 with Retry-After)."""
+    replica is full (more: 503 with Retry-After). `affinity_slack`: a replica that holds a request's
+    adapter gets it while its queue is within that many requests of the least loaded replica's;
+    past that the least loaded replica takes it (see serving/ray_router.py)."""
 
     base: str
     adapters: dict[str, str] = field(default_factory=dict)
@@ -61,12 +68,13 @@ class ModelSpec:
     kv_cache_dtype: str | None = None
     max_waiting: int | None = None
     max_routing: int = 1024
+    affinity_slack: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_waiting", "max_routing"):
-            value = getattr(self, name)
-            if not (value is None and name == "max_waiting") and (type(value) is not int or value < 1):
-                raise ValueError(f"ModelSpec.{name} must be an int >= 1, got {value!r}")
+        for name in ("max_running", "max_waiting", "max_routing", "affinity_slack"):
+            value, lowest = getattr(self, name), 0 if name == "affinity_slack" else 1
+            if not (value is None and name == "max_waiting") and (type(value) is not int or value < lowest):
+                raise ValueError(f"ModelSpec.{name} must be an int >= {lowest}, got {value!r}")
 
     @property
     def engine_waiting(self) -> int:
@@ -83,7 +91,8 @@ class Replica:
         model.to(device)
         self.engine = Engine(model, AutoTokenizer.from_pretrained(spec.base), max_running=spec.max_running,
                              max_waiting=spec.engine_waiting, kv_cache_dtype=spec.kv_cache_dtype)  # fmt: skip
-        self.service = OpenAIService(self.engine, model_name=spec.model_name, chat_template=spec.chat_template)
+        self.service = OpenAIService(self.engine, model_name=spec.model_name, chat_template=spec.chat_template,
+                                     system_fingerprint=f"hf_multilora-{serve.get_replica_context().replica_tag}")  # fmt: skip
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def hold(self, model: str) -> str:
@@ -215,8 +224,10 @@ def application(spec: ModelSpec, replicas: int = 1, *, api_key: str | None = Non
     # queue at the router's handle, FIFO), and the router takes all of them, so that its own routes
     # are never stuck behind completions in Ray's proxy.
     per_replica = spec.max_running + spec.engine_waiting
+    routing = RequestRouterConfig(request_router_class=AdapterAffinityRouter,
+                                  request_router_kwargs={"slack": spec.affinity_slack})  # fmt: skip
     replica = Replica.options(num_replicas=replicas, max_ongoing_requests=per_replica,
-                              max_queued_requests=spec.max_routing,
+                              max_queued_requests=spec.max_routing, request_router_config=routing,
                               ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": 0})  # fmt: skip
     router = Router.options(max_ongoing_requests=replicas * per_replica + spec.max_routing + ROUTER_SPARE_REQUESTS,
                             ray_actor_options={"num_cpus": 0})  # fmt: skip

@@ -54,7 +54,8 @@ class OpenAIService:
 
     `model_name`: the base model's name in `model`. `adapter_dir`: the only folder `load_adapter`
     may load from (None: it refuses). `chat_template`: a Jinja chat template instead of the
-    tokenizer's own."""
+    tokenizer's own. `system_fingerprint`: named in every response (OpenAI's field): which replica
+    answered, on Ray Serve."""
 
     def __init__(
         self,
@@ -63,12 +64,14 @@ class OpenAIService:
         model_name: str,
         adapter_dir: str | Path | None = None,
         chat_template: str | None = None,
+        system_fingerprint: str | None = None,
     ) -> None:
         if engine.tokenizer is None:
             raise ValueError("the server needs an engine with a tokenizer")
         if model_name in engine.model.adapter_names:
             raise ValueError(f"the base model's name {model_name!r} is also an adapter's name")
         self.engine, self.model_name, self.chat_template = engine, model_name, chat_template
+        self.system_fingerprint = system_fingerprint
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
         self.created = int(time.time())
 
@@ -100,7 +103,8 @@ class OpenAIService:
                 raise bad_request(str(error)) from error
             raise ApiError(503, str(error), "overloaded_error") from error
         token_text = self.engine.tokenizer.decode if params.logprobs is not None else None
-        return Reply(streams, body["model"], chat, created=int(time.time()), token_text=token_text)
+        return Reply(streams, body["model"], chat, created=int(time.time()), token_text=token_text,
+                     fingerprint=self.system_fingerprint)  # fmt: skip
 
     def adapter_of(self, model: object) -> str | None:
         """The adapter `model` names (None: the base model); ApiError when it names nothing served."""
@@ -300,10 +304,12 @@ class Reply:
 
     def __init__(
         self, streams: list[RequestStream], model: str, chat: bool, created: int,
-        token_text: Callable[[list[int]], str] | None = None,
+        token_text: Callable[[list[int]], str] | None = None, fingerprint: str | None = None,
     ) -> None:  # fmt: skip
-        """`token_text`: the tokenizer's decode, to name the tokens of logprobs (None: not asked)."""
+        """`token_text`: the tokenizer's decode, to name the tokens of logprobs (None: not asked).
+        `fingerprint`: the responses' system_fingerprint."""
         self.streams, self.model, self.chat, self.created, self.token_text = streams, model, chat, created, token_text
+        self.fingerprint = fingerprint
         self.id = ("chatcmpl-" if chat else "cmpl-") + streams[0].request_id
 
     def _usage(self) -> dict:
@@ -313,7 +319,8 @@ class Reply:
 
     def _envelope(self, choices: list, chunk: bool) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint, "choices": choices}  # fmt: skip
 
     def _cancel(self) -> None:
         for stream in self.streams:
