@@ -1,4 +1,4 @@
-"""Host-to-device copies that do not wait for the device.
+"""Copies between host and device that do not wait for the device.
 
 Why: `torch.tensor(values, device="cuda")` copies from pageable memory and synchronises the stream,
 so it waits for every kernel queued before it. The serving engine launches a decode step while the
@@ -25,3 +25,10 @@ def to_device(values: Sequence | torch.Tensor, device: torch.device, dtype: torc
     order without waiting for the device."""
     host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     return staged_for(host, device).to(device, non_blocking=True)
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of the CUDA `tensor`, queued in stream order: read it once an event recorded
+    after this call has completed."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)

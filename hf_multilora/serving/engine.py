@@ -50,7 +50,7 @@ import torch
 
 from ..memory.page_pool import PoolExhaustedError
 from ..model import MultiLoraModel
-from ..transfer import to_device
+from ..transfer import to_device, to_host
 from .detokenize import IncrementalText
 from .requests import Request, RequestError, RequestStream, SamplingParams, StreamEvent, TokenLogprob, stop_at
 from .sampling import StepLogprobs, next_tokens, step_logprobs
@@ -464,9 +464,7 @@ class Engine:
         logprobs = step_logprobs(logits, tokens, requests)
         if tokens.device.type != "cuda":  # no events to wait on: read now (on the CPU, the tensors themselves)
             return _Launched(requests, tokens, tokens.cpu(), logprobs, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        host_logprobs = logprobs.to_host() if logprobs is not None else None
+        host, host_logprobs = to_host(tokens), logprobs.to_host() if logprobs is not None else None
         ready = torch.cuda.Event()
         ready.record()
         return _Launched(requests, tokens, host, host_logprobs, ready)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..transfer import to_device
+from ..transfer import to_device, to_host
 from .requests import Request, SamplingParams, TokenLogprob
 
 
@@ -128,11 +128,7 @@ class StepLogprobs:
 
     def to_host(self) -> StepLogprobs:
         """Copies in pinned host memory, queued behind the step (complete once the step's event is)."""
-        values = torch.empty(self.values.shape, dtype=self.values.dtype, pin_memory=True)
-        top_ids = torch.empty(self.top_ids.shape, dtype=self.top_ids.dtype, pin_memory=True)
-        values.copy_(self.values, non_blocking=True)
-        top_ids.copy_(self.top_ids, non_blocking=True)
-        return StepLogprobs(self.rows, values, top_ids)
+        return StepLogprobs(self.rows, to_host(self.values), to_host(self.top_ids))
 
     def per_row(self, requests: Sequence[Request]) -> list[TokenLogprob | None]:
         """Each row's TokenLogprob with its request's number of top tokens (None: it did not ask)."""
