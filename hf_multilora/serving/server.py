@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -430,7 +431,7 @@ class Reply:
             content = [{**entry(t, e.logprob), "top_logprobs": [entry(*top) for top in e.top]} for t, e in tokens]
             return {"content": content, "refusal": None}
         names = [text([t]) for t, _ in tokens]
-        offsets = [offset + sum(len(n) for n in names[:i]) for i in range(len(names))]
+        offsets = list(itertools.accumulate((len(n) for n in names[:-1]), initial=offset))[: len(names)]
         top = [{text([t]): v for t, v in e.top} | {name: e.logprob} for name, (_, e) in zip(names, tokens, strict=True)]
         return {"tokens": names, "token_logprobs": [e.logprob for _, e in tokens], "top_logprobs": top,
                 "text_offset": offsets}  # fmt: skip
