@@ -52,9 +52,8 @@ class ModelSpec:
     `max_waiting`: requests each replica's engine holds beyond `max_running` (None: 4 x max_running),
     ready to start as rows end. Ray Serve retries a full replica with backoff (up to 0.5 s), so a
     shallow queue leaves rows empty under overload (2 x max_running in all: one replica served
-    0.45x the tokens with twice its share of clients, docs/benchmarks.md); a deeper one sends a
-    popular adapter to a second replica later. `max_routing`: requests the router holds while every
-    replica is full (more: 503 with Retry-After). `affinity_slack`: a replica that holds a request's
+    0.45x the tokens with twice its share of clients, docs/benchmarks.md). `max_routing`: requests
+    the router holds while every replica is full (more: 503 with Retry-After). `affinity_slack`: a replica that holds a request's
     adapter gets it while its queue is within that many requests of the least loaded replica's;
     past that the least loaded replica takes it (see serving/ray_router.py)."""
 
