@@ -99,9 +99,10 @@ def round_trip(url: str, trace: list[TraceRequest], clients: int) -> tuple[float
                         "temperature": 0, "ignore_eos": True}  # fmt: skip
                 reply = http.post(f"{url}/v1/completions", json=body)
                 reply.raise_for_status()
+                answer = reply.json()
                 with lock:
-                    tokens[0] += reply.json()["usage"]["completion_tokens"]
-                    answered[reply.json()["system_fingerprint"]] += 1
+                    tokens[0] += answer["usage"]["completion_tokens"]
+                    answered[answer["system_fingerprint"]] += 1
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]

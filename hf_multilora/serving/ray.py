@@ -53,9 +53,9 @@ class ModelSpec:
     ready to start as rows end. Ray Serve retries a full replica with backoff (up to 0.5 s), so a
     shallow queue leaves rows empty under overload (2 x max_running in all: one replica served
     0.45x the tokens with twice its share of clients, docs/benchmarks.md). `max_routing`: requests
-    the router holds while every replica is full (more: 503 with Retry-After). `affinity_slack`: a replica that holds a request's
-    adapter gets it while its queue is within that many requests of the least loaded replica's;
-    past that the least loaded replica takes it (see serving/ray_router.py)."""
+    the router holds while every replica is full (more: 503 with Retry-After). `affinity_slack`: a
+    replica that holds a request's adapter gets it while its queue is within that many requests of
+    the least loaded replica's; past that the least loaded replica takes it (serving/ray_router.py)."""
 
     base: str
     adapters: dict[str, str] = field(default_factory=dict)
@@ -187,7 +187,8 @@ class Router:
         handle = self.replica.options(multiplexed_model_id=model)
         try:
             if not body.get("stream"):
-                return json_answer(*reversed(await handle.respond.remote(route, body)))
+                status, payload = await handle.respond.remote(route, body)
+                return json_answer(payload, status)
             events = handle.options(stream=True).respond_stream.remote(route, body)
             status, payload = await events.__anext__()
         except BackPressureError:  # max_routing requests already wait for a replica
