@@ -10,15 +10,19 @@ Each round deploys `application(spec, replicas=r)`, sends the whole trace once u
 replica compiles and captures its decode graphs on first use), then again timed: `--clients` threads
 send the completions through the OpenAI routes and wait for them; throughput is the output tokens
 over the wall time. Rounds alternate 1 and N replicas (`--rounds` each; the host drifts), and the
-ratio is taken per pair. On a machine with GPUs each replica takes one; on CPU the replicas share
+ratio is taken per pair. Each timed run also records the cores each part of the stack used (Ray's
+proxy, the Router, the Replicas, the controller, the clients; `--client-processes` spreads the
+client threads over processes), to find the part that caps a run. On a machine with GPUs each replica takes one; on CPU the replicas share
 the cores (say which in the results).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import multiprocessing
 import socket
 import sys
 import tempfile
@@ -26,11 +30,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import bench_adapter_scale as scale
 import common
 import httpx
+import psutil
 import ray
 import torch
 from bench_generate import FULL, TINY, build_base
@@ -80,9 +86,40 @@ def demo_spec(args: argparse.Namespace) -> tuple[ModelSpec, list[str], int]:
     return spec, list(demo.adapters), vocab
 
 
-def round_trip(url: str, trace: list[TraceRequest], clients: int) -> tuple[float, dict[str, int]]:
-    """Output tokens per second of the trace sent by `clients` threads (each takes the next request),
-    and the requests each replica answered (by the responses' system_fingerprint)."""
+class Clients:
+    """Where the client threads run: in this process, or spread over `processes` spawned ones (so
+    that the clients' own CPU, ~10 ms per request, is not one GIL's)."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) \
+            if processes > 1 else None  # fmt: skip
+
+    def round_trip(self, url: str, trace: list[TraceRequest], threads: int) -> tuple[float, dict[str, int], float]:
+        """Output tokens per second of the trace sent by `threads` client threads in all, the requests
+        each replica answered (by the responses' system_fingerprint), and the clients' CPU seconds."""
+        started = time.perf_counter()
+        if self.pool is None:
+            results = [send(url, trace, threads)]
+        else:
+            parts = self.processes
+            shares = [self.pool.submit(send, url, trace[i::parts], -(-threads // parts)) for i in range(parts)]
+            results = [share.result() for share in shares]
+        seconds = time.perf_counter() - started
+        answered: Counter[str] = Counter()
+        for _, part, _ in results:
+            answered.update(part)
+        return sum(r[0] for r in results) / seconds, dict(answered), sum(r[2] for r in results)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def send(url: str, trace: list[TraceRequest], clients: int) -> tuple[int, Counter[str], float]:
+    """The trace's completions through `clients` threads, each taking the next request: the output
+    tokens, the requests each replica answered, and this process's CPU seconds meanwhile."""
+    began = time.process_time()
     todo = list(reversed(trace))
     lock = threading.Lock()
     tokens = [0]
@@ -104,13 +141,33 @@ def round_trip(url: str, trace: list[TraceRequest], clients: int) -> tuple[float
                     tokens[0] += answer["usage"]["completion_tokens"]
                     answered[answer["system_fingerprint"]] += 1
 
-    started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return tokens[0] / (time.perf_counter() - started), dict(answered)
+    return tokens[0], answered, time.process_time() - began
+
+
+def stack_processes() -> dict[str, list[psutil.Process]]:
+    """This machine's processes of the Serve stack by role (Ray names its actors' processes)."""
+    roles = {"proxy": "ProxyActor", "router": ":Router", "replica": ":Replica", "controller": "ServeController"}
+    found: dict[str, list[psutil.Process]] = {role: [] for role in roles}
+    for proc in psutil.process_iter(["cmdline"]):
+        command = " ".join(proc.info["cmdline"] or [])
+        for role, marker in roles.items():
+            if command.startswith("ray::") and marker in command:
+                found[role].append(proc)
+    return found
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--clients", type=int, help="client threads (default: one per request, i.e. saturation)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="processes the client threads are spread over (1: the driver's own)")  # fmt: skip
     parser.add_argument("--adapters", type=int, default=100, help="synthetic adapters (tiny, llama-7b)")
     parser.add_argument("--popularity", choices=("zipf", "uniform"), default="zipf")
     parser.add_argument("--zipf", type=float, default=1.0)
@@ -139,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     pairs, splits = [], []
+    clients_in = Clients(args.client_processes)
     with tempfile.TemporaryDirectory() as tmp:
         spec, names, vocab = demo_spec(args) if args.shapes == "demo" else synthetic_spec(Path(tmp), args)
         trace = make_trace(args, math.inf, names, vocab)
@@ -147,13 +207,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             speeds = {}
             for replicas in ((1, args.replicas) if r % 2 == 0 else (args.replicas, 1)):
                 serve.run(application(spec, replicas))
-                round_trip(url, trace, clients)  # warm-up
-                speeds[replicas], answered = round_trip(url, trace, clients)
-                splits.append({"round": r, "replicas": replicas, "requests_per_replica": sorted(answered.values())})
+                clients_in.round_trip(url, trace, clients)  # warm-up
+                stack = stack_processes()
+                before, began = {role: cpu_seconds(procs) for role, procs in stack.items()}, time.perf_counter()
+                speeds[replicas], answered, client_seconds = clients_in.round_trip(url, trace, clients)
+                wall = time.perf_counter() - began
+                cores = {role: round((cpu_seconds(procs) - before[role]) / wall, 2) for role, procs in stack.items()}
+                cores["clients"] = round(client_seconds / wall, 2)  # cores used, by role, over the timed run
+                splits.append({"round": r, "replicas": replicas, "requests_per_replica": sorted(answered.values()),
+                               "cores_used": cores})  # fmt: skip
                 print(f"round {r}: {replicas} replica(s): {speeds[replicas]:.1f} tok/s; requests per replica "
-                      f"{sorted(answered.values())}", flush=True)  # fmt: skip
+                      f"{sorted(answered.values())}; cores used {cores}", flush=True)  # fmt: skip
             pairs.append(speeds)
         serve.shutdown()
+    clients_in.close()
     ratios = [p[args.replicas] / p[1] for p in pairs]
     where = f"{int(resources.get('GPU', 0))} GPU(s)" if resources.get("GPU") else f"CPU only, {int(resources['CPU'])} cores"
     print(f"{args.replicas} replicas / 1 replica: median {common.median(ratios):.2f}x (rounds {[round(x, 2) for x in ratios]}); {where}")

@@ -396,6 +396,24 @@ def test_while_rows_decode_a_small_prefill_waits_a_bounded_number_of_steps(model
         Engine(model, async_scheduling=1)
 
 
+def test_a_full_batch_waits_for_more_rows_to_end_before_a_prefill(model):
+    """Three rows fill the batch and two requests wait: when the first row ends, one row is free,
+    but two wait, so their prefill waits (at most max_prefill_wait steps) for the second row to end
+    and both go in one forward. A freed row was prefilled alone before (3 prefills), which at
+    saturation spent more time in prefills than in decode steps."""
+    jobs = [(prompt(6, seed=80 + i), adapter, n) for i, (adapter, n) in
+            enumerate([("attn_r8", 4), ("qv_r4", 9), (None, 30), ("attn_r8", 5), ("qv_r4", 5)])]  # fmt: skip
+    expected = [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
+    with Engine(model, max_running=3, min_prefill_rows=2, max_prefill_wait=50) as engine:
+        with engine._cond:
+            streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
+        for stream in streams:
+            stream.result(timeout=60)
+        assert engine.stats["prefills"] == 2, engine.stats
+        assert 3 <= engine.stats["prefill_waits"] <= 8, engine.stats  # rows 1 and 2 end 5 tokens apart
+    assert [s.token_ids for s in streams] == expected
+
+
 @pytest.mark.parametrize("how", ["adapter files gone", "prefill raises"])
 def test_a_failing_request_does_not_disturb_the_others(llama_zoo, tmp_path, monkeypatch, how):
     import shutil
