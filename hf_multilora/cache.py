@@ -107,7 +107,7 @@ class StepBuffers(NamedTuple):
     table: torch.Tensor  # int32 [layers, step rows, blocks]
     kv_lens: torch.Tensor  # int32 [step rows]
     key_mask: torch.Tensor  # bool [step rows, blocks * block_size]
-    plans: dict  # PagedDecode by (query shape, mask, window, scale)
+    plans: dict  # PagedDecode by (query shape, mask, window, scale, backend)
     scores: torch.Tensor | None = None  # heavy-hitter eviction: fp32 [layers, step rows, kv_heads, blocks * block_size]
 
 
@@ -494,13 +494,14 @@ class PagedCache(Cache):
     ) -> torch.Tensor:
         """One layer of a decode step through the ``PagedDecode`` planned for these shapes; plans live until
         the page tables change width (every ``block_size`` tokens) or rows."""
-        plan_key = (query.shape, key_mask is not None, sliding_window, scale)
+        backend = "triton" if use_triton(query) else "torch"  # the package's rule, not the kernels' own
+        plan_key = (query.shape, key_mask is not None, sliding_window, scale, backend)
         plan = self._plans.get(plan_key)
         if plan is None:
             batch, heads, _, head_dim = query.shape
             plan = PagedDecode(
                 self.pool.storage, self.pool.page_elems, self.block_size, batch, heads, self.kv_heads, head_dim,
-                table.shape[1], scale, key_mask is not None, sliding_window,
+                table.shape[1], scale, key_mask is not None, sliding_window, backend=backend,
             )  # fmt: skip
             self._plans[plan_key] = plan
         return plan(query, key, value, table, self._kv_lens, key_mask)

@@ -650,7 +650,9 @@ class PagedDecode:
     its store. Inputs come in the layout attention layers hold them in, [batch, heads, 1, head_dim]
     (no transposes: each view costs the host microseconds). Semantics otherwise those of
     `paged_attention` with q_len 1, after `write_kv` of the token at kv_lens[b] - 1. Calls on one
-    instance must be ordered on one stream (they share the split buffers).
+    instance must be ordered on one stream (they share the split buffers). `backend`: "triton" or
+    "torch" (the plain references), for a caller with its own rule; None: Triton on CUDA or under
+    TRITON_INTERPRET=1.
     """
 
     def __init__(
@@ -667,9 +669,12 @@ class PagedDecode:
         with_key_mask: bool = False,
         sliding_window: int | None = None,
         num_splits: int | None = None,
+        backend: str | None = None,
     ) -> None:
         if batch < 1 or max_blocks < 1:
             raise ValueError(f"PagedDecode needs batch >= 1 and max_blocks >= 1, got {batch}, {max_blocks}")
+        if backend not in (None, "triton", "torch"):
+            raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
         if kv_heads <= 0 or heads % kv_heads:
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         _check_pool(storage, page_elems, torch.empty(0, 0, dtype=torch.int32), block_size, kv_heads, head_dim)
@@ -679,7 +684,7 @@ class PagedDecode:
         self.q_shape, self.kv_shape = (batch, heads, 1, head_dim), (batch, kv_heads, 1, head_dim)
         self.out_shape, self.table_shape = (batch, 1, heads, head_dim), (batch, max_blocks)
         self.with_key_mask, self.sliding_window, self.scale = with_key_mask, sliding_window, scale
-        self._use_triton = _use_triton(storage)
+        self._use_triton = _use_triton(storage) if backend is None else backend == "triton"
         launch = _plan_launch(
             self.out_shape, storage.dtype, kv_heads, block_size, max_blocks, sliding_window, with_key_mask,
             num_splits, new_kv=True,

@@ -7,6 +7,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_multilora import MultiLoraModel
+from hf_multilora.kernels import paged_attention as paged_attention_kernels
 from hf_multilora.serving import Engine, RequestError, SamplingParams
 from hf_multilora.serving.requests import stop_at
 
@@ -135,6 +136,30 @@ def test_a_left_padded_prefill_stores_no_padding(llama_zoo, monkeypatch, kernels
         assert after_prefill == [layers * (-(-130 // block) + -(-5 // block))]  # not 2 x 130 tokens' pages
         assert -(-5 // block) < -(-130 // block)
     assert [s.token_ids for s in streams] == expected
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_the_engines_decode_steps_follow_the_package_kernel_rule(model, monkeypatch, kernels):
+    """Decode attention takes Triton on CUDA or where HF_MULTILORA_KERNELS=triton, as every other
+    kernel of the package. The engine's steps went through PagedDecode, which chose Triton wherever
+    TRITON_INTERPRET=1 (these tests' conftest), so on a CPU they ran the interpreter while generate()
+    took the torch path (and Ray replicas that inherited the variable took minutes per request)."""
+    torch_calls = []
+    reference = paged_attention_kernels.paged_attention_torch
+
+    def counted(*args, **kwargs):
+        torch_calls.append(args[0].shape)
+        return reference(*args, **kwargs)
+
+    monkeypatch.setattr(paged_attention_kernels, "paged_attention_torch", counted)
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", kernels)
+    ids = prompt(5, seed=90)
+    with Engine(model) as engine:
+        stream = engine.submit(ids, "attn_r8", greedy(4))
+        stream.result(timeout=60)
+    assert stream.token_ids == alone(model, ids, "attn_r8", 4)
+    layers = model.base_model.config.num_hidden_layers
+    assert len(torch_calls) == (3 * layers if kernels == "torch" else 0)  # 3 decode steps after the prefill
 
 
 def test_a_request_joins_a_running_batch(model):

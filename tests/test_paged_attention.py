@@ -451,6 +451,8 @@ def test_paged_decode_refuses_what_it_was_not_planned_for():
         PagedDecode(storage, page_elems, block_size, 2, 4, kv_heads, 16, 2, 0.25, num_splits=3)
     with pytest.raises(ValueError, match="batch >= 1"):
         PagedDecode(storage, page_elems, block_size, 0, 4, kv_heads, 16, 2, 0.25)
+    with pytest.raises(ValueError, match="backend must be 'triton', 'torch' or None, got 'cuda'"):
+        PagedDecode(storage, page_elems, block_size, 2, 4, kv_heads, 16, 2, 0.25, backend="cuda")
 
 
 # ----------------------------------------------------------------------------- GPU, serving shapes

@@ -27,9 +27,9 @@ def url():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # The replicas must not inherit conftest's TRITON_INTERPRET=1: with it, their engines' decode steps
-    # run the paged attention kernel in Triton's interpreter (kernels pick Triton by that variable),
-    # minutes per request, and the clients time out.
+    # The replicas need not inherit conftest's TRITON_INTERPRET=1 (the package's kernels follow
+    # HF_MULTILORA_KERNELS, but a kernel called directly picks Triton by that variable): CPU replicas
+    # serve through the torch paths, as a user's would.
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
              runtime_env={"env_vars": {"TRITON_INTERPRET": "0"}})  # fmt: skip
     serve.start(http_options={"host": "127.0.0.1", "port": port})
