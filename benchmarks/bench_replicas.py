@@ -6,8 +6,9 @@ tokenizer ("t0" ... one word per id) and `--adapters` synthetic adapters (q/k/v/
 bench_serve.py writes them). The trace is bench_serve.py's at saturation: `--requests` prompts of
 random token ids, output lengths uniform in `--output-lens` (EOS ignored), adapters drawn Zipf.
 
-Each round deploys `application(spec, replicas=r)`, sends the whole trace once untimed (a fresh
-replica compiles and captures its decode graphs on first use), then again timed: `--clients` threads
+Each round deploys `application(spec, replicas=r)`, sends the trace's first 2 x `--clients` requests
+untimed (a fresh replica compiles and captures its decode graphs on first use; with the load rising
+and falling every batch size comes up), then the whole trace timed: `--clients` threads
 send the completions through the OpenAI routes and wait for them; throughput is the output tokens
 over the wall time. Rounds alternate 1 and N replicas (`--rounds` each; the host drifts), and the
 ratio is taken per pair. Each timed run also records the cores each part of the stack used (Ray's
@@ -207,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             speeds = {}
             for replicas in ((1, args.replicas) if r % 2 == 0 else (args.replicas, 1)):
                 serve.run(application(spec, replicas))
-                clients_in.round_trip(url, trace, clients)  # warm-up
+                clients_in.round_trip(url, trace[: 2 * clients], clients)  # warm-up
                 stack = stack_processes()
                 before, began = {role: cpu_seconds(procs) for role, procs in stack.items()}, time.perf_counter()
                 speeds[replicas], answered, client_seconds = clients_in.round_trip(url, trace, clients)
