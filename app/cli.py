@@ -82,6 +82,8 @@ def _serve_on_ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     source = _source(args)
     if args.adapter_dir is not None:
         parser.error("--adapter-dir: a Ray Serve deployment's adapters are fixed at start (use --adapter)")
+    if args.ray_routers < 1:
+        parser.error(f"--ray-routers must be >= 1, got {args.ray_routers}")
     try:
         spec = ModelSpec(base=str(source.base), adapters={n: str(p) for n, p in source.adapters.items()},
                          model_name=source.name, chat_template=source.chat_template, pool_bytes=args.pool_bytes,
@@ -94,7 +96,7 @@ def _serve_on_ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     api_key = args.api_key or os.environ.get("HF_MULTILORA_API_KEY")
     print(f"hf_multilora: {args.ray_replicas} Ray Serve replicas of {source.name} at http://{args.host}:{args.port}/v1",
           flush=True)  # fmt: skip
-    serve.run(application(spec, args.ray_replicas, api_key=api_key), blocking=True)
+    serve.run(application(spec, args.ray_replicas, routers=args.ray_routers, api_key=api_key), blocking=True)
 
 
 @dataclass
@@ -189,6 +191,8 @@ def _parser() -> argparse.ArgumentParser:
                        "full replica at most; more: 503 (default: %(default)s)")  # fmt: skip
     serve.add_argument("--kv-cache-dtype", choices=("fp8", "int4"), help="keep the requests' KV quantized (default: the model's dtype)")
     serve.add_argument("--ray-replicas", type=int, help="serve N replicas on Ray Serve (one GPU each where there are GPUs)")
+    serve.add_argument("--ray-routers", type=int, default=1, help="with --ray-replicas: HTTP ingress replicas "
+                       "(Routers) in front of them; one takes ~90 requests/s (default: %(default)s)")  # fmt: skip
     serve.add_argument("--ray-address", help="the Ray cluster to join (default: start one here; `auto`: the running one)")
     return parser
 

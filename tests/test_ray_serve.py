@@ -37,15 +37,16 @@ def url():
         base=str(DEMO.base), adapters={n: str(p) for n, p in DEMO.adapters.items()}, model_name="demo-base",
         chat_template=DEMO.prompt_format.replace("{text}", "{{ messages[-1]['content'] }}"), device="cpu",
     )  # fmt: skip
-    serve.run(application(spec, replicas=2, api_key=KEY))
+    serve.run(application(spec, replicas=2, routers=2, api_key=KEY))
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
 
 
 def test_two_replicas_serve_every_adapter_and_stream(url):
-    replicas = serve.status().applications["default"].deployments["Replica"].replica_states
-    assert replicas.get("RUNNING") == 2
+    deployments = serve.status().applications["default"].deployments
+    assert deployments["Replica"].replica_states.get("RUNNING") == 2
+    assert deployments["Router"].replica_states.get("RUNNING") == 2  # routers=2
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list().data] == ["demo-base", *DEMO.adapters]
     spec = json.loads((DEMO.root / "demo.json").read_text())["adapters"]
@@ -141,6 +142,22 @@ def test_a_replica_batches_more_than_ray_serves_default_of_5_requests(url):
 def test_a_model_spec_refuses_limits_out_of_range(name, value, lowest):
     with pytest.raises(ValueError, match=f"ModelSpec.{name} must be an int >= {lowest}"):
         ModelSpec(base=str(DEMO.base), **{name: value})
+
+
+@pytest.mark.parametrize("name, value", [("replicas", 0), ("routers", 0), ("routers", True)])
+def test_an_application_refuses_counts_below_one(name, value):
+    spec = ModelSpec(base=str(DEMO.base), device="cpu")
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1, got {value!r}"):
+        application(spec, **{name: value})
+
+
+def test_serve_refuses_no_routers_before_starting_ray(capsys):
+    from hf_multilora.app.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--device", "cpu", "--ray-replicas", "2", "--ray-routers", "0"])
+    assert exit_info.value.code == 2
+    assert "--ray-routers must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_overload_beyond_the_replicas_and_the_routing_queue_is_answered_503_with_retry_after(url):

@@ -14,7 +14,8 @@ that loaded that id unless their queues are longer than the least loaded replica
 `ModelSpec.affinity_slack`, and a replica "loads" it by making the adapter resident in its pool
 (`Replica.hold`).
 
-On one machine: `hf-multilora serve --ray-replicas 2` (or `serve.run(application(spec, replicas=2))`).
+On one machine: `hf-multilora serve --ray-replicas 2` (or `serve.run(application(spec, replicas=2))`);
+`--ray-routers N` (`routers=N`) runs N Routers when one is not enough for the replicas' requests.
 On a cluster: `ray start --head` on one node, `ray start --address=<head>:6379` on the others, then
 on the head run `hf-multilora serve --ray-replicas N --ray-address auto` (or `serve.run` of
 `application(...)` from a script): Ray places one replica per GPU anywhere in the cluster, and the
@@ -208,11 +209,21 @@ class Router:
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
 
-def application(spec: ModelSpec, replicas: int = 1, *, api_key: str | None = None, gpus_per_replica: float | None = None) -> Any:
-    """The Ray Serve application: `replicas` Replicas of `spec` behind a Router. `gpus_per_replica`:
-    default 1 where the cluster has GPUs and the spec's device is not the CPU, else 0."""
-    if not isinstance(replicas, int) or replicas < 1:
-        raise ValueError(f"replicas must be an int >= 1, got {replicas!r}")
+def application(
+    spec: ModelSpec,
+    replicas: int = 1,
+    *,
+    routers: int = 1,
+    api_key: str | None = None,
+    gpus_per_replica: float | None = None,
+) -> Any:
+    """The Ray Serve application: `replicas` Replicas of `spec` behind `routers` Routers (Ray's proxy
+    spreads requests over them). One Router costs ~10 ms of CPU per request (docs/benchmarks.md), so
+    it saturates near ~90 requests/s: many replicas need more of them. `gpus_per_replica`: default 1
+    where the cluster has GPUs and the spec's device is not the CPU, else 0."""
+    for name, value in (("replicas", replicas), ("routers", routers)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if gpus_per_replica is None:
         import ray
 
@@ -222,13 +233,14 @@ def application(spec: ModelSpec, replicas: int = 1, *, api_key: str | None = Non
     # engine would batch 5 rows. A replica takes what its engine runs and queues, so that rows ending
     # are replaced from its own queue at once; up to max_routing more wait in the router (Ray's
     # queue at the router's handle, FIFO), and the router takes all of them, so that its own routes
-    # are never stuck behind completions in Ray's proxy.
+    # are never stuck behind completions in Ray's proxy. Each router keeps its own routing queue.
     per_replica = spec.max_running + spec.engine_waiting
     routing = RequestRouterConfig(request_router_class=AdapterAffinityRouter,
                                   request_router_kwargs={"slack": spec.affinity_slack})  # fmt: skip
     replica = Replica.options(num_replicas=replicas, max_ongoing_requests=per_replica,
                               max_queued_requests=spec.max_routing, request_router_config=routing,
                               ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": 0})  # fmt: skip
-    router = Router.options(max_ongoing_requests=replicas * per_replica + spec.max_routing + ROUTER_SPARE_REQUESTS,
+    router = Router.options(num_replicas=routers,
+                            max_ongoing_requests=replicas * per_replica + spec.max_routing + ROUTER_SPARE_REQUESTS,
                             ray_actor_options={"num_cpus": 0})  # fmt: skip
     return router.bind(replica.bind(spec), api_key)
