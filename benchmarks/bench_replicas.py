@@ -178,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--clients", type=int, help="client threads (default: one per request, i.e. saturation)")
+    parser.add_argument("--routers", type=int, default=1, help="Router replicas (the HTTP ingress) in every deployment")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="processes the client threads are spread over (1: the driver's own)")  # fmt: skip
     parser.add_argument("--adapters", type=int, default=100, help="synthetic adapters (tiny, llama-7b)")
@@ -207,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in range(args.rounds):
             speeds = {}
             for replicas in ((1, args.replicas) if r % 2 == 0 else (args.replicas, 1)):
-                serve.run(application(spec, replicas))
+                serve.run(application(spec, replicas, routers=args.routers))
                 clients_in.round_trip(url, trace[: 2 * clients], clients)  # warm-up
                 stack = stack_processes()
                 before, began = {role: cpu_seconds(procs) for role, procs in stack.items()}, time.perf_counter()
