@@ -26,9 +26,9 @@ Rows, in one process:
                    (the first compiles)
 (b) and (c) run at saturation only. Llama-2-7B shapes on CUDA; `--tiny` checks the script on CPU.
 
-`--host-profile` runs each trace once more with the engine's decode steps under cProfile and puts
-the top functions by own time in the JSON (where a step's host time goes; a replayed step's GPU
-time shows as the wait in the sampling's `tolist`).
+`--host-profile` runs each trace once more with the engine's decode steps and prefill forwards
+each under a cProfile of its own and puts the top functions by own time in the JSON (where a
+phase's host time goes; GPU time shows as the wait in the sampling's `tolist`).
 
 `--kv-cache-dtypes model,int4` runs the engine once per KV dtype on each trace (quantized KV pages in
 the same pool: more requests fit), `--scheduling async,sync` once with each engine scheduling
@@ -51,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,27 +129,34 @@ def run_engine(engine: Engine, trace: list[TraceRequest]) -> dict:
             "max_batch": max(engine.batch_sizes, default=0), "phases": phases}  # fmt: skip
 
 
-def decode_host_profile(engine: Engine, trace: list[TraceRequest], top: int = 30) -> list[dict]:
-    """The trace once more with the engine thread's decode steps under cProfile (it slows them, so
-    not in the timed run): the `top` functions by own time, where a step's host time goes."""
-    profile = cProfile.Profile()
-    decode = engine._decode
+def host_profiles(engine: Engine, trace: list[TraceRequest], top: int = 30) -> dict[str, list[dict]]:
+    """The trace once more with the engine thread's decode steps and prefill forwards each under a
+    cProfile of its own (it slows them, so not in the timed run): per phase, the `top` functions by
+    own time, where its host time goes."""
+    profiles = {"decode": cProfile.Profile(), "prefill": cProfile.Profile()}
+    originals = {"decode": engine._decode, "prefill": engine._prefill}
 
-    def profiled() -> None:
-        profile.enable()
-        try:
-            decode()
-        finally:
-            profile.disable()
+    def profiled(phase: str) -> Callable[..., None]:
+        def run(*args: Any) -> None:
+            profiles[phase].enable()
+            try:
+                originals[phase](*args)
+            finally:
+                profiles[phase].disable()
 
-    engine._decode = profiled
+        return run
+
+    engine._decode, engine._prefill = profiled("decode"), profiled("prefill")
     try:
         run_engine(engine, trace)
     finally:
-        engine._decode = decode
-    rows = sorted(pstats.Stats(profile).stats.items(), key=lambda item: -item[1][2])[:top]
-    return [{"function": f"{path}:{line}({name})", "calls": calls, "own_s": own, "cumulative_s": cumulative}
-            for (path, line, name), (_, calls, own, cumulative, _) in rows]  # fmt: skip
+        engine._decode, engine._prefill = originals["decode"], originals["prefill"]
+    tables = {}
+    for phase, profile in profiles.items():
+        rows = sorted(pstats.Stats(profile).stats.items(), key=lambda item: -item[1][2])[:top]
+        tables[phase] = [{"function": f"{path}:{line}({name})", "calls": calls, "own_s": own, "cumulative_s": cumulative}
+                         for (path, line, name), (_, calls, own, cumulative, _) in rows]  # fmt: skip
+    return tables
 
 
 def run_trace(
@@ -173,7 +180,7 @@ def run_trace(
         after, graphs_after = model.memory_stats(), model.graph_stats()
         result["triton_compiles"] = common.triton_compiles() - compiles  # inside the timed run
         if args.host_profile:
-            result["decode_host_profile"] = decode_host_profile(engine, trace)
+            result["host_profiles"] = host_profiles(engine, trace)
     if replays:  # the decode steps' GPU time, against their wall time (result["phases"]["decode_seconds"])
         torch.cuda.synchronize()
         gpu_ms = [start.elapsed_time(end) for start, end in replays]
@@ -258,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pool-gib", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--host-profile", action="store_true",
-                        help="after each timed engine run, the trace again with its decode steps under cProfile "
-                             "(top functions by own time in the JSON)")  # fmt: skip
+                        help="after each timed engine run, the trace again with its decode steps and prefills "
+                             "under cProfile (top functions by own time in the JSON, per phase)")  # fmt: skip
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     started = common.start(args.tiny)
