@@ -4,8 +4,10 @@ official `openai` client (skipped where Ray Serve is not installed: pip install 
 import collections
 import contextlib
 import json
+import re
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -92,6 +94,39 @@ def test_errors_through_the_router(url):
 UPPER = {"model": "upper", "prompt": "a b c", "temperature": 0, "ignore_eos": True}
 
 
+def samples(metrics, family):
+    """{replica: value} of a family's samples in a /metrics text."""
+    found = re.findall(rf'^{family}{{replica="([^"]+)"}} (\S+)$', metrics, flags=re.MULTILINE)
+    return {replica: float(value) for replica, value in found}
+
+
+def test_metrics_hold_every_replica_once(url):
+    """Ray Serve hands /metrics' call to one replica: the router answered with a random replica's
+    engine each scrape. Now every replica publishes to the application's board."""
+    before = samples(httpx.get(f"{url}/metrics").text, "hf_multilora_submitted_total")
+    assert len(before) == 2
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    answered_by = []
+
+    def call(name):
+        reply = client.completions.create(model=name, prompt="a b c", max_tokens=4, temperature=0)
+        answered_by.append(reply.system_fingerprint.removeprefix("hf_multilora-"))
+
+    threads = [threading.Thread(target=call, args=(name,)) for name in [*DEMO.adapters, "demo-base"] * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(1.5)  # three publications
+    metrics = httpx.get(f"{url}/metrics").text
+    after = samples(metrics, "hf_multilora_submitted_total")
+    assert set(after) == set(before) and set(answered_by) <= set(after)  # labelled by replica tag
+    assert sum(after.values()) - sum(before.values()) == len(threads)
+    families = re.findall(r"^# TYPE (\S+) ", metrics, flags=re.MULTILINE)
+    assert len(families) == len(set(families)) and "hf_multilora_pool_pages" in families  # one TYPE line each
+    assert len(re.findall(r'^hf_multilora_pool_pages\{replica="[^"]+",kind="kv"\} ', metrics, flags=re.MULTILINE)) == 2
+
+
 @contextlib.contextmanager
 def deployed(url, name, replicas=1, **limits):
     """Another application of the demo on CPU replicas at {url}/{name} with these ModelSpec limits,
@@ -129,8 +164,7 @@ def test_a_replica_batches_more_than_ray_serves_default_of_5_requests(url):
         with httpx.Client(timeout=120) as http:
             while any(t.is_alive() for t in threads):
                 metrics = http.get(f"{single}/metrics").text
-                running = next(line for line in metrics.splitlines() if line.startswith("hf_multilora_requests_running "))
-                peak = max(peak, float(running.split()[1]))
+                peak = max(peak, sum(samples(metrics, "hf_multilora_requests_running").values()))
         for t in threads:
             t.join()
         assert [r.status_code for r in replies] == [200] * 12

@@ -308,3 +308,23 @@ def test_serve_refuses_an_empty_queue_by_its_flag(capsys):
         main(["serve", "--device", "cpu", "--max-waiting", "0"])
     assert exit_info.value.code == 2
     assert "max_waiting must be an int >= 1" in capsys.readouterr().err
+
+
+def test_several_engines_metrics_share_one_type_line_per_family():
+    from hf_multilora.serving.server import labelled_prometheus_text, prometheus_text
+
+    def metrics(waiting, kv):
+        return {"waiting": waiting, "running": 1, "tokens_per_s": 2.5, "pages_total": 10, "pages_free": 4,
+                "pages_kv": kv, "pages_adapter": 2, "submitted": 7, "finished_stop": 3}  # fmt: skip
+
+    text = labelled_prometheus_text([({"replica": "a"}, metrics(5, 3)), ({"replica": "b"}, metrics(0, 4))])
+    lines = text.splitlines()
+    types = [line for line in lines if line.startswith("# TYPE")]
+    assert len(types) == len(set(types)) == 6
+    running = lines.index("# TYPE hf_multilora_requests_waiting gauge")
+    assert lines[running + 1 : running + 3] == ['hf_multilora_requests_waiting{replica="a"} 5.0',
+                                                'hf_multilora_requests_waiting{replica="b"} 0.0']  # fmt: skip
+    assert 'hf_multilora_pool_pages{replica="b",kind="kv"} 4.0' in lines
+    assert 'hf_multilora_requests_finished_total{replica="a",reason="stop"} 3.0' in lines
+    assert "hf_multilora_requests_waiting 5.0" in prometheus_text(metrics(5, 3)).splitlines()  # one engine: no labels
+    assert labelled_prometheus_text([]) == ""

@@ -12,7 +12,8 @@ Layout: a `Router` deployment (the HTTP ingress: authentication, JSON, server-se
 with `multiplexed_model_id=<model>`; our request router (serving/ray_router.py) prefers replicas
 that loaded that id unless their queues are longer than the least loaded replica's by more than
 `ModelSpec.affinity_slack`, and a replica "loads" it by making the adapter resident in its pool
-(`Replica.hold`).
+(`Replica.hold`). Each replica publishes its engine's metrics to the application's `MetricsBoard`
+actor, which the routers' /metrics reads.
 
 On one machine: `hf-multilora serve --ray-replicas 2` (or `serve.run(application(spec, replicas=2))`);
 `--ray-routers N` (`routers=N`) runs N Routers when one is not enough for the replicas' requests.
@@ -27,10 +28,14 @@ catalogue is fixed when the application is built: loading adapters at run time
 # No `from __future__ import annotations`: FastAPI must see Request itself in the Router's methods,
 # which Ray Serve's ingress rewrites (string annotations then resolve to nothing: 422 answers).
 
+import logging
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
@@ -41,7 +46,18 @@ from transformers import AutoTokenizer
 from ..model import MultiLoraModel
 from .engine import Engine
 from .ray_router import AdapterAffinityRouter
-from .server import ApiError, OpenAIService, bad_request, error_body, json_answer, json_body, key_refusal
+from .server import (
+    ApiError,
+    OpenAIService,
+    bad_request,
+    error_body,
+    json_answer,
+    json_body,
+    key_refusal,
+    labelled_prometheus_text,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,36 @@ class ModelSpec:
         return 4 * self.max_running if self.max_waiting is None else self.max_waiting
 
 
+METRICS_PUBLISH_S = 0.5  # how often each replica sends its engine's metrics to the board
+METRICS_STALE_S = 5.0  # a replica silent this long is gone (scaled down, failed): it leaves /metrics
+
+
+@ray.remote(num_cpus=0)
+class MetricsBoard:
+    """The latest engine metrics of each replica of one application, for its routers' /metrics: Ray
+    Serve hands a request to ONE replica, so a router cannot ask them all, and one replica's metrics
+    at random per scrape would be silently wrong."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, tuple[float, dict]] = {}
+
+    def put(self, replica: str, metrics: dict) -> None:
+        self._latest[replica] = (time.monotonic(), metrics)
+
+    def snapshot(self) -> dict[str, dict]:
+        """{replica: its metrics} of the replicas heard from within METRICS_STALE_S."""
+        now = time.monotonic()
+        self._latest = {r: (t, m) for r, (t, m) in self._latest.items() if now - t < METRICS_STALE_S}
+        return {replica: metrics for replica, (_, metrics) in sorted(self._latest.items())}
+
+
+def metrics_board(app_name: str) -> Any:
+    """The application's board, created by whichever of its routers and replicas asks first; it lives
+    as long as that process, and the next to ask after it is gone creates it again (its content is
+    refreshed every METRICS_PUBLISH_S)."""
+    return MetricsBoard.options(name=f"hf_multilora_metrics:{app_name}", get_if_exists=True).remote()
+
+
 @serve.deployment
 class Replica:
     def __init__(self, spec: ModelSpec) -> None:
@@ -91,8 +137,27 @@ class Replica:
         model.to(device)
         self.engine = Engine(model, AutoTokenizer.from_pretrained(spec.base), max_running=spec.max_running,
                              max_waiting=spec.engine_waiting, kv_cache_dtype=spec.kv_cache_dtype)  # fmt: skip
+        context = serve.get_replica_context()
         self.service = OpenAIService(self.engine, model_name=spec.model_name, chat_template=spec.chat_template,
-                                     system_fingerprint=f"hf_multilora-{serve.get_replica_context().replica_tag}")  # fmt: skip
+                                     system_fingerprint=f"hf_multilora-{context.replica_tag}")  # fmt: skip
+        self._publish(context.app_name, context.replica_tag, once=True)  # on /metrics before the first request
+        threading.Thread(target=self._publish, args=(context.app_name, context.replica_tag), daemon=True,
+                         name="hf_multilora metrics").start()  # fmt: skip
+
+    def _publish(self, app_name: str, replica: str, once: bool = False) -> None:
+        """Send the engine's metrics to the application's board, every METRICS_PUBLISH_S unless `once`
+        (the thread ends with the replica's process)."""
+        board = None
+        while True:
+            try:
+                board = board or metrics_board(app_name)
+                ray.get(board.put.remote(replica, self.engine.metrics()), timeout=10)
+            except Exception:  # the board's process went away: ask for it (create it) again
+                logger.debug("hf_multilora replica %s: metrics not published", replica, exc_info=True)
+                board = None
+            if once:
+                return
+            time.sleep(METRICS_PUBLISH_S)
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def hold(self, model: str) -> str:
@@ -127,9 +192,6 @@ class Replica:
     async def models(self) -> dict:
         return self.service.models()
 
-    async def metrics(self) -> str:
-        return self.service.metrics()
-
 
 # Requests the router takes beyond what its replicas and its queue do: /health, /metrics and /v1/models stay
 # answered under load.
@@ -142,10 +204,12 @@ router_app = FastAPI(title="hf_multilora on Ray Serve", docs_url=None, redoc_url
 @serve.ingress(router_app)
 class Router:
     """The HTTP ingress: checks the key, reads the JSON and hands the request to a replica chosen by
-    its `model`. /metrics and /v1/models come from one replica."""
+    its `model`. /metrics holds every replica's engine metrics, labelled `replica` (see
+    `MetricsBoard`); /v1/models comes from one replica (they all serve the same)."""
 
     def __init__(self, replica: Any, api_key: str | None = None) -> None:
         self.replica, self.api_key = replica, api_key
+        self.app_name = serve.get_replica_context().app_name
 
     @router_app.get("/health")
     async def health(self) -> dict:
@@ -153,7 +217,8 @@ class Router:
 
     @router_app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
-        return PlainTextResponse(await self.replica.metrics.remote())
+        snapshots = await metrics_board(self.app_name).snapshot.remote()
+        return PlainTextResponse(labelled_prometheus_text([({"replica": r}, m) for r, m in snapshots.items()]))
 
     @router_app.get("/v1/models")
     async def models(self, request: Request) -> Any:

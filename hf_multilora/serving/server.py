@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -443,23 +443,39 @@ def _sse(payload: dict) -> str:
 
 def prometheus_text(metrics: dict[str, Any]) -> str:
     """The engine's metrics in Prometheus' text format (gauges and counters, `hf_multilora_` names)."""
+    return labelled_prometheus_text([({}, metrics)])
+
+
+def labelled_prometheus_text(snapshots: Sequence[tuple[dict[str, str], dict[str, Any]]]) -> str:
+    """Several engines' metrics (each with its labels, e.g. a replica's name) in one exposition: each
+    family's samples follow its one TYPE line, as the format requires."""
+    families: dict[str, tuple[str, list[str]]] = {}
+    for labels, metrics in snapshots:
+        for family, kind, extra, value in _samples(metrics):
+            names = {**labels, **extra}
+            label_text = "{" + ",".join(f'{k}="{v}"' for k, v in names.items()) + "}" if names else ""
+            families.setdefault(family, (kind, []))[1].append(f"{family}{label_text} {float(value)}")
     lines = []
+    for family, (kind, samples) in families.items():
+        lines += [f"# TYPE {family} {kind}", *samples]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _samples(metrics: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, str], float]]:
+    """(family, type, labels, value) of each sample of one engine's metrics."""
     gauges = {
         "requests_waiting": metrics["waiting"], "requests_running": metrics["running"],
         "output_tokens_per_second": metrics["tokens_per_s"],
     }  # fmt: skip
     for name, value in gauges.items():
-        lines += [f"# TYPE hf_multilora_{name} gauge", f"hf_multilora_{name} {float(value)}"]
-    lines.append("# TYPE hf_multilora_pool_pages gauge")
+        yield f"hf_multilora_{name}", "gauge", {}, value
     for kind, key in (("total", "pages_total"), ("free", "pages_free"), ("kv", "pages_kv"), ("adapter", "pages_adapter")):
-        lines.append(f'hf_multilora_pool_pages{{kind="{kind}"}} {float(metrics.get(key, 0))}')
+        yield "hf_multilora_pool_pages", "gauge", {"kind": kind}, metrics.get(key, 0)
     counted = {"submitted", "prefills", "prefill_waits", "prefill_tokens", "prefill_padding", "prefill_seconds",
                "decode_steps", "decode_seconds", "preemptions", "graph_captures", "graph_replays"}  # fmt: skip
-    counters = {k: v for k, v in metrics.items() if k in counted}
-    for name, value in counters.items():
-        lines += [f"# TYPE hf_multilora_{name}_total counter", f"hf_multilora_{name}_total {float(value)}"]
-    lines.append("# TYPE hf_multilora_requests_finished_total counter")
+    for name, value in metrics.items():
+        if name in counted:
+            yield f"hf_multilora_{name}_total", "counter", {}, value
     for key, value in metrics.items():
         if key.startswith("finished_"):
-            lines.append(f'hf_multilora_requests_finished_total{{reason="{key[9:]}"}} {float(value)}')
-    return "\n".join(lines) + "\n"
+            yield "hf_multilora_requests_finished_total", "counter", {"reason": key[9:]}, value
