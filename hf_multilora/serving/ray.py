@@ -290,8 +290,6 @@ def application(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if gpus_per_replica is None:
-        import ray
-
         has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
         gpus_per_replica = 1 if has_gpus and spec.device != "cpu" else 0
     # Ray Serve sends a replica at most `max_ongoing_requests` at once (default 5): left at that, an
