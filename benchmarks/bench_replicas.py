@@ -13,8 +13,8 @@ send the completions through the OpenAI routes and wait for them; throughput is 
 over the wall time. Rounds alternate 1 and N replicas (`--rounds` each; the host drifts), and the
 ratio is taken per pair. Each timed run also records the cores each part of the stack used (Ray's
 proxy, the Router, the Replicas, the controller, the clients; `--client-processes` spreads the
-client threads over processes), to find the part that caps a run. On a machine with GPUs each replica takes one; on CPU the replicas share
-the cores (say which in the results).
+client threads over processes), to find the part that caps a run. On a machine with GPUs each
+replica takes one; on CPU the replicas share the cores (say which in the results).
 """
 
 from __future__ import annotations
