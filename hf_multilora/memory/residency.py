@@ -24,6 +24,7 @@ import torch
 
 from ..adapters.host_store import HostAdapter
 from ..kernels.sgmv import LOCATION_FIELDS
+from ..transfer import to_device
 from .page_pool import PagePool, PoolExhaustedError
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -222,11 +223,13 @@ class AdapterResidency:
             page_ids = torch.tensor(pages, dtype=torch.int64)
             addresses = page_ids[torch.tensor(layout.row_page, dtype=torch.int64)] * page_elems
             addresses += torch.tensor(layout.row_offset, dtype=torch.int64)
-            self.rows[row_base : row_base + n_rows] = addresses.to(self.device)
+            # Pinned, stream-ordered copies: a pageable one waits for all queued work, and the
+            # serving engine places a newly admitted request's adapter while a decode step runs.
+            self.rows[row_base : row_base + n_rows] = to_device(addresses, self.device)
             slot = self._take_slot()
             column[column[:, 2] > 0, :2] += row_base
-            self.locations[:, slot] = column.to(self.device)
-            self.scales[:, slot] = scales.to(self.device)
+            self.locations[:, slot] = to_device(column, self.device)
+            self.scales[:, slot] = to_device(scales, self.device)
         except BaseException:
             if slot is not None:
                 self.locations[:, slot, 2] = 0

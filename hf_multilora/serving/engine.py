@@ -13,9 +13,9 @@ One engine thread runs the loop; `submit()` (any thread, or an asyncio task) onl
    prompt lengths in one forward (each row with its adapter; `_next_group` picks them among the
    next `prefill_lookahead`; the left padding is not stored), and their first tokens sampled.
    While rows decode, a small prefill waits a few steps for more rows to end (`_defer`): each
-   prefill forward costs the running batch a step. The adapters of the requests still waiting are
-   read into host memory meanwhile (`prefetch_adapters(host_only=True)`), so admitting them does
-   not wait on a disk.
+   prefill forward costs the running batch a step. The adapter of a new request is read into host
+   memory at the first step after it arrives (`prefetch_adapters(host_only=True)`), so admitting it
+   does not wait on a disk.
 3. One decode forward for all running rows is launched, and then the tokens of the step launched
    before it are read: the host's work for a step (reading tokens, ending rows, the next step's
    tables and inputs) overlaps the device's work for the step before (vLLM's async scheduling).
@@ -138,6 +138,10 @@ class Engine:
         self.stats: Counter[str] = Counter()
         self.batch_sizes: Counter[int] = Counter()  # decode steps by the number of rows they ran
         self._waiting: deque[Request] = deque()
+        # Adapters of requests queued since the last step, read into host memory at the next one: once
+        # per arrival. Asking every step for every waiting request's adapter cost ~7.5 us a name, so
+        # up to ~1 ms of each ~9 ms step at 7B with 400 adapters and ~190 requests waiting.
+        self._arrived: set[str] = set()
         self._running: list[Request] = []
         self._kv: dict[str, RowKV] = {}
         self._launched: _Launched | None = None  # the last decode step, its tokens not read yet
@@ -186,6 +190,8 @@ class Engine:
             if len(self._waiting) >= self.max_waiting:
                 raise EngineOverloaded(f"{len(self._waiting)} requests are waiting (max_waiting={self.max_waiting})")
             self._waiting.append(request)
+            if adapter is not None:
+                self._arrived.add(adapter)
             self.stats["submitted"] += 1
             self._cond.notify_all()
         return stream
@@ -317,8 +323,9 @@ class Engine:
             self.stats["prefill_tokens"] += sum(lengths)
             self.stats["prefill_padding"] += max(lengths) * len(lengths) - sum(lengths)
         with self._cond:
-            waiting = {r.adapter for r in self._waiting if r.adapter is not None}
-        for adapter in sorted(waiting):
+            arrived = sorted(self._arrived)
+            self._arrived.clear()
+        for adapter in arrived:
             try:
                 self.model.prefetch_adapters([adapter], host_only=True)
             except Exception:  # the request fails with the reason when it is admitted
