@@ -44,7 +44,9 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * cols + offsets, out, mask=inside)
 
 
-@triton.jit
+@triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
+    do_not_specialize=["tokens"],
+)
 def _rotate_half_kernel(
     x_ptr,  # [batch, heads, tokens, head_dim], last dim contiguous
     cos_ptr,  # [batch or 1, tokens, head_dim], last dim contiguous

@@ -71,7 +71,10 @@ def _dot(a, b, DOT_IN_FP32: tl.constexpr):
         return tl.dot(a, b)
 
 
-@triton.jit
+@triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
+    do_not_specialize=["batch", "q_len", "bt_stride_b", "km_stride_b"],
+    do_not_specialize_on_alignment=["block_table_ptr"],
+)
 def _paged_attention_kernel(
     q_ptr,
     storage_ptr,
@@ -279,7 +282,9 @@ def _attend_new_key(
     return m_new, l_i * alpha + p, acc
 
 
-@triton.jit
+@triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
+    do_not_specialize=["q_len", "n_rows"],
+)
 def _combine_splits_kernel(
     part_acc_ptr,
     part_ml_ptr,
@@ -318,7 +323,10 @@ def _combine_splits_kernel(
     tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit
+@triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
+    do_not_specialize=["start_value", "new_len", "bt_stride_b"],
+    do_not_specialize_on_alignment=["block_table_ptr", "start_ptr"],
+)
 def _write_kv_kernel(
     k_ptr,
     v_ptr,

@@ -103,7 +103,10 @@ def _store_quantized(
     tl.store(scale_ptr, scale16, mask=t_ok)
 
 
-@triton.jit
+@triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
+    do_not_specialize=["tokens", "new_len", "table_stride"],
+    do_not_specialize_on_alignment=["table_ptr", "pos_ptr"],
+)
 def _write_kv_quant_kernel(
     data_ptr,  # uint8 [pool bytes]
     k_ptr,  # [batch, new, kv_heads, head_dim], any strides
@@ -269,7 +272,10 @@ def _softmax_step(m_i, l_i, s):
     return m_new, l_i * alpha + tl.sum(p, axis=1), alpha, p
 
 
-@triton.jit
+@triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
+    do_not_specialize=["batch", "q_len", "table_stride", "km_sb"],
+    do_not_specialize_on_alignment=["table_ptr"],
+)
 def _quant_attention_kernel(
     q_ptr,  # [batch, q_len, heads, head_dim], any strides
     k_new_ptr,  # [batch, q_len, kv_heads, head_dim]: this forward's keys, attended exactly

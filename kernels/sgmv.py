@@ -180,7 +180,10 @@ def _tile_tokens(tiles_ptr, sorted_ptr, tile, num_tiles, BLOCK_M: tl.constexpr):
     return tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64), m_mask
 
 
-@triton.jit
+@triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
+    do_not_specialize=["num_tiles", "v_stride_split", "v_stride_s", "loc_stride_s", "loc_stride_tile"],
+    do_not_specialize_on_alignment=["loc_ptr", "tiles_ptr", "sorted_ptr"],
+)
 def _sgmv_shrink_kernel(
     x_ptr,
     w_ptr,
@@ -245,7 +248,13 @@ def _sgmv_shrink_kernel(
     tl.store(v_out, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit
+@triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
+    do_not_specialize=[
+        "num_tiles", "v_stride_split", "v_stride_s", "loc_stride_s", "loc_stride_tile", "scale_stride_s",
+        "scale_stride_tile",
+    ],
+    do_not_specialize_on_alignment=["loc_ptr", "scale_ptr", "tiles_ptr", "sorted_ptr"],
+)
 def _sgmv_expand_kernel(
     y_ptr,
     v_ptr,
