@@ -52,6 +52,31 @@ def test_page_layout_keeps_rows_whole_aligned_and_in_host_order():
     assert len(layout.ranges) <= 2 * rows_elems // page_elems + 1  # pages follow the real rank
 
 
+def greedy_page_layout(adapter, page_elems):
+    """The plain reference: row by row in host order, a row that does not fit opens the next page."""
+    ranges, row_page, row_offset = [], [], []
+    for m in adapter.modules.values():
+        for start, width in zip(m.row_starts(), [m.a_stride] * m.rank + [m.b_stride] * m.rank, strict=True):
+            if not ranges or start + width - ranges[-1][0] > page_elems:
+                ranges.append([start, 0])
+            ranges[-1][1] = start + width - ranges[-1][0]
+            row_page.append(len(ranges) - 1)
+            row_offset.append(start - ranges[-1][0])
+    return [tuple(r) for r in ranges], row_page, row_offset
+
+
+@pytest.mark.parametrize("page_elems", [64, 96, 160, 1000, 4096])
+def test_page_layout_equals_the_row_by_row_greedy_reference(page_elems):
+    gen = torch.Generator().manual_seed(page_elems)
+    shapes = {f"m{i}": tuple(int(x) for x in torch.randint(1, 60, (3,), generator=gen)) for i in range(12)}
+    shapes["wide"] = (3, 64, 9)
+    adapter, _ = random_adapter("x", shapes, seed=page_elems)
+    layout = page_layout(adapter, page_elems)
+    ranges, row_page, row_offset = greedy_page_layout(adapter, page_elems)
+    assert layout.ranges == ranges
+    assert layout.row_page.tolist() == row_page and layout.row_offset.tolist() == row_offset
+
+
 def test_page_layout_refuses_rows_wider_than_a_page():
     adapter, _ = random_adapter("x", {"m": (4, 300, 8)}, seed=2)
     with pytest.raises(ValueError, match="does not fit a page"):

@@ -14,6 +14,7 @@ blocks (this object is the pool's reclaimer).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -35,31 +36,42 @@ ROW_TABLE_ENTRIES = 1 << 20  # 8 MiB: the rank rows of ~250 Llama-2-7B q/k/v/o r
 class PageLayout:
     """Where an adapter's rows go: page i receives host elements [start, start + length) of
     `ranges[i]`; row j (in ModuleLora.row_starts order, module by module) sits in page
-    `row_page[j]` at element `row_offset[j]`."""
+    `row_page[j]` at element `row_offset[j]` (int64 tensors)."""
 
     ranges: list[tuple[int, int]]
-    row_page: list[int]
-    row_offset: list[int]
+    row_page: torch.Tensor
+    row_offset: torch.Tensor
 
 
 def page_layout(adapter: HostAdapter, page_elems: int) -> PageLayout:
-    """Greedy in host order: a row that does not fit the current page opens the next one."""
-    ranges: list[list[int]] = []
-    row_page, row_offset = [], []
-    for name, m in adapter.modules.items():
-        widths = [m.a_stride] * m.rank + [m.b_stride] * m.rank
-        for start, width in zip(m.row_starts(), widths, strict=True):
-            if width > page_elems:
-                raise ValueError(
-                    f"adapter {adapter.name!r} module {name!r}: a rank row of {width} elements does not "
-                    f"fit a page of {page_elems}"
-                )
-            if not ranges or start + width - ranges[-1][0] > page_elems:
-                ranges.append([start, 0])
-            ranges[-1][1] = start + width - ranges[-1][0]
-            row_page.append(len(ranges) - 1)
-            row_offset.append(start - ranges[-1][0])
-    return PageLayout([(s, n) for s, n in ranges], row_page, row_offset)
+    """Greedy in host order: a row that does not fit the current page opens the next one. One step
+    per page, not per row: a 7B q/k/v/o rank-16 adapter has 4,096 rows, and a loop over them cost
+    ~6 ms of host time for every adapter placed (a miss in serving)."""
+    modules = list(adapter.modules.items())
+    for name, m in modules:
+        if m.rank and max(m.a_stride, m.b_stride) > page_elems:
+            raise ValueError(
+                f"adapter {adapter.name!r} module {name!r}: a rank row of {max(m.a_stride, m.b_stride)} "
+                f"elements does not fit a page of {page_elems}"
+            )
+    # Segments: each module's A rows, then its B rows; rank rows of one width each, back to back.
+    segments = torch.tensor([(offset, stride, m.rank) for _, m in modules
+                             for offset, stride in ((m.a_offset, m.a_stride), (m.b_offset, m.b_stride))],
+                            dtype=torch.int64).reshape(-1, 3)  # fmt: skip
+    base, stride, count = segments.unbind(1)
+    seg_first = torch.cumsum(count, 0) - count
+    segment = torch.repeat_interleave(torch.arange(len(count)), count)
+    start = base[segment] + (torch.arange(segment.numel()) - seg_first[segment]) * stride[segment]
+    end = start + stride[segment]
+    ends, starts, firsts, row = end.tolist(), start.tolist(), [], 0
+    while row < len(starts):  # a page holds the rows that end within page_elems of its first row's start
+        firsts.append(row)
+        row = bisect.bisect_right(ends, starts[row] + page_elems, lo=row + 1)
+    first = torch.tensor(firsts, dtype=torch.int64)
+    counts = torch.diff(first, append=torch.tensor([len(starts)]))
+    ranges = list(zip(start[first].tolist(), (end[first + counts - 1] - start[first]).tolist(), strict=True))
+    row_page = torch.repeat_interleave(torch.arange(first.numel()), counts)
+    return PageLayout(ranges, row_page, start - start[first][row_page])
 
 
 @dataclass
@@ -217,12 +229,10 @@ class AdapterResidency:
         row_base = slot = None
         try:
             ready = self._copy_into(pages, adapter.flat, layout)
-            n_rows = len(layout.row_page)
+            n_rows = layout.row_page.numel()
             row_base = self._allocate_rows(n_rows, min(min(m.a_stride, m.b_stride) for m in adapter.modules.values()))
             page_elems = self.pool.page_elems
-            page_ids = torch.tensor(pages, dtype=torch.int64)
-            addresses = page_ids[torch.tensor(layout.row_page, dtype=torch.int64)] * page_elems
-            addresses += torch.tensor(layout.row_offset, dtype=torch.int64)
+            addresses = torch.tensor(pages, dtype=torch.int64)[layout.row_page] * page_elems + layout.row_offset
             # Pinned, stream-ordered copies: a pageable one waits for all queued work, and the
             # serving engine places a newly admitted request's adapter while a decode step runs.
             self.rows[row_base : row_base + n_rows] = to_device(addresses, self.device)
@@ -249,18 +259,19 @@ class AdapterResidency:
         scale column [modules] in float32, module mask). Raises for a scale float32 cannot hold."""
         column = torch.zeros(len(self.module_index), LOCATION_FIELDS, dtype=torch.int64)
         scales = torch.zeros(len(self.module_index), dtype=torch.float32)
-        mask, row = 0, 0
         for module_name, m in adapter.modules.items():
-            i = self.module_index[module_name]
             if not math.isfinite(m.scale) or abs(m.scale) > _FLOAT32_MAX:
                 raise ValueError(
                     f"adapter {adapter.name!r} module {module_name!r}: scale {m.scale!r} is not a finite "
                     "float32"
                 )
-            column[i] = torch.tensor([row, row + m.rank, m.rank])
-            scales[i] = m.scale
-            mask |= 1 << i
-            row += 2 * m.rank
+        # Whole columns at once (an element assignment per module cost ~5 ms for a 7B adapter).
+        index = torch.tensor([self.module_index[name] for name in adapter.modules], dtype=torch.int64)
+        rank = torch.tensor([m.rank for m in adapter.modules.values()], dtype=torch.int64)
+        first = torch.cumsum(2 * rank, 0) - 2 * rank  # rows counted from the adapter's first
+        column[index] = torch.stack([first, first + rank, rank], dim=1)
+        scales[index] = torch.tensor([m.scale for m in adapter.modules.values()], dtype=torch.float32)
+        mask = sum(1 << i for i in index.tolist())
         return column, scales, mask
 
     def _copy_into(self, pages: list[int], flat: torch.Tensor, layout: PageLayout) -> Any:
