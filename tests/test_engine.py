@@ -518,6 +518,20 @@ def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo, kv_dtyp
     assert [s.token_ids for s in streams] == expected
 
 
+def strict_engine(method: str) -> type[Engine]:
+    """An Engine whose `method` runs under torch's sync debug mode "error": a call in it that
+    synchronises with the device raises."""
+
+    def run(self, *args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return getattr(Engine, method)(self, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return type(f"Strict{method}", (Engine,), {method: run})
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_a_decode_step_is_launched_without_waiting_for_the_device(llama_zoo):
@@ -532,16 +546,8 @@ def test_on_cuda_a_decode_step_is_launched_without_waiting_for_the_device(llama_
              SamplingParams(max_tokens=20 + i, seed=i, logprobs=i % 3 or None, **sampled) if i % 2 else greedy(20 + i))
             for i in range(10)]  # fmt: skip
 
-    class Strict(Engine):
-        def _launch(self, requests):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return super()._launch(requests)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-
     runs = []
-    for kind in (Engine, Strict):
+    for kind in (Engine, strict_engine("_launch")):
         with kind(model) as engine:
             with engine._cond:
                 streams = [engine.submit(ids, adapter, params) for ids, adapter, params in jobs]
@@ -569,16 +575,8 @@ def test_on_cuda_admitting_a_request_whose_adapter_is_not_resident_does_not_wait
     names = list(llama_zoo.paths)
     jobs = [(prompt(6 + i, seed=120 + i), names[i % len(names)], greedy(12 + 4 * i)) for i in range(len(names) + 2)]
 
-    class Strict(Engine):
-        def _reserve(self, request):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return super()._reserve(request)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-
     runs = []
-    for kind in (Engine, Strict):
+    for kind in (Engine, strict_engine("_reserve")):
         if runs:  # the second run places every adapter again
             for name in names:
                 model._runtime.residency.drop(name)
