@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from hf_multilora import AdapterLoadError, MultiLoraModel, PoolExhaustedError
 from hf_multilora.adapters.host_store import pack_adapter
 from hf_multilora.memory.page_pool import PagePool
-from hf_multilora.memory.residency import AdapterResidency, page_layout
+from hf_multilora.memory.residency import AdapterResidency, copy_runs, page_layout
 
 
 def random_adapter(name: str, shapes: dict, seed: int, dtype=torch.float32):
@@ -81,6 +81,30 @@ def test_page_layout_refuses_rows_wider_than_a_page():
     adapter, _ = random_adapter("x", {"m": (4, 300, 8)}, seed=2)
     with pytest.raises(ValueError, match="does not fit a page"):
         page_layout(adapter, 256)
+
+
+def test_copies_run_over_consecutive_pages_whose_host_ranges_follow_each_other():
+    full = [(0, 256), (256, 256), (512, 100), (612, 256)]
+    assert copy_runs([3, 4, 5, 9], full, 256) == [(3, 0, 612), (9, 612, 256)]
+    assert copy_runs([3, 5], full[:2], 256) == [(3, 0, 256), (5, 256, 256)]  # pages apart
+    assert copy_runs([3, 4], [(0, 200), (256, 256)], 256) == [(3, 0, 200), (4, 256, 256)]  # a page not full
+    assert copy_runs([3, 4], [(0, 256), (300, 256)], 256) == [(3, 0, 256), (4, 300, 256)]  # host gap
+
+
+def test_an_adapter_whose_rows_fill_its_pages_is_placed_in_one_copy_row_for_row():
+    """Rows of 64 elements fill 256-element pages exactly: one copy for the whole adapter, and
+    every rank row lands where the row table says."""
+    adapter, _ = random_adapter("x", {"a.q": (4, 64, 64), "a.v": (8, 64, 64)}, seed=5)
+    pool = PagePool(16, 256, torch.float32, DEVICE)
+    cache = AdapterResidency(["a.q", "a.v"], pool)
+    layout = page_layout(adapter, 256)
+    assert len(copy_runs(range(len(layout.ranges)), layout.ranges, 256)) == 1
+    (resident,) = cache.acquire([adapter])
+    assert resident.pages == sorted(resident.pages)
+    rows = cache.rows[resident.row_base : resident.row_base + resident.n_rows].tolist()
+    starts = [start for m in adapter.modules.values() for start in m.row_starts()]
+    for address, start in zip(rows, starts, strict=True):
+        torch.testing.assert_close(pool.storage[address : address + 64], adapter.flat[start : start + 64], rtol=0, atol=0)
 
 
 def cache_with_pages(n_pages: int, page_elems: int = 256) -> AdapterResidency:
