@@ -273,21 +273,25 @@ class AdapterResidency:
     def _slot_tables(self, adapter: HostAdapter) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(location column [modules, LOCATION_FIELDS] with rows counted from the adapter's first row,
         scale column [modules] in float32, module mask). Raises for a scale float32 cannot hold."""
-        column = torch.zeros(len(self.module_index), LOCATION_FIELDS, dtype=torch.int64)
-        scales = torch.zeros(len(self.module_index), dtype=torch.float32)
+        index, ranks, factors = [], [], []
         for module_name, m in adapter.modules.items():
             if not math.isfinite(m.scale) or abs(m.scale) > _FLOAT32_MAX:
                 raise ValueError(
                     f"adapter {adapter.name!r} module {module_name!r}: scale {m.scale!r} is not a finite "
                     "float32"
                 )
+            index.append(self.module_index[module_name])
+            ranks.append(m.rank)
+            factors.append(m.scale)
         # Whole columns at once (an element assignment per module cost ~5 ms for a 7B adapter).
-        index = torch.tensor([self.module_index[name] for name in adapter.modules], dtype=torch.int64)
-        rank = torch.tensor([m.rank for m in adapter.modules.values()], dtype=torch.int64)
+        column = torch.zeros(len(self.module_index), LOCATION_FIELDS, dtype=torch.int64)
+        scales = torch.zeros(len(self.module_index), dtype=torch.float32)
+        rank = torch.tensor(ranks, dtype=torch.int64)
         first = torch.cumsum(2 * rank, 0) - 2 * rank  # rows counted from the adapter's first
-        column[index] = torch.stack([first, first + rank, rank], dim=1)
-        scales[index] = torch.tensor([m.scale for m in adapter.modules.values()], dtype=torch.float32)
-        mask = sum(1 << i for i in index.tolist())
+        rows = torch.tensor(index, dtype=torch.int64)
+        column[rows] = torch.stack([first, first + rank, rank], dim=1)
+        scales[rows] = torch.tensor(factors, dtype=torch.float32)
+        mask = sum(1 << i for i in index)
         return column, scales, mask
 
     def _copy_into(self, pages: list[int], flat: torch.Tensor, layout: PageLayout) -> Any:
