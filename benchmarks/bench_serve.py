@@ -60,6 +60,7 @@ import bench_adapter_scale as scale
 import common
 import torch
 from bench_generate import FULL, TINY, build_base
+from hf_multilora.kernels.launch import compiled_variants
 
 from hf_multilora import MultiLoraModel
 from hf_multilora.serving import Engine, SamplingParams
@@ -173,12 +174,12 @@ def run_trace(
         if warm_up:
             run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])
             engine.stats.clear(), engine.batch_sizes.clear()
-        before, graphs, compiles = model.memory_stats(), model.graph_stats(), common.triton_compiles()
+        before, graphs, compiles = model.memory_stats(), model.graph_stats(), compiled_variants()
         timing = common.timed_replays() if torch.cuda.is_available() else contextlib.nullcontext([])
         with timing as replays:
             result = run_engine(engine, trace)
         after, graphs_after = model.memory_stats(), model.graph_stats()
-        result["triton_compiles"] = common.triton_compiles() - compiles  # inside the timed run
+        result["triton_compiles"] = compiled_variants() - compiles  # inside the timed run
         if args.host_profile:
             result["host_profiles"] = host_profiles(engine, trace)
     if replays:  # the decode steps' GPU time, against their wall time (result["phases"]["decode_seconds"])

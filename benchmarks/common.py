@@ -166,21 +166,6 @@ def timed_replays() -> Iterator[list[tuple[torch.cuda.Event, torch.cuda.Event]]]
         torch.cuda.CUDAGraph.replay = replay
 
 
-def triton_compiles() -> int:
-    """Kernels Triton has compiled so far for hf_multilora's kernels (every specialization of every
-    kernel, on every device): the difference over a timed run tells whether it compiled inside it."""
-    from triton.runtime.jit import JITFunction
-
-    count = 0
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("hf_multilora.kernels"):
-            continue
-        for value in vars(module).values():
-            if isinstance(value, JITFunction):
-                count += sum(len(caches[0]) for caches in value.device_caches.values())
-    return count
-
-
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ run (H200, 2026-12-02), ~0.5 s each. Kernels list such arguments in `do_not_spec
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
@@ -266,3 +267,17 @@ def _specialization(value: Any, specialize: bool = True, align: bool = True) -> 
     if isinstance(value, float):
         return (float,)
     return (type(value), value)  # anything else: by value, to stay on the safe side
+
+
+def compiled_variants() -> int:
+    """Kernels Triton has compiled so far for this package's kernels (every specialization of every
+    kernel, on every device): the difference over a run tells whether it compiled inside it."""
+    from triton.runtime.jit import JITFunction
+
+    count = 0
+    for name, module in list(sys.modules.items()):
+        if name.startswith(__package__ + "."):
+            for value in vars(module).values():
+                if isinstance(value, JITFunction):
+                    count += sum(len(caches[0]) for caches in value.device_caches.values())
+    return count

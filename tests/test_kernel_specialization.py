@@ -7,29 +7,15 @@ timed run. In the interpreter this checks the launch keys the compiled launchers
 CUDA, also Triton's own compile count.
 """
 
-import sys
 from collections import defaultdict
 
 import pytest
 import torch
-from hf_multilora.kernels.launch import SpecializedLaunch
+from hf_multilora.kernels.launch import SpecializedLaunch, compiled_variants
 
 from hf_multilora import MultiLoraModel
 
 VOCAB_LOW = 3
-
-
-def triton_compiles() -> int:
-    """Kernels Triton has compiled so far for hf_multilora's kernels (every specialization)."""
-    from triton.runtime.jit import JITFunction
-
-    count = 0
-    for name, module in list(sys.modules.items()):
-        if name.startswith("hf_multilora.kernels"):
-            for value in vars(module).values():
-                if isinstance(value, JITFunction):
-                    count += sum(len(caches[0]) for caches in value.device_caches.values())
-    return count
 
 
 @pytest.mark.parametrize("kv_dtype", [None, "int4"])
@@ -60,11 +46,11 @@ def test_a_prefill_of_another_shape_launches_the_kernels_compiled_for_the_first(
 
     prefill(2, 5, [None, "qv_r4"])  # the first call also checks the fused kernels on small probes
     first = prefill(1, 16, ["attn_r8"])
-    compiled = triton_compiles() if device == "cuda" else None
+    compiled = compiled_variants() if device == "cuda" else None
     second = prefill(3, 9, ["qv_r4", "attn_r8", None])
     expected = {"_sgmv_shrink_kernel", "_sgmv_expand_kernel"}
     expected |= {"_paged_attention_kernel", "_write_kv_kernel"} if kv_dtype is None else set()
     assert expected <= set(first), set(first)
     assert second == first
     if compiled is not None:
-        assert triton_compiles() == compiled
+        assert compiled_variants() == compiled
