@@ -18,8 +18,9 @@ Triton compiles a kernel anew for every combination of its integer arguments' be
 by 16 and its pointers' 16-byte alignment. Arguments that follow a forward's shape (rows, query
 length, table width, tile count) and pointers into per-forward tables took new combinations with
 every new prefill shape: a 7B serving trace at 14 requests/s compiled 16-28 kernels inside its timed
-run (H200, 2026-12-02), ~0.5 s each. Kernels list such arguments in `do_not_specialize` and
-`do_not_specialize_on_alignment`; none is the stride of a vectorized load, so nothing is lost.
+run (H200, 2026-12-02). Kernels list such arguments in `do_not_specialize` and
+`do_not_specialize_on_alignment`. Only the SGMV workspace strides take part in vectorized accesses
+(rows of rank x fp32 per token), the rest are scalar loads and loop bounds.
 """
 
 from __future__ import annotations

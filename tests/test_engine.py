@@ -562,15 +562,14 @@ def test_on_cuda_a_decode_step_is_launched_without_waiting_for_the_device(llama_
         assert [e.logprob for e in first.logprobs] == pytest.approx([e.logprob for e in second.logprobs], abs=1e-4)
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_admitting_a_request_whose_adapter_is_not_resident_does_not_wait_for_the_device(llama_zoo):
     """Placing an adapter in the pool (its rank-row addresses, location and scale tables) happens
-    while the launched decode step still runs; a pageable host-to-device copy there waited for it
-    (uniform over 400 adapters at 7B: ~9 ms a miss, 0.89x of 5 adapters). Every admission here runs
-    under torch's sync debug mode "error" (a sync fails the request), each adapter arrives while rows
-    decode, and the tokens equal those of an engine without the check."""
+    while the launched decode step still runs; the tables' pageable host-to-device copies waited
+    for it (most of a miss's ~9 ms at 7B was Python, see test_residency's page layout test). Every
+    admission here runs under torch's sync debug mode "error" (a sync fails the request), each
+    adapter arrives while rows decode, and the tokens equal those of an engine without the check."""
     model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().cuda(), adapters=llama_zoo.paths, pool_bytes=2**28)
     names = list(llama_zoo.paths)
     jobs = [(prompt(6 + i, seed=120 + i), names[i % len(names)], greedy(12 + 4 * i)) for i in range(len(names) + 2)]
@@ -592,6 +591,7 @@ def test_on_cuda_admitting_a_request_whose_adapter_is_not_resident_does_not_wait
         runs.append([s.token_ids for s in streams])
         assert model.memory_stats()["misses"] >= len(names) * len(runs)
     assert runs[0] == runs[1]
+
 
 def test_incremental_text_equals_decoding_everything_each_step():
     from hf_multilora.app.demo import read_demo
