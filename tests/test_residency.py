@@ -107,6 +107,37 @@ def test_an_adapter_whose_rows_fill_its_pages_is_placed_in_one_copy_row_for_row(
         torch.testing.assert_close(pool.storage[address : address + 64], adapter.flat[start : start + 64], rtol=0, atol=0)
 
 
+def test_an_adapter_placed_again_reuses_its_placement_while_its_host_copy_lives(monkeypatch):
+    """A pool smaller than the catalogue places the same adapters again and again (a miss in
+    serving): their page layout is computed once per host copy, a new host copy of the name gets its
+    own, and the cache does not keep a dropped host copy alive."""
+    import gc
+    import weakref
+
+    import hf_multilora.memory.residency as residency
+
+    computed = []
+    monkeypatch.setattr(residency, "page_layout", lambda a, n: computed.append(a.name) or page_layout(a, n))
+    adapters = [random_adapter(f"x{i}", SHAPES, seed=i)[0] for i in range(3)]
+    cache = cache_with_pages(len(page_layout(adapters[0], 256).ranges))  # room for one at a time
+    for adapter in adapters * 2:
+        (resident,) = cache.acquire([adapter])
+        cache.release([adapter.name])
+        rows = cache.rows[resident.row_base : resident.row_base + resident.n_rows].cpu()
+        starts = torch.tensor([start for m in adapter.modules.values() for start in m.row_starts()])
+        assert torch.equal(cache.pool.storage[rows.to(DEVICE)].cpu(), adapter.flat[starts])  # each row's first element
+    assert computed == ["x0", "x1", "x2"] and cache.misses == 6
+    copy = random_adapter("x0", SHAPES, seed=7)[0]  # the name read again (replaced, or re-read from disk)
+    cache.acquire([copy])
+    cache.release(["x0"])
+    assert computed[-1] == "x0" and len(computed) == 4
+    gone = weakref.ref(copy)
+    cache.drop("x0")
+    del copy
+    gc.collect()
+    assert gone() is None
+
+
 def cache_with_pages(n_pages: int, page_elems: int = 256) -> AdapterResidency:
     pool = PagePool(n_pages, page_elems, torch.float32, DEVICE)
     return AdapterResidency(sorted(SHAPES), pool)
