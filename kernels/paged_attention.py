@@ -119,7 +119,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,  # the context is split over grid dim 2 (partials for the combine kernel)
     HAS_WINDOW: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
@@ -133,6 +133,7 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(0) % KV_HEADS
     q_tile = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)  # not a constexpr: a new split count compiles nothing
 
     kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
     q_first = q_tile * BLOCK_Q
@@ -147,7 +148,7 @@ def _paged_attention_kernel(
         lo = tl.maximum(kv_len - q_len + q_first - window + 1, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
     n_tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
-    tiles_per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(n_tiles, num_splits)
     start = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(hi, start + tiles_per_split * BLOCK_N)
 
@@ -200,7 +201,7 @@ def _paged_attention_kernel(
         m_i = m_new
 
     if NEW_KV:  # noqa: SIM102 (a compile-time branch around a run-time one)
-        if split == NUM_SPLITS - 1:
+        if split == num_splits - 1:
             m_i, l_i, acc = _attend_new_key(
                 q, m_i, l_i, acc, k_new_ptr, v_new_ptr, storage_ptr, table, key_mask_ptr, b64, kv_head,
                 kv_len - 1, row_ok, page_elems, qk_scale, kn_stride_b, kn_stride_h, kn_stride_d,
@@ -209,7 +210,7 @@ def _paged_attention_kernel(
             )  # fmt: skip
 
     out_mask = row_ok[:, None] & d_ok[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         denom = tl.where(l_i > 0, l_i, 1.0)
         o_rows = out_ptr + b64 * o_stride_b + q_idx.to(tl.int64) * o_stride_t + head * o_stride_h
         o_tile = o_rows[:, None] + offs_d[None, :] * o_stride_d
@@ -220,7 +221,7 @@ def _paged_attention_kernel(
         row = ((split * batch + b64) * q_len + q_idx) * (KV_HEADS * GROUP) + head
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
         tl.store(part_ml_ptr + row, m_i, mask=row_ok)
-        tl.store(part_ml_ptr + NUM_SPLITS * n_rows + row, l_i, mask=row_ok)
+        tl.store(part_ml_ptr + num_splits * n_rows + row, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -283,7 +284,7 @@ def _attend_new_key(
 
 
 @triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
-    do_not_specialize=["q_len", "n_rows"],
+    do_not_specialize=["q_len", "n_rows", "num_splits"],
 )
 def _combine_splits_kernel(
     part_acc_ptr,
@@ -291,6 +292,7 @@ def _combine_splits_kernel(
     out_ptr,
     q_len,
     n_rows,
+    num_splits,
     o_stride_b,
     o_stride_t,
     o_stride_h,
@@ -298,21 +300,23 @@ def _combine_splits_kernel(
     HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # MAX_SPLITS: every split count runs one compiled kernel
 ):
     """One (row, query, head): out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp2(m_s - max m).
-    Empty splits carry (m=-1e30, l=0, acc=0) and weigh nothing; all empty gives zeros."""
+    Empty splits carry (m=-1e30, l=0, acc=0) and weigh nothing; all empty gives zeros. Splits past
+    `num_splits` are masked: loads that fetch nothing, weighing nothing."""
     row = tl.program_id(0).to(tl.int64)
-    splits = tl.arange(0, NUM_SPLITS)
+    splits = tl.arange(0, BLOCK_S)
+    s_ok = splits < num_splits
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    m = tl.load(part_ml_ptr + splits * n_rows + row)
-    l_s = tl.load(part_ml_ptr + (NUM_SPLITS + splits) * n_rows + row)
-    w = tl.exp2(m - tl.max(m, axis=0))
+    m = tl.load(part_ml_ptr + splits * n_rows + row, mask=s_ok, other=-1.0e30)
+    l_s = tl.load(part_ml_ptr + (num_splits + splits) * n_rows + row, mask=s_ok, other=0.0)
+    w = tl.where(s_ok, tl.exp2(m - tl.max(m, axis=0)), 0.0)
     denom = tl.sum(w * l_s, axis=0)
     acc = tl.load(
         part_acc_ptr + (splits[:, None] * n_rows + row) * HEAD_DIM + offs_d[None, :],
-        mask=d_ok[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
     o = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
@@ -477,10 +481,16 @@ def _tiles(q_len: int, group: int, head_dim: int, block_size: int) -> tuple[int,
     layer, batch 16) 246 us against 331 at 4096 keys, 69 against 90 at 1024 (ncu: 3 stages left
     ~2.4 warps per scheduler and the DRAM 67% busy; 2 stages read at ~4.4 TB/s)."""
     group_pad = _next_power_of_2(group)
-    decode = q_len <= max(1, 16 // group_pad)
+    decode = decode_tile(q_len, group)
     block_m = max(16, group_pad) if decode else max(64, group_pad)
     block_n = 32 if head_dim > 128 or (head_dim == 128 and not decode) else 64
     return block_m, max(block_n, min(block_size, 128)), 4, 2 if decode else 3
+
+
+def decode_tile(q_len: int, group: int) -> bool:
+    """Whether a launch of `q_len` queries per row takes the decode tile (all its queries x the GQA
+    group in one 16-row tile) rather than the prefill tiles."""
+    return q_len <= max(1, 16 // _next_power_of_2(group))
 
 
 def num_splits_for(
@@ -537,14 +547,17 @@ def _plan_launch(
     group_pad = _next_power_of_2(group)
     block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, block_size)
     q_tiles = _cdiv(q_len, block_m // group_pad)
-    if num_splits is None:
-        num_splits = num_splits_for(batch, kv_heads, q_tiles, max_blocks * block_size, sliding_window, q_len)
+    if num_splits is None:  # prefill tiles never split: their few-program launches are microseconds, and a
+        # split prefill compiled a kernel of its own inside the first small prompt's time in serving
+        num_splits = 1
+        if decode_tile(q_len, group):
+            num_splits = num_splits_for(batch, kv_heads, q_tiles, max_blocks * block_size, sliding_window, q_len)
     elif num_splits < 1 or num_splits > MAX_SPLITS or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two in [1, {MAX_SPLITS}], got {num_splits}")
     block_d = max(16, _next_power_of_2(head_dim))
     constexprs = dict(
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=num_splits > 1,
         HAS_WINDOW=sliding_window is not None, HAS_KEY_MASK=has_key_mask, DOT_IN_FP32=_dot_in_fp32(dtype),
         NEW_KV=new_kv, STORE_LOGITS=store_logits,
     )  # fmt: skip
@@ -552,7 +565,7 @@ def _plan_launch(
     if num_splits > 1:
         combine = (
             (batch * q_len * heads,),
-            dict(HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits),
+            dict(HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS),
         )
     return _Launch(
         (batch * kv_heads, q_tiles, num_splits), constexprs, num_warps, num_stages, num_splits, combine
@@ -642,7 +655,8 @@ def paged_attention(
     )  # fmt: skip
     if launch.combine:
         grid, constexprs = launch.combine
-        _COMBINE(grid, (part_acc, part_ml, out, q.shape[1], grid[0], *out.stride()), constexprs, num_warps=1)
+        _COMBINE(grid, (part_acc, part_ml, out, q.shape[1], grid[0], launch.num_splits, *out.stride()), constexprs,
+                 num_warps=1)  # fmt: skip
     return out
 
 
@@ -702,6 +716,7 @@ class PagedDecode:
             _ATTENTION, launch.grid, launch.constexprs, launch.num_warps, launch.num_stages
         )
         self._combine = RepeatedLaunch(_COMBINE, *launch.combine, num_warps=1) if launch.combine else None
+        self._combine_rows = (batch * heads, launch.num_splits)  # the combine's (n_rows, num_splits)
         self._scalars = (batch, 1, page_elems, sliding_window or 0, scale * LOG2_E)
 
     def __call__(
@@ -756,7 +771,7 @@ class PagedDecode:
             ),
         )  # fmt: skip
         if self._combine is not None:
-            self._combine((part_acc, part_ml, out), (1, self.q_shape[0] * self.q_shape[1], *out.stride()))
+            self._combine((part_acc, part_ml, out), (1, *self._combine_rows, *out.stride()))
         return out
 
 

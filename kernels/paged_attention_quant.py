@@ -43,6 +43,7 @@ from .paged_attention import (
     _positions,
     _tiles,
     check_logits,
+    decode_tile,
     num_splits_for,
 )
 from .sgmv import _dot_in_fp32
@@ -285,7 +286,7 @@ def _quant_attention_kernel(
     kv_lens_ptr,  # int32 [batch]: tokens after this forward
     key_mask_ptr,  # bool [batch, >= kv_len] (unused without HAS_KEY_MASK)
     out_ptr,  # [batch, q_len, heads, head_dim]
-    part_acc_ptr,  # fp32 [splits, batch, q_len, heads, head_dim] (NUM_SPLITS > 1)
+    part_acc_ptr,  # fp32 [splits, batch, q_len, heads, head_dim] (SPLIT)
     part_ml_ptr,  # fp32 [2, splits, batch, q_len, heads]: running max, then sum
     logits_ptr,  # fp32 [batch, heads, >= kv_len] (STORE_LOGITS): each key's score, for heavy-hitter eviction
     batch,
@@ -316,7 +317,7 @@ def _quant_attention_kernel(
     HAS_KEY_MASK: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,  # programs per (row, KV head, query tile), each over a share of the pages
+    SPLIT: tl.constexpr,  # the pages are split over grid dim 2 (partials for the combine kernel)
     BLOCK_M: tl.constexpr,  # query rows: BLOCK_M // GROUP_PAD positions x GROUP_PAD heads
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,  # >= CODE_BYTES
@@ -367,7 +368,8 @@ def _quant_attention_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(past + q_first - window + 1, 0)
     split = tl.program_id(2)
-    tiles_per_split = tl.cdiv(tl.cdiv(tl.maximum(past - lo, 0), BLOCK_N), NUM_SPLITS)
+    num_splits = tl.num_programs(2)  # not a constexpr: a new split count compiles nothing
+    tiles_per_split = tl.cdiv(tl.cdiv(tl.maximum(past - lo, 0), BLOCK_N), num_splits)
     first = lo + split * tiles_per_split * BLOCK_N
     end = tl.minimum(past, first + tiles_per_split * BLOCK_N)
     for n0 in range(first, end, BLOCK_N):  # this split's share of the pages
@@ -410,7 +412,7 @@ def _quant_attention_kernel(
             acc_a = acc_a * alpha[:, None] + pv * sum_up
 
     q_last = tl.minimum(q_len, q_first + BLOCK_M // GROUP_PAD)
-    q_last = tl.where(split == NUM_SPLITS - 1, q_last, 0)  # the last split attends this forward's own tokens
+    q_last = tl.where(split == num_splits - 1, q_last, 0)  # the last split attends this forward's own tokens
     for n0 in range(0, q_last, NEW_N):  # this forward's own tokens, exact
         j = n0 + tl.arange(0, NEW_N)
         j_ok = j < q_last
@@ -442,7 +444,7 @@ def _quant_attention_kernel(
             acc_b = acc_b * alpha[:, None] + _dot(p, v.to(q_a.dtype), DOT_IN_FP32)
 
     out_mask = row_ok[:, None] & h_ok[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         denom = tl.where(l_i > 0, l_i, 1.0)[:, None]
         out = out_ptr + b64 * o_sb + q_idx.to(tl.int64)[:, None] * o_st + head[:, None] * o_sh
         tl.store(out + offs_h[None, :] * o_sd, (acc_a / denom).to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -456,7 +458,7 @@ def _quant_attention_kernel(
         if INT4:
             tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + CODE_BYTES + offs_h[None, :], acc_b, mask=out_mask)
         tl.store(part_ml_ptr + row, m_i, mask=row_ok)
-        tl.store(part_ml_ptr + NUM_SPLITS * n_rows + row, l_i, mask=row_ok)
+        tl.store(part_ml_ptr + num_splits * n_rows + row, l_i, mask=row_ok)
 
 
 class _QuantTiles(NamedTuple):
@@ -479,7 +481,7 @@ def _quant_tiles(q_len: int, group: int, head_dim: int, layout: KvLayout, masked
     (int4 215 us against 191 + 7 for attention and a write launch), so the write has its own launch.
     Page-aligned tiles and a prefetch by hand were slower."""
     block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, _next_power_of_2(layout.tokens))
-    if q_len > max(1, 16 // _next_power_of_2(group)):
+    if not decode_tile(q_len, group):
         return _QuantTiles(block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS, None)
     block_n = 64 if masked and layout.kv_dtype == "int4" else 128
     return _QuantTiles(block_m, block_n, 4, 2, 4 * _TARGET_PROGRAMS, 128)
@@ -529,9 +531,11 @@ def paged_attention_quant(
     tiles = _quant_tiles(q_len, group, head_dim, layout, key_mask is not None)
     block_m, block_n = tiles.block_m, tiles.block_n
     q_tiles = math.ceil(q_len / (block_m // group_pad))
-    if num_splits is None:
-        num_splits = num_splits_for(batch, layout.kv_heads, q_tiles, block_table.shape[1] * layout.tokens,
-                                    sliding_window, q_len, tiles.target_programs)  # fmt: skip
+    if num_splits is None:  # prefill tiles never split (see paged_attention._plan_launch)
+        num_splits = 1
+        if decode_tile(q_len, group):
+            num_splits = num_splits_for(batch, layout.kv_heads, q_tiles, block_table.shape[1] * layout.tokens,
+                                        sliding_window, q_len, tiles.target_programs)  # fmt: skip
     elif num_splits < 1 or num_splits > MAX_SPLITS or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two in [1, {MAX_SPLITS}], got {num_splits}")
     out = torch.empty_like(q)
@@ -554,15 +558,15 @@ def paged_attention_quant(
         lg_sb=0 if logits is None else logits.stride(0), lg_sh=0 if logits is None else logits.stride(1),
         KV_HEADS=layout.kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         **_layout_args(layout), HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
-        DOT_IN_FP32=_dot_in_fp32(q.dtype), NUM_SPLITS=num_splits, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_IN_FP32=_dot_in_fp32(q.dtype), SPLIT=num_splits > 1, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), STORE_LOGITS=logits is not None, BY_BITS=_by_bits(q),
         NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
     if num_splits > 1:
         _combine_splits_kernel[(n_rows,)](
-            part_acc_ptr=part_acc, part_ml_ptr=part_ml, out_ptr=out, q_len=q_len, n_rows=n_rows,
+            part_acc_ptr=part_acc, part_ml_ptr=part_ml, out_ptr=out, q_len=q_len, n_rows=n_rows, num_splits=num_splits,
             o_stride_b=out.stride(0), o_stride_t=out.stride(1), o_stride_h=out.stride(2), o_stride_d=out.stride(3),
-            HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits, num_warps=1,
+            HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS, num_warps=1,
         )  # fmt: skip
     return out

@@ -251,7 +251,7 @@ def _sgmv_shrink_kernel(
 @triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
     do_not_specialize=[
         "num_tiles", "v_stride_split", "v_stride_s", "loc_stride_s", "loc_stride_tile", "scale_stride_s",
-        "scale_stride_tile",
+        "scale_stride_tile", "num_splits",
     ],
     do_not_specialize_on_alignment=["loc_ptr", "scale_ptr", "tiles_ptr", "sorted_ptr"],
 )
@@ -275,7 +275,8 @@ def _sgmv_expand_kernel(
     loc_stride_tile,
     scale_stride_s,
     scale_stride_tile,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
+    SPLIT_TILE: tl.constexpr,  # split-K partials summed per load (see ExpandCall)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -316,15 +317,19 @@ def _sgmv_expand_kernel(
             other=0.0,
         )
         _wait_prior_kernel(USE_PDL)  # v is the shrink's output, y the base layer's
-        # All split-K partials in one load, then a register reduction: a loop of dependent loads
-        # here made decode expands latency-bound.
+        # The split-K partials SPLIT_TILE at a time, then a register reduction: a decode tile loads
+        # them all at once (a loop of dependent loads here made decode expands latency-bound). The
+        # count is an argument: as a constexpr, each new count compiled a kernel in serving.
         v_rows = v_ptr + s * v_stride_s + tok[:, None] * v_stride_t + offs_r[None, :]
-        splits = tl.arange(0, NUM_SPLITS)
         v_mask = (m_mask[:, None] & r_mask[None, :])[None, :, :]
-        v_tile = tl.sum(
-            tl.load(v_rows[None, :, :] + splits[:, None, None] * v_stride_split, mask=v_mask, other=0.0),
-            axis=0,
-        )
+        v_tile = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s0 in range(0, num_splits, SPLIT_TILE):
+            splits = s0 + tl.arange(0, SPLIT_TILE)
+            v_tile += tl.sum(
+                tl.load(v_rows[None, :, :] + splits[:, None, None] * v_stride_split,
+                        mask=v_mask & (splits < num_splits)[:, None, None], other=0.0),
+                axis=0,
+            )  # fmt: skip
         acc += _matmul(v_tile.to(b_tile.dtype), b_tile, DOT_IN_FP32)
 
     y_tile_ptr = y_ptr + tok[:, None] * y_stride + n_begin + offs_n[None, :]
@@ -527,10 +532,12 @@ class ExpandCall:
                 v_stride_split=v.stride(0), v_stride_s=v.stride(1), v_stride_t=v.stride(2), v_width=v.shape[3],
                 loc_stride_s=tile_locations.stride(0), loc_stride_tile=tile_locations.stride(1),
                 scale_stride_s=tile_scales.stride(0), scale_stride_tile=tile_scales.stride(1),
+                num_splits=v.shape[0],
             )  # fmt: skip
             pdl = _use_pdl(plan, y.device)
             constexprs = dict(
-                NUM_SPLITS=v.shape[0], BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE,
+                # all MAX_SPLIT partials of a decode tile in one load; 4,096 values of larger tiles per load
+                SPLIT_TILE=min(MAX_SPLIT, 256 // plan.block_m), BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE,
                 DOT_IN_FP32=_dot_in_fp32(y.dtype), ALIGN=WEIGHT_ALIGN,
                 SLICE_ALIGN=WEIGHT_ALIGN if all(o % WEIGHT_ALIGN == 0 for o in offsets) else 1,
                 USE_PDL=pdl,

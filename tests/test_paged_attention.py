@@ -197,6 +197,30 @@ def test_query_that_sees_nothing_gives_zeros():
         assert (got[0] == 0).all() and (got[1, 0] == 0).all() and (got[1, 1] != 0).any()
 
 
+def test_every_split_count_launches_one_compiled_kernel(monkeypatch):
+    """The split count follows the shape (a small prefill splits its context, a large one does not):
+    as a constexpr, each count compiled its own attention and combine kernels, inside a serving
+    request's time. Now only whether a launch splits is (2, 8, 16 splits: one key per kernel)."""
+    from hf_multilora.kernels.launch import SpecializedLaunch
+
+    keys = {}
+    call = SpecializedLaunch.__call__
+
+    def recorded(self, grid, args, constexprs, num_warps, num_stages=3):
+        keys.setdefault(self._fn.__name__, set()).add(self._key(args, constexprs, num_warps, num_stages, pdl=False))
+        return call(self, grid, args, constexprs, num_warps, num_stages)
+
+    monkeypatch.setattr(SpecializedLaunch, "__call__", recorded)
+    monkeypatch.setattr(pa, "_use_triton", lambda tensor: True)
+    pool = Pool([300, 17, 64, 1], 2, 16, 16, torch.float32, seed=4)
+    q = torch.randn(4, 1, 4, 16).to(DEVICE)
+    for splits in (2, 8, 16):
+        paged_attention(q, *pool.args(), 0.25, num_splits=splits)
+    assert {name: len(found) for name, found in keys.items()} == {
+        "_paged_attention_kernel": 1, "_combine_splits_kernel": 1,
+    }
+
+
 def test_split_count_does_not_change_the_result():
     pool = Pool([300, 17, 64, 1], 2, 16, 16, torch.float32, seed=4)
     q = torch.randn(4, 1, 4, 16).to(DEVICE)
