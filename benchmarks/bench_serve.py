@@ -30,6 +30,10 @@ Rows, in one process:
 each under a cProfile of its own and puts the top functions by own time in the JSON (where a
 phase's host time goes; GPU time shows as the wait in the sampling's `tolist`).
 
+`--capture-graphs`: each engine captures its decode graphs before its warm-up run
+(`Engine.capture_decode_graphs` for the longest request and the first request's adapter's rank class:
+ranks 8 and 16 are one), as a server does at start-up; the JSON gives the seconds it took.
+
 `--kv-cache-dtypes model,int4` runs the engine once per KV dtype on each trace (quantized KV pages in
 the same pool: more requests fit), `--scheduling async,sync` once with each engine scheduling
 (`async_scheduling`: a decode step launched before the last one's tokens are read, or not). Every
@@ -125,7 +129,7 @@ def run_engine(engine: Engine, trace: list[TraceRequest]) -> dict:
     for waiter in waiters:
         waiter.join()
     phases = {k: engine.stats[k] for k in ("prefills", "prefill_tokens", "prefill_padding", "prefill_seconds",
-                                           "decode_steps", "decode_seconds")}  # fmt: skip
+                                           "decode_steps", "decode_seconds", "reserve_seconds", "prefetch_seconds")}  # fmt: skip
     return {**summary(trace, firsts, ends), "preemptions": engine.stats["preemptions"],
             "max_batch": max(engine.batch_sizes, default=0), "phases": phases}  # fmt: skip
 
@@ -171,6 +175,11 @@ def run_trace(
     kv_cache_dtype = None if kv_dtype == "model" else kv_dtype
     with Engine(model, tokenizer, max_running=args.max_running, kv_cache_dtype=kv_cache_dtype,
                 async_scheduling=scheduling == "async") as engine:
+        capture_seconds = None
+        if warm_up and args.capture_graphs and engine.cuda_graphs:  # ranks 8 and 16: one rank class
+            started = time.perf_counter()
+            engine.capture_decode_graphs(max(args.prompt_lens) + max(args.output_lens), adapters=[trace[0].adapter])
+            capture_seconds = time.perf_counter() - started
         if warm_up:
             run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])
             engine.stats.clear(), engine.batch_sizes.clear()
@@ -179,7 +188,10 @@ def run_trace(
         with timing as replays:
             result = run_engine(engine, trace)
         after, graphs_after = model.memory_stats(), model.graph_stats()
-        result["triton_compiles"] = compiled_variants() - compiles  # inside the timed run
+        compiled = compiled_variants() - compiles  # inside the timed run
+        result["triton_compiles"], result["triton_compiled"] = compiled.total(), dict(compiled)
+        if capture_seconds is not None:
+            result["capture_decode_graphs_seconds"] = capture_seconds
         if args.host_profile:
             result["host_profiles"] = host_profiles(engine, trace)
     if replays:  # the decode steps' GPU time, against their wall time (result["phases"]["decode_seconds"])
@@ -265,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="runs of every (adapter count, rate, KV dtype), in alternating order (the host drifts)")
     parser.add_argument("--pool-gib", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--capture-graphs", action="store_true",
+                        help="each engine captures its decode graphs at start (Engine.capture_decode_graphs), "
+                             "before the warm-up run")  # fmt: skip
     parser.add_argument("--host-profile", action="store_true",
                         help="after each timed engine run, the trace again with its decode steps and prefills "
                              "under cProfile (top functions by own time in the JSON, per phase)")  # fmt: skip

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
@@ -270,15 +271,15 @@ def _specialization(value: Any, specialize: bool = True, align: bool = True) -> 
     return (type(value), value)  # anything else: by value, to stay on the safe side
 
 
-def compiled_variants() -> int:
-    """Kernels Triton has compiled so far for this package's kernels (every specialization of every
-    kernel, on every device): the difference over a run tells whether it compiled inside it."""
+def compiled_variants() -> Counter[str]:
+    """Specializations Triton has compiled so far, per kernel of this package (every device): the
+    difference over a run tells whether, and what, it compiled inside it (`.total()`: how many)."""
     from triton.runtime.jit import JITFunction
 
-    count = 0
+    counts: Counter[str] = Counter()
     for name, module in list(sys.modules.items()):
         if name.startswith(__package__ + "."):
             for value in vars(module).values():
                 if isinstance(value, JITFunction):
-                    count += sum(len(caches[0]) for caches in value.device_caches.values())
-    return count
+                    counts[value.fn.__name__] += sum(len(caches[0]) for caches in value.device_caches.values())
+    return counts

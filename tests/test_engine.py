@@ -20,10 +20,12 @@ def prompt(length, seed):
 
 
 def alone(model, ids, adapter, new_tokens, kv_cache_dtype=None):
-    """What one greedy generate() gives this request by itself."""
+    """What one greedy generate() gives this request by itself, with `greedy`'s ignore_eos: EOS is a
+    token like any other (no eos_token_id), not suppressed as min_new_tokens would (the tiny model's
+    EOS, 2, is the top token of some steps: with min_new_tokens the reference took the runner-up)."""
     device = model.base_model.device
     out = model.generate(torch.tensor([ids], device=device), adapter_ids=[adapter], max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, kv_cache_dtype=kv_cache_dtype)  # fmt: skip
+                         eos_token_id=None, do_sample=False, pad_token_id=0, kv_cache_dtype=kv_cache_dtype)  # fmt: skip
     return out[0, len(ids) :].tolist()
 
 
@@ -93,8 +95,7 @@ def test_quantized_kv_requests_get_what_each_gets_alone(zoo_name, kernels, reque
     model = MultiLoraModel.from_pretrained(zoo.fresh_base(), adapters=zoo.paths)
     names = [*zoo.paths, None]
     # short and long prompts: prefill groups of different widths, then decode steps over rows of
-    # different lengths (seeds whose greedy outputs hold no EOS: generate's min_new_tokens forbids
-    # it where the engine's ignore_eos takes it)
+    # different lengths
     jobs = [(prompt(3 + (i % 2) * 20 + i % 3, seed=60 + i), names[i % len(names)], 3 + i % 5) for i in range(8)]
     expected = [alone(model, ids, adapter, n, kv_cache_dtype="int4") for ids, adapter, n in jobs]
     with Engine(model, kv_cache_dtype="int4", min_prefill_rows=1) as engine:
@@ -350,6 +351,22 @@ def test_stop_strings_hold_back_what_could_start_one():
     assert stop_at("abc", ()) == (None, 3)
 
 
+def test_capturing_graphs_needs_an_engine_with_graphs_and_known_adapters(model):
+    with Engine(model, cuda_graphs=False) as engine:
+        with pytest.raises(ValueError, match="max_context must be an int >= 1"):
+            engine.capture_decode_graphs(0, adapters=[None])
+        with pytest.raises(KeyError, match="unknown: \\['nope'\\]"):
+            engine.capture_decode_graphs(64, adapters=["nope", None])
+        with pytest.raises(KeyError, match="one or more"):
+            engine.capture_decode_graphs(64, adapters=[])
+        with pytest.raises(ValueError, match="decodes eagerly"):
+            engine.capture_decode_graphs(64, adapters=[None])
+    if torch.cuda.is_available():
+        return
+    with Engine(model) as engine, pytest.raises(ValueError, match="decodes eagerly"):  # on the CPU: no graphs
+        engine.capture_decode_graphs(64, adapters=[None])
+
+
 def test_close_ends_what_still_runs(model):
     engine = Engine(model)
     stream = engine.submit(prompt(5, seed=9), None, greedy(10**4 // 4))
@@ -390,6 +407,7 @@ def test_prefill_groups_are_chosen_by_length_among_the_lookahead(model, lookahea
         assert engine.stats["prefills"] == 2 and engine.stats["prefill_tokens"] == sum(lengths)
         assert engine.stats["prefill_padding"] == padding
         assert engine.stats["prefill_seconds"] > 0 and engine.stats["decode_seconds"] > 0
+        assert engine.stats["reserve_seconds"] > 0 and engine.stats["prefetch_seconds"] > 0
     assert [s.token_ids for s in streams] == expected
     with pytest.raises(ValueError, match="prefill_lookahead must be an int >= 1"):
         Engine(model, prefill_lookahead=0)
@@ -516,6 +534,33 @@ def test_on_cuda_concurrent_requests_get_what_each_gets_alone(llama_zoo, kv_dtyp
         assert 0 < captures < replays and captures + replays == engine.stats["decode_steps"]
         assert "eager: capture failed" not in model.graph_stats()
     assert [s.token_ids for s in streams] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_graphs_captured_before_serving_leave_none_to_capture_while_serving(llama_zoo):
+    """capture_decode_graphs() takes every (batch bucket, table width) the requests reach, for
+    adapters of one rank class and for rows without adapters, takes no KV page, and the requests
+    then replay those graphs only and get what each gets alone."""
+    model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base().cuda(), adapters=llama_zoo.paths, pool_bytes=2**28)
+    names = [*llama_zoo.paths, None]
+    jobs = [(prompt(5 + i % 4, seed=90 + i), names[i % len(names)], 6 + i) for i in range(10)]
+    longest = max(len(ids) + n for ids, _, n in jobs)
+    with Engine(model, max_running=8) as engine:
+        captured = engine.capture_decode_graphs(longest, adapters=[names[0], None])
+        widths = (-(-longest // engine._cache.block_size) - 1).bit_length() + 1
+        assert captured == 2 * 4 * widths  # buckets 8, 4, 2, 1
+        pages = engine.metrics()
+        assert pages["pages_kv"] == 0 and pages["pages_free"] + pages["pages_adapter"] == pages["pages_total"]
+        assert engine.capture_decode_graphs(longest, adapters=[names[1]]) == 0  # its rank class has them
+        before = model.graph_stats()
+        with engine._cond:
+            streams = [engine.submit(ids, adapter, greedy(n)) for ids, adapter, n in jobs]
+        for stream in streams:
+            stream.result(timeout=120)
+        captures, replays = (model.graph_stats().get(k, 0) - before.get(k, 0) for k in ("captures", "replays"))
+        assert captures == 0 and replays == engine.stats["decode_steps"] > 0
+    assert [s.token_ids for s in streams] == [alone(model, ids, adapter, n) for ids, adapter, n in jobs]
 
 
 def strict_engine(method: str) -> type[Engine]:

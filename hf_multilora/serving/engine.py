@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from ..graphs import batch_bucket
 from ..memory.page_pool import PoolExhaustedError
 from ..model import MultiLoraModel
 from ..transfer import to_device, to_host
@@ -208,6 +209,44 @@ class Engine:
                 raise RequestError(f"adapter {name!r} is in use by {users} request(s); try again when they end")
             self.model.unload_adapter(name)
 
+    def capture_decode_graphs(self, max_context: int, adapters: Sequence[str | None]) -> int:
+        """Capture now, before serving, the decode graphs that requests of up to `max_context` tokens
+        (prompt + output) would otherwise capture, and the kernels they would compile, while they
+        wait: one per batch bucket up to `max_running` and power-of-two table width, for each of
+        `adapters` (each stands for batches whose largest adapter rank rounds up as its does; None:
+        batches without adapters). vLLM captures its batch sizes at start-up for the same reason: a
+        capture or compile inside a request's time is a TTFT outlier. Call it while no request is
+        queued or running; returns the graphs it captured. The steps run on rows whose pages are all
+        the one padding page (no KV is taken), and graphs already captured are replayed."""
+        if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 1:
+            raise ValueError(f"max_context must be an int >= 1, got {max_context!r}")
+        unknown = [a for a in adapters if a is not None and a not in self.model.adapter_names]
+        if unknown or not adapters:
+            raise KeyError(f"adapters: one or more registered names or None; unknown: {unknown}")
+        if not self.cuda_graphs:
+            raise ValueError("this engine decodes eagerly (no CUDA graphs to capture)")
+        block = self._cache.block_size
+        widths = [1 << i for i in range((-(-max_context // block) - 1).bit_length() + 1)]
+        buckets = sorted({batch_bucket(n) for n in range(1, self.max_running + 1)}, reverse=True)
+        before = self.model.graph_stats().get("captures", 0)
+        with self._cond:  # the loop takes no step meanwhile: submit() waits
+            if self._waiting or self._running or self._launched is not None:
+                raise RuntimeError("capture_decode_graphs() needs an idle engine: requests are queued or running")
+            discard = self._cache.hold_discard()
+            try:
+                device = self._pool.storage.device
+                for adapter, width, rows in itertools.product(dict.fromkeys(adapters), widths, buckets):
+                    padding = RowKV(self._cache.num_layers, block)
+                    padding.table = torch.full((self._cache.num_layers, width), discard,
+                                               dtype=torch.int32)  # fmt: skip
+                    padding.length = width * block - 1
+                    self._forward_rows([padding] * rows, [adapter] * rows,
+                                       torch.zeros(rows, 1, dtype=torch.int64, device=device),
+                                       [[padding.length]] * rows, graphs=True)  # fmt: skip
+            finally:
+                self._cache.release()
+        return self.model.graph_stats().get("captures", 0) - before
+
     def metrics(self) -> dict[str, Any]:
         """Queue and batch sizes, pool pages by kind, counters, and output tokens per second lately."""
         with self._cond:
@@ -291,7 +330,7 @@ class Engine:
             group = self._next_group()
             if not group or self._defer(group):
                 break
-            admitted = []
+            admitted, started = [], time.perf_counter()
             for request in group:
                 try:
                     self._reserve(request)
@@ -305,6 +344,7 @@ class Engine:
                     self._finish(request, "error", error=f"{type(error).__name__}: {error}")
                     continue
                 admitted.append(request)
+            self.stats["reserve_seconds"] += time.perf_counter() - started
             if not admitted:
                 if self._running:
                     break
@@ -325,11 +365,13 @@ class Engine:
         with self._cond:
             arrived = sorted(self._arrived)
             self._arrived.clear()
+        started = time.perf_counter()
         for adapter in arrived:
             try:
                 self.model.prefetch_adapters([adapter], host_only=True)
             except Exception:  # the request fails with the reason when it is admitted
                 logger.debug("hf_multilora engine: prefetch of %s failed", adapter, exc_info=True)
+        self.stats["prefetch_seconds"] += time.perf_counter() - started
 
     def _defer(self, group: list[Request]) -> bool:
         """Whether `group` waits for a larger prefill: while rows decode, each prefill forward costs
@@ -507,19 +549,25 @@ class Engine:
         rows = [self._kv[r.request_id] for r in requests]
         new = tokens.shape[1]
         added = [new] * len(rows) if added is None else added
-        attention_mask = self._cache.load(rows, new, added, mask_always=graphs)
-        device = self._pool.storage.device
-        logits = self.model._logits_of_step(
-            tokens,
-            to_device(positions, device),
-            self._cache,
-            [r.adapter for r in requests],
-            attention_mask,
-            cuda_graphs=graphs,
-        )
+        logits = self._forward_rows(rows, [r.adapter for r in requests], tokens, positions, added, graphs)
         for row, count in zip(rows, added, strict=True):
             row.length += count
         return logits
+
+    def _forward_rows(
+        self,
+        rows: list[RowKV],
+        adapters: list[str | None],
+        tokens: torch.Tensor,
+        positions: list[list[int]],
+        added: list[int] | None = None,
+        graphs: bool = False,
+    ) -> torch.Tensor:
+        """`_forward` on KV rows of no request (their lengths left as they are)."""
+        attention_mask = self._cache.load(rows, tokens.shape[1], added, mask_always=graphs)
+        device = self._pool.storage.device
+        return self.model._logits_of_step(tokens, to_device(positions, device), self._cache, adapters, attention_mask,
+                                          cuda_graphs=graphs)  # fmt: skip
 
     def _emit(self, requests: list[Request], tokens: list[int], logprobs: list[TokenLogprob | None] | None) -> None:
         now = time.monotonic()

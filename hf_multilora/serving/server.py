@@ -472,7 +472,7 @@ def _samples(metrics: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, str]
     for kind, key in (("total", "pages_total"), ("free", "pages_free"), ("kv", "pages_kv"), ("adapter", "pages_adapter")):
         yield "hf_multilora_pool_pages", "gauge", {"kind": kind}, metrics.get(key, 0)
     counted = {"submitted", "prefills", "prefill_waits", "prefill_tokens", "prefill_padding", "prefill_seconds",
-               "decode_steps", "decode_seconds", "preemptions", "graph_captures", "graph_replays"}  # fmt: skip
+               "decode_steps", "decode_seconds", "reserve_seconds", "prefetch_seconds", "preemptions", "graph_captures", "graph_replays"}  # fmt: skip
     for name, value in metrics.items():
         if name in counted:
             yield f"hf_multilora_{name}_total", "counter", {}, value

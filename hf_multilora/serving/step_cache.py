@@ -122,10 +122,12 @@ class StepCache(PagedCache):
         self._kv_lens = to_device(lens, device)
         self._uploaded = True
 
-    def hold_discard(self) -> None:
-        """Take the page padding rows write into (PoolExhaustedError if none is free); `release` frees it."""
+    def hold_discard(self) -> int:
+        """Take the page padding rows write into (PoolExhaustedError if none is free), and return it;
+        `release` frees it."""
         if self._discard is None:
             self._set_discard(self.pool.allocate(1, "kv")[0])
+        return self._discard
 
     # -- the step protocol of DecodeGraphs (see PagedCache.begin_step) ----------------------------------------
     def step_shape(self, rows: int) -> tuple[int, int]:
