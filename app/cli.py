@@ -57,7 +57,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:
         served = _served_model(args)
         engine = Engine(served.model, served.tokenizer, max_running=args.max_running,
-                        kv_cache_dtype=args.kv_cache_dtype, **queue)  # fmt: skip
+                        kv_cache_dtype=args.kv_cache_dtype, capture_graphs=args.capture_graphs, **queue)  # fmt: skip
     except (OSError, AdapterLoadError, ValueError) as error:
         parser.error(str(error))
     try:
@@ -88,7 +88,7 @@ def _serve_on_ray(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         spec = ModelSpec(base=str(source.base), adapters={n: str(p) for n, p in source.adapters.items()},
                          model_name=source.name, chat_template=source.chat_template, pool_bytes=args.pool_bytes,
                          max_running=args.max_running, kv_cache_dtype=args.kv_cache_dtype, max_waiting=args.max_waiting,
-                         max_routing=args.max_routing)  # fmt: skip
+                         max_routing=args.max_routing, capture_graphs=args.capture_graphs)  # fmt: skip
     except ValueError as error:
         parser.error(str(error))
     ray.init(address=args.ray_address)
@@ -189,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: 1024; with --ray-replicas, 4 x --max-running per replica)")  # fmt: skip
     serve.add_argument("--max-routing", type=int, default=1024, help="with --ray-replicas: requests waiting for a "
                        "full replica at most; more: 503 (default: %(default)s)")  # fmt: skip
+    serve.add_argument("--capture-graphs", type=int, metavar="TOKENS",
+                       help="on CUDA, capture the decode graphs of requests up to TOKENS tokens (prompt + "
+                            "output) at start, so that no request waits on a capture (default: as they come)")  # fmt: skip
     serve.add_argument("--kv-cache-dtype", choices=("fp8", "int4"), help="keep the requests' KV quantized (default: the model's dtype)")
     serve.add_argument("--ray-replicas", type=int, help="serve N replicas on Ray Serve (one GPU each where there are GPUs)")
     serve.add_argument("--ray-routers", type=int, default=1, help="with --ray-replicas: HTTP ingress replicas "

@@ -31,8 +31,9 @@ each under a cProfile of its own and puts the top functions by own time in the J
 phase's host time goes; GPU time shows as the wait in the sampling's `tolist`).
 
 `--capture-graphs`: each engine captures its decode graphs before its warm-up run
-(`Engine.capture_decode_graphs` for the longest request and the first request's adapter's rank class:
-ranks 8 and 16 are one), as a server does at start-up; the JSON gives the seconds it took.
+(`Engine.capture_decode_graphs` for the longest request, with its default adapters: batches without
+adapters and one adapter per rank capacity), as a server does at start-up; the JSON gives the
+seconds it took.
 
 `--kv-cache-dtypes model,int4` runs the engine once per KV dtype on each trace (quantized KV pages in
 the same pool: more requests fit), `--scheduling async,sync` once with each engine scheduling
@@ -176,9 +177,9 @@ def run_trace(
     with Engine(model, tokenizer, max_running=args.max_running, kv_cache_dtype=kv_cache_dtype,
                 async_scheduling=scheduling == "async") as engine:
         capture_seconds = None
-        if warm_up and args.capture_graphs and engine.cuda_graphs:  # ranks 8 and 16: one rank class
+        if warm_up and args.capture_graphs and engine.cuda_graphs:
             started = time.perf_counter()
-            engine.capture_decode_graphs(max(args.prompt_lens) + max(args.output_lens), adapters=[trace[0].adapter])
+            engine.capture_decode_graphs(max(args.prompt_lens) + max(args.output_lens))
             capture_seconds = time.perf_counter() - started
         if warm_up:
             run_engine(engine, [dataclasses.replace(r, arrival=0.0) for r in trace])

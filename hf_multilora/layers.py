@@ -101,6 +101,12 @@ def add_lora_to_forward(
     return undo
 
 
+def rank_capacity(max_rank: int) -> int:
+    """The rank a fixed decode plan is built for when a batch's largest rank is `max_rank`: batches
+    whose ranks round up alike share its plan and so the decode graphs captured over it."""
+    return max(sgmv.RANK_TILE, 1 << (max_rank - 1).bit_length())
+
+
 @dataclass
 class _FixedDecode:
     """A decode plan whose addresses stay put across calls, for steps replayed from CUDA graphs: one
@@ -217,7 +223,7 @@ class LoraRuntime:
     def _use_fixed(self, row_slots: Sequence[int], max_rank: int) -> None:
         """Plan a decode step on the fixed tables of this batch size: every LoRA module launches
         (rank 0 where a row's adapter does not target it), so the launches do not depend on the mix."""
-        capacity = max(sgmv.RANK_TILE, 1 << (max_rank - 1).bit_length())
+        capacity = rank_capacity(max_rank)
         key = (len(row_slots), capacity)
         fixed = self._fixed.get(key)
         if fixed is None:

@@ -29,7 +29,7 @@ from .eviction import KvBudget
 from .graphs import DecodeGraphs
 from .kernels.kv_quant import KV_DTYPES
 from .kernels.sgmv import align_up
-from .layers import LoraRuntime, add_lora_to_forward
+from .layers import LoraRuntime, add_lora_to_forward, rank_capacity
 from .memory.page_pool import PagePool
 from .routing import BASE_ADAPTER, batch_rows, expand_rows, forward_shape, resolve_adapter_ids
 
@@ -132,6 +132,14 @@ class MultiLoraModel(torch.nn.Module):
     def adapter_names(self) -> list[str]:
         """Registered adapters; an int in adapter_ids indexes this list."""
         return list(self._registry)
+
+    def _rank_classes(self) -> list[str]:
+        """One registered adapter per rank capacity of the fixed decode plans (the first registered of
+        each): what `Engine.capture_decode_graphs` needs to capture every decode graph."""
+        first: dict[int, str] = {}
+        for name, source in self._registry.items():
+            first.setdefault(rank_capacity(source.max_rank), name)
+        return list(first.values())
 
     def load_adapter(
         self,

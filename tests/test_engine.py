@@ -359,12 +359,30 @@ def test_capturing_graphs_needs_an_engine_with_graphs_and_known_adapters(model):
             engine.capture_decode_graphs(64, adapters=["nope", None])
         with pytest.raises(KeyError, match="one or more"):
             engine.capture_decode_graphs(64, adapters=[])
+        with pytest.raises(ValueError, match="decodes eagerly"):  # the default adapters are known ones
+            engine.capture_decode_graphs(64)
+    with pytest.raises(ValueError, match="capture_graphs must be None or an int >= 1"):
+        Engine(model, capture_graphs=0)
+    with Engine(model, cuda_graphs=False, capture_graphs=64) as engine:  # nothing to capture: ignored
+        stream = engine.submit(prompt(4, seed=1), "attn_r8", greedy(2))
+        stream.result(timeout=60)
+        assert len(stream.token_ids) == 2
         with pytest.raises(ValueError, match="decodes eagerly"):
             engine.capture_decode_graphs(64, adapters=[None])
     if torch.cuda.is_available():
         return
     with Engine(model) as engine, pytest.raises(ValueError, match="decodes eagerly"):  # on the CPU: no graphs
         engine.capture_decode_graphs(64, adapters=[None])
+
+
+def test_one_adapter_per_rank_capacity_stands_for_the_others_in_graph_captures(model):
+    """The zoo's ranks (8, 4, 16, 12 at most with its rank pattern, 16) all round up to the fixed
+    decode plans' 16: the first registered adapter stands for all."""
+    from hf_multilora.layers import rank_capacity
+
+    assert [rank_capacity(r) for r in (1, 4, 16, 17, 64)] == [16, 16, 16, 32, 64]
+    assert [model._registry[n].max_rank for n in model.adapter_names] == [8, 4, 16, 12, 16]
+    assert model._rank_classes() == [model.adapter_names[0]]
 
 
 def test_close_ends_what_still_runs(model):

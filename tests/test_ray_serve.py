@@ -172,7 +172,8 @@ def test_a_replica_batches_more_than_ray_serves_default_of_5_requests(url):
 
 
 @pytest.mark.parametrize("name, value, lowest", [("max_running", 0, 1), ("max_waiting", 0, 1), ("max_routing", -1, 1),
-                                                 ("max_routing", True, 1), ("affinity_slack", -1, 0)])  # fmt: skip
+                                                 ("max_routing", True, 1), ("affinity_slack", -1, 0),
+                                                 ("capture_graphs", 0, 1)])  # fmt: skip
 def test_a_model_spec_refuses_limits_out_of_range(name, value, lowest):
     with pytest.raises(ValueError, match=f"ModelSpec.{name} must be an int >= {lowest}"):
         ModelSpec(base=str(DEMO.base), **{name: value})

@@ -153,6 +153,7 @@ class AdapterSource:
     directory: Path
     modules: tuple[str, ...]
     allowed_dir: Path | None = None
+    max_rank: int = 0  # its largest module rank (decode graphs are shared by adapters of one rank capacity)
 
 
 def check_peft_adapter(
@@ -167,7 +168,8 @@ def check_peft_adapter(
     thousands of adapters this way takes seconds; `load_peft_adapter` reads the weights at first use."""
     allowed = _resolved_allowed_dir(name, allowed_dir)
     directory, _, loras = _validated(name, source, model, _read_shapes, allowed)
-    return AdapterSource(name, directory, tuple(loras), allowed)
+    max_rank = max((a.shape[0] for a, _, _ in loras.values()), default=0)
+    return AdapterSource(name, directory, tuple(loras), allowed, max_rank)
 
 
 def load_peft_adapter(

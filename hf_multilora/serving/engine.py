@@ -91,8 +91,11 @@ class Engine:
     requests' KV quantized in the pool (as `generate(kv_cache_dtype=...)`: more tokens per page, so
     more requests fit); None: the model's dtype. `async_scheduling`: each decode step is launched
     before the tokens of the step before it are read (see the module doc); False: read before the
-    next launch (no step runs for a row that has ended; for comparisons and debugging). Call
-    `close()` (or use it as a context manager) to stop it.
+    next launch (no step runs for a row that has ended; for comparisons and debugging).
+    `capture_graphs`: tokens (prompt + output) of the longest request expected; an engine that
+    decodes with graphs captures them all before it starts (`capture_decode_graphs` with its default
+    adapters), one that decodes eagerly ignores it. Call `close()` (or use it as a context manager)
+    to stop it.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class Engine:
         cuda_graphs: bool | None = None,
         kv_cache_dtype: str | None = None,
         async_scheduling: bool = True,
+        capture_graphs: int | None = None,
     ) -> None:
         if not isinstance(model, MultiLoraModel):
             raise TypeError(f"Engine serves a MultiLoraModel, got {type(model).__name__}")
@@ -119,6 +123,8 @@ class Engine:
             lowest = 0 if name == "max_prefill_wait" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
                 raise ValueError(f"{name} must be an int >= {lowest}, got {value!r}")
+        if capture_graphs is not None and (type(capture_graphs) is not int or capture_graphs < 1):
+            raise ValueError(f"capture_graphs must be None or an int >= 1 (tokens), got {capture_graphs!r}")
         if not isinstance(async_scheduling, bool):
             raise TypeError(f"async_scheduling must be True or False, got {async_scheduling!r}")
         if cuda_graphs not in (None, True, False):
@@ -154,6 +160,8 @@ class Engine:
         self._generator = torch.Generator(device=self._pool.storage.device)  # unseeded requests' draws
         self._generator.seed()
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step
+        if capture_graphs is not None and self.cuda_graphs:
+            self.capture_decode_graphs(capture_graphs)
         self._thread = threading.Thread(target=self._loop, name="hf_multilora-engine", daemon=True)
         self._thread.start()
 
@@ -209,17 +217,19 @@ class Engine:
                 raise RequestError(f"adapter {name!r} is in use by {users} request(s); try again when they end")
             self.model.unload_adapter(name)
 
-    def capture_decode_graphs(self, max_context: int, adapters: Sequence[str | None]) -> int:
+    def capture_decode_graphs(self, max_context: int, adapters: Sequence[str | None] | None = None) -> int:
         """Capture now, before serving, the decode graphs that requests of up to `max_context` tokens
         (prompt + output) would otherwise capture, and the kernels they would compile, while they
         wait: one per batch bucket up to `max_running` and power-of-two table width, for each of
         `adapters` (each stands for batches whose largest adapter rank rounds up as its does; None:
-        batches without adapters). vLLM captures its batch sizes at start-up for the same reason: a
-        capture or compile inside a request's time is a TTFT outlier. Call it while no request is
-        queued or running; returns the graphs it captured. The steps run on rows whose pages are all
-        the one padding page (no KV is taken), and graphs already captured are replayed."""
+        batches without adapters; default: None and one registered adapter of each rank capacity).
+        vLLM captures its batch sizes at start-up for the same reason: a capture or compile inside a
+        request's time is a TTFT outlier. Call it while no request is queued or running; returns the
+        graphs it captured. The steps run on rows whose pages are all the one padding page (no KV is
+        taken), and graphs already captured are replayed."""
         if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context < 1:
             raise ValueError(f"max_context must be an int >= 1, got {max_context!r}")
+        adapters = [None, *self.model._rank_classes()] if adapters is None else list(adapters)
         unknown = [a for a in adapters if a is not None and a not in self.model.adapter_names]
         if unknown or not adapters:
             raise KeyError(f"adapters: one or more registered names or None; unknown: {unknown}")

@@ -85,11 +85,12 @@ class ModelSpec:
     max_waiting: int | None = None
     max_routing: int = 1024
     affinity_slack: int = 8
+    capture_graphs: int | None = None  # Engine's: decode graphs captured at start, for requests up to that many tokens
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_waiting", "max_routing", "affinity_slack"):
+        for name in ("max_running", "max_waiting", "max_routing", "affinity_slack", "capture_graphs"):
             value, lowest = getattr(self, name), 0 if name == "affinity_slack" else 1
-            if not (value is None and name == "max_waiting") and (type(value) is not int or value < lowest):
+            if not (value is None and name in ("max_waiting", "capture_graphs")) and (type(value) is not int or value < lowest):
                 raise ValueError(f"ModelSpec.{name} must be an int >= {lowest}, got {value!r}")
 
     @property
@@ -136,7 +137,8 @@ class Replica:
         model = MultiLoraModel.from_pretrained(spec.base, spec.adapters, pool_bytes=spec.pool_bytes)
         model.to(device)
         self.engine = Engine(model, AutoTokenizer.from_pretrained(spec.base), max_running=spec.max_running,
-                             max_waiting=spec.engine_waiting, kv_cache_dtype=spec.kv_cache_dtype)  # fmt: skip
+                             max_waiting=spec.engine_waiting, kv_cache_dtype=spec.kv_cache_dtype,
+                             capture_graphs=spec.capture_graphs)  # fmt: skip
         context = serve.get_replica_context()
         self.service = OpenAIService(self.engine, model_name=spec.model_name, chat_template=spec.chat_template,
                                      system_fingerprint=f"hf_multilora-{context.replica_tag}")  # fmt: skip
