@@ -198,7 +198,10 @@ def test_serve_refuses_no_routers_before_starting_ray(capsys):
 def test_overload_beyond_the_replicas_and_the_routing_queue_is_answered_503_with_retry_after(url):
     """A replica holds max_running + max_waiting requests and max_routing more wait in the router;
     past that a client hears 503 with Retry-After at once (not a request stuck in Ray's proxy), the
-    router still answers /health, and the deployment serves normally once the load is gone."""
+    router still answers /health, and the deployment serves normally once the load is gone. The
+    routing slot is not counted on: in a burst, Ray's handle counts a request still being assigned
+    to the replica as queued, so the burst can find the router's queue full (CI, 2 cores: 2 of 8
+    served once, 3 usually)."""
     with deployed(url, "tight", max_running=1, max_waiting=1, max_routing=1) as tight:
         threads, replies = start_clients(tight, 8, max_tokens=48)
         assert httpx.get(f"{tight}/health", timeout=30).status_code == 200
@@ -207,7 +210,7 @@ def test_overload_beyond_the_replicas_and_the_routing_queue_is_answered_503_with
         refused = [r for r in replies if r.status_code == 503]
         served = [r for r in replies if r.status_code == 200]
         assert len(refused) + len(served) == 8, [r.status_code for r in replies]
-        assert refused and len(served) >= 3, [r.status_code for r in replies]  # 1 running, 1 waiting, 1 routing
+        assert refused and len(served) >= 2, [r.status_code for r in replies]  # 1 running, 1 waiting
         assert all(r.headers.get("retry-after") for r in refused)
         assert all(r.json()["error"]["type"] == "overloaded_error" for r in refused)
         assert all(r.json()["usage"]["completion_tokens"] == 48 for r in served)
