@@ -501,10 +501,15 @@ def num_splits_for(
     sliding_window: int | None = None,
     q_len: int = 1,
     target_programs: int = _TARGET_PROGRAMS,
+    group: int = 1,
 ) -> int:
     """Context splits for a launch of batch * kv_heads * q_tiles programs: doubled while the GPU
     is under-filled (fewer than `target_programs`) and each split keeps >= _MIN_KEYS_PER_SPLIT keys
-    of the longest possible context."""
+    of the longest possible context. Prefill tiles (`decode_tile` false for `q_len` x `group`) never
+    split: their few-program launches take microseconds, and a split prefill compiled a kernel of its
+    own inside the first small prompt's time in serving."""
+    if not decode_tile(q_len, group):
+        return 1
     if sliding_window is not None:
         max_context = min(max_context, sliding_window + q_len)
     programs, splits = batch * kv_heads * q_tiles, 1
@@ -547,11 +552,9 @@ def _plan_launch(
     group_pad = _next_power_of_2(group)
     block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, block_size)
     q_tiles = _cdiv(q_len, block_m // group_pad)
-    if num_splits is None:  # prefill tiles never split: their few-program launches are microseconds, and a
-        # split prefill compiled a kernel of its own inside the first small prompt's time in serving
-        num_splits = 1
-        if decode_tile(q_len, group):
-            num_splits = num_splits_for(batch, kv_heads, q_tiles, max_blocks * block_size, sliding_window, q_len)
+    if num_splits is None:
+        num_splits = num_splits_for(batch, kv_heads, q_tiles, max_blocks * block_size, sliding_window, q_len,
+                                    group=group)  # fmt: skip
     elif num_splits < 1 or num_splits > MAX_SPLITS or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two in [1, {MAX_SPLITS}], got {num_splits}")
     block_d = max(16, _next_power_of_2(head_dim))

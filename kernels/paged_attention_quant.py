@@ -531,11 +531,9 @@ def paged_attention_quant(
     tiles = _quant_tiles(q_len, group, head_dim, layout, key_mask is not None)
     block_m, block_n = tiles.block_m, tiles.block_n
     q_tiles = math.ceil(q_len / (block_m // group_pad))
-    if num_splits is None:  # prefill tiles never split (see paged_attention._plan_launch)
-        num_splits = 1
-        if decode_tile(q_len, group):
-            num_splits = num_splits_for(batch, layout.kv_heads, q_tiles, block_table.shape[1] * layout.tokens,
-                                        sliding_window, q_len, tiles.target_programs)  # fmt: skip
+    if num_splits is None:
+        num_splits = num_splits_for(batch, layout.kv_heads, q_tiles, block_table.shape[1] * layout.tokens,
+                                    sliding_window, q_len, tiles.target_programs, group)  # fmt: skip
     elif num_splits < 1 or num_splits > MAX_SPLITS or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two in [1, {MAX_SPLITS}], got {num_splits}")
     out = torch.empty_like(q)
