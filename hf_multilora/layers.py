@@ -120,6 +120,7 @@ class _FixedDecode:
     scales: torch.Tensor  # [modules, rows]
     workspace: torch.Tensor
     recipes: dict[int, _Recipe]  # prepared launches; they read `rows`, so they go when it is replaced
+    templates: dict[tuple, Any]  # the launches recipes are prepared from (see LoraRuntime._prepare)
     rows: torch.Tensor  # the adapter residency's row table when the recipes were prepared
 
     @classmethod
@@ -137,6 +138,7 @@ class _FixedDecode:
             torch.zeros(modules, rows, sgmv.LOCATION_FIELDS, dtype=torch.int64, device=device),
             torch.zeros(modules, rows, dtype=torch.float32, device=device),
             torch.empty(need, dtype=torch.float32, device=device),
+            {},
             {},
             runtime.residency.rows,
         )
@@ -174,6 +176,9 @@ class LoraRuntime:
         self.module_mask = 0
         self._plan_key: tuple | None = None
         self._recipes: dict[int, _Recipe] = {}
+        # A module's launches are prepared as variants of the first ones of their shape under the plan
+        # (keyed by kind and shapes): one Triton specialization per shape, not per module.
+        self._templates: dict[tuple, Any] = {}
         self._torch_loras: dict[int, sgmv.TorchLora] = {}  # without Triton: per module, for _torch_version
         self._torch_version = -1
         self._workspace: torch.Tensor | None = None  # every group's shrink output, one group at a time
@@ -229,10 +234,10 @@ class LoraRuntime:
         if fixed is None:
             fixed = self._fixed[key] = _FixedDecode.build(self, len(row_slots), capacity)
         if fixed.rows is not self.residency.rows:  # grown for new adapters: prepare anew (a new dict: graphs
-            fixed.recipes, fixed.rows = {}, self.residency.rows  # may still hold the old launches)
+            fixed.recipes, fixed.templates, fixed.rows = {}, {}, self.residency.rows  # may still hold the old launches)
         fixed.fill(row_slots, self.residency)
         self._fixed_now = fixed
-        self.plan, self._recipes, self._workspace = fixed.plan, fixed.recipes, fixed.workspace
+        self.plan, self._recipes, self._templates, self._workspace = fixed.plan, fixed.recipes, fixed.templates, fixed.workspace
         self._tile_tables = (fixed.locations, fixed.scales)
         self.module_mask = (1 << len(self.module_names)) - 1
 
@@ -241,7 +246,7 @@ class LoraRuntime:
 
     def clear(self) -> None:
         self.plan, self.owner, self.module_mask, self._plan_key, self._shrunk = None, None, 0, None, None
-        self._recipes, self._workspace, self._fixed_now, self._tile_tables = {}, None, None, None
+        self._recipes, self._templates, self._workspace, self._fixed_now, self._tile_tables = {}, {}, None, None, None
 
     def apply(self, module: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add the LoRA delta of module `module` to y (the base layer's output for input x), in place."""
@@ -300,39 +305,38 @@ class LoraRuntime:
         recipe.expand(out2)
 
     def _prepare(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> _Recipe:
-        """Plan once, run many: the launches of this module under the current plan. All groups share
-        one shrink workspace: a group's v is used by its members before any other shrink runs."""
+        """Plan once, run many: the launches of this module under the current plan, variants of the
+        first ones of their shapes. All groups share one shrink workspace: a group's v is used by
+        its members before any other shrink runs."""
         residency, plan, group = self.residency, self.plan, self.groups[module]
         tile_locations, tile_scales = self._tile_tables
         first = self._recipes.get(group.first) if group.first != module else None
         members = slice(group.first, group.first + group.size)
-        shrink = (
-            first.shrink
-            if first
-            else sgmv.ShrinkCall(
-                x2,
-                residency.pool.storage,
-                residency.rows,
-                residency.locations[members],
-                plan,
-                out=self._workspace,
-                tile_locations=tile_locations[members],
-            )
-        )
-        position = module - group.first
-        m = slice(module, module + 1)
-        expand = sgmv.ExpandCall(
-            out2,
-            shrink.v[:, position : position + 1],
-            residency.pool.storage,
-            residency.rows,
-            residency.locations[m],
-            residency.scales[m],
-            plan,
-            tile_tables=(tile_locations[m], tile_scales[m]),
-        )
+        shrink = first.shrink if first else self._variant_of(
+            ("shrink", group.size, x2.shape, x2.dtype),
+            lambda: sgmv.ShrinkCall(x2, residency.pool.storage, residency.rows, residency.locations[members], plan,
+                                    out=self._workspace, tile_locations=tile_locations[members]),
+            tile_locations[members],
+        )  # fmt: skip
+        position, m = module - group.first, slice(module, module + 1)
+        v, tables = shrink.v[:, position : position + 1], (tile_locations[m], tile_scales[m])
+        expand = self._variant_of(
+            ("expand", out2.shape, out2.dtype, shrink.v.shape),
+            lambda: sgmv.ExpandCall(out2, v, residency.pool.storage, residency.rows, residency.locations[m],
+                                    residency.scales[m], plan, tile_tables=tables),
+            v, tables,
+        )  # fmt: skip
         self._recipes[module] = _Recipe(shrink, expand, x2.dtype, tuple(x2.shape), tuple(out2.shape))
         return self._recipes[module]
+
+    def _variant_of(self, key: tuple, prepare: Callable[[], Any], *tables: Any) -> Any:
+        """The launch of `key`'s shapes for these tables: a variant of the first one prepared under
+        the plan (a ShrinkCall or ExpandCall), or, the first time, `prepare()`'s."""
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = prepare()
+            return template
+        return template.variant(*tables)
 
     def _apply_reference(self, module: int, x2: torch.Tensor, out2: torch.Tensor) -> None:
         """The plain-PyTorch path (CPU): the module's `TorchLora`, which keeps the matrices of the slots

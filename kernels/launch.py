@@ -25,6 +25,7 @@ run (H200, 2026-12-02). Kernels list such arguments in `do_not_specialize` and
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections import Counter
@@ -68,13 +69,15 @@ class BoundLaunch:
 
     With `pdl`, launches through the compiled launcher are programmatic dependent launches, so the
     kernel must call `gdc_wait` before it touches anything the kernel before it may write, and
-    before it ends. The first launch, and any through Triton's own path, is an ordinary one: what
-    the caller made just before (tables the kernel reads before its wait, say) is complete before
-    any launch can overlap it.
+    before it ends. The first launch of every BoundLaunch (variants included) is an ordinary one:
+    what the caller made just before (tables the kernel reads before its wait, say) is complete
+    before any launch can overlap it.
 
-    The compiled launchers come from the kernel's shared SpecializedLaunch: a prefill prepares a
-    BoundLaunch per LoRA module for one forward, and compiling each through Triton's path cost
-    more host time than the launches.
+    The compiled launchers come from the kernel's shared SpecializedLaunch; `variant` makes the same
+    launch with other tensors for some fixed arguments, sharing this one's launchers without
+    computing Triton's specialization of every argument again: a prefill prepares two launches per
+    LoRA module for one forward, ~190 at 7B, and the per-argument keys were a third of its LoRA host
+    time (H200, 2026-12-02).
     """
 
     def __init__(
@@ -96,8 +99,10 @@ class BoundLaunch:
         # tokens of a 7B model: ~90 GiB).
         self._fn, self._grid, self._fixed = fn, grid, fixed
         self._constexprs, self._num_warps, self._pdl = constexprs, num_warps, pdl
-        self._compiled: tuple | None = None
-        self._first_key: tuple | None = None
+        # (the activation's dtype, its 16-byte alignment) -> (the launcher of a first launch, that of
+        # the later ones), shared with variants
+        self._launchers: dict[tuple, tuple[tuple, tuple]] = {}
+        self._launched = False
         self._stream_device = first.device.index
         # The fixed arguments as the compiled launcher takes them: tensors as their addresses (it
         # accepts ints for pointers, which skips a data_ptr() call and a driver pointer check per
@@ -107,18 +112,50 @@ class BoundLaunch:
 
     def __call__(self, first: torch.Tensor) -> None:
         address = first.data_ptr()
-        key = (first.dtype, address % 16 == 0)
-        if self._compiled is not None and key == self._first_key:
-            run, function, metadata = self._compiled
+        entries = self._launchers.get((first.dtype, address % 16 == 0))
+        if entries is not None:
+            run, function, metadata = entries[self._launched]
+            self._launched = True
             stream = torch._C._cuda_getCurrentRawStream(self._stream_device)
             run(*self._grid, stream, function, metadata, None, None, None, address, *self._tail)
             return
         args = [first, *self._fixed]
         launch = specialized(self._fn)
         entry = launch(self._grid, args, self._constexprs, self._num_warps)
-        if entry is not None and self._pdl:  # the same code, whose launcher sets the PDL attribute
-            entry = launch.compiled(args, self._constexprs, self._num_warps, pdl=True)
-        self._compiled, self._first_key = entry, key
+        self._launched = True
+        if entry is not None:  # the same code, whose launcher sets the PDL attribute
+            later = launch.compiled(args, self._constexprs, self._num_warps, pdl=True) if self._pdl else entry
+            self._launchers[(first.dtype, address % 16 == 0)] = (entry, later)
+
+    def variant(self, **tensors: torch.Tensor) -> BoundLaunch:
+        """This launch with `tensors` for the fixed tensor arguments of those names, each of the old
+        one's shape, strides and device (so scalars derived from them stay right). It shares this
+        launch's compiled launchers where Triton specializes each new tensor as it did the old one
+        (dtype, and 16-byte alignment unless the kernel lists it in do_not_specialize_on_alignment);
+        otherwise it compiles or finds its own on first use."""
+        names = self._fn.arg_names[1 : 1 + len(self._fixed)]
+        fixed, tail = list(self._fixed), list(self._tail)
+        unaligned = specialized(self._fn).unaligned
+        same = True
+        for name, tensor in tensors.items():
+            i = names.index(name) if name in names else -1
+            if i < 0 or not isinstance(fixed[i], torch.Tensor) or not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{self._fn.__name__}: {name!r} is not one of its fixed tensor arguments")
+            old = fixed[i]
+            if (tensor.device, tensor.shape, tensor.stride()) != (old.device, old.shape, old.stride()):
+                raise ValueError(
+                    f"{self._fn.__name__}: {name} must be like the one it replaces ({old.device}, shape "
+                    f"{tuple(old.shape)}, strides {old.stride()}); got {tensor.device}, {tuple(tensor.shape)}, "
+                    f"{tensor.stride()}"
+                )
+            align = name not in unaligned
+            same = same and _specialization(tensor, True, align) == _specialization(old, True, align)
+            fixed[i], tail[i] = tensor, tensor.data_ptr()
+        clone = copy.copy(self)
+        clone._fixed, clone._tail, clone._launched = fixed, tuple(tail), False
+        if not same:
+            clone._launchers = {}
+        return clone
 
 
 _NOT_COMPILED = object()
@@ -141,7 +178,9 @@ class SpecializedLaunch:
         self._fn = fn
         self.arg_names: list[str] = list(fn.arg_names)
         self._direct = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
-        self._unspecialized, self._unaligned = _unspecialized(fn)
+        unspecialized, self.unaligned = _unspecialized(fn)
+        # per argument position: (Triton specializes its value, its alignment)
+        self._flags = [(name not in unspecialized, name not in self.unaligned) for name in self.arg_names]
         self._compiled: dict[tuple, tuple | None] = {}  # None: launch through Triton's path
 
     def __call__(
@@ -183,9 +222,9 @@ class SpecializedLaunch:
 
     def _key(self, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int, num_stages: int, pdl: bool) -> tuple:
         fixed = [constexprs[name] for name in self.arg_names[len(args) :]]  # constexprs by value
-        names = self.arg_names
-        specialization = [_specialization(value, names[i] not in self._unspecialized, names[i] not in self._unaligned)
-                          for i, value in enumerate(args)]  # fmt: skip
+        specialization = [(value.dtype, align and value.data_ptr() % 16 == 0) if type(value) is torch.Tensor
+                          else _specialization(value, specialize, align)
+                          for value, (specialize, align) in zip(args, self._flags, strict=False)]  # fmt: skip
         return (num_warps, num_stages, pdl, args[0].device.index, *specialization, *fixed)
 
     def _entry(

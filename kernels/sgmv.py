@@ -42,6 +42,7 @@ stop Triton from pipelining them.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from collections.abc import Sequence
@@ -468,6 +469,14 @@ class ShrinkCall:
             self._launch(x)
         return self.v
 
+    def variant(self, tile_locations: torch.Tensor) -> ShrinkCall:
+        """This shrink for other slices of the same shape (another group of modules under the same
+        plan, its locations per tile): prepared from this one, its compiled launch shared."""
+        clone = copy.copy(self)
+        if self._launch is not None:
+            clone._launch = self._launch.variant(loc_ptr=tile_locations)
+        return clone
+
 
 def sgmv_shrink(
     x: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, locations: torch.Tensor, plan: SgmvPlan
@@ -550,6 +559,15 @@ class ExpandCall:
     def __call__(self, y: torch.Tensor) -> None:
         if self._launch is not None:
             self._launch(y)
+
+    def variant(self, v: torch.Tensor, tile_tables: tuple[torch.Tensor, torch.Tensor]) -> ExpandCall:
+        """This expand from other shrink partials `v` and for another slice (its (locations, scales)
+        per tile), each of the shape of the ones it replaces: prepared from this one, its compiled
+        launch shared."""
+        clone = copy.copy(self)
+        if self._launch is not None:
+            clone._launch = self._launch.variant(v_ptr=v, loc_ptr=tile_tables[0], scale_ptr=tile_tables[1])
+        return clone
 
 
 def sgmv_expand(

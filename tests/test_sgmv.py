@@ -340,3 +340,72 @@ def test_prepared_calls_do_not_keep_their_activations_alive():
     assert all(ref() is None for ref in gone)
     shrink(torch.randn(6, 64, device=DEVICE))  # still launches on new inputs
     expand(torch.randn(6, 48, device=DEVICE))
+
+
+def test_a_variant_prepared_call_equals_one_prepared_anew_for_its_tables():
+    """A prefill prepares each module's launches as variants of the first ones of their shape (one
+    Triton specialization per shape, not per module): a variant for another module's tables must
+    be the launch prepared anew for them, argument for argument, and compute its delta."""
+    from hf_multilora.kernels.sgmv import ExpandCall, ShrinkCall, tile_view
+
+    # four "modules": a q/k/v-like group of three slices (0-2) and a group of one (3), all 48 wide
+    weights, rows, locations, scales = make_adapters([16, 8, 24], 64, [48] * 4, torch.float32, 21,
+                                                     untargeted={(1, 3)})  # fmt: skip
+    plan = plan_sgmv([2, 0, -1, 1], 5, 24, DEVICE)
+    tile_locations, tile_scales = tile_view(locations, plan), tile_view(scales, plan)
+    x = torch.randn(20, 64, device=DEVICE)
+    workspace = torch.empty(sgmv.shrink_workspace_numel(plan, 3), device=DEVICE)
+    group = ShrinkCall(x, weights, rows, locations[0:3], plan, out=workspace, tile_locations=tile_locations[0:3])
+    alone = ShrinkCall(x, weights, rows, locations[3:4], plan, out=workspace, tile_locations=tile_locations[3:4])
+    y = torch.randn(20, 48, device=DEVICE)
+    tables = lambda m: (tile_locations[m : m + 1], tile_scales[m : m + 1])  # noqa: E731
+    first = ExpandCall(y, group.v[:, 0:1], weights, rows, locations[0:1], scales[0:1], plan, tile_tables=tables(0))
+    for module in (1, 2):
+        fresh = ExpandCall(y, group.v[:, module : module + 1], weights, rows, locations[module : module + 1],
+                           scales[module : module + 1], plan, tile_tables=tables(module))  # fmt: skip
+        variant = first.variant(group.v[:, module : module + 1], tables(module))
+        launch, expected = variant._launch, fresh._launch
+        assert (launch._grid, launch._tail, launch._constexprs) == (expected._grid, expected._tail, expected._constexprs)
+        assert launch._launchers is first._launch._launchers  # shares the compiled launcher
+    # a shrink of one slice, as a variant of another module's
+    other = ShrinkCall(x, weights, rows, locations[2:3], plan, out=workspace, tile_locations=tile_locations[2:3])
+    variant = other.variant(tile_locations[3:4])
+    assert variant._launch._tail == alone._launch._tail and variant._launch._grid == alone._launch._grid
+    # and it computes module 3's delta
+    y0 = torch.randn(20, 48, device=DEVICE)
+    out = y0.clone()
+    variant(x)
+    single = ExpandCall(y, other.v[:, 0:1], weights, rows, locations[2:3], scales[2:3], plan, tile_tables=tables(2))
+    single.variant(alone.v[:, 0:1], tables(3))(out)
+    expected = y0.clone()
+    v_ref = sgmv_shrink_reference(x, weights, rows, locations[3:4], plan)
+    sgmv_expand_reference(expected, v_ref, weights, rows, locations[3:4], scales[3:4], plan)
+    assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(out, y0)  # adapters 0 and 2 target module 3: the delta is not zero
+
+
+def test_a_variant_shares_compiled_launchers_only_where_triton_would_compile_the_same_code():
+    from hf_multilora.kernels.sgmv import ExpandCall, ShrinkCall
+
+    weights, rows, locations, scales = make_adapters([16, 8], 64, [48, 48], torch.float32, 4)
+    plan = plan_sgmv([1, 0], 4, 16, DEVICE)
+    x, y = torch.randn(8, 64, device=DEVICE), torch.randn(8, 48, device=DEVICE)
+    shrink = ShrinkCall(x, weights, rows, locations, plan)
+    expand = ExpandCall(y, shrink.v[:, 0:1], weights, rows, locations[0:1], scales[0:1], plan)
+    launch = expand._launch
+    # loc_ptr and scale_ptr are in do_not_specialize_on_alignment: any address shares
+    storage = torch.zeros(launch._fixed[3].numel() + 1, dtype=torch.int64, device=DEVICE)
+    odd_locations = storage[1:].view(launch._fixed[3].shape)  # 8 bytes off: not 16-byte aligned
+    assert launch.variant(loc_ptr=odd_locations)._launchers is launch._launchers
+    # v_ptr is specialized on alignment: a v 4 bytes off gets launchers of its own
+    v = launch._fixed[0]
+    spare = torch.zeros(shrink.v.numel() + 4, device=DEVICE)
+    at = lambda offset: spare.as_strided(v.shape, v.stride(), offset)  # noqa: E731
+    assert launch.variant(v_ptr=at(1))._launchers is not launch._launchers
+    assert launch.variant(v_ptr=at(4))._launchers is launch._launchers  # 16 bytes off
+    with pytest.raises(ValueError, match="v_ptr must be like the one it replaces"):
+        launch.variant(v_ptr=torch.zeros(v.numel() + 1, device=DEVICE))
+    with pytest.raises(ValueError, match="not one of its fixed tensor arguments"):
+        launch.variant(num_tiles=torch.zeros(1, device=DEVICE))
+    with pytest.raises(ValueError, match="not one of its fixed tensor arguments"):
+        launch.variant(y_ptr=y)  # the activation is given per call
