@@ -57,7 +57,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:
         served = _served_model(args)
         engine = Engine(served.model, served.tokenizer, max_running=args.max_running,
-                        kv_cache_dtype=args.kv_cache_dtype, capture_graphs=args.capture_graphs, **queue)  # fmt: skip
+                        kv_cache_dtype=args.kv_cache_dtype, capture_graphs=args.capture_graphs, freeze_gc=True,
+                        **queue)  # fmt: skip
     except (OSError, AdapterLoadError, ValueError) as error:
         parser.error(str(error))
     try:

@@ -138,7 +138,7 @@ class Replica:
         model.to(device)
         self.engine = Engine(model, AutoTokenizer.from_pretrained(spec.base), max_running=spec.max_running,
                              max_waiting=spec.engine_waiting, kv_cache_dtype=spec.kv_cache_dtype,
-                             capture_graphs=spec.capture_graphs)  # fmt: skip
+                             capture_graphs=spec.capture_graphs, freeze_gc=True)  # fmt: skip
         context = serve.get_replica_context()
         self.service = OpenAIService(self.engine, model_name=spec.model_name, chat_template=spec.chat_template,
                                      system_fingerprint=f"hf_multilora-{context.replica_tag}")  # fmt: skip
