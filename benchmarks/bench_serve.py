@@ -13,7 +13,12 @@ Rows, in one process:
                    throughput = output tokens / (last finish - first arrival); TTFT and time per
                    output token (TPOT), p50 / p99; its phases: wall seconds in prefills and in decode
                    steps, prompt tokens and padded slots prefilled, and on CUDA the GPU seconds of
-                   the decode steps' graph replays (the rest of decode_seconds is host time)
+                   the decode steps' graph replays (the rest of decode_seconds is host time);
+                   where TTFT goes (`ttft_parts_s`: queued until the prefill forward that took the
+                   request, that forward, the rest) and the 8 slowest requests with their prefill
+                   group; Python's garbage collections inside the run (`gc_pauses`, per generation)
+                   and the CUDA segments the allocator took (`cuda_allocations`); the engine
+                   freezes its start-up heap (`freeze_gc`), as the server does
   (a) generate     one MultiLoraModel.generate per request, in arrival order (a request starts when
                    it has arrived and the one before has finished); same metrics (`--generate-requests
                    N`: the trace's first N requests only, for its throughput)
@@ -111,7 +116,19 @@ def summary(trace: list[TraceRequest], firsts: list[float], ends: list[float]) -
 def run_engine(engine: Engine, trace: list[TraceRequest]) -> dict:
     firsts, ends = [0.0] * len(trace), [0.0] * len(trace)
     start = time.perf_counter()
-    waiters = []
+    waiters, ids = [], []
+    prefills: dict[str, tuple[float, float, int, int, int]] = {}  # request id -> its prefill (see ttft_parts)
+    prefill = engine._prefill
+
+    def timed_prefill(requests: list[Any]) -> None:
+        width, running = max(r.context_length() for r in requests), len(engine._running) - len(requests)
+        began = time.perf_counter() - start
+        prefill(requests)
+        done = time.perf_counter() - start
+        for request in requests:
+            prefills[request.request_id] = (began, done, len(requests), width, running)
+
+    engine._prefill = timed_prefill
 
     def wait(i: int, stream: Any) -> None:
         for event in stream:
@@ -125,14 +142,35 @@ def run_engine(engine: Engine, trace: list[TraceRequest]) -> dict:
             time.sleep(delay)
         params = SamplingParams(max_tokens=request.output_len, temperature=0, ignore_eos=True)
         stream = engine.submit(request.prompt_ids, request.adapter, params)
+        ids.append(stream.request_id)
         waiters.append(threading.Thread(target=wait, args=(i, stream)))
         waiters[-1].start()
     for waiter in waiters:
         waiter.join()
+    engine._prefill = prefill
     phases = {k: engine.stats[k] for k in ("prefills", "prefill_tokens", "prefill_padding", "prefill_seconds",
                                            "decode_steps", "decode_seconds", "reserve_seconds", "prefetch_seconds")}  # fmt: skip
     return {**summary(trace, firsts, ends), "preemptions": engine.stats["preemptions"],
-            "max_batch": max(engine.batch_sizes, default=0), "phases": phases}  # fmt: skip
+            "max_batch": max(engine.batch_sizes, default=0), "phases": phases,
+            **ttft_parts(trace, firsts, [prefills.get(i) for i in ids])}  # fmt: skip
+
+
+def ttft_parts(trace: list[TraceRequest], firsts: list[float], prefills: list[tuple | None]) -> dict:
+    """Where time to first token goes: queued (arrival to the start of the prefill forward that took
+    the request), that forward, and the rest (the token's way to the client); and the slowest
+    requests, each with its prefill group (rows, width) and the rows already running."""
+    parts, slowest = {"queued": [], "prefill": [], "after": []}, []
+    for request, first, timing in zip(trace, firsts, prefills, strict=True):
+        if timing is None:  # its prefill ran alone after a group's failed: not split
+            continue
+        began, done, rows, width, running = timing
+        parts["queued"].append(began - request.arrival)
+        parts["prefill"].append(done - began)
+        parts["after"].append(first - done)
+        slowest.append({"ttft": first - request.arrival, "arrival": request.arrival, "queued": began - request.arrival,
+                        "prefill": done - began, "rows": rows, "width": width, "running": running})  # fmt: skip
+    slowest.sort(key=lambda s: -s["ttft"])
+    return {"ttft_parts_s": {k: percentiles(v) for k, v in parts.items()}, "slowest": slowest[:8]}
 
 
 def host_profiles(engine: Engine, trace: list[TraceRequest], top: int = 30) -> dict[str, list[dict]]:
@@ -175,7 +213,7 @@ def run_trace(
     from its wrapping)."""
     kv_cache_dtype = None if kv_dtype == "model" else kv_dtype
     with Engine(model, tokenizer, max_running=args.max_running, kv_cache_dtype=kv_cache_dtype,
-                async_scheduling=scheduling == "async") as engine:
+                async_scheduling=scheduling == "async", freeze_gc=True) as engine:
         capture_seconds = None
         if warm_up and args.capture_graphs and engine.cuda_graphs:
             started = time.perf_counter()
@@ -186,8 +224,11 @@ def run_trace(
             engine.stats.clear(), engine.batch_sizes.clear()
         before, graphs, compiles = model.memory_stats(), model.graph_stats(), compiled_variants()
         timing = common.timed_replays() if torch.cuda.is_available() else contextlib.nullcontext([])
-        with timing as replays:
+        allocations = cuda_allocations()
+        with timing as replays, common.gc_pauses() as gc_pauses:
             result = run_engine(engine, trace)
+        result["gc_pauses"] = gc_pauses
+        result["cuda_allocations"] = {k: v - allocations[k] for k, v in cuda_allocations().items()}
         after, graphs_after = model.memory_stats(), model.graph_stats()
         compiled = compiled_variants() - compiles  # inside the timed run
         result["triton_compiles"], result["triton_compiled"] = compiled.total(), dict(compiled)
@@ -203,6 +244,15 @@ def run_trace(
     result["residency"] = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
     result["graphs"] = {k: graphs_after.get(k, 0) - graphs.get(k, 0) for k in ("captures", "replays")}
     return result
+
+
+def cuda_allocations() -> dict[str, int]:
+    """The caching allocator's segments taken from the driver (cudaMalloc) and its retries after
+    freeing its cache, so far: what a run's difference names as a stall of its own."""
+    if not torch.cuda.is_available():
+        return {"segments": 0, "retries": 0}
+    stats = torch.cuda.memory_stats()
+    return {"segments": stats.get("segment.all.allocated", 0), "retries": stats.get("num_alloc_retries", 0)}
 
 
 def run_generate_each(model: MultiLoraModel, trace: list[TraceRequest], device: torch.device) -> dict:

@@ -166,6 +166,30 @@ def timed_replays() -> Iterator[list[tuple[torch.cuda.Event, torch.cuda.Event]]]
         torch.cuda.CUDAGraph.replay = replay
 
 
+@contextlib.contextmanager
+def gc_pauses() -> Iterator[dict[str, Any]]:
+    """Python's garbage collections in the block, from any thread: per generation, how many and
+    their total and longest seconds (a full collection stops every thread: a latency outlier)."""
+    pauses: dict[str, Any] = {}
+    started: list[float] = []
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            seconds = time.perf_counter() - started.pop()
+            entry = pauses.setdefault(f"generation {info['generation']}", {"count": 0, "seconds": 0.0, "longest": 0.0})
+            entry["count"] += 1
+            entry["seconds"] += seconds
+            entry["longest"] = max(entry["longest"], seconds)
+
+    gc.callbacks.append(note)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(note)
+
+
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
