@@ -42,7 +42,6 @@ stop Triton from pipelining them.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import os
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import BoundLaunch, pdl_supported
+from .launch import BoundLaunch, pdl_supported, shallow_copy
 
 LOCATION_FIELDS = 3  # a_offset, b_offset, rank
 RANK_TILE = 16  # tensor-core granularity of the rank dimension; compute rounds ranks up to this
@@ -472,7 +471,7 @@ class ShrinkCall:
     def variant(self, tile_locations: torch.Tensor) -> ShrinkCall:
         """This shrink for other slices of the same shape (another group of modules under the same
         plan, its locations per tile): prepared from this one, its compiled launch shared."""
-        clone = copy.copy(self)
+        clone = shallow_copy(self)
         if self._launch is not None:
             clone._launch = self._launch.variant(loc_ptr=tile_locations)
         return clone
@@ -564,7 +563,7 @@ class ExpandCall:
         """This expand from other shrink partials `v` and for another slice (its (locations, scales)
         per tile), each of the shape of the ones it replaces: prepared from this one, its compiled
         launch shared."""
-        clone = copy.copy(self)
+        clone = shallow_copy(self)
         if self._launch is not None:
             clone._launch = self._launch.variant(v_ptr=v, loc_ptr=tile_tables[0], scale_ptr=tile_tables[1])
         return clone
