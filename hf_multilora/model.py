@@ -8,10 +8,12 @@ of the model's unified page pool, which is created on the first call on the base
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import threading
 import unicodedata
+import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -99,7 +101,14 @@ class MultiLoraModel(torch.nn.Module):
         self._hook_epoch = 0  # bumped when a module gains or loses its LoRA forward (graphs depend on it)
         self._pool_size = self._checked_pool_size(pool_bytes, pool_fraction)
         self._runtime: LoraRuntime | None = None  # built on the first call, on the base's device
-        self._plan_hook = base_model.register_forward_pre_hook(self._plan_forward, with_kwargs=True)
+        # The base model's hook and LoRA forwards reach this model through a weak reference: a strong
+        # one from the base (a submodule of this model) would be a cycle, and a dropped model, its
+        # page pool included, would wait for Python's cyclic collector (forever where the heap is
+        # frozen, Engine(freeze_gc=True)) instead of going at once.
+        itself = weakref.ref(self)
+        self._runtime_of = lambda: getattr(itself(), "_runtime", None)
+        self._plan_hook = base_model.register_forward_pre_hook(functools.partial(_plan_forward_of, itself),
+                                                               with_kwargs=True)  # fmt: skip
         self._fusion = fusion.Fusion(base_model)  # RMSNorm and rotary as one launch each, on CUDA
 
     @classmethod
@@ -246,7 +255,7 @@ class MultiLoraModel(torch.nn.Module):
         for m in {self._module_index[n] for s in (old, new) if s is not None for n in s.modules}:
             if self._module_users[m] > 0 and m not in self._hooks:
                 module = self._modules_by_name[self._module_names[m]]
-                self._hooks[m] = add_lora_to_forward(module, m, lambda: self._runtime)
+                self._hooks[m] = add_lora_to_forward(module, m, self._runtime_of)
                 self._hook_epoch += 1
             elif self._module_users[m] == 0 and m in self._hooks:
                 self._hooks.pop(m)()
@@ -616,3 +625,10 @@ def _kv_block_elems(config: Any) -> int:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return 2 * KV_BLOCK_SIZE * kv_heads * head_dim
+
+
+def _plan_forward_of(model: weakref.ref[MultiLoraModel], module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """The base model's forward pre-hook: the MultiLoraModel's `_plan_forward`, while it lives."""
+    live = model()
+    if live is not None:
+        live._plan_forward(module, args, kwargs)

@@ -323,3 +323,31 @@ def test_generate_hands_over_the_cache_without_deprecation_warnings(llama_zoo):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         model.generate(prompts(2, 4, seed=31), adapter_ids=["qv_r4", None], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_a_dropped_model_frees_its_page_pool_without_the_cyclic_collector(llama_zoo, kernels, monkeypatch):
+    """`del model` must give back its pool (tens of GB on a GPU) at once, as for any PyTorch model: the
+    base model's planning hook, its LoRA forwards and the pool's reclaimer held the model, or its
+    adapter residency, strongly, and those cycles kept it until Python's cyclic collector ran (never,
+    where an engine froze the heap)."""
+    import gc
+    import weakref
+
+    from hf_multilora.serving import Engine, SamplingParams
+
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", kernels)
+    adapter = next(iter(llama_zoo.paths))
+    gc.collect()
+    gc.disable()
+    try:
+        model = MultiLoraModel.from_pretrained(llama_zoo.fresh_base(), adapters=llama_zoo.paths)
+        model.generate(torch.tensor([[5, 6, 7, 8]]), adapter_ids=[adapter], max_new_tokens=3, do_sample=False,
+                       pad_token_id=0)  # fmt: skip
+        with Engine(model) as engine:
+            engine.submit([5, 6, 7], adapter, SamplingParams(max_tokens=3, temperature=0)).result(timeout=60)
+        gone = [weakref.ref(model), weakref.ref(model.base_model), weakref.ref(model.page_pool().storage)]
+        del model, engine
+        assert [ref() is None for ref in gone] == [True, True, True]
+    finally:
+        gc.enable()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterable
 from typing import Protocol
@@ -62,7 +63,7 @@ class PagePool:
         self._free: list[int] = list(range(self.num_pages - 1, -1, -1))  # stack; pops lowest id first
         self._kind: list[str | None] = [None] * self.num_pages
         self._counts = dict.fromkeys(KINDS, 0)
-        self._reclaimer: Reclaimer | None = None
+        self._reclaimer: weakref.ref[Reclaimer] | None = None
         self._lock = threading.RLock()  # reentrant: reclaim() calls free() from inside allocate()
 
     @classmethod
@@ -97,9 +98,11 @@ class PagePool:
         return cls(num_pages, page_elems, dtype, device)
 
     def set_reclaimer(self, reclaimer: Reclaimer | None) -> None:
-        """Called when `allocate` finds too few free pages; None removes it."""
+        """Called when `allocate` finds too few free pages; None removes it. Held weakly: the
+        reclaimer (the adapter residency) holds the pool, and a strong reference back made a cycle
+        that kept a dropped model's pages in memory until Python's cyclic collector ran."""
         with self._lock:
-            self._reclaimer = reclaimer
+            self._reclaimer = weakref.ref(reclaimer) if reclaimer is not None else None
 
     def allocate(self, n: int, kind: str) -> list[int]:
         """Take `n` pages for `kind`, reclaiming first if needed; all or nothing."""
@@ -113,11 +116,12 @@ class PagePool:
             free = len(self._free)
             if n > free:
                 available = free
-                if self._reclaimer is not None:
-                    available += self._reclaimer.reclaimable_pages()
+                reclaimer = self._reclaimer() if self._reclaimer is not None else None
+                if reclaimer is not None:
+                    available += reclaimer.reclaimable_pages()
                 if n > available:
                     raise PoolExhaustedError(needed=n, available=available, kind=kind)
-                self._reclaimer.reclaim(n - free)  # type: ignore[union-attr]  # frees via self.free
+                reclaimer.reclaim(n - free)  # type: ignore[union-attr]  # frees via self.free
                 if n > len(self._free):
                     raise RuntimeError(
                         f"reclaimer promised {available - free} pages but only {len(self._free) - free} "
