@@ -159,7 +159,7 @@ def start_clients(endpoint, count, max_tokens):
 def test_a_replica_batches_more_than_ray_serves_default_of_5_requests(url):
     """Ray Serve hands a replica at most 5 requests at once unless told otherwise (and the router
     too): the engine would then never batch more than 5 rows, however many clients wait. Counted
-    in decode steps: 12 concurrent requests of 96 tokens take ~100 steps batched together, at least
+    in decode steps: 12 concurrent requests of 96 tokens take 95-100 steps batched together, at least
     12 x 96 / 5 = 230 five at a time. (Polling the running-rows gauge, published every 0.5 s, saw
     none of a run that took ~1 s on CI.)"""
     with deployed(url, "single", max_running=16) as single:
@@ -174,7 +174,8 @@ def test_a_replica_batches_more_than_ray_serves_default_of_5_requests(url):
             t.join()
         steps = decode_steps() - before
         assert [r.status_code for r in replies] == [200] * 12
-        assert 96 <= steps <= 12 * 96 / 8, f"{steps} decode steps for 12 concurrent requests of 96 tokens"
+        # each request's first token comes from its prefill: 95 steps when all 12 decode together
+        assert 95 <= steps <= 12 * 96 / 8, f"{steps} decode steps for 12 concurrent requests of 96 tokens"
 
 
 @pytest.mark.parametrize("name, value, lowest", [("max_running", 0, 1), ("max_waiting", 0, 1), ("max_routing", -1, 1),
