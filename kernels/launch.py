@@ -137,7 +137,7 @@ class BoundLaunch:
         same = True
         for name, tensor in tensors.items():
             i = launch.position.get(name, 0) - 1  # among the fixed arguments (the activation is not)
-            if i < 0 or not isinstance(fixed[i], torch.Tensor) or not isinstance(tensor, torch.Tensor):
+            if not 0 <= i < len(fixed) or not isinstance(fixed[i], torch.Tensor) or not isinstance(tensor, torch.Tensor):
                 raise ValueError(f"{self._fn.__name__}: {name!r} is not one of its fixed tensor arguments")
             old = fixed[i]
             if (tensor.device, tensor.shape, tensor.stride()) != (old.device, old.shape, old.stride()):

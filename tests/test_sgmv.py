@@ -409,3 +409,6 @@ def test_a_variant_shares_compiled_launchers_only_where_triton_would_compile_the
         launch.variant(num_tiles=torch.zeros(1, device=DEVICE))
     with pytest.raises(ValueError, match="not one of its fixed tensor arguments"):
         launch.variant(y_ptr=y)  # the activation is given per call
+    for constexpr in ("BLOCK_M", "no_such_argument"):
+        with pytest.raises(ValueError, match="not one of its fixed tensor arguments"):
+            launch.variant(**{constexpr: torch.zeros(1, device=DEVICE)})
