@@ -256,11 +256,13 @@ class Engine:
             discard = self._cache.hold_discard()
             try:
                 device = self._pool.storage.device
-                for adapter, width, rows in itertools.product(dict.fromkeys(adapters), widths, buckets):
-                    padding = RowKV(self._cache.num_layers, block)
-                    padding.table = torch.full((self._cache.num_layers, width), discard,
-                                               dtype=torch.int32)  # fmt: skip
+                paddings = {}  # table width -> a row whose pages are all the padding page
+                for width in widths:
+                    padding = paddings[width] = RowKV(self._cache.num_layers, block)
+                    padding.table = torch.full((self._cache.num_layers, width), discard, dtype=torch.int32)
                     padding.length = width * block - 1
+                for adapter, width, rows in itertools.product(dict.fromkeys(adapters), widths, buckets):
+                    padding = paddings[width]
                     self._forward_rows([padding] * rows, [adapter] * rows,
                                        torch.zeros(rows, 1, dtype=torch.int64, device=device),
                                        [[padding.length]] * rows, graphs=True)  # fmt: skip
