@@ -862,8 +862,8 @@ class PagedCache(Cache):
             return self.pool.storage, regions, self.pool.page_elems
         tokens, codes = layout.tokens, layout.code_bytes
         regions = [SlotRegion(start, codes, tokens * codes, codes) for start in (layout.k_codes, layout.v_codes)]
-        metas = (layout.k_scale, layout.v_scale, layout.k_min, layout.v_min)
-        regions += [SlotRegion(start, 2, tokens * 2, 2) for start in metas if start >= 0]
+        meta = layout.meta_bytes  # every scale and minimum of a (token, head), together from k_scale on
+        regions.append(SlotRegion(layout.k_scale, meta, tokens * meta, meta))
         return self.pool.storage.view(torch.uint8), regions, layout.page_bytes
 
     def kept_positions(self, layer_idx: int) -> torch.Tensor:

@@ -54,7 +54,7 @@ def _layout_args(layout: KvLayout) -> dict:
     return dict(
         TOKENS=layout.tokens, CODE_BYTES=layout.code_bytes, K_CODES=layout.k_codes, V_CODES=layout.v_codes,
         K_SCALE=layout.k_scale, V_SCALE=layout.v_scale, K_MIN=max(layout.k_min, 0), V_MIN=max(layout.v_min, 0),
-        INT4=layout.kv_dtype == "int4",
+        META_BYTES=layout.meta_bytes, INT4=layout.kv_dtype == "int4",
     )  # fmt: skip
 
 
@@ -69,6 +69,7 @@ def _store_quantized(
     SCALE_AT: tl.constexpr,
     MIN_AT: tl.constexpr,
     CODE_BYTES: tl.constexpr,
+    META_BYTES: tl.constexpr,
     INT4: tl.constexpr,
     BLOCK_C: tl.constexpr,  # >= CODE_BYTES
 ):
@@ -76,7 +77,7 @@ def _store_quantized(
     offs = tl.arange(0, BLOCK_C)
     ok = t_ok[:, None] & (offs < CODE_BYTES)[None, :]
     codes = base[:, None] + CODES_AT + (cell * CODE_BYTES)[:, None] + offs[None, :]
-    scale_ptr = (base + SCALE_AT + cell * 2).to(tl.pointer_type(tl.float16))
+    scale_ptr = (base + SCALE_AT + cell * META_BYTES).to(tl.pointer_type(tl.float16))
     if INT4:  # byte d: dims d (low nibble) and d + CODE_BYTES
         lo = tl.load(src[:, None] + offs[None, :] * s_d, mask=ok, other=0.0).to(tl.float32)
         hi = tl.load(src[:, None] + (offs[None, :] + CODE_BYTES) * s_d, mask=ok, other=0.0).to(tl.float32)
@@ -93,7 +94,7 @@ def _store_quantized(
         level_lo = tl.minimum(tl.maximum((level_lo + 12582912.0) - 12582912.0, 0.0), 15.0).to(tl.uint8)
         level_hi = tl.minimum(tl.maximum((level_hi + 12582912.0) - 12582912.0, 0.0), 15.0).to(tl.uint8)
         tl.store(codes, level_lo | (level_hi << 4), mask=ok)
-        tl.store((base + MIN_AT + cell * 2).to(tl.pointer_type(tl.float16)), low16, mask=t_ok)
+        tl.store((base + MIN_AT + cell * META_BYTES).to(tl.pointer_type(tl.float16)), low16, mask=t_ok)
     else:
         x = tl.load(src[:, None] + offs[None, :] * s_d, mask=ok, other=0.0).to(tl.float32)
         scale16 = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 448.0).to(tl.float16)
@@ -128,6 +129,7 @@ def _write_kv_quant_kernel(
     V_SCALE: tl.constexpr,
     K_MIN: tl.constexpr,
     V_MIN: tl.constexpr,
+    META_BYTES: tl.constexpr,
     INT4: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,  # tokens per program
@@ -142,9 +144,9 @@ def _write_kv_quant_kernel(
     base = data_ptr + page * page_bytes
     cell = head * TOKENS + pos % TOKENS
     _store_quantized(base, k_ptr + b * k_sb + t * k_st + head * k_sh, k_sd, cell, t_ok, K_CODES, K_SCALE, K_MIN,
-                     CODE_BYTES, INT4, BLOCK_C)  # fmt: skip
+                     CODE_BYTES, META_BYTES, INT4, BLOCK_C)  # fmt: skip
     _store_quantized(base, v_ptr + b * v_sb + t * v_st + head * v_sh, v_sd, cell, t_ok, V_CODES, V_SCALE, V_MIN,
-                     CODE_BYTES, INT4, BLOCK_C)  # fmt: skip
+                     CODE_BYTES, META_BYTES, INT4, BLOCK_C)  # fmt: skip
 
 
 # Tokens per program of the write: one token of one head (64 or 128 bytes of codes) per program
@@ -194,9 +196,18 @@ def _code_tile(
 
 
 @triton.jit
-def _meta(base, cell, k_ok, AT: tl.constexpr):
-    """The fp16 scale (or min) [BLOCK_N] of each key, in fp32."""
-    return tl.load((base + AT + cell * 2).to(tl.pointer_type(tl.float16)), mask=k_ok, other=0.0).to(tl.float32)
+def _meta_word(base, cell, k_ok, AT: tl.constexpr, META_BYTES: tl.constexpr):
+    """All fp16 metadata of each key [BLOCK_N], as one int64 (INT4) or int32 (FP8): a load of >= 4
+    bytes, which Triton's pipeliner prefetches with the codes (2-byte gathers it leaves in the loop)."""
+    word = tl.int64 if META_BYTES == 8 else tl.int32
+    return tl.load((base + AT + cell * META_BYTES).to(tl.pointer_type(word)), mask=k_ok, other=0)
+
+
+@triton.jit
+def _meta(word, AT: tl.constexpr, FIRST: tl.constexpr):
+    """The fp16 at byte AT of each key's metadata word (whose first fp16 is at byte FIRST), in fp32."""
+    bits = (word >> (8 * (AT - FIRST))) & 0xFFFF
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 # Codes become dot operands by moving bits instead of converting (bf16 on a GPU; `_by_bits`):
@@ -313,6 +324,7 @@ def _quant_attention_kernel(
     V_SCALE: tl.constexpr,
     K_MIN: tl.constexpr,
     V_MIN: tl.constexpr,
+    META_BYTES: tl.constexpr,
     INT4: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
@@ -324,6 +336,7 @@ def _quant_attention_kernel(
     STORE_LOGITS: tl.constexpr,  # decode only (q_len 1)
     BY_BITS: tl.constexpr,  # unpack codes by moving bits (bf16 on a GPU), not by conversions
     NEW_N: tl.constexpr,  # keys per tile of this forward's own tokens
+    ONE_QUERY: tl.constexpr,  # q_len == 1 (decode), compiled in as the constant
 ):  # fmt: skip
     """The codes go into the dot products as they are (INT4 levels and e4m3 values are exact in
     fp16/bf16) and the affine terms come out: a key's score is scale * (q . levels) + min * sum(q),
@@ -332,6 +345,8 @@ def _quant_attention_kernel(
     INT4 levels arrive as INT4_OFFSET + level: the offset's share, offset * scale * sum(q) and
     offset * sum(p * scale), is taken out with the min terms. FP8 by bits arrives as value * 2**-120:
     q and p * scale go in 2**64 larger (_FP8_IN) and the sums come out 2**56 larger (_FP8_OUT)."""
+    if ONE_QUERY:  # q_len is not specialized (kernels/launch.py); decode still gets its constant (-6%)
+        q_len = 1
     b = tl.program_id(0) // KV_HEADS
     kv_head = tl.program_id(0) % KV_HEADS
     b64 = b.to(tl.int64)
@@ -379,11 +394,12 @@ def _quant_attention_kernel(
         base = data_ptr + page * page_bytes
         cell = kv_head * TOKENS + k_pos % TOKENS
         k_codes = _code_tile(base, cell, offs_h, k_ok, h_ok, K_CODES, CODE_BYTES)
-        k_scale = _meta(base, cell, k_ok, K_SCALE)
+        meta = _meta_word(base, cell, k_ok, K_SCALE, META_BYTES)
+        k_scale = _meta(meta, K_SCALE, K_SCALE)
         if INT4:
             k_lo, k_hi = _int4_levels(k_codes, q_a.dtype, BY_BITS)
             s = _dot(q_a, tl.trans(k_lo), DOT_IN_FP32) + _dot(q_b, tl.trans(k_hi), DOT_IN_FP32)
-            k_min = _meta(base, cell, k_ok, K_MIN) - INT4_OFFSET * k_scale
+            k_min = _meta(meta, K_MIN, K_SCALE) - INT4_OFFSET * k_scale
             s = s * k_scale[None, :] + q_sum[:, None] * k_min[None, :]
         else:
             s = _dot(q_keys, tl.trans(_fp8_values(k_codes, q_a.dtype, BY_BITS)), DOT_IN_FP32)
@@ -400,10 +416,10 @@ def _quant_attention_kernel(
                      mask=row_ok[:, None] & k_ok[None, :])  # fmt: skip
         m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s)
         v_codes = _code_tile(base, cell, offs_h, k_ok, h_ok, V_CODES, CODE_BYTES)
-        p_scaled = (p * (_meta(base, cell, k_ok, V_SCALE) * p_up)[None, :]).to(q_a.dtype)
+        p_scaled = (p * (_meta(meta, V_SCALE, K_SCALE) * p_up)[None, :]).to(q_a.dtype)
         if INT4:
             v_lo, v_hi = _int4_levels(v_codes, q_a.dtype, BY_BITS)
-            p_min = tl.sum(p * _meta(base, cell, k_ok, V_MIN)[None, :], axis=1)
+            p_min = tl.sum(p * _meta(meta, V_MIN, K_SCALE)[None, :], axis=1)
             p_min = (p_min - INT4_OFFSET * tl.sum(p_scaled.to(tl.float32), axis=1))[:, None]  # the rounded p * scale
             acc_a = acc_a * alpha[:, None] + _dot(p_scaled, v_lo, DOT_IN_FP32) + p_min
             acc_b = acc_b * alpha[:, None] + _dot(p_scaled, v_hi, DOT_IN_FP32) + p_min
@@ -558,7 +574,7 @@ def paged_attention_quant(
         **_layout_args(layout), HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
         DOT_IN_FP32=_dot_in_fp32(q.dtype), SPLIT=num_splits > 1, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), STORE_LOGITS=logits is not None, BY_BITS=_by_bits(q),
-        NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))),
+        NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))), ONE_QUERY=q_len == 1,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
     if num_splits > 1:

@@ -29,17 +29,17 @@ def test_llama_pages_hold_more_tokens(kv_dtype, tokens):
     layout = KvLayout.of(kv_dtype, 32, 128, LLAMA_7B_PAGE)
     assert layout.tokens == tokens
     assert layout.tokens / 16 >= {"fp8": 1.9, "int4": 3.7}[kv_dtype]
-    regions = [layout.k_codes, layout.v_codes, layout.k_scale, layout.v_scale, layout.k_min, layout.v_min]
-    regions = [r for r in regions if r >= 0]
-    assert all(r % 16 == 0 for r in regions) and regions == sorted(regions)
-    meta = 32 * tokens * 2
-    end = regions[-1] + meta
-    assert end <= LLAMA_7B_PAGE
-    assert layout.v_codes - layout.k_codes >= 32 * tokens * layout.code_bytes  # regions do not overlap
+    codes = 32 * tokens * layout.code_bytes
+    assert (layout.k_codes, layout.v_codes) == (0, -(-codes // 16) * 16) and layout.k_scale >= layout.v_codes + codes
+    assert layout.k_scale % 16 == 0  # codes and metadata regions start 16-byte aligned
+    # a cell's metadata lies together: K scale first, then (INT4) K min, V scale, V min, 2 bytes each
+    metas = [layout.k_scale, layout.k_min, layout.v_scale, layout.v_min] if kv_dtype == "int4" else [layout.k_scale, layout.v_scale]
+    assert metas == [layout.k_scale + 2 * i for i in range(len(metas))] and layout.meta_bytes == 2 * len(metas)
+    assert layout.k_scale + 32 * tokens * layout.meta_bytes <= LLAMA_7B_PAGE
     assert KvLayout._bytes(kv_dtype, 32, layout.code_bytes, tokens + 1) > LLAMA_7B_PAGE  # one more would not fit
-    # what one token takes: its K and V codes and metadata in every region, alignment aside
-    assert layout.token_bytes == 32 * (2 * layout.code_bytes + len(regions[2:]) * 2)
-    assert layout.token_bytes * tokens <= LLAMA_7B_PAGE < layout.token_bytes * (tokens + 1) + 6 * 16
+    # what one token takes: its K and V codes and metadata, alignment aside
+    assert layout.token_bytes == 32 * (2 * layout.code_bytes + layout.meta_bytes)
+    assert layout.token_bytes * tokens <= LLAMA_7B_PAGE < layout.token_bytes * (tokens + 1) + 3 * 16
     with pytest.raises(ValueError, match="cannot hold one"):
         KvLayout.of(kv_dtype, 32, 128, 64)
 
