@@ -495,12 +495,19 @@ def _quant_tiles(q_len: int, group: int, head_dim: int, layout: KvLayout, masked
     scheduler, DRAM 27% busy; capped, four fit): int4 227 -> 191 us, fp8 263 -> 243; caps of 112
     and below spill and were slower. Under the cap, storing the decode token in this launch spilled
     (int4 215 us against 191 + 7 for attention and a write launch), so the write has its own launch.
-    Page-aligned tiles and a prefetch by hand were slower."""
+    Page-aligned tiles and a prefetch by hand were slower. Once the metadata loads were pipelined
+    (2026-12-02), INT4 without a key mask gained again from one warp per program, 64-key tiles and no
+    cap (173 -> 163 us at 4096 keys, 638 -> 609 at 16384; not profiled: probably the softmax row
+    reductions, which cross warps through shared memory with four); 2 warps, 8 warps, 3 stages, and
+    the same for FP8 were slower."""
     block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, _next_power_of_2(layout.tokens))
     if not decode_tile(q_len, group):
         return _QuantTiles(block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS, None)
-    block_n = 64 if masked and layout.kv_dtype == "int4" else 128
-    return _QuantTiles(block_m, block_n, 4, 2, 4 * _TARGET_PROGRAMS, 128)
+    if layout.kv_dtype == "fp8":
+        return _QuantTiles(block_m, 128, 4, 2, 4 * _TARGET_PROGRAMS, 128)
+    if masked:
+        return _QuantTiles(block_m, 64, 4, 2, 4 * _TARGET_PROGRAMS, 128)
+    return _QuantTiles(block_m, 64, 1, 2, 4 * _TARGET_PROGRAMS, None)
 
 
 def _by_bits(q: torch.Tensor) -> bool:
