@@ -25,11 +25,12 @@
    taken in turn on one prompt, so both meet the host in the same state (see `lockstep`); paged
    tok/s / dynamic tok/s per round, median over rounds.
 4. `--kv-dtypes bf16,fp8,int4` (with `--kv-batch`, `--kv-contexts`): the decode attention of one
-   Llama-2-7B layer (32 heads x 128, pages of 256 KiB) per KV dtype, in interleaved rounds (CUDA
-   events, median): bf16 through `PagedDecode` (stores the new token and attends), fp8 / int4
-   through `paged_attention_quant`, the new token stored as PagedCache stores it (`write_kv_quant`
-   first). Reports
-   microseconds, the KV bytes read per call / time, and the speed-up over bf16.
+   Llama-2-7B layer (32 heads x 128, pages of 256 KiB) per KV dtype: bf16 through `PagedDecode`
+   (stores the new token and attends), fp8 / int4 through `paged_attention_quant`, the new token
+   stored as PagedCache stores it (`write_kv_quant` first). Each dtype's 20 calls are one CUDA graph,
+   as decode steps run (eager calls were host-bound at 1k keys), replayed in interleaved rounds whose
+   order rotates (CUDA events, the median after a warm-up round). Reports microseconds per call, the
+   KV bytes read per call / time, and the speed-up over bf16.
 5. `--profile`: per decode step and cache, GPU time per kernel and the busiest host ops (profiles
    of 1 and of 1 + N new tokens, differenced), to tell a GPU-bound step from a host-bound one.
 """
@@ -398,6 +399,26 @@ def capacity(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
     return results
 
 
+_GRAPH_CALLS = 20  # calls of one KV dtype's attention per CUDA graph (section 4)
+
+
+def _graph_of(call: Any, calls: int) -> torch.cuda.CUDAGraph:
+    """`calls` calls of `call` in one CUDA graph, captured after an eager call (it compiles) and one on
+    a side stream, as torch's capture wants."""
+    call()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    return graph
+
+
 def kv_dtype_kernels(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """Section 4 of the module doc."""
     from hf_multilora.kernels.kv_quant import KvLayout
@@ -438,16 +459,17 @@ def kv_dtype_kernels(args: argparse.Namespace, device: torch.device) -> list[dic
 
                 calls[kv_dtype] = call
                 bytes_read[kv_dtype] = batch * context * layout.token_bytes
+        graphs = {name: _graph_of(call, _GRAPH_CALLS) for name, call in calls.items()}
         times: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(args.repeats + 1):  # the first round warms up (compiles)
-            for name, call in calls.items():
+        for turn in range(args.repeats + 1):  # the first round warms up
+            names = list(graphs)
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                for _ in range(20):
-                    call()
+                graphs[name].replay()
                 end.record()
                 torch.cuda.synchronize(device)
-                times[name].append(start.elapsed_time(end) * 1000 / 20)
+                times[name].append(start.elapsed_time(end) * 1000 / _GRAPH_CALLS)
         for name, samples in times.items():
             us = sorted(samples[1:])[len(samples[1:]) // 2]
             base = sorted(times["bf16"][1:])[len(samples[1:]) // 2] if "bf16" in times else None
