@@ -305,9 +305,9 @@ def _combine_splits_kernel(
     """One (row, query, head): out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp2(m_s - max m).
     Empty splits carry (m=-1e30, l=0, acc=0) and weigh nothing; all empty gives zeros. Splits past
     `num_splits` are masked: loads that fetch nothing, weighing nothing. The partials are summed
-    CHUNK splits a load, as many loads as the split count needs: one masked load of all MAX_SPLITS
-    rows ran the instructions of 16 splits for 4 (suspected in the quantized decode's ~4% loss at
-    16 x 4096, where it splits 4 ways and bf16 does not split; not measured alone)."""
+    CHUNK splits a load, as many loads as the split count needs, not in one masked load of all
+    MAX_SPLITS rows (which ran the instructions of 16 splits for 4; on an H200 the two measured the
+    same for the quantized decode at 16 x 4096, 4 splits)."""
     CHUNK: tl.constexpr = 4
     row = tl.program_id(0).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
