@@ -20,7 +20,9 @@ length, table width, tile count) and pointers into per-forward tables took new c
 every new prefill shape: a 7B serving trace at 14 requests/s compiled 16-28 kernels inside its timed
 run (H200, 2026-12-02). Kernels list such arguments in `do_not_specialize` and
 `do_not_specialize_on_alignment`. Only the SGMV workspace strides take part in vectorized accesses
-(rows of rank x fp32 per token), the rest are scalar loads and loop bounds.
+(rows of rank x fp32 per token), the rest are scalar loads and loop bounds. Where a value matters to
+the code, a constexpr of few values keeps it: the quantized decode attention lost 6% without
+`q_len == 1` compiled in, and now takes it as `ONE_QUERY`.
 """
 
 from __future__ import annotations
