@@ -231,6 +231,8 @@ class SpecializedLaunch:
 
     def _key(self, args: Sequence[Any], constexprs: dict[str, Any], num_warps: int, num_stages: int, pdl: bool) -> tuple:
         fixed = [constexprs[name] for name in self.arg_names[len(args) :]]  # constexprs by value
+        # `_specialization`, its tensor case inlined: this runs for every argument of every launch
+        # that is not prepared (~190 variants a prefill at 7B)
         specialization = [(value.dtype, align and value.data_ptr() % 16 == 0) if type(value) is torch.Tensor
                           else _specialization(value, specialize, align)
                           for value, (specialize, align) in zip(args, self._flags, strict=False)]  # fmt: skip
