@@ -205,19 +205,26 @@ def test_serve_refuses_no_routers_before_starting_ray(capsys):
 def test_overload_beyond_the_replicas_and_the_routing_queue_is_answered_503_with_retry_after(url):
     """A replica holds max_running + max_waiting requests and max_routing more wait in the router;
     past that a client hears 503 with Retry-After at once (not a request stuck in Ray's proxy), the
-    router still answers /health, and the deployment serves normally once the load is gone. The
-    routing slot is not counted on: in a burst, Ray's handle counts a request still being assigned
-    to the replica as queued, so the burst can find the router's queue full (CI, 2 cores: 2 of 8
-    served once, 3 usually)."""
+    router still answers /health, and the deployment serves normally once the load is gone. A first
+    request, streamed, is on the replica (its response has begun) before a burst of 7 comes: the
+    burst then finds the waiting slot free, and one of it is served. The routing slot is not counted
+    on: in a burst, Ray's handle counts a request still being assigned to the replica as queued, so
+    the burst can find the router's queue full (CI, 2 cores: 2 of 8 served once, 3 usually; sent as
+    one burst of 8, once only 1, the rest counted as queued behind the first's assignment)."""
     with deployed(url, "tight", max_running=1, max_waiting=1, max_routing=1) as tight:
-        threads, replies = start_clients(tight, 8, max_tokens=48)
-        assert httpx.get(f"{tight}/health", timeout=30).status_code == 200
+        first = {**UPPER, "max_tokens": 48, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{tight}/v1/completions", json=first, timeout=120) as running:
+            assert running.status_code == 200  # submitted to the replica's engine
+            threads, replies = start_clients(tight, 7, max_tokens=48)
+            assert httpx.get(f"{tight}/health", timeout=30).status_code == 200
+            events = [line.removeprefix("data: ") for line in running.iter_lines() if line.startswith("data: ")]
         for t in threads:
             t.join()
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 48
         refused = [r for r in replies if r.status_code == 503]
         served = [r for r in replies if r.status_code == 200]
-        assert len(refused) + len(served) == 8, [r.status_code for r in replies]
-        assert refused and len(served) >= 2, [r.status_code for r in replies]  # 1 running, 1 waiting
+        assert len(refused) + len(served) == 7, [r.status_code for r in replies]
+        assert refused and 1 + len(served) >= 2, [r.status_code for r in replies]  # 1 running, 1 waiting
         assert all(r.headers.get("retry-after") for r in refused)
         assert all(r.json()["error"]["type"] == "overloaded_error" for r in refused)
         assert all(r.json()["usage"]["completion_tokens"] == 48 for r in served)
