@@ -1,6 +1,7 @@
 """The engine on Ray Serve: 2 CPU replicas of the demo model behind the Router, driven by the
 official `openai` client (skipped where Ray Serve is not installed: pip install 'hf_multilora[ray]')."""
 
+import asyncio
 import collections
 import contextlib
 import json
@@ -8,6 +9,7 @@ import re
 import socket
 import threading
 import time
+import types
 
 import httpx
 import pytest
@@ -229,6 +231,64 @@ def test_overload_beyond_the_replicas_and_the_routing_queue_is_answered_503_with
         assert all(r.json()["error"]["type"] == "overloaded_error" for r in refused)
         assert all(r.json()["usage"]["completion_tokens"] == 48 for r in served)
         httpx.post(f"{tight}/v1/completions", json={**UPPER, "max_tokens": 48}, timeout=120).raise_for_status()
+
+
+def affinity_router(slack):
+    """An AdapterAffinityRouter outside Ray Serve, with replicas "a" (holds "upper") and "b"."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+    from ray.serve.request_router import ReplicaID
+
+    from hf_multilora.serving.ray_router import AdapterAffinityRouter
+
+    deployment = DeploymentID(name="Replica", app_name="unit")
+    router = AdapterAffinityRouter(deployment_id=deployment, handle_source=DeploymentHandleSource.UNKNOWN,
+                                   use_replica_queue_len_cache=True)  # fmt: skip
+    router.initialize_state(slack=slack)
+    replicas = [types.SimpleNamespace(replica_id=ReplicaID(name, deployment), multiplexed_model_ids=held,
+                                      max_ongoing_requests=32) for name, held in (("a", {"upper"}), ("b", set()))]  # fmt: skip
+    return router, replicas
+
+
+def choose(router, replicas, request_id, adapter="upper"):
+    """(the replica's name, the pending request) for one routing decision."""
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    async def decide():
+        metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id, multiplexed_model_id=adapter)
+        pending = PendingRequest(args=[], kwargs={}, metadata=metadata)
+        ranks = await router.choose_replicas(replicas, pending)
+        assert len(ranks) == 1 and len(ranks[0]) == 1  # one rank of one replica: the count is exact
+        return ranks[0][0].replica_id.unique_id, pending
+
+    return asyncio.run(decide())
+
+
+def test_the_router_counts_the_requests_it_assigned_before_any_replica_reports():
+    """Ray's routing task makes many decisions from one snapshot of its queue-length cache before
+    any request is sent: routed by that cache alone, all 24 of a burst went to the holder "a"."""
+    router, replicas = affinity_router(slack=2)
+    picks = [choose(router, replicas, str(i))[0] for i in range(24)]
+    assert picks[:4] == ["a", "a", "a", "b"]  # the holder until it is 3 > 0 + slack ahead
+    assert collections.Counter(picks) == {"a": 13, "b": 11}
+
+
+def test_the_router_forgets_requests_done_or_abandoned_and_heeds_larger_reports():
+    router, replicas = affinity_router(slack=0)
+    a, b = (r.replica_id for r in replicas)
+    assert choose(router, replicas, "1")[0] == "a"
+    router.on_request_completed(b, "1")  # refused by another replica: not this assignment
+    assert choose(router, replicas, "2")[0] == "b"
+    assert choose(router, replicas, "3")[0] == "a"  # a and b carry one each; a holds the adapter
+    router.on_request_completed(a, "1")
+    router.on_request_completed(a, "3")
+    assert router.load(replicas) == {a: 0, b: 1}
+    _, abandoned = choose(router, replicas, "4")
+    abandoned.future.cancel()  # the client left before the request was sent: never reported done
+    assert router.load(replicas) == {a: 0, b: 1}
+    router.on_new_queue_len_info(a, 5)  # a replica's own count includes other routers' requests
+    assert router.load(replicas) == {a: 5, b: 1}
+    assert choose(router, replicas, "5", adapter="")[0] == "b"
 
 
 def test_a_burst_for_one_adapter_is_spread_over_both_replicas(url):

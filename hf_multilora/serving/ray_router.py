@@ -10,37 +10,69 @@ replica costs its throughput. So the adapter's holders are preferred only while 
 within `slack` requests of the least loaded replica's (Ray LLM's PrefixCacheAffinityRouter treats
 prefixes the same way, with its `imbalanced_threshold`).
 
-Queue lengths are the router's cache, which Ray keeps as it sends requests and hears back from
-replicas (the same numbers its own power-of-two choice reads); Ray then probes the chosen rank and
-takes its shortest queue that accepts.
+A replica's load is the larger of two counts. Ray's queue-length cache holds what replicas last
+reported (it sees every router's requests) but lags a burst: Ray's routing task decides request
+after request from one snapshot before any of them is sent, and each acceptance resets the count to
+the replica's own, which misses requests still on their way (CI, 2 cores: a burst of 24 split
+3 / 21). So the router also counts the requests it assigned itself, from the decision until Ray
+reports the request done: each decision names one replica (one rank), so the count is exact.
 """
 
 from __future__ import annotations
 
-from ray.serve.request_router import FIFOMixin, MultiplexMixin, PendingRequest, RequestRouter, RunningReplica
+import collections
+
+from ray.serve.request_router import (
+    FIFOMixin,
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 
 class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     def initialize_state(self, slack: int = 8) -> None:
         self.slack = slack
+        self.assigned: dict[
+            str, tuple[ReplicaID, PendingRequest]
+        ] = {}  # internal request id -> (replica, request)
+
+    def load(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
+        """Requests at each replica: what it last reported (Ray's cache) or what this router
+        assigned it and has not heard back about, whichever is more."""
+        # a request abandoned before it was sent (client gone) never reports back
+        self.assigned = {
+            key: (replica, pr) for key, (replica, pr) in self.assigned.items() if not pr.future.cancelled()
+        }
+        mine = collections.Counter(replica for replica, _ in self.assigned.values())
+        cache = self._replica_queue_len_cache
+        return {r.replica_id: max(cache.get(r.replica_id) or 0, mine[r.replica_id]) for r in replicas}
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        """Ranks to try in turn: the adapter's holders within `slack` of the least load (if any),
-        then every replica, the least loaded first."""
-        load = {r.replica_id: self._replica_queue_len_cache.get(r.replica_id) or 0 for r in candidate_replicas}
-        lightest = sorted(candidate_replicas, key=lambda r: load[r.replica_id])
-        if not lightest:
+        """One rank of one replica: the least loaded of the adapter's holders within `slack` of the
+        least load, else the least loaded replica. A replica Ray finds full sends the request back
+        here, after a backoff."""
+        if not candidate_replicas:
             return []
-        ranks = []
-        adapter = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
-        if adapter:
-            bound = load[lightest[0].replica_id] + self.slack
-            holders = [r for r in lightest if adapter in r.multiplexed_model_ids and load[r.replica_id] <= bound]
-            if holders:
-                ranks.append(holders)
-        ranks.append(lightest)
-        if pending_request is not None:  # every replica was offered: wait before the next try
+        load = self.load(candidate_replicas)
+        lightest = sorted(candidate_replicas, key=lambda r: load[r.replica_id])
+        chosen = lightest[0]
+        if pending_request is not None:
+            adapter = pending_request.metadata.multiplexed_model_id
+            bound = load[chosen.replica_id] + self.slack
+            holders = [r for r in lightest if adapter and adapter in r.multiplexed_model_ids]
+            if holders and load[holders[0].replica_id] <= bound:
+                chosen = holders[0]
+            self.assigned[pending_request.metadata.internal_request_id] = (chosen.replica_id, pending_request)
             pending_request.routing_context.should_backoff = True
-        return ranks
+        return [[chosen]]
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        """Ray calls this once a request sent to `replica_id` is done (answered, failed, refused as
+        full, or cancelled)."""
+        if self.assigned.get(internal_request_id, (None,))[0] == replica_id:
+            del self.assigned[internal_request_id]
