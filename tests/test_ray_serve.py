@@ -291,6 +291,18 @@ def test_the_router_forgets_requests_done_or_abandoned_and_heeds_larger_reports(
     assert choose(router, replicas, "5", adapter="")[0] == "b"
 
 
+def test_the_router_passes_over_a_full_holder_however_large_the_slack():
+    """Ray offered only the chosen replica: a full holder would hold the request in backoff while
+    the other replica has room."""
+    router, replicas = affinity_router(slack=100)
+    a, b = (r.replica_id for r in replicas)
+    router.on_new_queue_len_info(a, 32)  # max_ongoing_requests
+    router.on_new_queue_len_info(b, 31)
+    assert choose(router, replicas, "1")[0] == "b"
+    router.on_new_queue_len_info(b, 32)  # it took that request
+    assert choose(router, replicas, "2")[0] == "a"  # none has room: the holder, for Ray to probe
+
+
 def test_a_burst_for_one_adapter_is_spread_over_both_replicas(url):
     """Ray's multiplexed routing alone sends an adapter's requests to the replica holding it until
     that one is full (here 5 x max_running = 80 requests): the whole burst of 24 would queue there

@@ -35,17 +35,13 @@ from ray.serve.request_router import (
 class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     def initialize_state(self, slack: int = 8) -> None:
         self.slack = slack
-        self.assigned: dict[
-            str, tuple[ReplicaID, PendingRequest]
-        ] = {}  # internal request id -> (replica, request)
+        self.assigned: dict[str, tuple[ReplicaID, PendingRequest]] = {}  # internal request id -> both
 
     def load(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
         """Requests at each replica: what it last reported (Ray's cache) or what this router
         assigned it and has not heard back about, whichever is more."""
         # a request abandoned before it was sent (client gone) never reports back
-        self.assigned = {
-            key: (replica, pr) for key, (replica, pr) in self.assigned.items() if not pr.future.cancelled()
-        }
+        self.assigned = {key: sent for key, sent in self.assigned.items() if not sent[1].future.cancelled()}
         mine = collections.Counter(replica for replica, _ in self.assigned.values())
         cache = self._replica_queue_len_cache
         return {r.replica_id: max(cache.get(r.replica_id) or 0, mine[r.replica_id]) for r in replicas}
@@ -53,19 +49,19 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        """One rank of one replica: the least loaded of the adapter's holders within `slack` of the
-        least load, else the least loaded replica. A replica Ray finds full sends the request back
-        here, after a backoff."""
-        if not candidate_replicas:
-            return []
+        """One rank of one replica with room (any, when none has): the least loaded of the adapter's
+        holders within `slack` of the least load, else the least loaded replica. A replica Ray then
+        finds full sends the request back here, after a backoff."""
         load = self.load(candidate_replicas)
         lightest = sorted(candidate_replicas, key=lambda r: load[r.replica_id])
+        lightest = [r for r in lightest if load[r.replica_id] < r.max_ongoing_requests] or lightest
+        if not lightest:
+            return []
         chosen = lightest[0]
         if pending_request is not None:
             adapter = pending_request.metadata.multiplexed_model_id
-            bound = load[chosen.replica_id] + self.slack
             holders = [r for r in lightest if adapter and adapter in r.multiplexed_model_ids]
-            if holders and load[holders[0].replica_id] <= bound:
+            if holders and load[holders[0].replica_id] <= load[chosen.replica_id] + self.slack:
                 chosen = holders[0]
             self.assigned[pending_request.metadata.internal_request_id] = (chosen.replica_id, pending_request)
             pending_request.routing_context.should_backoff = True
