@@ -16,10 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from helpers import free_port
+from helpers import GREEDY, SAMPLED, direct_texts, free_port, make_playground
 from hf_multilora.app import ui
 from hf_multilora.app.service import BASE_CHOICE, Settings
-from test_app_service import GREEDY, SAMPLED, direct_texts, make_playground
 
 PAGE_BYTES = 2 * 16 * 64 * 4  # one layer's K+V for 16 tokens of the tiny Llama, fp32
 CHOICES = ["qv_r4", BASE_CHOICE, "attn_r8"]

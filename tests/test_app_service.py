@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from helpers import GREEDY, SAMPLED, direct_texts, make_playground
 from hf_multilora.app import cli
 from hf_multilora.app.demo import read_demo
 from hf_multilora.app.diff import word_diff
@@ -19,31 +20,6 @@ from hf_multilora.app.service import BASE_CHOICE, Playground, PlaygroundError, S
 from hf_multilora.app.streaming import BatchStreamer
 
 from hf_multilora import AdapterLoadError, PoolExhaustedError
-
-GREEDY = Settings(max_new_tokens=12)
-SAMPLED = Settings(max_new_tokens=12, temperature=0.9, top_p=0.8, seed=7)
-
-
-def make_playground(served_dir, adapters=("attn_r8", "qv_r4"), **kwargs) -> Playground:
-    kwargs.setdefault("adapter_dir", served_dir / "adapters")
-    return Playground.load(
-        served_dir / "base", {name: served_dir / "adapters" / name for name in adapters}, **kwargs
-    )
-
-
-def direct_texts(playground: Playground, text: str, choices: list[str], settings: Settings) -> list[str]:
-    """The same request as one plain MultiLoraModel.generate() call, decoded row by row."""
-    tokenizer = playground.tokenizer
-    batch = tokenizer([playground.prompt(text)] * len(choices), return_tensors="pt", padding=True)
-    torch.manual_seed(settings.seed)
-    out = playground.model.generate(
-        **batch,
-        adapter_ids=[None if c == BASE_CHOICE else c for c in choices],
-        pad_token_id=tokenizer.pad_token_id,
-        **settings.generate_kwargs(),
-    )
-    new = out[:, batch["input_ids"].shape[1] :]
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 
 def run(playground: Playground, text: str, choices: list[str], settings: Settings = GREEDY) -> list:
