@@ -307,11 +307,12 @@ def test_a_burst_for_one_adapter_is_spread_over_both_replicas(url):
     """Ray's multiplexed routing alone sends an adapter's requests to the replica holding it until
     that one is full (here 5 x max_running = 80 requests): the whole burst of 24 would queue there
     while the other replica idles. Our router sends them to the other once the holder's queue is
-    longer by more than affinity_slack."""
+    longer by more than affinity_slack. (Counting only what replicas reported, CI once split it
+    3 / 21; counting its own assignments too, 11 / 13 or 12 / 12 in 12 bursts on 2 cores.)"""
     with deployed(url, "spread", replicas=2, max_running=16, affinity_slack=2) as spread:
         threads, replies = start_clients(spread, 24, max_tokens=32)
         for t in threads:
             t.join()
         assert [r.status_code for r in replies] == [200] * 24
         counts = sorted(collections.Counter(r.json()["system_fingerprint"] for r in replies).values())
-        assert len(counts) == 2 and counts[0] >= 4, counts
+        assert len(counts) == 2 and counts[0] >= 6, counts
