@@ -68,6 +68,19 @@ _BASE_MUTATING_INITS = {
     "lora_ga": "LoRA-GA",
     "loftq": "LoftQ",
 }
+# adapter_config.json flags that, when set, make the forward something other than y += scale * B(A(x))
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA (use_dora=true)",
+    "lora_bias": "a trained LoRA bias (lora_bias=true)",
+    "modules_to_save": "fully trained modules (modules_to_save={})",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "target_parameters": "LoRA on parameters (target_parameters={})",
+    "layer_replication": "layer replication (layer_replication)",
+    "use_qalora": "QALoRA (use_qalora=true)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "use_bdlora": "BD-LoRA block-diagonal factors (use_bdlora)",
+    "kasa_config": "KaSA (kasa_config)",
+}
 _FLOAT32 = torch.finfo(torch.float32)  # the kernels' scale type
 
 
@@ -445,32 +458,12 @@ def _check_config(name: str, config: dict[str, Any]) -> None:
             f"adapter '{name}' has peft_type {peft_type}; only LoRA adapters (peft_type LORA) are supported"
         )
 
-    features: list[str] = []
-    if config.get("use_dora"):
-        features.append("DoRA (use_dora=true)")
-    if config.get("lora_bias"):
-        features.append("a trained LoRA bias (lora_bias=true)")
+    features = [label.format(config[flag]) for flag, label in _UNSUPPORTED_FLAGS.items() if config.get(flag)]
     bias = config.get("bias", "none")
     if bias not in (None, "none"):
         features.append(f"trained base-model biases (bias='{bias}')")
-    if config.get("modules_to_save"):
-        features.append(f"fully trained modules (modules_to_save={config['modules_to_save']})")
-    if config.get("trainable_token_indices"):
-        features.append("trainable tokens (trainable_token_indices)")
-    if config.get("target_parameters"):
-        features.append(f"LoRA on parameters (target_parameters={config['target_parameters']})")
-    if config.get("layer_replication"):
-        features.append("layer replication (layer_replication)")
     if config.get("alora_invocation_tokens") is not None:
         features.append("aLoRA (alora_invocation_tokens)")
-    if config.get("use_qalora"):
-        features.append("QALoRA (use_qalora=true)")
-    if config.get("arrow_config"):
-        features.append("Arrow routing (arrow_config)")
-    if config.get("use_bdlora"):
-        features.append("BD-LoRA block-diagonal factors (use_bdlora)")
-    if config.get("kasa_config"):
-        features.append("KaSA (kasa_config)")
     init = config.get("init_lora_weights")
     if isinstance(init, str):
         for prefix, label in _BASE_MUTATING_INITS.items():
