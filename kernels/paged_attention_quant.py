@@ -210,14 +210,22 @@ def _meta(word, AT: tl.constexpr, FIRST: tl.constexpr):
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
-# Codes become dot operands by moving bits instead of converting (bf16 on a GPU; `_by_bits`):
-# two conversions per element (integer or e4m3 -> fp32 -> bf16) were what bound the kernel, not its
-# bytes. The unpacked values are offset or scaled, and the kernel takes that back out of its sums.
+# INT4 codes become dot operands by moving bits instead of converting (bf16 on a GPU; `_by_bits`):
+# two conversions per element (integer -> fp32 -> bf16) were what bound the kernel, not its bytes.
+# The unpacked values are offset, and the kernel takes that back out of its sums.
 INT4_OFFSET = tl.constexpr(128.0)  # bf16 bits 0x4300 | level read as 128 + level
-# e4m3 bits moved into bf16 read as value * 2**-120 (subnormals included): q and p * scale go into the
-# dots 2**64 larger, so that products stay normal in fp32, and the sums come out 2**56 larger.
-_FP8_IN = tl.constexpr(2.0**64)
-_FP8_OUT = tl.constexpr(2.0**56)
+# FP8 codes meet fp16 operands (`_fp8_values`); q and p * scale go in multiplied by powers of two
+# (exact) that bring their largest value into [2**14, 2**15), inside fp16's range and well above its
+# subnormals, and the sums are divided back.
+_FP16_TOP = tl.constexpr(2.0**14)
+
+
+@triton.jit
+def _fp16_prescale(largest):
+    """2**14 / 2**floor(log2(largest)) (1 where largest is 0 or subnormal): a power of two that
+    takes values up to `largest` into fp16's range with their relative precision kept."""
+    power = (largest.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return _FP16_TOP / tl.where(power > 0, power, _FP16_TOP)
 
 
 @triton.jit
@@ -249,29 +257,10 @@ def _int4_levels(codes, dtype: tl.constexpr, BY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _fp8_values(codes, dtype: tl.constexpr, BY_BITS: tl.constexpr):
-    """E4M3 code bytes in `dtype`. By bits: the sign to bit 15 and exponent + mantissa 4 bits down, a
-    bf16 that reads value * 2**-120 (the exponent biases differ by 120)."""
-    if BY_BITS:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t0, t1, u0, u1, z, ms, mm;
-            mov.b32 z, 0;
-            mov.b32 ms, 0x80008000;
-            mov.b32 mm, 0x07F007F0;
-            prmt.b32 t0, $2, z, 0x1404;
-            prmt.b32 t1, $2, z, 0x3424;
-            shr.u32 u0, t0, 4;
-            shr.u32 u1, t1, 4;
-            and.b32 t0, t0, ms;
-            and.b32 t1, t1, ms;
-            lop3.b32 $0, u0, mm, t0, 0xea;
-            lop3.b32 $1, u1, mm, t1, 0xea;
-            }""",
-            constraints="=r,=r,r", args=[codes], dtype=tl.bfloat16, is_pure=True, pack=4,
-        )  # fmt: skip
-    else:
-        return codes.to(tl.float8e4nv, bitcast=True).to(tl.float32).to(dtype)
+def _fp8_values(codes, dtype: tl.constexpr):
+    """E4M3 code bytes as `dtype` values. fp16 on a GPU is one cvt.rn.f16x2.e4m3x2 per two codes;
+    e4m3 -> bf16 would add a conversion per element (it goes through fp16), and that bound the kernel."""
+    return codes.to(tl.float8e4nv, bitcast=True).to(dtype)
 
 
 @triton.jit
@@ -334,7 +323,8 @@ def _quant_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,  # >= CODE_BYTES
     STORE_LOGITS: tl.constexpr,  # decode only (q_len 1)
-    BY_BITS: tl.constexpr,  # unpack codes by moving bits (bf16 on a GPU), not by conversions
+    BY_BITS: tl.constexpr,  # INT4: unpack codes by moving bits (bf16 on a GPU), not by conversions
+    FP16_DOTS: tl.constexpr,  # FP8 with 16-bit queries: the dots take fp16 operands (prescaled)
     NEW_N: tl.constexpr,  # keys per tile of this forward's own tokens
     ONE_QUERY: tl.constexpr,  # q_len == 1 (decode), compiled in as the constant
 ):  # fmt: skip
@@ -343,8 +333,9 @@ def _quant_attention_kernel(
     and p @ V is (p * scale) @ levels + p @ min. INT4 keeps the two halves of the head's dims apart
     (the low and high nibbles of the same bytes) in two accumulators, A (dims < CODE_BYTES) and B.
     INT4 levels arrive as INT4_OFFSET + level: the offset's share, offset * scale * sum(q) and
-    offset * sum(p * scale), is taken out with the min terms. FP8 by bits arrives as value * 2**-120:
-    q and p * scale go in 2**64 larger (_FP8_IN) and the sums come out 2**56 larger (_FP8_OUT)."""
+    offset * sum(p * scale), is taken out with the min terms. FP8 with 16-bit queries meets fp16
+    operands: q and p * scale go in multiplied by powers of two (`_fp16_prescale`; per query row,
+    per tile), taken back out of the sums."""
     if ONE_QUERY:  # q_len is not specialized (kernels/launch.py); decode still gets its constant (-6%)
         q_len = 1
     b = tl.program_id(0) // KV_HEADS
@@ -368,12 +359,11 @@ def _quant_attention_kernel(
         q_b = tl.load(q_rows + (CODE_BYTES + offs_h[None, :]) * q_sd, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
     q_sum = tl.sum(q_a.to(tl.float32), axis=1) + tl.sum(q_b.to(tl.float32), axis=1)  # INT4's min term
     q_keys = q_a  # FP8: what meets the key codes
-    sum_up = 1.0  # FP8: what the code sums are multiplied by
-    p_up = 1.0  # FP8: what p * scale is multiplied by before its dot
-    if BY_BITS and not INT4:
-        q_keys = (q_a.to(tl.float32) * _FP8_IN).to(q_a.dtype)
-        sum_up = _FP8_OUT
-        p_up = _FP8_IN
+    q_down = tl.full((BLOCK_M,), 1.0, tl.float32)  # FP8: what each row's scores are multiplied by
+    if FP16_DOTS:
+        q_up = _fp16_prescale(tl.max(tl.abs(q_a.to(tl.float32)), axis=1))
+        q_keys = (q_a.to(tl.float32) * q_up[:, None]).to(tl.float16)
+        q_down = 1.0 / q_up
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: fully masked rows end as zeros
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
@@ -402,8 +392,8 @@ def _quant_attention_kernel(
             k_min = _meta(meta, K_MIN, K_SCALE) - INT4_OFFSET * k_scale
             s = s * k_scale[None, :] + q_sum[:, None] * k_min[None, :]
         else:
-            s = _dot(q_keys, tl.trans(_fp8_values(k_codes, q_a.dtype, BY_BITS)), DOT_IN_FP32)
-            s = s * (k_scale * sum_up)[None, :]
+            s = _dot(q_keys, tl.trans(_fp8_values(k_codes, q_keys.dtype)), DOT_IN_FP32)
+            s = s * k_scale[None, :] * q_down[:, None]
         seen = k_ok[None, :] & row_ok[:, None]
         if HAS_WINDOW:
             seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
@@ -416,16 +406,21 @@ def _quant_attention_kernel(
                      mask=row_ok[:, None] & k_ok[None, :])  # fmt: skip
         m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s)
         v_codes = _code_tile(base, cell, offs_h, k_ok, h_ok, V_CODES, CODE_BYTES)
-        p_scaled = (p * (_meta(meta, V_SCALE, K_SCALE) * p_up)[None, :]).to(q_a.dtype)
+        v_scale = _meta(meta, V_SCALE, K_SCALE)
         if INT4:
+            p_scaled = (p * v_scale[None, :]).to(q_a.dtype)
             v_lo, v_hi = _int4_levels(v_codes, q_a.dtype, BY_BITS)
             p_min = tl.sum(p * _meta(meta, V_MIN, K_SCALE)[None, :], axis=1)
             p_min = (p_min - INT4_OFFSET * tl.sum(p_scaled.to(tl.float32), axis=1))[:, None]  # the rounded p * scale
             acc_a = acc_a * alpha[:, None] + _dot(p_scaled, v_lo, DOT_IN_FP32) + p_min
             acc_b = acc_b * alpha[:, None] + _dot(p_scaled, v_hi, DOT_IN_FP32) + p_min
         else:
-            pv = _dot(p_scaled, _fp8_values(v_codes, q_a.dtype, BY_BITS), DOT_IN_FP32)
-            acc_a = acc_a * alpha[:, None] + pv * sum_up
+            p_up = 1.0
+            if FP16_DOTS:  # p <= 1: the tile's largest V scale bounds p * scale
+                p_up = _fp16_prescale(tl.max(v_scale, axis=0))
+            p_scaled = (p * (v_scale * p_up)[None, :]).to(q_keys.dtype)
+            pv = _dot(p_scaled, _fp8_values(v_codes, q_keys.dtype), DOT_IN_FP32)
+            acc_a = acc_a * alpha[:, None] + pv * (1.0 / p_up)
 
     q_last = tl.minimum(q_len, q_first + BLOCK_M // GROUP_PAD)
     q_last = tl.where(split == num_splits - 1, q_last, 0)  # the last split attends this forward's own tokens
@@ -499,20 +494,23 @@ def _quant_tiles(q_len: int, group: int, head_dim: int, layout: KvLayout, masked
     (2026-12-02), INT4 without a key mask gained again from one warp per program, 64-key tiles and no
     cap (173 -> 163 us at 4096 keys, 638 -> 609 at 16384; not profiled: probably the softmax row
     reductions, which cross warps through shared memory with four); 2 warps, 8 warps, 3 stages, and
-    the same for FP8 were slower."""
+    the same for FP8 were slower. FP8 with fp16 dot operands (2026-12-03) is fastest on one warp,
+    32-key tiles and 3 stages, uncapped: 204 us at 4096 keys (batch 32: 398) against 224 (431) for
+    the bf16-bits kernel on its four warps and 128 keys, where fp16 dots take 272; 16 or 64 keys,
+    2 or 4 stages, 2 warps, or the cap were slower."""
     block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, _next_power_of_2(layout.tokens))
     if not decode_tile(q_len, group):
         return _QuantTiles(block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS, None)
     if layout.kv_dtype == "fp8":
-        return _QuantTiles(block_m, 128, 4, 2, 4 * _TARGET_PROGRAMS, 128)
+        return _QuantTiles(block_m, 32, 1, 3, 4 * _TARGET_PROGRAMS, None)
     if masked:
         return _QuantTiles(block_m, 64, 4, 2, 4 * _TARGET_PROGRAMS, 128)
     return _QuantTiles(block_m, 64, 1, 2, 4 * _TARGET_PROGRAMS, None)
 
 
 def _by_bits(q: torch.Tensor) -> bool:
-    """Whether the kernel unpacks codes with PTX bit moves (`_int4_levels`, `_fp8_values`): bf16 on a
-    GPU; the interpreter runs no PTX."""
+    """Whether the kernel unpacks INT4 codes with PTX bit moves (`_int4_levels`): bf16 on a GPU; the
+    interpreter runs no PTX."""
     return q.dtype == torch.bfloat16 and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
@@ -581,6 +579,7 @@ def paged_attention_quant(
         **_layout_args(layout), HAS_KEY_MASK=key_mask is not None, HAS_WINDOW=sliding_window is not None,
         DOT_IN_FP32=_dot_in_fp32(q.dtype), SPLIT=num_splits > 1, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), STORE_LOGITS=logits is not None, BY_BITS=_by_bits(q),
+        FP16_DOTS=layout.kv_dtype == "fp8" and q.dtype in (torch.float16, torch.bfloat16),
         NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))), ONE_QUERY=q_len == 1,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip

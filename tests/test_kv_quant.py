@@ -267,11 +267,43 @@ def test_triton_attention_over_quantized_pages_matches_the_reference(
     assert got.abs().amax() > 0.1
 
 
+@pytest.mark.parametrize("q_magnitude, v_magnitude", [(3e5, 1e-6), (1e-6, 1e4), (1.0, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_attention_reads_queries_and_values_outside_fp16s_range(q_magnitude, v_magnitude, dtype):
+    """FP8 pages meet fp16 dot operands: bf16 queries beyond fp16's largest value or below its
+    normals, and values whose scales underflow fp16 once multiplied by p, still attend within 16-bit
+    rounding of the dequantizing reference (pages written by the exact torch write, so this runs in
+    the interpreter too)."""
+    from hf_multilora.kernels.paged_attention_quant import paged_attention_quant
+
+    if dtype == torch.float16 and q_magnitude > 6e4:
+        pytest.skip("an fp16 query cannot hold it")
+    kv_heads, dim, heads, device = 2, 16, 4, kernel_device()
+    layout = KvLayout.of("fp8", kv_heads, dim, 1024)
+    gen = torch.Generator().manual_seed(11)
+    past = 2 * layout.tokens + 5
+    table = torch.randperm(40, generator=gen)[:12].view(2, 6).int()
+    pool = torch.zeros(40 * 1024 // 4)
+    k_all = torch.randn(2, past + 1, kv_heads, dim, generator=gen).to(dtype)
+    v_all = (torch.randn(2, past + 1, kv_heads, dim, generator=gen) * v_magnitude).to(dtype)
+    write_kv_quant_torch(pool, layout, table, 0, k_all, v_all)
+    q = (torch.randn(2, 1, heads, dim, generator=gen) * q_magnitude).to(dtype)
+    kv_lens = torch.full((2,), past + 1, dtype=torch.int32)
+    scale = 0.5 / q_magnitude  # scores of order one whatever the query's magnitude
+    k_new, v_new = k_all[:, past:], v_all[:, past:]
+    got = paged_attention_quant(q.to(device), k_new.to(device), v_new.to(device), pool.to(device), layout,
+                                table.to(device), kv_lens.to(device), scale, num_splits=2)  # fmt: skip
+    expected = reference_quant_attention(q.float(), k_new.float(), v_new.float(), pool, layout, table, kv_lens, scale,
+                                         None, None)  # fmt: skip
+    torch.testing.assert_close(got.cpu().float() / v_magnitude, expected / v_magnitude, rtol=2e-2, atol=2e-2)
+    assert (expected / v_magnitude).abs().amax() > 0.1
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="PTX bit moves run on a GPU only")
-def test_codes_unpacked_by_bits_read_as_their_values():
-    """Every byte: INT4 nibbles as 128 + level, e4m3 codes as value * 2**-120 (subnormals and signed
-    zeros included; NaN codes excepted), exactly, in bf16."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PTX bit moves and FP8 conversions run on a GPU")
+def test_codes_unpacked_read_as_their_values():
+    """Every byte: INT4 nibbles by bits as 128 + level in bf16, e4m3 codes as their value in fp16
+    (subnormals and signed zeros included; NaN codes excepted), exactly."""
     import triton
     import triton.language as tl
     from hf_multilora.kernels.paged_attention_quant import _fp8_values, _int4_levels
@@ -283,17 +315,18 @@ def test_codes_unpacked_by_bits_read_as_their_values():
         lo, hi = _int4_levels(codes, tl.bfloat16, True)
         tl.store(lo_ptr + offs, lo)
         tl.store(hi_ptr + offs, hi)
-        tl.store(fp8_ptr + offs, _fp8_values(codes, tl.bfloat16, True))
+        tl.store(fp8_ptr + offs, _fp8_values(codes, tl.float16))
 
     codes = torch.arange(256, dtype=torch.uint8, device="cuda")
-    lo, hi, fp8 = (torch.empty(256, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    lo, hi = (torch.empty(256, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    fp8 = torch.empty(256, dtype=torch.float16, device="cuda")
     unpack[(1,)](codes, lo, hi, fp8)
     ints = codes.long().cpu()
     assert torch.equal(lo.float().cpu(), (128 + (ints & 15)).float())
     assert torch.equal(hi.float().cpu(), (128 + (ints >> 4)).float())
     values = codes.cpu().view(torch.float8_e4m3fn).float()
     finite = ~values.isnan()
-    got = fp8.float().cpu() * 2.0**120
+    got = fp8.float().cpu()
     assert torch.equal(got[finite], values[finite])
     assert torch.equal(torch.signbit(got[finite]), torch.signbit(values[finite]))
 
