@@ -402,23 +402,6 @@ def capacity(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
 _GRAPH_CALLS = 20  # calls of one KV dtype's attention per CUDA graph (section 4)
 
 
-def _graph_of(call: Any, calls: int) -> torch.cuda.CUDAGraph:
-    """`calls` calls of `call` in one CUDA graph, captured after an eager call (it compiles) and one on
-    a side stream, as torch's capture wants."""
-    call()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    return graph
-
-
 def kv_dtype_kernels(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """Section 4 of the module doc."""
     from hf_multilora.kernels.kv_quant import KvLayout
@@ -459,17 +442,8 @@ def kv_dtype_kernels(args: argparse.Namespace, device: torch.device) -> list[dic
 
                 calls[kv_dtype] = call
                 bytes_read[kv_dtype] = batch * context * layout.token_bytes
-        graphs = {name: _graph_of(call, _GRAPH_CALLS) for name, call in calls.items()}
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        for turn in range(args.repeats + 1):  # the first round warms up
-            names = list(graphs)
-            for name in names[turn % len(names) :] + names[: turn % len(names)]:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graphs[name].replay()
-                end.record()
-                torch.cuda.synchronize(device)
-                times[name].append(start.elapsed_time(end) * 1000 / _GRAPH_CALLS)
+        graphs = {name: common.graph_of(call, _GRAPH_CALLS) for name, call in calls.items()}
+        times = common.replay_rounds(graphs, args.repeats + 1, _GRAPH_CALLS)  # the first round warms up
         for name, samples in times.items():
             us = sorted(samples[1:])[len(samples[1:]) // 2]
             base = sorted(times["bf16"][1:])[len(samples[1:]) // 2] if "bf16" in times else None

@@ -144,6 +144,40 @@ def explained_oom(enabled: bool, top: int = 15) -> Iterator[None]:
         torch.cuda.memory._record_memory_history(enabled=None)
 
 
+def graph_of(call: Callable[[], Any], calls: int = 1) -> torch.cuda.CUDAGraph:
+    """`calls` calls of `call` in one CUDA graph, captured after an eager call (it compiles) and one on
+    a side stream, as torch's capture wants."""
+    call()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    return graph
+
+
+def replay_rounds(graphs: dict[str, torch.cuda.CUDAGraph], rounds: int, calls: int = 1) -> dict[str, list[float]]:
+    """Microseconds per call of each graph (of `calls` calls), replayed once a round in `rounds`
+    rounds whose order rotates (the host and the GPU's clocks drift), timed by CUDA events. Round 0
+    is a warm-up: drop each list's first value."""
+    times: dict[str, list[float]] = {name: [] for name in graphs}
+    names = list(graphs)
+    for turn in range(rounds):
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs[name].replay()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end) * 1000 / calls)
+    return times
+
+
 @contextlib.contextmanager
 def timed_replays() -> Iterator[list[tuple[torch.cuda.Event, torch.cuda.Event]]]:
     """CUDA events around every CUDA-graph replay in the block, from any thread (read them after a

@@ -12,6 +12,9 @@ module's `apply_rotary_pos_emb` (and its `rotate_half`) must have the bytecode o
 first fused call for a (function, dtype, device) is checked against the original on a random probe
 (within rounding) before the kernel is used for it. So a future
 transformers whose Llama code computes something else is never silently fused.
+
+The decode-sized projections (q/k/v, gate/up, o, down: `decode_linears.py`) are installed and
+removed with the rest.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from transformers.models.llama import modeling_llama
 
 from .backend import use_triton
+from .decode_linears import DecodeLinears
 from .kernels import fused_glue
 
 _thread = threading.local()  # depth: MultiLoraModel calls this thread is in
@@ -48,6 +52,7 @@ class Fusion:
         self.norms = [m for m in model.modules() if _same_code(type(m).forward, llama_norm)]
         names = {type(m).__module__ for m in model.modules()}
         self.rotary_modules = [sys.modules[n] for n in sorted(names) if _rotary_like_llama(sys.modules[n])]
+        self.linears = DecodeLinears(model, lambda x: _fusing(x))  # late-bound: tests patch _fusing
         self._depth = 0  # calls of this model running (they nest: the model's lock is re-entrant)
 
     @contextmanager
@@ -69,6 +74,7 @@ class Fusion:
     def _install(self) -> None:
         for module in self.norms:
             module.forward = _fused_norm_forward(module, module.forward)
+        self.linears.install()
         with _rotary_lock:
             for module in self.rotary_modules:
                 _rotary_users[module] = _rotary_users.get(module, 0) + 1
@@ -76,6 +82,7 @@ class Fusion:
                     module.apply_rotary_pos_emb = _fused_rotary(module.apply_rotary_pos_emb)
 
     def _remove(self) -> None:
+        self.linears.remove()
         for module in self.norms:
             original = module.forward.original_forward
             if getattr(original, "__func__", None) is type(module).forward:

@@ -79,8 +79,7 @@ def add_lora_to_forward(
     had_own_forward = "forward" in module.__dict__
     base_forward = module.forward
 
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = base_forward(x, *args, **kwargs)
+    def lora_step(x: torch.Tensor, y: torch.Tensor) -> None:
         runtime = runtime_of()
         if (
             runtime is not None
@@ -89,7 +88,14 @@ def add_lora_to_forward(
             and runtime.owner == threading.get_ident()
         ):
             runtime.apply(index, x, y)
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = base_forward(x, *args, **kwargs)
+        lora_step(x, y)
         return y
+
+    forward.lora_step = lora_step  # what decode_linears runs after computing the base part itself
+    forward.base_forward = base_forward
 
     def undo() -> None:
         if had_own_forward:
