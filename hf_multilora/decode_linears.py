@@ -39,6 +39,8 @@ class _Group:
             return y
         if x.dim() < 2 or not 0 < x.numel() // max(x.shape[-1], 1) <= decode_linear.MAX_ROWS:
             return None  # a prefill: cuBLAS's (checked first, it is every prefill's path)
+        if torch.is_grad_enabled():
+            return None  # the kernel has no backward
         alone = [self.members[index]]
         for members in (self.members, alone) if len(self.members) > 1 else (alone,):
             tiles = _tiles(members, x)
@@ -96,7 +98,9 @@ class DecodeLinears:
         for group in self.groups:
             group.kept = None
             for module in group.members:
-                original = module.forward.original
+                original = getattr(module.forward, "original", None)
+                if original is None:
+                    continue  # replaced during the call by someone else: theirs stays
                 if getattr(original, "__func__", None) is torch.nn.Linear.forward:
                     del module.forward  # the class's forward again
                 else:

@@ -117,6 +117,7 @@ def test_generate_with_the_kernel_equals_generate_without(llama_zoo, monkeypatch
     assert len(launches) == 2 * 4 * base.config.num_hidden_layers  # the 2 decode steps, not the prefill
 
 
+@torch.no_grad()
 def test_a_sibling_whose_input_changed_computes_its_own(monkeypatch):
     monkeypatch.setattr(decode_linear, "decode_linear_tiles", small_tiles)
     q, k, v = (torch.nn.Linear(32, 16, bias=False).half().to(DEVICE) for _ in range(3))
@@ -129,6 +130,8 @@ def test_a_sibling_whose_input_changed_computes_its_own(monkeypatch):
     torch.testing.assert_close(group.output(2, other), F.linear(other, v.weight), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(group.output(2, x), F.linear(x, v.weight), rtol=1e-2, atol=1e-2)
     assert group.output(0, x.float()) is None  # fp32: tl.dot would round to tf32
+    with torch.enable_grad():
+        assert group.output(0, x) is None  # the kernel has no backward: F.linear's path
 
 
 def test_modules_with_someone_elses_forward_are_left_alone(llama_zoo, monkeypatch):
