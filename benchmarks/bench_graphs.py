@@ -14,6 +14,10 @@ Rows, in interleaved rounds (every variant once per round, the order rotated; th
   graphs x32 <first> [kv <dtype>] budget <b>   the first setup's graph call with heavy-hitter
                        eviction (`--kv-budgets 0.2`: `kv_budget`, `kv_recent` 64), in the model's KV
                        dtype and each of `--kv-dtypes` (issue 15: int4 + budget 0.2)
+`--kv-only` keeps the quantized rows alone, for contexts whose KV in the model's dtype does not fit.
+  graphs x32 <first>, cuBLAS projections   (`--cublas-projections`) the first setup's graph call with
+                       the decode projections left to nn.Linear (`decode_linears.py` off) on decode
+                       graphs of its own: the one-launch projections' effect on the whole step
 
 Each variant runs twice per round, with `new_tokens` and with 1 new token: the difference is the
 decode time (prefill differenced out), reported per step. Llama-2-7B shapes, random bf16 weights;
@@ -27,10 +31,11 @@ step's time, as a fraction of a device-to-device copy's bandwidth (read + write)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import common
@@ -82,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-static", action="store_true",
                         help="no transformers static-cache row (its cache and compiled graphs take ~2x the KV "
                              "of a batch 16 x 4096 call)")  # fmt: skip
+    parser.add_argument("--kv-only", action="store_true",
+                        help="only the --kv-dtypes rows (and their budgets): a context whose KV in the model's "
+                             "dtype does not fit, e.g. 16 x 16384 at 7B on one H200")  # fmt: skip
+    parser.add_argument("--cublas-projections", action="store_true",
+                        help="also the first setup on a model whose decode projections are cuBLAS's")  # fmt: skip
     parser.add_argument("--explain-oom", action="store_true",
                         help="record allocations; on running out of memory, print what holds it")  # fmt: skip
     parser.add_argument("--json", default=None)
@@ -107,12 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             sets[name] = [f"{name}-{n}" for n in names]
             paths.update({f"{name}-{n}": f"{tmp}/{name}/{n}" for n in names})
         model = MultiLoraModel.from_pretrained(base, adapters=paths, pool_bytes=int(args.pool_gib * 2**30))
+        cublas = CublasProjections(model) if args.cublas_projections else None
         model.prefetch_adapters(list(paths))
         bandwidth = copy_bandwidth(device)
         print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s (read + write)")
         with common.explained_oom(args.explain_oom):
             results = [
-                run_prompt(model, sets, prompt, args, device, profile, bandwidth) for prompt in args.prompt_lens
+                run_prompt(model, sets, prompt, args, device, profile, bandwidth, cublas) for prompt in args.prompt_lens
             ]
     payload = {"environment": env, "args": vars(args), "copy_bytes_per_s": bandwidth,
                "graph_stats": model.graph_stats(), "results": results}  # fmt: skip
@@ -174,6 +185,26 @@ def step_bytes(
     return weights + kv + adapters
 
 
+class CublasProjections:
+    """The model's calls with the decode projections left to nn.Linear (cuBLAS), on decode graphs of
+    their own (graphs captured with the one-launch projections would replay those)."""
+
+    def __init__(self, model: MultiLoraModel) -> None:
+        self.model = model
+        self.graphs = None  # this setting's DecodeGraphs, kept between its calls
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        linears = self.model._fusion.linears
+        groups, linears.groups = linears.groups, []
+        own, self.model._decode_graphs = self.model._decode_graphs, self.graphs
+        try:
+            yield
+        finally:
+            self.graphs, self.model._decode_graphs = self.model._decode_graphs, own
+            linears.groups = groups
+
+
 def run_prompt(
     model: MultiLoraModel,
     sets: dict[str, list[str]],
@@ -182,6 +213,7 @@ def run_prompt(
     device: torch.device,
     profile: Any,
     bandwidth: float,
+    cublas: CublasProjections | None = None,
 ):
     batch = args.batch or profile.batch
     torch.manual_seed(prompt)
@@ -194,17 +226,23 @@ def run_prompt(
         return base.generate(input_ids, max_new_tokens=n, min_new_tokens=n, cache_implementation="static", **fixed)
 
     def ours(
-        rows: list[str] | None, graphs: bool, kv_dtype: str | None = None, kv_budget: float | None = None
+        rows: list[str] | None, graphs: bool, kv_dtype: str | None = None, kv_budget: float | None = None,
+        setting: Callable[[], Any] = contextlib.nullcontext,
     ) -> Callable[[int], torch.Tensor]:
         def call(n: int) -> torch.Tensor:
-            return model.generate(input_ids, adapter_ids=rows, max_new_tokens=n, min_new_tokens=n,
-                                  cuda_graphs=graphs, kv_cache_dtype=kv_dtype, kv_budget=kv_budget, **fixed)  # fmt: skip
+            with setting():
+                return model.generate(input_ids, adapter_ids=rows, max_new_tokens=n, min_new_tokens=n,
+                                      cuda_graphs=graphs, kv_cache_dtype=kv_dtype, kv_budget=kv_budget, **fixed)  # fmt: skip
         return call
 
     def rotated(
-        names: list[str], graphs: bool, kv_dtype: str | None = None, kv_budget: float | None = None
+        names: list[str], graphs: bool, kv_dtype: str | None = None, kv_budget: float | None = None,
+        setting: Callable[[], Any] = contextlib.nullcontext,
     ) -> Callable[[int], Callable[[int], torch.Tensor]]:
-        return lambda r: ours(row_adapters(names[r:] + names[:r], len(names), batch), graphs, kv_dtype, kv_budget)
+        def rows(r: int) -> list[str]:
+            return row_adapters(names[r:] + names[:r], len(names), batch)
+
+        return lambda r: ours(rows(r), graphs, kv_dtype, kv_budget, setting)
 
     variants: dict[str, Callable[[int], Callable[[int], torch.Tensor]]] = {
         "static (base)": lambda r: static,
@@ -219,6 +257,9 @@ def run_prompt(
     first = next(iter(sets))
     variants[f"eager x{len(sets[first])} {first}"] = rotated(sets[first], False)
     setup_of[f"eager x{len(sets[first])} {first}"] = first
+    if cublas is not None:
+        name = f"graphs x{len(sets[first])} {first}, cuBLAS projections"
+        variants[name], setup_of[name] = rotated(sets[first], True, setting=cublas.active), first
     kv_of: dict[str, str | None] = {}  # rows with a KV cache setting: their kv_cache_dtype
     budget_of: dict[str, float] = {}
     kv_dtypes = list(filter(None, args.kv_dtypes.split(",")))
@@ -230,6 +271,8 @@ def run_prompt(
             name = f"graphs x{len(sets[first])} {first}{f' kv {kv_dtype}' if kv_dtype else ''} budget {budget:g}"
             variants[name] = rotated(sets[first], True, kv_dtype, budget)
             setup_of[name], kv_of[name], budget_of[name] = first, kv_dtype, budget
+    if args.kv_only:
+        variants = {name: make for name, make in variants.items() if kv_of.get(name)}
     for name, make in variants.items():  # warm-up: compile, capture, Triton
         graph_gib = model.graph_stats().get("graph_pool_bytes", 0) / 2**30
         print(f"warm-up {name}: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated, "
@@ -255,8 +298,8 @@ def run_prompt(
         ours_ms = decode_ms(row["rounds"], args.new_tokens)
         ratios = [s / m for s, m in zip(static_ms, ours_ms, strict=True)] if static_ms else []  # --skip-static
         row["decode_speed_vs_static"] = common.median(ratios) if ratios else float("nan")
-    eager = next(r for r in rows if r["variant"].startswith("eager"))
-    graphs = next(r for r in rows if r["variant"].startswith("graphs x"))
+    eager = next((r for r in rows if r["variant"].startswith("eager")), None)
+    graphs = next((r for r in rows if r["variant"].startswith("graphs x") and r["variant"] not in kv_of), None)
     context = prompt + args.new_tokens / 2
     for row in rows:
         if not row["variant"].startswith("eager"):  # transformers' static cache replays graphs too
@@ -272,8 +315,10 @@ def run_prompt(
           round(r["tok_s"], 1), round(r["decode_speed_vs_static"], 3), round(r["bytes_per_step"] / 1e9, 2),
           round(r["roofline_fraction"], 3)] for r in rows],
     ))  # fmt: skip
-    print(f"{graphs['variant']} end-to-end / eager: {graphs['tok_s'] / eager['tok_s']:.2f}x; "
-          f"captures during the timed rounds: {captures}")  # fmt: skip
+    print(f"captures during the timed rounds: {captures}")
+    if graphs is None or eager is None:  # --kv-only
+        return {"prompt": prompt, "rows": rows, "captures_in_timed_rounds": captures}
+    print(f"{graphs['variant']} end-to-end / eager: {graphs['tok_s'] / eager['tok_s']:.2f}x")
     own_ms = decode_ms(graphs["rounds"], args.new_tokens)
     for row in rows:
         if row["variant"] in kv_of:  # decode speed against the same call with the model's own KV dtype, per round
