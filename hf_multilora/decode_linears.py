@@ -9,10 +9,14 @@ the kernel does not take (more rows than it was measured for, another dtype, sha
 divide, no Triton) runs the module's own forward. A LoRA forward (`layers.add_lora_to_forward`) stays:
 the launch replaces its base part only. Modules whose forward is someone else's (accelerate's
 offloading hooks, quantized linear classes) are left alone.
+
+Opt-in for now (`HF_MULTILORA_DECODE_LINEARS=1`, read at each call): the kernel was measured faster
+than cuBLAS on its own, but neither its GPU tests nor the decode step with it have run on a GPU yet.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +90,8 @@ class DecodeLinears:
         """For a call: each member's forward through its group (its own forward kept as `original`).
         A member's wrapper is made again only when its own forward changed (adapters added or
         removed a LoRA forward): the serving engine installs these every step."""
+        if os.environ.get("HF_MULTILORA_DECODE_LINEARS") != "1":
+            return
         for group in self.groups:
             for index, module in enumerate(group.members):
                 own = module.__dict__.get("forward")
@@ -100,7 +106,7 @@ class DecodeLinears:
             for module in group.members:
                 original = getattr(module.forward, "original", None)
                 if original is None:
-                    continue  # replaced during the call by someone else: theirs stays
+                    continue  # not installed, or replaced during the call by someone else: theirs stays
                 if getattr(original, "__func__", None) is torch.nn.Linear.forward:
                     del module.forward  # the class's forward again
                 else:

@@ -68,6 +68,7 @@ def llama_layer_calls(monkeypatch):
 
     monkeypatch.setattr(decode_linear, "decode_linear", spy)
     monkeypatch.setattr(decode_linear, "decode_linear_tiles", small_tiles)
+    monkeypatch.setenv("HF_MULTILORA_DECODE_LINEARS", "1")
     return launches
 
 
@@ -100,6 +101,23 @@ def test_a_models_projections_run_in_one_launch_per_group_with_their_adapters(zo
     launches.clear()
     model(torch.cat([ids] * 2, 1), adapter_ids=names)  # 36 rows: F.linear
     assert launches == []
+
+
+def test_nothing_is_installed_unless_asked(llama_zoo, monkeypatch):
+    base = llama_zoo.fresh_base().half().to(DEVICE)
+    model = MultiLoraModel.from_pretrained(base)
+    launches = llama_layer_calls(monkeypatch)
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
+    monkeypatch.delenv("HF_MULTILORA_DECODE_LINEARS")
+    seen = []
+    base.model.layers[0].register_forward_pre_hook(
+        lambda *_: seen.append("forward" in base.model.layers[0].self_attn.q_proj.__dict__)
+    )
+    model(torch.randint(3, 128, (2, 3)).to(DEVICE))
+    assert launches == [] and seen == [False]
+    monkeypatch.setenv("HF_MULTILORA_DECODE_LINEARS", "1")
+    model(torch.randint(3, 128, (2, 3)).to(DEVICE))
+    assert launches and seen == [False, True]
 
 
 def test_generate_with_the_kernel_equals_generate_without(llama_zoo, monkeypatch):
