@@ -79,6 +79,7 @@ class DecodeLinears:
     def __init__(self, model: torch.nn.Module, fusing: Callable[[torch.Tensor], bool]) -> None:
         self._fusing = fusing
         self._made: dict[torch.nn.Module, tuple[Any, Callable]] = {}  # member -> (its own forward, our wrapper)
+        self._installed = False
         self.groups: list[_Group] = []
         for module in model.modules():
             for names in _GROUPS:
@@ -90,7 +91,8 @@ class DecodeLinears:
         """For a call: each member's forward through its group (its own forward kept as `original`).
         A member's wrapper is made again only when its own forward changed (adapters added or
         removed a LoRA forward): the serving engine installs these every step."""
-        if os.environ.get("HF_MULTILORA_DECODE_LINEARS") != "1":
+        self._installed = os.environ.get("HF_MULTILORA_DECODE_LINEARS") == "1"
+        if not self._installed:
             return
         for group in self.groups:
             for index, module in enumerate(group.members):
@@ -101,12 +103,15 @@ class DecodeLinears:
                 module.forward = made[1]
 
     def remove(self) -> None:
+        if not self._installed:
+            return
+        self._installed = False
         for group in self.groups:
             group.kept = None
             for module in group.members:
                 original = getattr(module.forward, "original", None)
                 if original is None:
-                    continue  # not installed, or replaced during the call by someone else: theirs stays
+                    continue  # replaced during the call by someone else: theirs stays
                 if getattr(original, "__func__", None) is torch.nn.Linear.forward:
                     del module.forward  # the class's forward again
                 else:
