@@ -62,9 +62,8 @@ def _tiles(members: list[torch.nn.Linear], x: torch.Tensor) -> decode_linear.Dec
     weights = [m.weight for m in members]
     biases = [m.bias for m in members]
     if (
-        x.shape[-1] != weights[0].shape[1]
-        or any(w.dtype != x.dtype or w.device != x.device or not w.is_contiguous() for w in weights)
-        or any(w.shape[1] != x.shape[-1] for w in weights)
+        any(w.shape[1] != x.shape[-1] or w.dtype != x.dtype or w.device != x.device or not w.is_contiguous()
+            for w in weights)
         or len({b is None for b in biases}) != 1
         or any(b is not None and (b.dtype != x.dtype or not b.is_contiguous()) for b in biases)
         or x.dtype not in (torch.float16, torch.bfloat16)  # fp32: tl.dot would round to tf32, F.linear does not
