@@ -18,7 +18,6 @@ Rows, in interleaved rounds (every variant once per round, the order rotated; th
   graphs x32 <first>, cuBLAS projections   (`--cublas-projections`) the first setup's graph call with
                        the decode projections left to nn.Linear (`decode_linears.py` off) on decode
                        graphs of its own: the one-launch projections' effect on the whole step
-                       (with HF_MULTILORA_DECODE_LINEARS=1 set for the other rows)
 
 Each variant runs twice per round, with `new_tokens` and with 1 new token: the difference is the
 decode time (prefill differenced out), reported per step. Llama-2-7B shapes, random bf16 weights;

@@ -10,8 +10,8 @@ divide, no Triton) runs the module's own forward. A LoRA forward (`layers.add_lo
 the launch replaces its base part only. Modules whose forward is someone else's (accelerate's
 offloading hooks, quantized linear classes) are left alone.
 
-Opt-in for now (`HF_MULTILORA_DECODE_LINEARS=1`, read at each call): the kernel was measured faster
-than cuBLAS on its own, but neither its GPU tests nor the decode step with it have run on a GPU yet.
+On by default; `HF_MULTILORA_DECODE_LINEARS=0` (read at each call) turns it off, e.g. to compare
+against cuBLAS (`benchmarks/bench_graphs.py --cublas-projections`).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class DecodeLinears:
         """For a call: each member's forward through its group (its own forward kept as `original`).
         A member's wrapper is made again only when its own forward changed (adapters added or
         removed a LoRA forward): the serving engine installs these every step."""
-        self._installed = os.environ.get("HF_MULTILORA_DECODE_LINEARS") == "1"
+        self._installed = os.environ.get("HF_MULTILORA_DECODE_LINEARS", "1") != "0"
         if not self._installed:
             return
         for group in self.groups:

@@ -23,6 +23,7 @@ from .launch import specialized
 
 MAX_WEIGHTS = 3
 MAX_ROWS = 32  # measured faster than cuBLAS up to 32 rows; at 64 only q/k/v and down still were
+MAX_ROWS_ONE_WEIGHT = 16  # o and down alone: at 32 rows cuBLAS was faster (down 27.6 vs 34.2 us)
 _MIN_PROGRAMS = 128  # measured shapes launched >= 128 programs (132 SMs); fewer would idle SMs
 
 
@@ -35,10 +36,11 @@ class DecodeLinearTiles(NamedTuple):
 
 def decode_linear_tiles(out_features: list[int], in_features: int, rows: int) -> DecodeLinearTiles | None:
     """The tiles for these weights and rows, or None where the launch is not the measured faster
-    one (more than MAX_ROWS rows, dimensions the tiles do not divide, too few programs). Swept on the
-    H200 at 1, 16, 32 and 64 rows: one weight (o, down) 32 x 256 tiles; several, 128-deep tiles,
-    32 rows wide up to 12288 outputs (q/k/v) and 64 above (gate/up)."""
-    if rows > MAX_ROWS or not 1 <= len(out_features) <= MAX_WEIGHTS:
+    one (more rows than measured faster, dimensions the tiles do not divide, too few programs). Swept
+    on the H200 at 1, 16, 32 and 64 rows: one weight (o, down) 32 x 256 tiles up to 16 rows; several,
+    128-deep tiles, 32 rows wide up to 12288 outputs (q/k/v) and 64 above (gate/up), up to 32 rows."""
+    most_rows = MAX_ROWS_ONE_WEIGHT if len(out_features) == 1 else MAX_ROWS
+    if rows > most_rows or not 1 <= len(out_features) <= MAX_WEIGHTS:
         return None
     total = sum(out_features)
     block_n = 64 if len(out_features) > 1 and total > 12288 else 32

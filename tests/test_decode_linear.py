@@ -16,7 +16,8 @@ SMALL = DecodeLinearTiles(block_n=16, block_k=16, num_warps=1, num_stages=1)  # 
 def small_tiles(out_features, in_features, rows):
     """The rule's limits with tiles that fit tiny models."""
     divides = in_features % 16 == 0 and all(n % 16 == 0 for n in out_features)
-    return SMALL if rows <= decode_linear.MAX_ROWS and divides and len(out_features) <= 3 else None
+    most_rows = decode_linear.MAX_ROWS_ONE_WEIGHT if len(out_features) == 1 else decode_linear.MAX_ROWS
+    return SMALL if rows <= most_rows and divides and len(out_features) <= 3 else None
 
 
 def random(*shape, seed, dtype=torch.float16):
@@ -49,7 +50,9 @@ def test_decode_linear_reads_an_input_whose_last_dim_is_strided():
 def test_the_tile_rule_takes_the_measured_shapes_only():
     assert decode_linear_tiles([4096] * 3, 4096, 16) == DecodeLinearTiles(32, 128, 4, 4)  # q, k, v
     assert decode_linear_tiles([11008] * 2, 4096, 1) == DecodeLinearTiles(64, 128, 4, 4)  # gate, up
-    assert decode_linear_tiles([4096], 11008, 32) == DecodeLinearTiles(32, 256, 4, 4)  # down
+    assert decode_linear_tiles([4096], 11008, 16) == DecodeLinearTiles(32, 256, 4, 4)  # down
+    assert decode_linear_tiles([4096], 11008, 17) is None  # one weight: cuBLAS above 16 rows
+    assert decode_linear_tiles([11008] * 2, 4096, 32) == DecodeLinearTiles(64, 128, 4, 4)  # several: 32 rows
     assert decode_linear_tiles([4096, 1024, 1024], 4096, 8) == DecodeLinearTiles(32, 128, 4, 4)  # GQA q, k, v
     assert decode_linear_tiles([4096] * 3, 4096, 33) is None  # more rows than measured
     assert decode_linear_tiles([4096], 4000, 1) is None  # K the tiles do not divide
@@ -68,7 +71,7 @@ def llama_layer_calls(monkeypatch):
 
     monkeypatch.setattr(decode_linear, "decode_linear", spy)
     monkeypatch.setattr(decode_linear, "decode_linear_tiles", small_tiles)
-    monkeypatch.setenv("HF_MULTILORA_DECODE_LINEARS", "1")
+    monkeypatch.delenv("HF_MULTILORA_DECODE_LINEARS", raising=False)  # the default: on
     return launches
 
 
@@ -96,26 +99,26 @@ def test_a_models_projections_run_in_one_launch_per_group_with_their_adapters(zo
     projections = [m for m in base.modules() if isinstance(m, torch.nn.Linear) and m is not base.lm_head]
     assert not any(hasattr(m.__dict__.get("forward"), "original") for m in projections)
     launches.clear()
-    model(ids, adapter_ids=names)  # 18 rows, still within
-    assert len(launches) == 4 * config.num_hidden_layers
+    model(ids, adapter_ids=names)  # 18 rows: within for q/k/v and gate/up, o and down on cuBLAS
+    assert launches == [per_layer[0], per_layer[2]] * config.num_hidden_layers
     launches.clear()
     model(torch.cat([ids] * 2, 1), adapter_ids=names)  # 36 rows: F.linear
     assert launches == []
 
 
-def test_nothing_is_installed_unless_asked(llama_zoo, monkeypatch):
+def test_nothing_is_installed_when_turned_off(llama_zoo, monkeypatch):
     base = llama_zoo.fresh_base().half().to(DEVICE)
     model = MultiLoraModel.from_pretrained(base)
     launches = llama_layer_calls(monkeypatch)
     monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
-    monkeypatch.delenv("HF_MULTILORA_DECODE_LINEARS")
+    monkeypatch.setenv("HF_MULTILORA_DECODE_LINEARS", "0")
     seen = []
     base.model.layers[0].register_forward_pre_hook(
         lambda *_: seen.append("forward" in base.model.layers[0].self_attn.q_proj.__dict__)
     )
     model(torch.randint(3, 128, (2, 3)).to(DEVICE))
     assert launches == [] and seen == [False]
-    monkeypatch.setenv("HF_MULTILORA_DECODE_LINEARS", "1")
+    monkeypatch.delenv("HF_MULTILORA_DECODE_LINEARS")  # the default: on
     model(torch.randint(3, 128, (2, 3)).to(DEVICE))
     assert launches and seen == [False, True]
 
