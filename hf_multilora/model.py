@@ -375,8 +375,9 @@ class MultiLoraModel(torch.nn.Module):
     def _graphs_of_runtime(self) -> DecodeGraphs:
         """The decode graphs of the current runtime (dropped with it when the model moves)."""
         if self._decode_graphs is None:
+            itself = weakref.ref(self)  # not self: the pool would wait for the cyclic collector after `del model`
             self._decode_graphs = DecodeGraphs(
-                self.base_model.forward, self._runtime.captured_state, lambda: self._hook_epoch, self._graph_stats
+                self.base_model.forward, self._runtime.captured_state, lambda: itself()._hook_epoch, self._graph_stats
             )
         return self._decode_graphs
 

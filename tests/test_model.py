@@ -328,8 +328,8 @@ def test_generate_hands_over_the_cache_without_deprecation_warnings(llama_zoo):
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_a_dropped_model_frees_its_page_pool_without_the_cyclic_collector(llama_zoo, kernels, monkeypatch):
     """`del model` must give back its pool (tens of GB on a GPU) at once, as for any PyTorch model: the
-    base model's planning hook, its LoRA forwards and the pool's reclaimer held the model, or its
-    adapter residency, strongly, and those cycles kept it until Python's cyclic collector ran (never,
+    base model's planning hook, its LoRA forwards, the pool's reclaimer and the decode graphs' epoch
+    read held the model, or its adapter residency, strongly, and those cycles kept it until Python's cyclic collector ran (never,
     where an engine froze the heap)."""
     import gc
     import weakref
@@ -346,6 +346,7 @@ def test_a_dropped_model_frees_its_page_pool_without_the_cyclic_collector(llama_
                        pad_token_id=0)  # fmt: skip
         with Engine(model) as engine:
             engine.submit([5, 6, 7], adapter, SamplingParams(max_tokens=3, temperature=0)).result(timeout=60)
+        model._graphs_of_runtime()  # what a CUDA-graphs call makes (CPU has none): its epoch read held the model
         gone = [weakref.ref(model), weakref.ref(model.base_model), weakref.ref(model.page_pool().storage)]
         del model, engine
         assert [ref() is None for ref in gone] == [True, True, True]

@@ -9,6 +9,7 @@ call leaves the pool exactly as it was.
 
 from __future__ import annotations
 
+import gc
 import operator
 import threading
 import weakref
@@ -87,6 +88,8 @@ class PagePool:
                     f"fraction sizes a pool from free CUDA memory; {device} is not an available CUDA "
                     "device: give pool_bytes"
                 )
+            gc.collect()  # memory only unreachable objects hold (a dropped model in a cycle) counts as free
+            torch.cuda.empty_cache()
             pool_bytes = int(torch.cuda.mem_get_info(device)[0] * fraction)
         size = _as_int(pool_bytes)
         if size is None or size < 0:
