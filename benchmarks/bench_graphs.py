@@ -18,6 +18,9 @@ Rows, in interleaved rounds (every variant once per round, the order rotated; th
   graphs x32 <first>, cuBLAS projections   (`--cublas-projections`) the first setup's graph call with
                        the decode projections left to nn.Linear (`decode_linears.py` off) on decode
                        graphs of its own: the one-launch projections' effect on the whole step
+  graphs x32 <first>, LoRA expand per module   (`--per-module-lora`) likewise with the one-launch
+                       projections but each module's LoRA expand its own launch (no
+                       `layers.apply_lora_stacked`): the stacked expand's effect on the whole step
 
 Each variant runs twice per round, with `new_tokens` and with 1 new token: the difference is the
 decode time (prefill differenced out), reported per step. Llama-2-7B shapes, random bf16 weights;
@@ -43,7 +46,7 @@ import torch
 from bench_generate import FULL, TINY, add_adapters, build_base, row_adapters
 from hf_multilora.kernels.kv_quant import KvLayout
 
-from hf_multilora import MultiLoraModel
+from hf_multilora import MultiLoraModel, layers
 
 
 def timed(generate: Callable[[int], torch.Tensor], device: torch.device, new_tokens: int) -> tuple[float, float]:
@@ -92,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "dtype does not fit, e.g. 16 x 16384 at 7B on one H200")  # fmt: skip
     parser.add_argument("--cublas-projections", action="store_true",
                         help="also the first setup on a model whose decode projections are cuBLAS's")  # fmt: skip
+    parser.add_argument("--per-module-lora", action="store_true",
+                        help="also the first setup with a LoRA expand per module, not one per q/k/v and gate/up")  # fmt: skip
     parser.add_argument("--explain-oom", action="store_true",
                         help="record allocations; on running out of memory, print what holds it")  # fmt: skip
     parser.add_argument("--json", default=None)
@@ -117,13 +122,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             sets[name] = [f"{name}-{n}" for n in names]
             paths.update({f"{name}-{n}": f"{tmp}/{name}/{n}" for n in names})
         model = MultiLoraModel.from_pretrained(base, adapters=paths, pool_bytes=int(args.pool_gib * 2**30))
-        cublas = CublasProjections(model) if args.cublas_projections else None
+        settings = {}  # row suffix -> the setting, on decode graphs of its own
+        if args.cublas_projections:
+            settings["cuBLAS projections"] = OwnGraphs(model, lambda: swapped(model._fusion.linears, "groups", []))
+        if args.per_module_lora:
+            settings["LoRA expand per module"] = OwnGraphs(
+                model, lambda: swapped(layers, "apply_lora_stacked", lambda forwards, x, ys: False)
+            )
         model.prefetch_adapters(list(paths))
         bandwidth = copy_bandwidth(device)
         print(f"device-to-device copy: {bandwidth / 1e9:.0f} GB/s (read + write)")
         with common.explained_oom(args.explain_oom):
             results = [
-                run_prompt(model, sets, prompt, args, device, profile, bandwidth, cublas) for prompt in args.prompt_lens
+                run_prompt(model, sets, prompt, args, device, profile, bandwidth, settings) for prompt in args.prompt_lens
             ]
     payload = {"environment": env, "args": vars(args), "copy_bytes_per_s": bandwidth,
                "graph_stats": model.graph_stats(), "results": results}  # fmt: skip
@@ -185,24 +196,32 @@ def step_bytes(
     return weights + kv + adapters
 
 
-class CublasProjections:
-    """The model's calls with the decode projections left to nn.Linear (cuBLAS), on decode graphs of
-    their own (graphs captured with the one-launch projections would replay those)."""
+@contextlib.contextmanager
+def swapped(owner: Any, name: str, value: Any) -> Iterator[None]:
+    kept = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, kept)
 
-    def __init__(self, model: MultiLoraModel) -> None:
-        self.model = model
+
+class OwnGraphs:
+    """The model's calls under `change()` (a context), on decode graphs of their own: graphs
+    captured without the change would replay the default path."""
+
+    def __init__(self, model: MultiLoraModel, change: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.model, self.change = model, change
         self.graphs = None  # this setting's DecodeGraphs, kept between its calls
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        linears = self.model._fusion.linears
-        groups, linears.groups = linears.groups, []
         own, self.model._decode_graphs = self.model._decode_graphs, self.graphs
         try:
-            yield
+            with self.change():
+                yield
         finally:
             self.graphs, self.model._decode_graphs = self.model._decode_graphs, own
-            linears.groups = groups
 
 
 def run_prompt(
@@ -213,7 +232,7 @@ def run_prompt(
     device: torch.device,
     profile: Any,
     bandwidth: float,
-    cublas: CublasProjections | None = None,
+    settings: dict[str, OwnGraphs],
 ):
     batch = args.batch or profile.batch
     torch.manual_seed(prompt)
@@ -257,9 +276,9 @@ def run_prompt(
     first = next(iter(sets))
     variants[f"eager x{len(sets[first])} {first}"] = rotated(sets[first], False)
     setup_of[f"eager x{len(sets[first])} {first}"] = first
-    if cublas is not None:
-        name = f"graphs x{len(sets[first])} {first}, cuBLAS projections"
-        variants[name], setup_of[name] = rotated(sets[first], True, setting=cublas.active), first
+    for suffix, setting in settings.items():
+        name = f"graphs x{len(sets[first])} {first}, {suffix}"
+        variants[name], setup_of[name] = rotated(sets[first], True, setting=setting.active), first
     kv_of: dict[str, str | None] = {}  # rows with a KV cache setting: their kv_cache_dtype
     budget_of: dict[str, float] = {}
     kv_dtypes = list(filter(None, args.kv_dtypes.split(",")))

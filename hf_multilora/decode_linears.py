@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from . import layers
 from .kernels import decode_linear
 
 _GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
@@ -32,15 +33,18 @@ class _Group:
 
     def __init__(self, members: list[torch.nn.Linear]) -> None:
         self.members = members
-        self.kept: tuple[torch.Tensor, int, dict[int, torch.Tensor]] | None = None  # input, its version, outputs
+        self.forwards: list[Callable] = []  # the members' own forwards during a call (`install`)
+        # input, its version, the other members' outputs, whether their LoRA deltas are in them
+        self.kept: tuple[torch.Tensor, int, dict[int, torch.Tensor], bool] | None = None
 
-    def output(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Member `index`'s output for x, or None where the kernel does not take the call."""
+    def output(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+        """Member `index`'s output for x and whether its LoRA delta is in it already, or None where
+        the kernel does not take the call."""
         kept, self.kept = self.kept, None
         if kept is not None and kept[0] is x and kept[1] == x._version and index in kept[2]:
             y = kept[2].pop(index)
             self.kept = kept if kept[2] else None
-            return y
+            return y, kept[3]
         if x.dim() < 2 or not 0 < x.numel() // max(x.shape[-1], 1) <= decode_linear.MAX_ROWS:
             return None  # a prefill: cuBLAS's (checked first, it is every prefill's path)
         if torch.is_grad_enabled():
@@ -51,9 +55,10 @@ class _Group:
             if tiles is not None:
                 outs = decode_linear.decode_linear(x, [m.weight for m in members], [m.bias for m in members], tiles)
                 if len(members) == 1:
-                    return outs[0]
-                self.kept = (x, x._version, {i: y for i, y in enumerate(outs) if i != index})
-                return outs[index]
+                    return outs[0], False
+                lora_added = layers.apply_lora_stacked(self.forwards, x, outs)  # one expand for all
+                self.kept = (x, x._version, {i: y for i, y in enumerate(outs) if i != index}, lora_added)
+                return outs[index], lora_added
         return None
 
 
@@ -100,13 +105,14 @@ class DecodeLinears:
                 if made is None or made[0] is not own:
                     made = self._made[module] = (own, self._forward(group, index, module.forward))
                 module.forward = made[1]
+            group.forwards = [m.forward.original for m in group.members]
 
     def remove(self) -> None:
         if not self._installed:
             return
         self._installed = False
         for group in self.groups:
-            group.kept = None
+            group.kept, group.forwards = None, []
             for module in group.members:
                 original = getattr(module.forward, "original", None)
                 if original is None:
@@ -121,10 +127,11 @@ class DecodeLinears:
         ours = _plain_linear(getattr(original, "base_forward", original))  # else someone else's since construction
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            y = group.output(index, x) if ours and not args and not kwargs and self._fusing(x) else None
-            if y is None:
+            got = group.output(index, x) if ours and not args and not kwargs and self._fusing(x) else None
+            if got is None:
                 return original(x, *args, **kwargs)
-            if lora_step is not None:
+            y, lora_added = got
+            if lora_step is not None and not lora_added:
                 lora_step(x, y)
             return y
 

@@ -65,7 +65,7 @@ class _Recipe:
     expand: sgmv.ExpandCall
     dtype: torch.dtype
     x_shape: tuple[int, int]
-    y_shape: tuple[int, int]
+    y_shape: tuple  # y's (a stacked recipe's: each output's)
 
 
 def add_lora_to_forward(
@@ -96,6 +96,7 @@ def add_lora_to_forward(
 
     forward.lora_step = lora_step  # what decode_linears runs after computing the base part itself
     forward.base_forward = base_forward
+    forward.lora_target = (runtime_of, index)  # for apply_lora_stacked
 
     def undo() -> None:
         if had_own_forward:
@@ -105,6 +106,22 @@ def add_lora_to_forward(
 
     module.forward = forward
     return undo
+
+
+def apply_lora_stacked(forwards: Sequence[Callable], x: torch.Tensor, ys: Sequence[torch.Tensor]) -> bool:
+    """Add the LoRA deltas of sibling modules, whose forwards `add_lora_to_forward` made, to their
+    outputs `ys` for input x in one expand launch (ys: views of one buffer, one after another, as
+    `decode_linear` leaves a group's outputs; at 7B decode the q/k/v expands are 3 launches of ~4.4
+    us each). True where done (or nothing to add); False where this path does not take the call,
+    and each forward's `lora_step` must then run."""
+    targets = [getattr(f, "lora_target", None) for f in forwards]
+    if not targets or any(t is None or t[0] is not targets[0][0] for t in targets):
+        return False
+    first = targets[0][1]
+    if [index for _, index in targets] != list(range(first, first + len(targets))):
+        return False
+    runtime = targets[0][0]()
+    return runtime is not None and runtime.apply_stacked(first, x, ys)
 
 
 def rank_capacity(max_rank: int) -> int:
@@ -125,7 +142,7 @@ class _FixedDecode:
     locations: torch.Tensor  # [modules, rows, LOCATION_FIELDS]
     scales: torch.Tensor  # [modules, rows]
     workspace: torch.Tensor
-    recipes: dict[int, _Recipe]  # prepared launches; they read `rows`, so they go when it is replaced
+    recipes: dict[int | tuple[str, int], _Recipe]  # prepared launches; they read `rows`, so they go when it is replaced
     templates: dict[tuple, Any]  # the launches recipes are prepared from (see LoraRuntime._prepare)
     rows: torch.Tensor  # the adapter residency's row table when the recipes were prepared
 
@@ -181,7 +198,7 @@ class LoraRuntime:
         self.owner: int | None = None
         self.module_mask = 0
         self._plan_key: tuple | None = None
-        self._recipes: dict[int, _Recipe] = {}
+        self._recipes: dict[int | tuple[str, int], _Recipe] = {}  # by module, and ("stacked", group first)
         # A module's launches are prepared as variants of the first ones of their shape under the plan
         # (keyed by kind and shapes): one Triton specialization per shape, not per module.
         self._templates: dict[tuple, Any] = {}
@@ -270,6 +287,34 @@ class LoraRuntime:
                 return y
         return self._apply_general(module, x, y)
 
+    def apply_stacked(self, first: int, x: torch.Tensor, ys: Sequence[torch.Tensor]) -> bool:
+        """See `apply_lora_stacked`: sibling group `first`'s shrink (shared, as ever) and one expand
+        into all of ys."""
+        if (
+            self.plan is None
+            or self.owner != threading.get_ident()
+            or not self._kernels
+            or self.groups[first] != _Group(first, len(ys))
+        ):
+            return False
+        if not self.module_mask >> first & ((1 << len(ys)) - 1):
+            return True  # no adapter of the batch targets these modules
+        dtype = self.residency.dtype
+        if x.dtype != dtype or not x.is_contiguous() or any(y.dtype != dtype or not y.is_contiguous() for y in ys):
+            return False
+        x2, ys2 = x.view(-1, x.shape[-1]), [y.view(-1, y.shape[-1]) for y in ys]
+        if x2.shape[0] != self.plan.num_tokens:
+            return False
+        key = ("stacked", first)
+        recipe = self._recipes.get(key)
+        if recipe is None or (x2.shape, tuple(y.shape for y in ys2)) != (recipe.x_shape, recipe.y_shape):
+            recipe = self._prepare_stacked(first, x2, ys2)
+        if not (self._shrunk is not None and self._shrunk[0] is x and self._shrunk[1] == first):
+            recipe.shrink(x2)
+            self._shrunk = (x, first)
+        recipe.expand(ys2)
+        return True
+
     def _apply_general(self, module: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] != self.plan.num_tokens:
@@ -334,6 +379,25 @@ class LoraRuntime:
         )  # fmt: skip
         self._recipes[module] = _Recipe(shrink, expand, x2.dtype, tuple(x2.shape), tuple(out2.shape))
         return self._recipes[module]
+
+    def _prepare_stacked(self, first: int, x2: torch.Tensor, ys2: list[torch.Tensor]) -> _Recipe:
+        """The group's shrink (its first member's recipe's) and an expand into a tensor per member."""
+        shrink = self._recipes.get(first)
+        shrink = (shrink if shrink is not None and shrink.x_shape == tuple(x2.shape) else
+                  self._prepare(first, x2, ys2[0])).shrink  # fmt: skip
+        residency, tile_locations, tile_scales = self.residency, *self._tile_tables
+        members = slice(first, first + len(ys2))
+        tables = (tile_locations[members], tile_scales[members])
+        shapes = tuple(tuple(y.shape) for y in ys2)
+        expand = self._variant_of(
+            ("expand stacked", shapes, x2.dtype, shrink.v.shape),
+            lambda: sgmv.ExpandCall(ys2, shrink.v, residency.pool.storage, residency.rows,
+                                    residency.locations[members], residency.scales[members], self.plan,
+                                    tile_tables=tables),
+            shrink.v, tables,
+        )  # fmt: skip
+        recipe = self._recipes[("stacked", first)] = _Recipe(shrink, expand, x2.dtype, tuple(x2.shape), shapes)
+        return recipe
 
     def _variant_of(self, key: tuple, prepare: Callable[[], Any], *tables: Any) -> Any:
         """The launch of `key`'s shapes for these tables: a variant of the first one prepared under

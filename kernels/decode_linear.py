@@ -98,11 +98,14 @@ def decode_linear(
     """[F.linear(x, w, b) for each weight] in one launch: x [..., K] (rows = x.numel() / K),
     weights [n_i, K] contiguous in x's dtype, biases all None or all [n_i] contiguous; `tiles` from
     `decode_linear_tiles`. Launched through `launch.specialized` (a few microseconds of host time
-    where `kernel[grid](...)` takes ~30)."""
+    where `kernel[grid](...)` takes ~30). The outputs are views of one buffer, one after another,
+    each contiguous: a LoRA expand reaches them all in one launch (`sgmv.ExpandCall` of a tensor per
+    slice)."""
     in_features = x.shape[-1]
     x2 = x.reshape(-1, in_features)
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()  # the kernel reads K contiguous
-    outs = [torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
+    buffer = torch.empty(x2.shape[0] * sum(w.shape[0] for w in weights), dtype=x.dtype, device=x.device)
+    outs = [part.view(*x.shape[:-1], -1) for part in buffer.split([x2.shape[0] * w.shape[0] for w in weights])]
     has_bias = biases[0] is not None
     sizes = [w.shape[0] for w in weights] + [0] * (MAX_WEIGHTS - len(weights))
     specialized(_decode_linear_kernel)(

@@ -264,9 +264,8 @@ def _sgmv_expand_kernel(
     scale_ptr,
     tiles_ptr,
     sorted_ptr,
-    slice_offsets_ptr,
+    slices_ptr,
     num_tiles,
-    y_stride,
     v_stride_split,
     v_stride_s,
     v_stride_t,
@@ -290,8 +289,9 @@ def _sgmv_expand_kernel(
     s = tl.program_id(1)
     n_block = tl.program_id(2)
 
-    n_begin = tl.multiple_of(tl.load(slice_offsets_ptr + s), SLICE_ALIGN)
-    width = tl.multiple_of(tl.load(slice_offsets_ptr + s + 1) - n_begin, SLICE_ALIGN)
+    y_first = tl.multiple_of(tl.load(slices_ptr + 3 * s), SLICE_ALIGN)  # the slice's [0, 0] from y_ptr
+    width = tl.multiple_of(tl.load(slices_ptr + 3 * s + 1).to(tl.int32), SLICE_ALIGN)
+    y_stride = tl.multiple_of(tl.load(slices_ptr + 3 * s + 2), SLICE_ALIGN)
     if n_block * BLOCK_N >= width:
         _wait_prior_kernel(USE_PDL)
         return
@@ -332,7 +332,7 @@ def _sgmv_expand_kernel(
             )  # fmt: skip
         acc += _matmul(v_tile.to(b_tile.dtype), b_tile, DOT_IN_FP32)
 
-    y_tile_ptr = y_ptr + tok[:, None] * y_stride + n_begin + offs_n[None, :]
+    y_tile_ptr = y_ptr + y_first + tok[:, None] * y_stride + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     y_tile = tl.load(y_tile_ptr, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_tile_ptr, (y_tile + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
@@ -485,8 +485,27 @@ def sgmv_shrink(
 
 
 @lru_cache(maxsize=256)
-def _device_offsets(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(offsets, dtype=torch.int32, device=device)
+def _device_slices(slices: tuple[tuple[int, int, int], ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(slices, dtype=torch.int64, device=device)
+
+
+def _output_slices(
+    y: torch.Tensor | Sequence[torch.Tensor], slice_offsets: Sequence[int] | None, n_slices: int
+) -> tuple[tuple[int, int, int], ...]:
+    """Per slice: (its [0, 0] element's distance from the first output's, in elements; its width;
+    its row stride). y is one tensor whose columns the slices are, or a tensor per slice."""
+    if isinstance(y, torch.Tensor):
+        offsets = _slice_offsets(y, slice_offsets, n_slices)
+        return tuple((a, b - a, y.stride(0)) for a, b in itertools.pairwise(offsets))
+    if slice_offsets is not None or len(y) != n_slices:
+        raise ValueError(f"a tensor per slice: {n_slices} outputs and no slice_offsets, got {len(y)} and {slice_offsets}")
+    first = y[0]
+    for t in y:
+        if (t.dtype, t.device, t.shape[:1]) != (first.dtype, first.device, first.shape[:1]) or (
+            t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+        ):
+            raise ValueError("the outputs of one expand must be views of one buffer, of one dtype and row count")
+    return tuple(((t.data_ptr() - first.data_ptr()) // t.element_size(), t.shape[1], t.stride(0)) for t in y)
 
 
 def _slice_offsets(y: torch.Tensor, slice_offsets: Sequence[int] | None, n_slices: int) -> tuple[int, ...]:
@@ -503,12 +522,14 @@ class ExpandCall:
     y[t, cols of slice s] += (sum of v partials)[s, t] @ B[slot].T * scale.
 
     `slice_offsets` (host ints, slices+1 of them) gives each slice's columns in y; default: one
-    slice spanning all of y.
+    slice spanning all of y. Or y is a sequence of a tensor per slice, views of one buffer (sibling
+    projections' outputs from one `decode_linear` launch): one launch then expands them all,
+    addressing each from the first by its distance in memory, which every call must bring again.
     """
 
     def __init__(
         self,
-        y: torch.Tensor,
+        y: torch.Tensor | Sequence[torch.Tensor],
         v: torch.Tensor,
         weights: torch.Tensor,
         rows: torch.Tensor,
@@ -518,16 +539,18 @@ class ExpandCall:
         slice_offsets: Sequence[int] | None = None,
         tile_tables: tuple[torch.Tensor, torch.Tensor] | None = None,  # (locations, scales) per tile
     ) -> None:
-        _check_inputs(y, weights, rows, locations)
-        n_slices = locations.shape[0]
-        offsets = _slice_offsets(y, slice_offsets, n_slices)
+        for output in [y] if isinstance(y, torch.Tensor) else y:
+            _check_inputs(output, weights, rows, locations)
+        slices = _output_slices(y, slice_offsets, locations.shape[0])
+        self._slices = None if isinstance(y, torch.Tensor) else slices  # what each call's outputs must repeat
+        first = y if isinstance(y, torch.Tensor) else y[0]
         self._launch = None
         if plan.num_tiles:
-            widest = max(b - a for a, b in itertools.pairwise(offsets))
+            widest = max(width for _, width, _ in slices)
             block_n = 128 if widest >= 128 else max(16, triton.next_power_of_2(widest))
             tile_locations, tile_scales = tile_tables or (tile_view(locations, plan), tile_view(scales, plan))
             args = dict(
-                y_ptr=y,  # [T, sum of slice widths] updated in place
+                y_ptr=first,  # [T, width] updated in place (the first output: the slices' addresses start here)
                 v_ptr=v,  # [splits, slices, T, width] fp32, the shrink's partials
                 w_ptr=weights,  # [pool elements] the pool storage holding the rank rows
                 rows_ptr=rows,  # [rows] int64 element offset of each rank row
@@ -535,27 +558,33 @@ class ExpandCall:
                 scale_ptr=tile_scales,  # [slices, tiles] fp32
                 tiles_ptr=plan.tiles,  # [3, tiles] int32 (slot, start, end)
                 sorted_ptr=plan.sorted_tokens,  # [T_active] int32 tokens grouped by slot
-                slice_offsets_ptr=_device_offsets(offsets, y.device),  # [slices + 1] int32 columns of y
-                num_tiles=plan.num_tiles, y_stride=y.stride(0),
+                slices_ptr=_device_slices(slices, first.device),  # [slices, 3] int64 (first element, width, row stride)
+                num_tiles=plan.num_tiles,
                 v_stride_split=v.stride(0), v_stride_s=v.stride(1), v_stride_t=v.stride(2), v_width=v.shape[3],
                 loc_stride_s=tile_locations.stride(0), loc_stride_tile=tile_locations.stride(1),
                 scale_stride_s=tile_scales.stride(0), scale_stride_tile=tile_scales.stride(1),
                 num_splits=v.shape[0],
             )  # fmt: skip
-            pdl = _use_pdl(plan, y.device)
+            pdl = _use_pdl(plan, first.device)
             constexprs = dict(
                 # all MAX_SPLIT partials of a decode tile in one load; 4,096 values of larger tiles per load
                 SPLIT_TILE=min(MAX_SPLIT, 256 // plan.block_m), BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=RANK_TILE,
-                DOT_IN_FP32=_dot_in_fp32(y.dtype), ALIGN=WEIGHT_ALIGN,
-                SLICE_ALIGN=WEIGHT_ALIGN if all(o % WEIGHT_ALIGN == 0 for o in offsets) else 1,
+                DOT_IN_FP32=_dot_in_fp32(first.dtype), ALIGN=WEIGHT_ALIGN,
+                SLICE_ALIGN=WEIGHT_ALIGN if all(n % WEIGHT_ALIGN == 0 for entry in slices for n in entry) else 1,
                 USE_PDL=pdl,
             )  # fmt: skip
-            grid = (plan.num_tiles, n_slices, triton.cdiv(widest, block_n))
+            grid = (plan.num_tiles, len(slices), triton.cdiv(widest, block_n))
             # A decode tile is one row: a single warp per 128 columns keeps the most loads in flight.
             num_warps = 1 if plan.block_m == 1 else 4
             self._launch = BoundLaunch(_sgmv_expand_kernel, grid, args, constexprs, num_warps, pdl)
 
-    def __call__(self, y: torch.Tensor) -> None:
+    def __call__(self, y: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        if self._slices is not None:
+            if isinstance(y, torch.Tensor) or _output_slices(y, None, len(self._slices)) != self._slices:
+                raise ValueError("outputs placed otherwise than the ones this expand was planned for")
+            y = y[0]
+        elif not isinstance(y, torch.Tensor):
+            raise ValueError("this expand was planned for one output tensor")
         if self._launch is not None:
             self._launch(y)
 
@@ -570,7 +599,7 @@ class ExpandCall:
 
 
 def sgmv_expand(
-    y: torch.Tensor,
+    y: torch.Tensor | Sequence[torch.Tensor],
     v: torch.Tensor,
     weights: torch.Tensor,
     rows: torch.Tensor,
@@ -758,7 +787,7 @@ def sgmv_shrink_reference(
 
 
 def sgmv_expand_reference(
-    y: torch.Tensor,
+    y: torch.Tensor | Sequence[torch.Tensor],
     v: torch.Tensor,
     weights: torch.Tensor,
     rows: torch.Tensor,
@@ -769,14 +798,19 @@ def sgmv_expand_reference(
 ) -> None:
     """Plain-PyTorch expand with the same contract and rounding points as `sgmv_expand`:
     v is rounded to the weight dtype before the second product, y is updated once."""
-    _check_inputs(y, weights, rows, locations)
-    offsets = _slice_offsets(y, slice_offsets, locations.shape[0])
+    if isinstance(y, torch.Tensor):
+        _check_inputs(y, weights, rows, locations)
+        offsets = _slice_offsets(y, slice_offsets, locations.shape[0])
+        targets = [y[:, a:b] for a, b in itertools.pairwise(offsets)]
+    else:
+        _output_slices(y, slice_offsets, locations.shape[0])
+        targets = list(y)
     table, scale_table = locations.tolist(), scales.tolist()
     v_sum = v.sum(0)
     for slot, tokens in _token_groups(plan):
         for s, (_, b_row, rank) in enumerate(row[slot] for row in table):
             if rank:
-                n_begin, n_end = offsets[s], offsets[s + 1]
-                b_t = _matrix(weights, rows, b_row, rank, n_end - n_begin)
+                target = targets[s]
+                b_t = _matrix(weights, rows, b_row, rank, target.shape[1])
                 delta = v_sum[s, tokens, :rank].to(weights.dtype).float() @ b_t.float() * scale_table[s][slot]
-                y[tokens, n_begin:n_end] = (y[tokens, n_begin:n_end].float() + delta).to(y.dtype)
+                target[tokens] = (target[tokens].float() + delta).to(target.dtype)

@@ -106,6 +106,43 @@ def test_a_models_projections_run_in_one_launch_per_group_with_their_adapters(zo
     assert launches == []
 
 
+@pytest.mark.parametrize("registered", ["all", "qv_r4"])
+def test_a_groups_lora_deltas_are_added_by_one_expand(llama_zoo, registered, monkeypatch):
+    """q/k/v (and gate/up) outputs of one launch get their LoRA deltas from one expand where the
+    adapters' modules form the same group (all registered: q, k, v targeted); with only q and v
+    targeted, k has no LoRA forward and q and v expand alone. The logits are those of the
+    per-module path either way."""
+    from hf_multilora.kernels import sgmv
+
+    paths = llama_zoo.paths if registered == "all" else {"qv_r4": llama_zoo.paths["qv_r4"]}
+    base = llama_zoo.fresh_base().half().to(DEVICE)
+    model = MultiLoraModel.from_pretrained(base, adapters=paths)
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
+    names = list(paths)
+    rows = [names[i % len(names)] for i in range(3)]
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    expands = []
+    expand = sgmv.ExpandCall.__call__
+
+    def spy(self, y):
+        expands.append(1 if isinstance(y, torch.Tensor) else len(y))
+        return expand(self, y)
+
+    monkeypatch.setattr(sgmv.ExpandCall, "__call__", spy)
+    with monkeypatch.context() as unfused:
+        unfused.setattr(decode_linears, "_tiles", lambda members, x: None)
+        expected = model(ids, adapter_ids=rows).logits
+        assert not torch.allclose(expected, model(ids).logits, rtol=2e-3, atol=2e-3)  # the adapters matter
+    layers = base.config.num_hidden_layers
+    per_module = [1] * (7 if registered == "all" else 2)
+    assert expands == per_module * layers
+    expands.clear()
+    llama_layer_calls(monkeypatch)
+    got = model(ids, adapter_ids=rows).logits
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
+    assert expands == ([3, 1, 2, 1] if registered == "all" else per_module) * layers
+
+
 def test_nothing_is_installed_when_turned_off(llama_zoo, monkeypatch):
     base = llama_zoo.fresh_base().half().to(DEVICE)
     model = MultiLoraModel.from_pretrained(base)
@@ -144,12 +181,18 @@ def test_a_sibling_whose_input_changed_computes_its_own(monkeypatch):
     q, k, v = (torch.nn.Linear(32, 16, bias=False).half().to(DEVICE) for _ in range(3))
     group = decode_linears._Group([q, k, v])
     x = random(4, 32, seed=3)
-    torch.testing.assert_close(group.output(0, x), F.linear(x, q.weight), rtol=1e-2, atol=1e-2)
+
+    def output(index, x):
+        y, lora_added = group.output(index, x)
+        assert not lora_added  # no LoRA forwards here
+        return y
+
+    torch.testing.assert_close(output(0, x), F.linear(x, q.weight), rtol=1e-2, atol=1e-2)
     x.mul_(2)  # in place between q's call and k's: k's kept output is stale
-    torch.testing.assert_close(group.output(1, x), F.linear(x, k.weight), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(output(1, x), F.linear(x, k.weight), rtol=1e-2, atol=1e-2)
     other = x.clone()  # another tensor of equal values: not the kept input
-    torch.testing.assert_close(group.output(2, other), F.linear(other, v.weight), rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(group.output(2, x), F.linear(x, v.weight), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(output(2, other), F.linear(other, v.weight), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(output(2, x), F.linear(x, v.weight), rtol=1e-2, atol=1e-2)
     assert group.output(0, x.float()) is None  # fp32: tl.dot would round to tf32
     with torch.enable_grad():
         assert group.output(0, x) is None  # the kernel has no backward: F.linear's path

@@ -194,6 +194,64 @@ def test_references_reject_unaligned_rows():
         sgmv_shrink_reference(torch.randn(2, 32, device=DEVICE), weights, rows, locations, plan_sgmv([0], 2, 8, DEVICE))
 
 
+def stacked_copies(y, widths, gap):
+    """y's column slices copied into one buffer one after another (`gap` elements before each), as
+    `decode_linear` leaves a group's outputs: a contiguous [tokens, width] tensor per slice."""
+    tokens, offsets = y.shape[0], [0, *torch.tensor(widths).cumsum(0).tolist()]
+    buffer = torch.randn(sum(gap + tokens * w for w in widths), device=y.device).to(y.dtype)
+    outputs, start = [], 0
+    for w, a, b in zip(widths, offsets[:-1], offsets[1:], strict=True):
+        start += gap
+        outputs.append(buffer[start : start + tokens * w].view(tokens, w).copy_(y[:, a:b]))
+        start += tokens * w
+    return outputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["decode_small_segments", "multi_slice_gqa", "unaligned_widths_and_input"])
+def test_expand_into_a_tensor_per_slice_equals_the_column_slices(case, dtype):
+    """The sibling projections' outputs of one decode_linear launch get their LoRA deltas in one
+    expand: each slice addressed from the first output; the same values as the slices as columns."""
+    row_slots, tokens_per_row, ranks, k, widths, untargeted = CASES[case]
+    weights, rows, locations, scales = make_adapters(ranks, k, widths, dtype, seed=5, untargeted=untargeted)
+    gen = torch.Generator().manual_seed(6)
+    n_tokens = len(row_slots) * tokens_per_row
+    x = torch.randn(n_tokens, k, generator=gen).to(dtype).to(DEVICE)
+    y0 = torch.randn(n_tokens, sum(widths), generator=gen).to(dtype).to(DEVICE)
+    offsets = [0, *torch.tensor(widths).cumsum(0).tolist()]
+    plan = plan_sgmv(row_slots, tokens_per_row, max(ranks), DEVICE)
+    v = sgmv_shrink(x, weights, rows, locations, plan)
+    for gap in (0, 3):
+        columns, reference_columns = y0.clone(), y0.clone()
+        sgmv_expand(columns, v, weights, rows, locations, scales, plan, offsets)
+        sgmv_expand_reference(reference_columns, v, weights, rows, locations, scales, plan, offsets)
+        outputs, reference_outputs = stacked_copies(y0, widths, gap), stacked_copies(y0, widths, gap)
+        sgmv_expand(outputs, v, weights, rows, locations, scales, plan)
+        sgmv_expand_reference(reference_outputs, v, weights, rows, locations, scales, plan)
+        assert torch.equal(torch.cat(outputs, 1), columns)
+        assert torch.equal(torch.cat(reference_outputs, 1), reference_columns)
+        assert not torch.equal(columns, y0)
+
+
+def test_an_expand_into_a_tensor_per_slice_refuses_outputs_placed_otherwise():
+    widths = [16, 8]
+    weights, rows, locations, scales = make_adapters([8], 32, widths, torch.float32, 0)
+    plan = plan_sgmv([0, 0], 1, 8, DEVICE)
+    v = sgmv_shrink(torch.randn(2, 32, device=DEVICE), weights, rows, locations, plan)
+    y = torch.randn(2, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="views of one buffer"):
+        sgmv.ExpandCall([torch.randn(2, 16, device=DEVICE), torch.randn(2, 8, device=DEVICE)], v, weights, rows,
+                        locations, scales, plan)  # fmt: skip
+    with pytest.raises(ValueError, match="a tensor per slice"):
+        sgmv.ExpandCall(stacked_copies(y, widths, 0), v, weights, rows, locations, scales, plan, [0, 16, 24])
+    call = sgmv.ExpandCall(stacked_copies(y, widths, 0), v, weights, rows, locations, scales, plan)
+    call(stacked_copies(y, widths, 0))  # the same layout in another buffer
+    with pytest.raises(ValueError, match="placed otherwise"):
+        call(stacked_copies(y, widths, 8))
+    with pytest.raises(ValueError, match="placed otherwise"):
+        call(y)
+
+
 def test_expand_rejects_bad_slice_offsets():
     weights, rows, locations, scales = make_adapters([8], 32, [16], torch.float32, 0)
     plan = plan_sgmv([0], 2, 8, DEVICE)
