@@ -7,8 +7,11 @@ output for its input and keeps the others' outputs; a member called next with th
 unchanged since (its version counter), takes its output. Any other call computes its own, and a call
 the kernel does not take (more rows than it was measured for, another dtype, shapes its tiles do not
 divide, no Triton) runs the module's own forward. A LoRA forward (`layers.add_lora_to_forward`) stays:
-the launch replaces its base part only. Modules whose forward is someone else's (accelerate's
-offloading hooks, quantized linear classes) are left alone.
+the launch replaces its base part only, and where the members are one sibling group of the LoRA
+runtime, their deltas come from the group's shrink and one expand into all the outputs
+(`layers.apply_lora_stacked`; the kernel leaves them one after another in one buffer), not one
+expand each. Modules whose forward is someone else's (accelerate's offloading hooks, quantized
+linear classes) are left alone.
 
 On by default; `HF_MULTILORA_DECODE_LINEARS=0` (read at each call) turns it off, e.g. to compare
 against cuBLAS (`benchmarks/bench_graphs.py --cublas-projections`).
