@@ -36,7 +36,7 @@ class _Group:
 
     def __init__(self, members: list[torch.nn.Linear]) -> None:
         self.members = members
-        self.forwards: list[Callable] = []  # the members' own forwards during a call (`install`)
+        self.forwards: list[Callable] = []  # the members' own forwards, as of the last `install`
         # input, its version, the other members' outputs, whether their LoRA deltas are in them
         self.kept: tuple[torch.Tensor, int, dict[int, torch.Tensor], bool] | None = None
 
@@ -102,20 +102,23 @@ class DecodeLinears:
         if not self._installed:
             return
         for group in self.groups:
+            remade = False
             for index, module in enumerate(group.members):
                 own = module.__dict__.get("forward")
                 made = self._made.get(module)
                 if made is None or made[0] is not own:
                     made = self._made[module] = (own, self._forward(group, index, module.forward))
+                    remade = True
                 module.forward = made[1]
-            group.forwards = [m.forward.original for m in group.members]
+            if remade:
+                group.forwards = [self._made[m][1].original for m in group.members]
 
     def remove(self) -> None:
         if not self._installed:
             return
         self._installed = False
         for group in self.groups:
-            group.kept, group.forwards = None, []
+            group.kept = None
             for module in group.members:
                 original = getattr(module.forward, "original", None)
                 if original is None:

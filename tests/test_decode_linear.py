@@ -143,6 +143,38 @@ def test_a_groups_lora_deltas_are_added_by_one_expand(llama_zoo, registered, mon
     assert expands == ([3, 1, 2, 1] if registered == "all" else per_module) * layers
 
 
+def test_an_adapter_loaded_between_calls_gets_one_expand_per_group(llama_zoo, monkeypatch):
+    """The group's forwards are those of the latest install: LoRA forwards added by a later
+    load_adapter are stacked, and gone again after unload_adapter."""
+    from hf_multilora.kernels import sgmv
+
+    base = llama_zoo.fresh_base().half().to(DEVICE)
+    model = MultiLoraModel.from_pretrained(base)
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
+    ids = torch.randint(3, 128, (2, 4), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    llama_layer_calls(monkeypatch)
+    plain = model(ids).logits
+    model.load_adapter(llama_zoo.paths["attn_r8"], "attn_r8")
+    with monkeypatch.context() as unfused:
+        unfused.setattr(decode_linears, "_tiles", lambda members, x: None)
+        expected = model(ids, adapter_ids=["attn_r8", None]).logits
+    expands = []
+    expand = sgmv.ExpandCall.__call__
+
+    def spy(self, y):
+        expands.append(1 if isinstance(y, torch.Tensor) else len(y))
+        return expand(self, y)
+
+    monkeypatch.setattr(sgmv.ExpandCall, "__call__", spy)
+    got = model(ids, adapter_ids=["attn_r8", None]).logits
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
+    assert expands == [3, 1] * base.config.num_hidden_layers  # q/k/v stacked, o alone
+    model.unload_adapter("attn_r8")
+    expands.clear()
+    torch.testing.assert_close(model(ids).logits, plain, rtol=0, atol=0)
+    assert expands == []
+
+
 def test_nothing_is_installed_when_turned_off(llama_zoo, monkeypatch):
     base = llama_zoo.fresh_base().half().to(DEVICE)
     model = MultiLoraModel.from_pretrained(base)
