@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from hf_multilora.kernels import decode_linear
+from hf_multilora.kernels import decode_linear, sgmv
 from hf_multilora.kernels.decode_linear import DecodeLinearTiles, decode_linear_tiles
 
 from hf_multilora import MultiLoraModel, decode_linears
@@ -106,21 +106,8 @@ def test_a_models_projections_run_in_one_launch_per_group_with_their_adapters(zo
     assert launches == []
 
 
-@pytest.mark.parametrize("registered", ["all", "qv_r4"])
-def test_a_groups_lora_deltas_are_added_by_one_expand(llama_zoo, registered, monkeypatch):
-    """q/k/v (and gate/up) outputs of one launch get their LoRA deltas from one expand where the
-    adapters' modules form the same group (all registered: q, k, v targeted); with only q and v
-    targeted, k has no LoRA forward and q and v expand alone. The logits are those of the
-    per-module path either way."""
-    from hf_multilora.kernels import sgmv
-
-    paths = llama_zoo.paths if registered == "all" else {"qv_r4": llama_zoo.paths["qv_r4"]}
-    base = llama_zoo.fresh_base().half().to(DEVICE)
-    model = MultiLoraModel.from_pretrained(base, adapters=paths)
-    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
-    names = list(paths)
-    rows = [names[i % len(names)] for i in range(3)]
-    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+def expand_calls(monkeypatch):
+    """Spy on LoRA expands: the outputs each launch writes (1, or a tensor per slice's count)."""
     expands = []
     expand = sgmv.ExpandCall.__call__
 
@@ -129,6 +116,23 @@ def test_a_groups_lora_deltas_are_added_by_one_expand(llama_zoo, registered, mon
         return expand(self, y)
 
     monkeypatch.setattr(sgmv.ExpandCall, "__call__", spy)
+    return expands
+
+
+@pytest.mark.parametrize("registered", ["all", "qv_r4"])
+def test_a_groups_lora_deltas_are_added_by_one_expand(llama_zoo, registered, monkeypatch):
+    """q/k/v (and gate/up) outputs of one launch get their LoRA deltas from one expand where the
+    adapters' modules form the same group (all registered: q, k, v targeted); with only q and v
+    targeted, k has no LoRA forward and q and v expand alone. The logits are those of the
+    per-module path either way."""
+    paths = llama_zoo.paths if registered == "all" else {"qv_r4": llama_zoo.paths["qv_r4"]}
+    base = llama_zoo.fresh_base().half().to(DEVICE)
+    model = MultiLoraModel.from_pretrained(base, adapters=paths)
+    monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
+    names = list(paths)
+    rows = [names[i % len(names)] for i in range(3)]
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    expands = expand_calls(monkeypatch)
     with monkeypatch.context() as unfused:
         unfused.setattr(decode_linears, "_tiles", lambda members, x: None)
         expected = model(ids, adapter_ids=rows).logits
@@ -146,8 +150,6 @@ def test_a_groups_lora_deltas_are_added_by_one_expand(llama_zoo, registered, mon
 def test_an_adapter_loaded_between_calls_gets_one_expand_per_group(llama_zoo, monkeypatch):
     """The group's forwards are those of the latest install: LoRA forwards added by a later
     load_adapter are stacked, and gone again after unload_adapter."""
-    from hf_multilora.kernels import sgmv
-
     base = llama_zoo.fresh_base().half().to(DEVICE)
     model = MultiLoraModel.from_pretrained(base)
     monkeypatch.setenv("HF_MULTILORA_KERNELS", "triton")
@@ -158,14 +160,7 @@ def test_an_adapter_loaded_between_calls_gets_one_expand_per_group(llama_zoo, mo
     with monkeypatch.context() as unfused:
         unfused.setattr(decode_linears, "_tiles", lambda members, x: None)
         expected = model(ids, adapter_ids=["attn_r8", None]).logits
-    expands = []
-    expand = sgmv.ExpandCall.__call__
-
-    def spy(self, y):
-        expands.append(1 if isinstance(y, torch.Tensor) else len(y))
-        return expand(self, y)
-
-    monkeypatch.setattr(sgmv.ExpandCall, "__call__", spy)
+    expands = expand_calls(monkeypatch)
     got = model(ids, adapter_ids=["attn_r8", None]).logits
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3)
     assert expands == [3, 1] * base.config.num_hidden_layers  # q/k/v stacked, o alone
