@@ -490,10 +490,18 @@ def _device_slices(slices: tuple[tuple[int, int, int], ...], device: torch.devic
 
 
 def _output_slices(
-    y: torch.Tensor | Sequence[torch.Tensor], slice_offsets: Sequence[int] | None, n_slices: int
+    y: torch.Tensor | Sequence[torch.Tensor],
+    slice_offsets: Sequence[int] | None,
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+    locations: torch.Tensor,
 ) -> tuple[tuple[int, int, int], ...]:
     """Per slice: (its [0, 0] element's distance from the first output's, in elements; its width;
-    its row stride). y is one tensor whose columns the slices are, or a tensor per slice."""
+    its row stride), the inputs checked. y is one tensor whose columns the slices are, or a tensor
+    per slice."""
+    n_slices = locations.shape[0]
+    for output in [y] if isinstance(y, torch.Tensor) else y:
+        _check_inputs(output, weights, rows, locations)
     if isinstance(y, torch.Tensor):
         offsets = _slice_offsets(y, slice_offsets, n_slices)
         return tuple((a, b - a, y.stride(0)) for a, b in itertools.pairwise(offsets))
@@ -544,9 +552,7 @@ class ExpandCall:
         slice_offsets: Sequence[int] | None = None,
         tile_tables: tuple[torch.Tensor, torch.Tensor] | None = None,  # (locations, scales) per tile
     ) -> None:
-        for output in [y] if isinstance(y, torch.Tensor) else y:
-            _check_inputs(output, weights, rows, locations)
-        slices = _output_slices(y, slice_offsets, locations.shape[0])
+        slices = _output_slices(y, slice_offsets, weights, rows, locations)
         self._slices = None if isinstance(y, torch.Tensor) else slices  # what each call's outputs must repeat
         first = y if isinstance(y, torch.Tensor) else y[0]
         self._launch = None
@@ -804,13 +810,8 @@ def sgmv_expand_reference(
 ) -> None:
     """Plain-PyTorch expand with the same contract and rounding points as `sgmv_expand`:
     v is rounded to the weight dtype before the second product, y is updated once."""
-    if isinstance(y, torch.Tensor):
-        _check_inputs(y, weights, rows, locations)
-        offsets = _slice_offsets(y, slice_offsets, locations.shape[0])
-        targets = [y[:, a:b] for a, b in itertools.pairwise(offsets)]
-    else:
-        _output_slices(y, slice_offsets, locations.shape[0])
-        targets = list(y)
+    slices = _output_slices(y, slice_offsets, weights, rows, locations)
+    targets = [y[:, a : a + width] for a, width, _ in slices] if isinstance(y, torch.Tensor) else list(y)
     table, scale_table = locations.tolist(), scales.tolist()
     v_sum = v.sum(0)
     for slot, tokens in _token_groups(plan):

@@ -87,11 +87,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", list(CASES))
-def test_kernels_match_reference(case, dtype):
+def case_inputs(case, dtype, seed):
+    """A case's adapters (from `seed`), random x and y (from seed + 1), y's slice offsets and the plan."""
     row_slots, tokens_per_row, ranks, k, widths, untargeted = CASES[case]
-    seed = sum(map(ord, case)) + int(dtype.itemsize)
     weights, rows, locations, scales = make_adapters(ranks, k, widths, dtype, seed, untargeted)
     gen = torch.Generator().manual_seed(seed + 1)
     n_tokens = len(row_slots) * tokens_per_row
@@ -99,6 +97,14 @@ def test_kernels_match_reference(case, dtype):
     y0 = torch.randn(n_tokens, sum(widths), generator=gen).to(dtype).to(DEVICE)
     offsets = [0, *torch.tensor(widths).cumsum(0).tolist()]
     plan = plan_sgmv(row_slots, tokens_per_row, max(ranks), DEVICE)
+    return weights, rows, locations, scales, x, y0, offsets, plan
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_match_reference(case, dtype):
+    widths = CASES[case][4]
+    weights, rows, locations, scales, x, y0, offsets, plan = case_inputs(case, dtype, sum(map(ord, case)) + int(dtype.itemsize))
 
     v = sgmv_shrink(x, weights, rows, locations, plan)
     v_ref = sgmv_shrink_reference(x, weights, rows, locations, plan)
@@ -212,14 +218,8 @@ def stacked_copies(y, widths, gap):
 def test_expand_into_a_tensor_per_slice_equals_the_column_slices(case, dtype):
     """The sibling projections' outputs of one decode_linear launch get their LoRA deltas in one
     expand: each slice addressed from the first output; the same values as the slices as columns."""
-    row_slots, tokens_per_row, ranks, k, widths, untargeted = CASES[case]
-    weights, rows, locations, scales = make_adapters(ranks, k, widths, dtype, seed=5, untargeted=untargeted)
-    gen = torch.Generator().manual_seed(6)
-    n_tokens = len(row_slots) * tokens_per_row
-    x = torch.randn(n_tokens, k, generator=gen).to(dtype).to(DEVICE)
-    y0 = torch.randn(n_tokens, sum(widths), generator=gen).to(dtype).to(DEVICE)
-    offsets = [0, *torch.tensor(widths).cumsum(0).tolist()]
-    plan = plan_sgmv(row_slots, tokens_per_row, max(ranks), DEVICE)
+    widths = CASES[case][4]
+    weights, rows, locations, scales, x, y0, offsets, plan = case_inputs(case, dtype, seed=5)
     v = sgmv_shrink(x, weights, rows, locations, plan)
     for gap in (0, 3):
         columns, reference_columns = y0.clone(), y0.clone()
