@@ -273,6 +273,16 @@ def _softmax_step(m_i, l_i, s):
     return m_new, l_i * alpha + tl.sum(p, axis=1), alpha, p
 
 
+@triton.jit
+def _scores(q, keys, DOT_IN_FP32: tl.constexpr, ONE_ROW: tl.constexpr):
+    """q [BLOCK_M, dims] . keys [BLOCK_N, dims] -> [BLOCK_M, BLOCK_N]; ONE_ROW, where every row of q
+    is the one query: [1, BLOCK_N], from a dot with the keys as rows (whose columns are equal)."""
+    if ONE_ROW:
+        return tl.max(_dot(keys, tl.trans(q), DOT_IN_FP32), axis=1)[None, :]
+    else:
+        return _dot(q, tl.trans(keys), DOT_IN_FP32)
+
+
 @triton.jit(  # shape-dependent scalars and table pointers: see kernels/launch.py
     do_not_specialize=["batch", "q_len", "table_stride", "km_sb"],
     do_not_specialize_on_alignment=["table_ptr"],
@@ -327,6 +337,7 @@ def _quant_attention_kernel(
     FP16_DOTS: tl.constexpr,  # FP8 with 16-bit queries: the dots take fp16 operands (prescaled)
     NEW_N: tl.constexpr,  # keys per tile of this forward's own tokens
     ONE_QUERY: tl.constexpr,  # q_len == 1 (decode), compiled in as the constant
+    ONE_ROW: tl.constexpr,  # decode without GQA (one query row): scores as one row; `_quant_tiles` picks it
 ):  # fmt: skip
     """The codes go into the dot products as they are (INT4 levels and e4m3 values are exact in
     fp16/bf16) and the affine terms come out: a key's score is scale * (q . levels) + min * sum(q),
@@ -335,7 +346,12 @@ def _quant_attention_kernel(
     INT4 levels arrive as INT4_OFFSET + level: the offset's share, offset * scale * sum(q) and
     offset * sum(p * scale), is taken out with the min terms. FP8 with 16-bit queries meets fp16
     operands: q and p * scale go in multiplied by powers of two (`_fp16_prescale`; per query row,
-    per tile), taken back out of the sums."""
+    per tile), taken back out of the sums. ONE_ROW (decode, one query head per KV head): a 16-row
+    tile would hold one query and 15 rows of padding, and every score op (scale, mask, exp2, row
+    sums) ran on all 16. There the query fills every row, the scores come out of a dot with the keys
+    as its rows ([BLOCK_N, 16], equal columns) and are read as one row (`tl.max` over equal values:
+    exact); the softmax runs on that row, and p is broadcast back to 16 rows for p @ V. It is exact for
+    both dtypes (the GPU tests passed with FP8 on it too); launches take it where it was faster."""
     if ONE_QUERY:  # q_len is not specialized (kernels/launch.py); decode still gets its constant (-6%)
         q_len = 1
     b = tl.program_id(0) // KV_HEADS
@@ -352,11 +368,20 @@ def _quant_attention_kernel(
     q_pos = past + q_idx
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < CODE_BYTES
+    # the score rows: the tile's rows, or under ONE_ROW the one query's (query 0, head kv_head)
+    r_idx, r_head, r_ok, r_pos = q_idx, head, row_ok, q_pos
+    if ONE_ROW:
+        r_idx = tl.arange(0, 1)
+        r_head, r_ok, r_pos = kv_head + r_idx, r_idx < q_len, past + r_idx
     q_rows = q_ptr + b64 * q_sb + q_idx.to(tl.int64)[:, None] * q_st + head[:, None] * q_sh
-    q_a = tl.load(q_rows + offs_h[None, :] * q_sd, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+    q_ok = row_ok[:, None] & h_ok[None, :]
+    if ONE_ROW:  # the query in every row
+        q_rows = q_ptr + b64 * q_sb + kv_head * q_sh + 0 * offs_m[:, None]
+        q_ok = (offs_m >= 0)[:, None] & h_ok[None, :]
+    q_a = tl.load(q_rows + offs_h[None, :] * q_sd, mask=q_ok, other=0.0)
     q_b = tl.zeros_like(q_a)  # INT4 only: dims CODE_BYTES.. of the head
     if INT4:
-        q_b = tl.load(q_rows + (CODE_BYTES + offs_h[None, :]) * q_sd, mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        q_b = tl.load(q_rows + (CODE_BYTES + offs_h[None, :]) * q_sd, mask=q_ok, other=0.0)
     q_sum = tl.sum(q_a.to(tl.float32), axis=1) + tl.sum(q_b.to(tl.float32), axis=1)  # INT4's min term
     q_keys = q_a  # FP8: what meets the key codes
     q_down = tl.full((BLOCK_M,), 1.0, tl.float32)  # FP8: what each row's scores are multiplied by
@@ -364,8 +389,10 @@ def _quant_attention_kernel(
         q_up = _fp16_prescale(tl.max(tl.abs(q_a.to(tl.float32)), axis=1))
         q_keys = (q_a.to(tl.float32) * q_up[:, None]).to(tl.float16)
         q_down = 1.0 / q_up
-    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)  # finite: fully masked rows end as zeros
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if ONE_ROW:  # the rows are equal: any is the score row's
+        q_sum, q_down = tl.max(q_sum, axis=0, keep_dims=True), tl.max(q_down, axis=0, keep_dims=True)
+    m_i = tl.full(r_idx.shape, -1.0e30, dtype=tl.float32)  # finite: fully masked rows end as zeros
+    l_i = tl.zeros(r_idx.shape, dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)  # INT4 only
 
@@ -388,22 +415,22 @@ def _quant_attention_kernel(
         k_scale = _meta(meta, K_SCALE, K_SCALE)
         if INT4:
             k_lo, k_hi = _int4_levels(k_codes, q_a.dtype, BY_BITS)
-            s = _dot(q_a, tl.trans(k_lo), DOT_IN_FP32) + _dot(q_b, tl.trans(k_hi), DOT_IN_FP32)
+            s = _scores(q_a, k_lo, DOT_IN_FP32, ONE_ROW) + _scores(q_b, k_hi, DOT_IN_FP32, ONE_ROW)
             k_min = _meta(meta, K_MIN, K_SCALE) - INT4_OFFSET * k_scale
             s = s * k_scale[None, :] + q_sum[:, None] * k_min[None, :]
         else:
-            s = _dot(q_keys, tl.trans(_fp8_values(k_codes, q_keys.dtype)), DOT_IN_FP32)
+            s = _scores(q_keys, _fp8_values(k_codes, q_keys.dtype), DOT_IN_FP32, ONE_ROW)
             s = s * k_scale[None, :] * q_down[:, None]
-        seen = k_ok[None, :] & row_ok[:, None]
+        seen = k_ok[None, :] & r_ok[:, None]
         if HAS_WINDOW:
-            seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+            seen = seen & (k_pos[None, :] > r_pos[:, None] - window)
         if HAS_KEY_MASK:
             real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=k_ok, other=0)
             seen = seen & (real != 0)[None, :]
         s = tl.where(seen, s * qk_scale, float("-inf"))
         if STORE_LOGITS:
-            tl.store(logits_ptr + b64 * lg_sb + head[:, None] * lg_sh + k_pos[None, :], s,
-                     mask=row_ok[:, None] & k_ok[None, :])  # fmt: skip
+            tl.store(logits_ptr + b64 * lg_sb + r_head[:, None] * lg_sh + k_pos[None, :], s,
+                     mask=r_ok[:, None] & k_ok[None, :])  # fmt: skip
         m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s)
         v_codes = _code_tile(base, cell, offs_h, k_ok, h_ok, V_CODES, CODE_BYTES)
         v_scale = _meta(meta, V_SCALE, K_SCALE)
@@ -412,13 +439,14 @@ def _quant_attention_kernel(
             v_lo, v_hi = _int4_levels(v_codes, q_a.dtype, BY_BITS)
             p_min = tl.sum(p * _meta(meta, V_MIN, K_SCALE)[None, :], axis=1)
             p_min = (p_min - INT4_OFFSET * tl.sum(p_scaled.to(tl.float32), axis=1))[:, None]  # the rounded p * scale
+            p_scaled = tl.broadcast_to(p_scaled, (BLOCK_M, BLOCK_N))  # ONE_ROW: the one row to all
             acc_a = acc_a * alpha[:, None] + _dot(p_scaled, v_lo, DOT_IN_FP32) + p_min
             acc_b = acc_b * alpha[:, None] + _dot(p_scaled, v_hi, DOT_IN_FP32) + p_min
         else:
             p_up = 1.0
             if FP16_DOTS:  # p <= 1: the tile's largest V scale bounds p * scale
                 p_up = _fp16_prescale(tl.max(v_scale, axis=0))
-            p_scaled = (p * (v_scale * p_up)[None, :]).to(q_keys.dtype)
+            p_scaled = tl.broadcast_to((p * (v_scale * p_up)[None, :]).to(q_keys.dtype), (BLOCK_M, BLOCK_N))
             pv = _dot(p_scaled, _fp8_values(v_codes, q_keys.dtype), DOT_IN_FP32)
             acc_a = acc_a * alpha[:, None] + pv * (1.0 / p_up)
 
@@ -431,23 +459,23 @@ def _quant_attention_kernel(
         k_rows = k_new_ptr + b64 * kn_sb + j.to(tl.int64)[:, None] * kn_st + kv_head * kn_sh
         v_rows = v_new_ptr + b64 * vn_sb + j.to(tl.int64)[:, None] * vn_st + kv_head * vn_sh
         k = tl.load(k_rows + offs_h[None, :] * kn_sd, mask=tile_ok, other=0.0)
-        s = _dot(q_a, tl.trans(k.to(q_a.dtype)), DOT_IN_FP32)
+        s = _scores(q_a, k.to(q_a.dtype), DOT_IN_FP32, ONE_ROW)
         if INT4:
             k = tl.load(k_rows + (CODE_BYTES + offs_h[None, :]) * kn_sd, mask=tile_ok, other=0.0)
-            s += _dot(q_b, tl.trans(k.to(q_a.dtype)), DOT_IN_FP32)
+            s += _scores(q_b, k.to(q_a.dtype), DOT_IN_FP32, ONE_ROW)
         k_pos = past + j  # negative: left padding of a row that was empty (past < 0)
-        seen = j_ok[None, :] & row_ok[:, None] & (j[None, :] <= q_idx[:, None]) & (k_pos >= 0)[None, :]
+        seen = j_ok[None, :] & r_ok[:, None] & (j[None, :] <= r_idx[:, None]) & (k_pos >= 0)[None, :]
         if HAS_WINDOW:
-            seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+            seen = seen & (k_pos[None, :] > r_pos[:, None] - window)
         if HAS_KEY_MASK:
             real = tl.load(key_mask_ptr + b64 * km_sb + k_pos * km_st, mask=j_ok & (k_pos >= 0), other=0)
             seen = seen & (real != 0)[None, :]
         s = tl.where(seen, s * qk_scale, float("-inf"))
         if STORE_LOGITS:
-            tl.store(logits_ptr + b64 * lg_sb + head[:, None] * lg_sh + k_pos[None, :], s,
-                     mask=row_ok[:, None] & j_ok[None, :])  # fmt: skip
+            tl.store(logits_ptr + b64 * lg_sb + r_head[:, None] * lg_sh + k_pos[None, :], s,
+                     mask=r_ok[:, None] & j_ok[None, :])  # fmt: skip
         m_i, l_i, alpha, p = _softmax_step(m_i, l_i, s)
-        p = p.to(q_a.dtype)
+        p = tl.broadcast_to(p.to(q_a.dtype), (BLOCK_M, NEW_N))
         v = tl.load(v_rows + offs_h[None, :] * vn_sd, mask=tile_ok, other=0.0)
         acc_a = acc_a * alpha[:, None] + _dot(p, v.to(q_a.dtype), DOT_IN_FP32)
         if INT4:
@@ -479,6 +507,7 @@ class _QuantTiles(NamedTuple):
     num_stages: int
     target_programs: int  # for the split rule
     maxnreg: int | None  # registers per thread, capped so that more programs fit an SM
+    one_row: bool  # the kernel's ONE_ROW (`_scores`)
 
 
 def _quant_tiles(q_len: int, group: int, head_dim: int, layout: KvLayout, masked: bool) -> _QuantTiles:
@@ -497,15 +526,19 @@ def _quant_tiles(q_len: int, group: int, head_dim: int, layout: KvLayout, masked
     the same for FP8 were slower. FP8 with fp16 dot operands (2026-12-03) is fastest on one warp,
     32-key tiles and 3 stages, uncapped: 204 us at 4096 keys (batch 32: 398) against 224 (431) for
     the bf16-bits kernel on its four warps and 128 keys, where fp16 dots take 272; 16 or 64 keys,
-    2 or 4 stages, 2 warps, or the cap were slower."""
+    2 or 4 stages, 2 warps, or the cap were slower. Scores as one row (ONE_ROW, 2026-12-03) for INT4
+    decode without GQA or key mask: 162.6 -> 150.8 us at 4096 keys, 610.1 -> 557.5 at 16384, with 3
+    stages (2: 153.2 / 567.7; 32- or 128-key tiles, 2 or 4 warps slower). Not taken where it was
+    slower: FP8 (207.6 -> 233.1 us; 64-key tiles 237.2) and INT4 with a key mask (247.9 -> 255.9)."""
     block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, _next_power_of_2(layout.tokens))
     if not decode_tile(q_len, group):
-        return _QuantTiles(block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS, None)
+        return _QuantTiles(block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS, None, False)
     if layout.kv_dtype == "fp8":
-        return _QuantTiles(block_m, 32, 1, 3, 4 * _TARGET_PROGRAMS, None)
+        return _QuantTiles(block_m, 32, 1, 3, 4 * _TARGET_PROGRAMS, None, False)
     if masked:
-        return _QuantTiles(block_m, 64, 4, 2, 4 * _TARGET_PROGRAMS, 128)
-    return _QuantTiles(block_m, 64, 1, 2, 4 * _TARGET_PROGRAMS, None)
+        return _QuantTiles(block_m, 64, 4, 2, 4 * _TARGET_PROGRAMS, 128, False)
+    one_row = q_len == 1 and group == 1
+    return _QuantTiles(block_m, 64, 1, 3 if one_row else 2, 4 * _TARGET_PROGRAMS, None, one_row)
 
 
 def _by_bits(q: torch.Tensor) -> bool:
@@ -581,6 +614,7 @@ def paged_attention_quant(
         BLOCK_H=max(16, _next_power_of_2(layout.code_bytes)), STORE_LOGITS=logits is not None, BY_BITS=_by_bits(q),
         FP16_DOTS=layout.kv_dtype == "fp8" and q.dtype in (torch.float16, torch.bfloat16),
         NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))), ONE_QUERY=q_len == 1,
+        ONE_ROW=tiles.one_row,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
     if num_splits > 1:
