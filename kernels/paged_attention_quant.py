@@ -526,7 +526,7 @@ def _quant_tiles(q_len: int, group: int, head_dim: int, layout: KvLayout, masked
     32-key tiles and 3 stages, uncapped: 204 us at 4096 keys (batch 32: 398) against 224 (431) for
     the bf16-bits kernel on its four warps and 128 keys, where fp16 dots take 272; 16 or 64 keys,
     2 or 4 stages, 2 warps, or the cap were slower. Scores as one row (ONE_ROW, 2026-12-03) for INT4
-    decode without GQA or key mask: 162.6 -> 150.8 us at 4096 keys, 610.1 -> 557.5 at 16384, with 3
+    decode without GQA: without a key mask 162.6 -> 150.8 us at 4096 keys, 610.1 -> 557.5 at 16384, with 3
     stages (2: 153.2 / 567.7; 32- or 128-key tiles, 2 or 4 warps slower); not for FP8, where it was
     slower (207.6 -> 233.1 us; 64-key tiles 237.2). INT4 with a key mask (eviction's slot mask, left
     padding) had kept the four capped warps (249.7 us at 4096 keys, an eighth padding): on one warp,

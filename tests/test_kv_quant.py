@@ -237,11 +237,11 @@ def reference_quant_attention(q, k_new, v_new, pool, layout, table, kv_lens, sca
 def test_triton_attention_over_quantized_pages_matches_the_reference(
     kv_dtype, dtype, q_len, heads, window, masked, splits
 ):
-    """MHA (2 KV heads x 1 query head; INT4 decode without a key mask takes the one-row path) and
-    GQA (x2, x4), decode and prefill chunks, key mask and window, the pages shared by 1-8 split
-    programs, pages written by the Triton write: the kernel equals dequantize-then-attend within fp32
-    rounding, and within bf16 rounding for bf16 queries (on a GPU those unpack the codes by bits,
-    with the offsets and scales taken back out of the sums)."""
+    """MHA (2 KV heads x 1 query head; INT4 decode takes the one-row path there) and GQA (x2, x4),
+    decode and prefill chunks, key mask and window, the pages shared by 1-8 split programs, pages
+    written by the Triton write: the kernel equals dequantize-then-attend within fp32 rounding, and
+    within bf16 rounding for bf16 queries (on a GPU those unpack the codes by bits, with the offsets
+    and scales taken back out of the sums)."""
     from hf_multilora.kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
 
     kv_heads, dim, device = 2, 16, kernel_device()
@@ -473,8 +473,8 @@ def test_the_demo_adapters_do_their_tasks_with_quantized_kv():
 @pytest.mark.parametrize("splits, heads, masked", [(1, 4, True), (4, 4, True), (4, 2, True), (4, 2, False)])
 def test_triton_attention_over_quantized_pages_stores_each_keys_logit(kv_dtype, splits, heads, masked):
     """For heavy-hitter eviction: a decode's score of every key (dequantized past, exact own token), in
-    the log2 domain, -inf where masked, nothing past the row's length; GQA and MHA (INT4 without a
-    key mask: the one-row path)."""
+    the log2 domain, -inf where masked, nothing past the row's length; GQA and MHA (INT4: the one-row
+    path), with and without a key mask."""
     from hf_multilora.kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
 
     kv_heads, dim, device = 2, 16, kernel_device()
