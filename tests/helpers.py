@@ -2,6 +2,7 @@
 
 import socket
 
+import pytest
 import torch
 from conftest import VOCAB
 from hf_multilora.app.service import BASE_CHOICE, Playground, Settings
@@ -12,6 +13,12 @@ from hf_multilora.graphs import _padded
 def prompts(rows: int, length: int, seed: int = 0) -> torch.Tensor:
     """Random token ids [rows, length] of the zoo's vocabulary, seeded."""
     return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def interpreter_only(why: str) -> pytest.MarkDecorator:
+    """Skip where CUDA is present: the test runs Triton kernels on CPU tensors, which only the
+    interpreter does (conftest sets it where CUDA is absent)."""
+    return pytest.mark.skipif(torch.cuda.is_available(), reason=f"interpreter test: {why}")
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
-from helpers import begun_step, last_positions
+from helpers import begun_step, interpreter_only, last_positions
 from hf_multilora.kernels.kv_quant import dequantize, quantize
 from transformers import AttentionInterface
 
@@ -306,6 +306,7 @@ def test_what_eviction_refuses(llama_zoo, mistral_zoo):
     assert model.page_pool().num_free == free
 
 
+@interpreter_only("the model on the CPU with Triton kernels")
 @pytest.mark.parametrize("kv_dtype", [None, "int4"])
 def test_begun_steps_evict_as_eager_steps_do(llama_zoo, monkeypatch, kv_dtype):
     """Decode steps begun ahead of their forward, as a CUDA graph replays them (a compaction due runs in

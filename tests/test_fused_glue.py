@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import interpreter_only
 from hf_multilora.kernels import fused_glue
 from transformers.models.llama import modeling_llama
 
@@ -14,7 +15,7 @@ from hf_multilora import MultiLoraModel, fusion
 DEVICES = [
     pytest.param(
         "cpu",
-        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs without a GPU"),
+        marks=interpreter_only("the cuda case is its twin"),
     ),
     pytest.param(
         "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")]

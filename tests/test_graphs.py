@@ -4,7 +4,7 @@ the cache bookkeeping a replay relies on."""
 import pytest
 import torch
 from conftest import VOCAB, EndRowsAt
-from helpers import begun_step, last_positions
+from helpers import begun_step, interpreter_only, last_positions
 from transformers import LogitsProcessorList
 
 from hf_multilora import MultiLoraModel
@@ -13,6 +13,8 @@ from hf_multilora.graphs import _padded
 
 POOL_BYTES = 2**28
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+cpu_model_on_triton = interpreter_only("the model on the CPU with Triton kernels; -m gpu has the CUDA graphs tests")
 
 
 def prompts(rows, length, seed=0, device="cpu"):
@@ -50,6 +52,7 @@ def test_cuda_graphs_true_needs_cuda(llama_zoo):
     assert "forward" not in model.base_model.__dict__
 
 
+@cpu_model_on_triton
 def test_reserved_table_keeps_its_address_across_blocks(llama_zoo, monkeypatch):
     """begin_step's bookkeeping (what a replay relies on) gives the eager step's logits, with the
     table, lengths and key mask at fixed addresses across block boundaries."""
@@ -86,6 +89,7 @@ def test_reserved_table_keeps_its_address_across_blocks(llama_zoo, monkeypatch):
         PagedCache(model._runtime.residency.pool, base.config).begin_step(mask)
 
 
+@cpu_model_on_triton
 @pytest.mark.parametrize("padded", [False, True])
 def test_steps_of_unpadded_prompts_do_not_read_the_key_mask(llama_zoo, monkeypatch, padded):
     """A call whose mask has no padding (decided at its first begun step, one sync) attends without
@@ -120,6 +124,7 @@ def test_steps_of_unpadded_prompts_do_not_read_the_key_mask(llama_zoo, monkeypat
         eager.release()
 
 
+@cpu_model_on_triton
 @pytest.mark.parametrize("kv_dtype", [None, "int4"])
 def test_steps_padded_to_a_batch_bucket_give_the_eager_logits(llama_zoo, monkeypatch, kv_dtype):
     """Decode steps padded to a batch bucket (what calls of several batch sizes replay one graph
@@ -173,6 +178,7 @@ def test_steps_padded_to_a_batch_bucket_give_the_eager_logits(llama_zoo, monkeyp
     assert model.memory_stats()["pages_kv"] == 0
 
 
+@cpu_model_on_triton
 def test_fixed_decode_tables_compute_what_the_per_call_plan_does(llama_zoo, monkeypatch):
     """The decode plan graphs replay (a tile per row, the rows' adapter tables rewritten in place for
     each mix of adapters) gives the per-call plan's logits, for mixed ranks and targets and base

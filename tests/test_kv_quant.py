@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import interpreter_only
 from hf_multilora.app.demo import read_demo
 from hf_multilora.kernels.kv_quant import (
     FP8_MAX,
@@ -401,7 +402,7 @@ def test_generate_with_quantized_kv_equals_the_fake_quant_reference(zoo_name, kv
     ).tolist()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; on CUDA the generate tests above use the kernels")
+@interpreter_only("on CUDA the generate tests above use the kernels")
 def test_generate_with_int4_kv_on_the_triton_kernels_equals_the_torch_path(qwen2_zoo, monkeypatch):
     """The Triton write and attention inside generate() (interpreter; GQA, ragged left padding,
     adapters) give the torch path's tokens and scores."""

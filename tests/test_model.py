@@ -4,7 +4,7 @@ adapter active (logits and greedy tokens), whatever the mix of adapters, ranks a
 import pytest
 import torch
 from conftest import EndRowsAt
-from helpers import prompts
+from helpers import interpreter_only, prompts
 from transformers import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
@@ -160,7 +160,7 @@ def test_peft_keyword_int_ids_and_base_calls(llama_zoo):
     )
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test; on CUDA test_gpu.py covers it")
+@interpreter_only("on CUDA test_gpu.py covers it")
 def test_triton_kernels_in_the_model_match_the_reference_path(llama_zoo, monkeypatch):
     """The full model through the Triton kernels (interpreted on CPU) equals the torch path."""
     model = multi(llama_zoo)
