@@ -300,7 +300,8 @@ def test_fp8_attention_reads_queries_and_values_outside_fp16s_range(q_magnitude,
     expected = reference_quant_attention(q.float(), k_new.float(), v_new.float(), pool, layout, table, kv_lens, scale,
                                          None, None)  # fmt: skip
     torch.testing.assert_close(got.cpu().float() / v_magnitude, expected / v_magnitude, rtol=2e-2, atol=2e-2)
-    assert (expected / v_magnitude).abs().amax() > 0.03  # not all zeros: an average of ~70 random values
+    # not all zeros (an average of ~70 random values; the MHA case's largest is 0.089)
+    assert (expected / v_magnitude).abs().amax() > (0.1 if heads == 4 else 0.05)
 
 
 @pytest.mark.gpu
@@ -489,16 +490,18 @@ def test_triton_attention_over_quantized_pages_stores_each_keys_logit(kv_dtype, 
     write_kv_quant(pool, layout, table, 0, k_all, v_all)
     q = torch.randn(2, 1, heads, dim, generator=gen).to(device)
     kv_lens = torch.full((2,), past + 1, dtype=torch.int32, device=device)
-    key_mask = torch.rand(2, past + 1, generator=gen).to(device) > 0.3
-    key_mask[:, -1] = True
-    key_mask = key_mask if masked else torch.ones_like(key_mask)
+    key_mask = None
+    if masked:
+        key_mask = torch.rand(2, past + 1, generator=gen).to(device) > 0.3
+        key_mask[:, -1] = True
     logits = torch.full((2, heads, past + 4), 7.0, device=device)
-    paged_attention_quant(q, k_all[:, past:], v_all[:, past:], pool, layout, table, kv_lens, 0.25,
-                          key_mask if masked else None, num_splits=splits, logits=logits)  # fmt: skip
+    paged_attention_quant(q, k_all[:, past:], v_all[:, past:], pool, layout, table, kv_lens, 0.25, key_mask,
+                          num_splits=splits, logits=logits)  # fmt: skip
     past_k, _ = gather_kv_quant_torch(pool.cpu(), layout, table.cpu(), past)
     keys = torch.cat([past_k, k_all[:, past:].cpu()], 1).repeat_interleave(heads // kv_heads, 2)  # [b, n, h, d]
     expected = torch.einsum("bhd,bnhd->bhn", q[:, 0].cpu(), keys) * 0.25 * math.log2(math.e)
-    expected = expected.masked_fill(~key_mask.cpu()[:, None, :], float("-inf"))
+    if masked:
+        expected = expected.masked_fill(~key_mask.cpu()[:, None, :], float("-inf"))
     got = logits.cpu()
     assert (got[..., past + 1 :] == 7.0).all()
     got = got[..., : past + 1]
