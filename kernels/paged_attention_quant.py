@@ -506,6 +506,7 @@ class _QuantTiles(NamedTuple):
     num_warps: int
     num_stages: int
     target_programs: int  # for the split rule
+    maxnreg: int | None  # registers per thread, capped so that more programs fit an SM
     one_row: bool  # the kernel's ONE_ROW (`_scores`)
 
 
@@ -526,22 +527,23 @@ def _quant_tiles(q_len: int, group: int, head_dim: int, layout: KvLayout, masked
     32-key tiles and 3 stages, uncapped: 204 us at 4096 keys (batch 32: 398) against 224 (431) for
     the bf16-bits kernel on its four warps and 128 keys, where fp16 dots take 272; 16 or 64 keys,
     2 or 4 stages, 2 warps, or the cap were slower. Scores as one row (ONE_ROW, 2026-12-03) for INT4
-    decode without GQA: without a key mask 162.6 -> 150.8 us at 4096 keys, 610.1 -> 557.5 at 16384, with 3
-    stages (2: 153.2 / 567.7; 32- or 128-key tiles, 2 or 4 warps slower); not for FP8, where it was
-    slower (207.6 -> 233.1 us; 64-key tiles 237.2). INT4 with a key mask (eviction's slot mask, left
-    padding) had kept the four capped warps (249.7 us at 4096 keys, an eighth padding): on one warp,
-    64 keys, 2 stages, uncapped, 191.7, and with the one-row scores 165.5 (3 stages 168.6; one-row
-    on four capped warps 258.3, two warps 268.7); outputs equal to the others' within the same 6.9e-4
-    of the fp32 run. So every INT4 decode takes one warp now (measured for MHA; GQA runs the same
-    16-row code as MHA without the one-row scores)."""
+    decode without GQA or key mask: 162.6 -> 150.8 us at 4096 keys, 610.1 -> 557.5 at 16384, with 3
+    stages (2: 153.2 / 567.7; 32- or 128-key tiles, 2 or 4 warps slower). Not taken where it was
+    slower: FP8 (207.6 -> 233.1 us; 64-key tiles 237.2) and INT4 with a key mask (247.9 -> 255.9).
+    INT4 with a key mask stays on the four capped warps although one warp measured faster (249.7 ->
+    191.7 us, one-row 165.5): on the H200 (triton 3.6) those launches came out wrong, not only less
+    exact: 5.9e-4 off the reference in the generate test (MHA, one-row; 5e-5 without it) and the
+    kernel test's 5-query GQA chunk failed, where four warps pass both. Not understood; the
+    interpreter gives the right result for the same code."""
     block_m, block_n, num_warps, num_stages = _tiles(q_len, group, head_dim, _next_power_of_2(layout.tokens))
     if not decode_tile(q_len, group):
-        return _QuantTiles(block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS, False)
+        return _QuantTiles(block_m, block_n, num_warps, num_stages, _TARGET_PROGRAMS, None, False)
     if layout.kv_dtype == "fp8":
-        return _QuantTiles(block_m, 32, 1, 3, 4 * _TARGET_PROGRAMS, False)
+        return _QuantTiles(block_m, 32, 1, 3, 4 * _TARGET_PROGRAMS, None, False)
+    if masked:
+        return _QuantTiles(block_m, 64, 4, 2, 4 * _TARGET_PROGRAMS, 128, False)
     one_row = q_len == 1 and group == 1
-    stages = 3 if one_row and not masked else 2
-    return _QuantTiles(block_m, 64, 1, stages, 4 * _TARGET_PROGRAMS, one_row)
+    return _QuantTiles(block_m, 64, 1, 3 if one_row else 2, 4 * _TARGET_PROGRAMS, None, one_row)
 
 
 def _by_bits(q: torch.Tensor) -> bool:
@@ -618,7 +620,7 @@ def paged_attention_quant(
         FP16_DOTS=layout.kv_dtype == "fp8" and q.dtype in (torch.float16, torch.bfloat16),
         NEW_N=max(16, min(block_n, _next_power_of_2(block_m // group_pad))), ONE_QUERY=q_len == 1,
         ONE_ROW=tiles.one_row,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **({"maxnreg": tiles.maxnreg} if tiles.maxnreg else {}),
     )  # fmt: skip
     if num_splits > 1:
         _combine_splits_kernel[(n_rows,)](

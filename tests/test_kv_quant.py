@@ -238,9 +238,9 @@ def reference_quant_attention(q, k_new, v_new, pool, layout, table, kv_lens, sca
 def test_triton_attention_over_quantized_pages_matches_the_reference(
     kv_dtype, dtype, q_len, heads, window, masked, splits
 ):
-    """MHA (2 KV heads x 1 query head; INT4 decode takes the one-row path there) and GQA (x2, x4),
-    decode and prefill chunks, key mask and window, the pages shared by 1-8 split programs, pages
-    written by the Triton write: the kernel equals dequantize-then-attend within fp32 rounding, and
+    """MHA (2 KV heads x 1 query head; INT4 decode without a key mask takes the one-row path there)
+    and GQA (x2, x4), decode and prefill chunks, key mask and window, the pages shared by 1-8 split
+    programs, pages written by the Triton write: the kernel equals dequantize-then-attend within fp32 rounding, and
     within bf16 rounding for bf16 queries (on a GPU those unpack the codes by bits, with the offsets
     and scales taken back out of the sums)."""
     from hf_multilora.kernels.paged_attention_quant import paged_attention_quant, write_kv_quant
