@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 try:
-    import hf_multilora.kernels  # noqa: F401  (the package maps kernels/ into it: needs an install)
+    import hf_multilora.app  # noqa: F401  (the package maps app/ into it: needs an install)
 except ModuleNotFoundError as err:
     raise SystemExit(
         "hf_multilora is not importable here; from the repository root run "

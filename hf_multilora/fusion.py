@@ -20,6 +20,7 @@ removed with the rest.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import threading
 import types
@@ -128,7 +129,7 @@ def _rotary_like_llama(module: types.ModuleType) -> bool:
 
 
 def _fused_rotary(original: Callable) -> Callable:
-    @functools.wraps(original)
+    @functools.wraps(_function_of(original) or original)
     def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: Any,
                              **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         if (
@@ -189,10 +190,21 @@ def _random(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
 
 
-def _same_code(f: Any, g: Callable) -> bool:
-    """Whether f compiles to g's bytecode, names and non-string constants (docstrings aside)."""
-    a, b = getattr(f, "__code__", None), g.__code__
-    if a is None:
+def _function_of(f: Any) -> types.FunctionType | None:
+    """f, or the function a `kernels` Func module stands for: with the `kernels` package installed (a
+    dependency of transformers >= 5.25), `@use_kernel_forward_from_hub` makes a modeling module's
+    `apply_rotary_pos_emb` an instance of a Func module whose forward calls the function (or a hub
+    kernel that `kernelize` picked: the probe compares against whatever the Func computes)."""
+    if isinstance(f, torch.nn.Module):
+        f = inspect.getclosurevars(type(f).forward).nonlocals.get("func")
+    return f if isinstance(f, types.FunctionType) else None
+
+
+def _same_code(f: Any, g: Any) -> bool:
+    """Whether f compiles to g's bytecode, names and non-string constants (docstrings aside); False
+    where either is no Python function (nor a Func module of one)."""
+    a, b = (getattr(_function_of(x), "__code__", None) for x in (f, g))
+    if a is None or b is None:
         return False
 
     def constants(code: types.CodeType) -> tuple:

@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import DEVICE
 from helpers import interpreter_only
-from hf_multilora.kernels import fused_glue
 from transformers.models.llama import modeling_llama
 
 from hf_multilora import MultiLoraModel, fusion
+from hf_multilora.kernels import fused_glue
 
 DEVICES = [
     pytest.param(
@@ -169,6 +169,45 @@ def test_only_llama_code_is_replaced():
     module.apply_rotary_pos_emb = modeling_llama.apply_rotary_pos_emb
     assert fusion._rotary_like_llama(module)
     assert not fusion._same_code(modeling_llama.LlamaMLP.forward, modeling_llama.LlamaRMSNorm.forward)
+
+
+def func_module(func):
+    """What the `kernels` package (a dependency of transformers >= 5.25) makes of a function that
+    transformers decorates with `@use_kernel_forward_from_hub`: an instance of a module whose forward
+    calls it. The real package where it is installed, else a module built the same way."""
+    try:
+        from kernels import use_kernel_forward_from_hub
+    except ImportError:
+
+        class Func(torch.nn.Module):
+            def forward(self, *args, **kwargs):
+                return func(*args, **kwargs)
+
+        return Func()
+    return use_kernel_forward_from_hub("rotary_pos_emb")(func)
+
+
+def test_rotary_wrapped_in_a_kernels_func_module_is_recognised_and_still_computed(llama_zoo, monkeypatch):
+    """With transformers 5.25 and `kernels`, MultiLoraModel.from_pretrained raised AttributeError
+    ('Func' object has no attribute '__code__') while comparing apply_rotary_pos_emb with Llama's."""
+    original = modeling_llama.apply_rotary_pos_emb
+    if not isinstance(original, torch.nn.Module):  # wrapped already with transformers >= 5.25 and `kernels`
+        monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", func_module(original))
+    wrapped = modeling_llama.apply_rotary_pos_emb
+    assert fusion._rotary_like_llama(modeling_llama)
+    other = types.ModuleType("other")
+    other.apply_rotary_pos_emb, other.rotate_half = func_module(lambda q, k, cos, sin: (q, k)), modeling_llama.rotate_half
+    assert not fusion._rotary_like_llama(other)
+    assert not fusion._same_code(torch.nn.Linear(2, 2), wrapped)  # a module that calls no function: no error
+    base = llama_zoo.fresh_base()
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    model = MultiLoraModel.from_pretrained(base, adapters={})
+    assert modeling_llama in model._fusion.rotary_modules
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert modeling_llama.apply_rotary_pos_emb is wrapped  # the Func module is back after the call
 
 
 def test_the_rotary_probe_allows_rounding_where_terms_cancel_and_nothing_more():
