@@ -68,10 +68,10 @@ from typing import Any
 import bench_generate
 import common
 import torch
-from hf_multilora.kernels.sgmv import RANK_TILE, plan_sgmv
 from safetensors.torch import save_file
 
 from hf_multilora import MultiLoraModel
+from hf_multilora.kernels.sgmv import RANK_TILE, plan_sgmv
 
 POPULARITIES = ("uniform", "zipf")
 TARGET = 0.9  # throughput at the largest N / at the smallest N, same popularity

@@ -19,6 +19,7 @@ from typing import Any
 import common
 import torch
 import torch.nn.functional as F
+
 from hf_multilora.kernels.decode_linear import DecodeLinearTiles, decode_linear, decode_linear_tiles
 
 HIDDEN, INTERMEDIATE, LAYERS = 4096, 11008, 8

@@ -44,9 +44,9 @@ from typing import Any
 import common
 import torch
 from bench_generate import FULL, TINY, add_adapters, build_base, row_adapters
-from hf_multilora.kernels.kv_quant import KvLayout
 
 from hf_multilora import MultiLoraModel, layers
+from hf_multilora.kernels.kv_quant import KvLayout
 
 
 def timed(generate: Callable[[int], torch.Tensor], device: torch.device, new_tokens: int) -> tuple[float, float]:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from hf_multilora.adapters.host_store import pack_adapter
 from hf_multilora.kernels.sgmv import (
     ExpandCall,
     SgmvPlan,
@@ -43,8 +45,6 @@ from hf_multilora.kernels.sgmv import (
     sgmv_expand_reference,
     sgmv_shrink_reference,
 )
-
-from hf_multilora.adapters.host_store import pack_adapter
 from hf_multilora.memory.page_pool import PagePool
 from hf_multilora.memory.residency import AdapterResidency, page_layout
 

@@ -70,9 +70,9 @@ import bench_adapter_scale as scale
 import common
 import torch
 from bench_generate import FULL, TINY, build_base
-from hf_multilora.kernels.launch import compiled_variants
 
 from hf_multilora import MultiLoraModel
+from hf_multilora.kernels.launch import compiled_variants
 from hf_multilora.serving import Engine, SamplingParams
 
 

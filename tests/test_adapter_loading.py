@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_multilora.kernels.sgmv import WEIGHT_ALIGN, align_up
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import get_pattern_key
@@ -32,6 +31,7 @@ from hf_multilora.adapters.loading import (
     load_peft_adapter,
     lora_target_modules,
 )
+from hf_multilora.kernels.sgmv import WEIGHT_ALIGN, align_up
 
 LLAMA_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SAFETENSORS = "adapter_model.safetensors"

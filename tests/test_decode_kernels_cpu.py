@@ -9,9 +9,9 @@ ran: its results equal the torch path's, so the outputs alone could not tell it 
 
 import pytest
 import torch
-from hf_multilora.kernels.paged_attention import PagedDecode
 
 from hf_multilora import MultiLoraModel
+from hf_multilora.kernels.paged_attention import PagedDecode
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="interpreter test; on CUDA every generate test runs these kernels"

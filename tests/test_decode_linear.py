@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
-from hf_multilora.kernels import decode_linear, sgmv
-from hf_multilora.kernels.decode_linear import DecodeLinearTiles, decode_linear_tiles
 
 from hf_multilora import MultiLoraModel, decode_linears
+from hf_multilora.kernels import decode_linear, sgmv
+from hf_multilora.kernels.decode_linear import DecodeLinearTiles, decode_linear_tiles
 
 SMALL = DecodeLinearTiles(block_n=16, block_k=16, num_warps=1, num_stages=1)  # tiny models' dims
 

@@ -5,10 +5,10 @@ import time
 
 import pytest
 import torch
-from hf_multilora.kernels import paged_attention as paged_attention_kernels
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_multilora import MultiLoraModel
+from hf_multilora.kernels import paged_attention as paged_attention_kernels
 from hf_multilora.serving import Engine, RequestError, SamplingParams
 from hf_multilora.serving.requests import stop_at
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import DEVICE
 from helpers import begun_step, interpreter_only, last_positions
-from hf_multilora.kernels.kv_quant import dequantize, quantize
 from transformers import AttentionInterface
 
 from hf_multilora import MultiLoraModel
 from hf_multilora.cache import PagedCache, paged_attention_in, set_attention
 from hf_multilora.eviction import SNAP_POOL, SNAP_WINDOW, HeavyHitters, KvBudget
+from hf_multilora.kernels.kv_quant import dequantize, quantize
 from hf_multilora.memory.page_pool import PagePool
 from hf_multilora.model import _cache_keyword
 

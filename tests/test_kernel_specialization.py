@@ -11,9 +11,9 @@ from collections import defaultdict
 
 import pytest
 import torch
-from hf_multilora.kernels.launch import SpecializedLaunch, compiled_variants
 
 from hf_multilora import MultiLoraModel
+from hf_multilora.kernels.launch import SpecializedLaunch, compiled_variants
 
 VOCAB_LOW = 3
 

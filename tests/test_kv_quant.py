@@ -8,6 +8,10 @@ import pytest
 import torch
 from helpers import interpreter_only
 from hf_multilora.app.demo import read_demo
+from transformers import DynamicCache
+
+from hf_multilora import MultiLoraModel, PagePool
+from hf_multilora.cache import PagedCache
 from hf_multilora.kernels.kv_quant import (
     FP8_MAX,
     INT4_LEVELS,
@@ -17,10 +21,6 @@ from hf_multilora.kernels.kv_quant import (
     quantize,
     write_kv_quant_torch,
 )
-from transformers import DynamicCache
-
-from hf_multilora import MultiLoraModel, PagePool
-from hf_multilora.cache import PagedCache
 
 LLAMA_7B_PAGE = 256 * 1024  # 16 bf16 tokens of 32 KV heads x 128
 
@@ -311,6 +311,7 @@ def test_codes_unpacked_read_as_their_values():
     (subnormals and signed zeros included; NaN codes excepted), exactly."""
     import triton
     import triton.language as tl
+
     from hf_multilora.kernels.paged_attention_quant import _fp8_values, _int4_levels
 
     @triton.jit

@@ -8,11 +8,11 @@ import time
 
 import pytest
 import torch
-from hf_multilora.kernels.sgmv import WEIGHT_ALIGN
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from hf_multilora.kernels.sgmv import WEIGHT_ALIGN
 from hf_multilora.memory.page_pool import PagePool, PoolExhaustedError
 
 

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
+
 from hf_multilora.kernels import paged_attention as pa
 from hf_multilora.kernels.paged_attention import (
     PagedDecode,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import DEVICE
 from helpers import prompts
-from hf_multilora.kernels.sgmv import WEIGHT_ALIGN
 from safetensors.torch import load_file, save_file
 
 from hf_multilora import AdapterLoadError, MultiLoraModel, PoolExhaustedError
 from hf_multilora.adapters.host_store import pack_adapter
+from hf_multilora.kernels.sgmv import WEIGHT_ALIGN
 from hf_multilora.memory.page_pool import PagePool
 from hf_multilora.memory.residency import AdapterResidency, copy_runs, page_layout
 

@@ -4,6 +4,7 @@ per-token float64 oracle. On CPU the kernels run under TRITON_INTERPRET=1 (see c
 import pytest
 import torch
 from conftest import DEVICE
+
 from hf_multilora.kernels import sgmv
 from hf_multilora.kernels.sgmv import (
     WEIGHT_ALIGN,
