@@ -154,7 +154,10 @@ def decode_with_eviction(base, ids, mask, steps, **cache_kwargs) -> Decoded:
     """Greedy decode through a PagedCache with eviction."""
     pool = PagePool(600, 512, base.dtype, base.device)  # small pages: blocks of 4 to ~20 tokens, many compactions
     cache = PagedCache(pool, base.config, **cache_kwargs)
-    given = [([], []) for _ in range(base.config.num_hidden_layers)]
+    batch, prompt = ids.shape
+    total = prompt + steps
+    layers = base.config.num_hidden_layers
+    given = [([], []) for _ in range(layers)]
     update = cache.update
 
     def recording_update(key_states, value_states, layer_idx, *args, **kwargs):
@@ -163,9 +166,6 @@ def decode_with_eviction(base, ids, mask, steps, **cache_kwargs) -> Decoded:
         return update(key_states, value_states, layer_idx, *args, **kwargs)
 
     cache.update = recording_update
-    batch, prompt = ids.shape
-    total = prompt + steps
-    layers = base.config.num_hidden_layers
     kv_heads = base.config.num_key_value_heads
     seen = [torch.zeros(batch, kv_heads, total, total, dtype=torch.bool) for _ in range(layers)]
     for layer in range(layers):  # the prompt attends causally
